@@ -1,0 +1,460 @@
+"""Meta input=>output caption pairs for LaCLIP's in-context rewriting, one pool per source.
+
+Sources (combine any):
+  human  pairs written for this project (shipped in this file): web alt text => a fluent caption
+  coco   two different human captions of the same COCO image (a COCO captions JSON)
+  llm    the ChatGPT/Bard analogue: a chat model rewrites alt texts sampled from your own shards
+  file   your own JSONL with {"input", "output"} (and optionally "source")
+Pairs are cleaned to one line, de-duplicated, and dropped when empty, identical, or over --max-words.
+
+Reads:  --coco-captions (COCO annotations JSON), --shards (tars or JSONL, for the llm source), --pairs-file
+Writes: --out (meta_pairs.jsonl): {"source", "input", "output"} per line
+        <out stem>.stats.json: per-source counts, drops by reason, arguments, script sha256, model
+
+Toy run (CPU):       python 01_collect_meta_pairs.py
+At scale (one GPU):  python 01_collect_meta_pairs.py --sources human coco llm \
+                         --coco-captions coco/annotations/captions_train2017.json --shards cc3m/shards \
+                         --engine vllm --llm-model meta-llama/Llama-3.1-8B-Instruct --out meta_pairs.jsonl
+One file serves every later shard job, so this stage runs once (no torchrun/sbatch needed).
+On the toy data: 16 pairs per source (human, coco, llm) in toy/meta_pairs.jsonl.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import sys
+import tarfile
+import time
+import zlib
+from collections import Counter
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+class TextEngine:
+    """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
+    call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
+
+    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
+                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
+                 enforce_eager=False, trust_remote_code=False):
+        self.kind, self.model_id = kind, model
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        if kind == "vllm":
+            self._own_gpus(tensor_parallel_size)
+            import torch
+            from vllm import LLM
+            # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
+            cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_prefix_caching=True, enforce_eager=enforce_eager,
+                           trust_remote_code=trust_remote_code, **cpu)
+            self.tokenizer = self.llm.get_tokenizer()
+        elif kind == "hf":
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            self.model.to(self.device).eval()
+        else:
+            raise ValueError(f"unknown engine {kind!r}")
+
+    @staticmethod
+    def _own_gpus(tp):
+        """vLLM under torchrun hangs on the launcher's process group: give each process its own GPUs
+        and hide the torchrun variables, so every rank runs an independent engine on its own shards."""
+        _, world, local_rank = dist_env()
+        if world > 1:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(64)]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+                os.environ.pop(name, None)
+
+    def chat_prompt(self, user_text, system=None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{system + chr(10) if system else ''}{user_text}\n"
+
+    def count_tokens(self, text):
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        if not prompts:
+            return []
+        if self.kind == "vllm":
+            from vllm import SamplingParams
+            greedy = self.temperature <= 0
+            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return [[c.text for c in out.outputs] for out in outputs]
+        import torch
+        results = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          pad_token_id=self.tokenizer.pad_token_id, stop_strings=stop, tokenizer=self.tokenizer)
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+        return results
+# ---- end text engine
+
+# Written for this project: noisy web alt text on the left, the caption a careful person would write.
+HUMAN_PAIRS = [
+    ("Golden retriever puppy playing in snow", "A young golden retriever bounds through fresh white snow."),
+    ("IMG_2231 sunset beach", "The sun sinks over a quiet beach and turns the sky orange."),
+    ("vintage red bicycle leaning on brick wall", "An old red bike rests against a weathered brick wall."),
+    ("Modern kitchen interior design ideas", "A bright modern kitchen with white cabinets and a marble island."),
+    ("Man riding a wave on top of a surfboard", "A surfer carves along the face of a breaking wave."),
+    ("fresh strawberries in a bowl, stock photo", "A bowl heaped with ripe red strawberries."),
+    ("New York City skyline at night", "Manhattan's towers glow against a dark night sky."),
+    ("cat sleeping on laptop keyboard", "A cat naps stretched across the keys of an open laptop."),
+    ("wedding couple first dance", "A bride and groom share their first dance under soft lights."),
+    ("Handmade ceramic mug, blue glaze", "A hand-thrown ceramic mug finished in a deep blue glaze."),
+    ("Two kids flying a kite in the park", "Two children run across a grassy park with a kite above them."),
+    ("mountain lake reflection autumn", "Autumn trees and a mountain mirrored in a still lake."),
+    ("Vegetable pizza on wooden table", "A pizza topped with peppers, olives and mushrooms on a wooden table."),
+    ("old man reading newspaper on bench", "An elderly man reads a newspaper on a park bench."),
+    ("Yellow taxi cabs in traffic", "A line of yellow taxis crawls through busy city traffic."),
+    ("black leather office chair - free shipping", "A black leather swivel chair for the office."),
+    ("herd of elephants crossing river", "A herd of elephants wades across a shallow river."),
+    ("Chocolate cake slice with berries", "A slice of layered chocolate cake topped with fresh berries."),
+    ("train station platform empty", "An empty platform runs beside the tracks of a train station."),
+    ("Woman hiking mountain trail backpack", "A woman with a backpack climbs a rocky mountain trail."),
+    ("red circle logo on white", "A plain red circle drawn on a white background."),
+    ("blue and yellow striped pattern", "A pattern of alternating blue and yellow stripes."),
+    ("three green stars icon set", "Three small green stars arranged side by side."),
+    ("Hot air balloons over Cappadocia", "Colourful hot air balloons drift over the valleys of Cappadocia at dawn."),
+]
+
+LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less than thirty words:"
+
+
+def one_line(text):
+    return " ".join(str(text).split())
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def human_pairs(args):
+    return random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS))
+
+
+def coco_pairs(args):
+    if not args.coco_captions or not os.path.isfile(args.coco_captions):
+        raise SystemExit(f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}")
+    with open(args.coco_captions, encoding="utf-8") as f:
+        data = json.load(f)
+    by_image = {}
+    for a in data.get("annotations", []):
+        caption = one_line(a.get("caption", ""))
+        if caption:
+            by_image.setdefault(a["image_id"], []).append(caption)
+    rng = random.Random(args.seed)
+    ids = sorted(i for i, caps in by_image.items() if len({norm(c) for c in caps}) >= 2)
+    pairs = []
+    for image_id in rng.sample(ids, len(ids)):
+        caps = list(dict((norm(c), c) for c in by_image[image_id]).values())
+        pairs.append(tuple(rng.sample(caps, 2)))
+    return pairs
+
+
+def file_pairs(args):
+    if not args.pairs_file or not os.path.isfile(args.pairs_file):
+        raise SystemExit(f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}")
+    counts = Counter()
+    pairs = [(r.get("source", "file"), r.get("input", ""), r.get("output", ""))
+             for r in iter_jsonl(args.pairs_file, counts) if isinstance(r, dict)]
+    if counts["bad_json"]:
+        print(f"file: {counts['bad_json']} lines of {args.pairs_file} were not JSON and were skipped")
+    return pairs
+
+
+def sample_alt_texts(args, want):
+    """Alt texts from the user's shards that are worth rewriting: 3-40 words, mostly letters."""
+    counts, texts = Counter(), []
+    for path in sorted(list_inputs(args.shards, (".tar", ".jsonl"))):
+        if path.endswith(".tar"):
+            texts += [decode_text(m["txt"], counts) for _, m in iter_tar(path, {"txt"}, counts) if m.get("txt")]
+        else:
+            texts += [r["text"] for r in iter_jsonl(path, counts) if isinstance(r, dict) and isinstance(r.get("text"), str)]
+    good = sorted({one_line(t) for t in texts if 3 <= len(t.split()) <= 40
+                   and sum(c.isalpha() for c in t) >= 0.6 * len(t.replace(" ", ""))})
+    if not good:
+        raise SystemExit(f"--sources llm found no usable alt text in {args.shards}")
+    return random.Random(args.seed).sample(good, min(want, len(good)))
+
+
+def llm_pairs(args):
+    alts = sample_alt_texts(args, 2 * args.per_source)  # twice as many: some outputs get rejected
+    engine = TextEngine(args.engine, args.llm_model, args.temperature, 1.0, args.max_new_tokens, args.batch_size,
+                        args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
+                        args.enforce_eager, args.trust_remote_code)
+    prompts = [engine.chat_prompt(f"{LLM_INSTRUCTION}\n{alt}") for alt in alts]
+    seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
+    outputs = engine.generate(prompts, seeds, n=1)
+    pairs = []
+    for alt, (text,) in zip(alts, outputs):
+        line = text.strip().split("\n", 1)[0].strip().strip("\"'").strip()
+        pairs.append((alt, line))
+    return pairs
+
+
+SOURCES = {"human": human_pairs, "coco": coco_pairs, "llm": llm_pairs, "file": file_pairs}
+
+
+def clean(raw, per_source, max_words, drops):
+    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per source."""
+    seen, kept, per = set(), [], Counter()
+    for source, a, b in raw:
+        a, b = one_line(a), one_line(b)
+        if not a or not b:
+            reason = "empty"
+        elif norm(a) == norm(b):
+            reason = "identical"
+        elif max(len(a.split()), len(b.split())) > max_words:
+            reason = "too_long"
+        elif (source, norm(a), norm(b)) in seen:
+            reason = "duplicate"
+        elif per[source] >= per_source:
+            reason = "over_limit"
+        else:
+            seen.add((source, norm(a), norm(b)))
+            per[source] += 1
+            kept.append({"source": source, "input": a, "output": b})
+            continue
+        drops[source][reason] += 1
+    return kept
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=["human", "coco", "llm"], help="pair sources to collect")
+    p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
+    p.add_argument("--per-source", type=int, default=16, help="pairs kept per source (LaCLIP used 16)")
+    p.add_argument("--max-words", type=int, default=60, help="pairs with a longer side are dropped")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--coco-captions", default="toy/coco/annotations/captions_train2017.json", help="COCO captions JSON (coco source)")
+    p.add_argument("--pairs-file", default=None, help="your JSONL of {input, output[, source]} (file source)")
+    p.add_argument("--shards", nargs="+", default=["toy/shards"], help="tar/JSONL shards to draw alt texts from (llm source)")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine (llm source)")
+    p.add_argument("--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
+    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start, raw = time.time(), []
+    for source in args.sources:
+        got = SOURCES[source](args)
+        raw += [g if len(g) == 3 else (source, *g) for g in got]
+        print(f"{source}: {len(got)} candidate pairs")
+    drops = {s: Counter() for s in {r[0] for r in raw}}
+    pairs = clean(raw, args.per_source, args.max_words, drops)
+    counts = Counter(p["source"] for p in pairs)
+    for source in sorted(drops):
+        dropped = ", ".join(f"{v} {k}" for k, v in sorted(drops[source].items()))
+        print(f"{source}: {counts[source]} pairs kept" + (f" (dropped: {dropped})" if dropped else ""))
+    if not pairs:
+        raise SystemExit("no meta pairs left after cleaning")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, pairs)
+    stats = {"pairs": len(pairs), "per_source": dict(counts), "dropped": {s: dict(c) for s, c in drops.items()},
+             "seconds": round(time.time() - start, 2), "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None}
+    write_json(os.path.splitext(args.out)[0] + ".stats.json", {**stats, **run_config(args)})
+    print(f"wrote {len(pairs)} pairs to {args.out} in {stats['seconds']:.1f}s")
+    return pairs
+
+
+if __name__ == "__main__":
+    main()

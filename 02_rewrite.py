@@ -1,0 +1,592 @@
+"""LaCLIP in-context rewriting: an LLM rewrites every caption of every shard, once per meta-pair source.
+
+The prompt for a caption is an instruction line, k examples drawn from one source of 01's meta pairs as
+`input => output` lines, then `caption =>`; the first line of the completion is the rewrite (LaCLIP:
+temperature 0.9, top-p 0.95, at most 77 new tokens). Outputs that are empty, shorter than 2 words,
+echo the caption or an example, or run too long are drawn again; after --max-retries the original caption
+fills the slot and the sample counts as a fallback. No sample is ever dropped. `--engine eda` needs no
+model: it writes the classic EDA augmentations (synonyms from WordNet, insertion, swap, deletion).
+
+Reads:  --input   webdataset tars (only <key>.txt is read) or JSONL with {"key", "text"}
+        --meta-pairs  meta_pairs.jsonl from 01 ({"source", "input", "output"})
+Writes: <out-dir>/<shard>.jsonl   {"key", "text", "rewrites": {"<source>": [n strings]}, "status", "fallbacks"}
+                                   status: ok | fallback (a slot holds the original) | empty | missing_text
+        <out-dir>/<shard>.stats.json  written last: the done-marker (counts, seconds, model, prompt hash)
+        <out-dir>/_config.json        arguments, script sha256, prompt template, sampling parameters
+
+Toy run (CPU, transformers, after 00 and 01):   python 02_rewrite.py
+EDA baseline, no model:                           python 02_rewrite.py --engine eda --out-dir toy/rewrites_eda
+One GPU, vLLM:      python 02_rewrite.py --engine vllm --model meta-llama/Llama-3.1-8B \
+                        --input cc3m/shards --meta-pairs meta_pairs.jsonl --out-dir cc3m/rewrites
+8 GPUs (one engine per GPU, each on its own shards):
+                    torchrun --nproc-per-node 8 02_rewrite.py --engine vllm ...
+SLURM, 64 nodes x 8 GPUs:
+                    sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 02_rewrite.py --engine vllm ..."
+A 70B model on 4 GPUs per engine: torchrun --nproc-per-node 2 02_rewrite.py --tensor-parallel-size 4 ...
+Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+On the toy data every key of every shard gets one record with one rewrite per source.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import sys
+import tarfile
+import time
+import zlib
+import zipfile
+from collections import Counter, defaultdict
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+class TextEngine:
+    """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
+    call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
+
+    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
+                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
+                 enforce_eager=False, trust_remote_code=False):
+        self.kind, self.model_id = kind, model
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        if kind == "vllm":
+            self._own_gpus(tensor_parallel_size)
+            import torch
+            from vllm import LLM
+            # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
+            cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_prefix_caching=True, enforce_eager=enforce_eager,
+                           trust_remote_code=trust_remote_code, **cpu)
+            self.tokenizer = self.llm.get_tokenizer()
+        elif kind == "hf":
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            self.model.to(self.device).eval()
+        else:
+            raise ValueError(f"unknown engine {kind!r}")
+
+    @staticmethod
+    def _own_gpus(tp):
+        """vLLM under torchrun hangs on the launcher's process group: give each process its own GPUs
+        and hide the torchrun variables, so every rank runs an independent engine on its own shards."""
+        _, world, local_rank = dist_env()
+        if world > 1:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(64)]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+                os.environ.pop(name, None)
+
+    def chat_prompt(self, user_text, system=None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{system + chr(10) if system else ''}{user_text}\n"
+
+    def count_tokens(self, text):
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        if not prompts:
+            return []
+        if self.kind == "vllm":
+            from vllm import SamplingParams
+            greedy = self.temperature <= 0
+            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return [[c.text for c in out.outputs] for out in outputs]
+        import torch
+        results = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          pad_token_id=self.tokenizer.pad_token_id, stop_strings=stop, tokenizer=self.tokenizer)
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+        return results
+# ---- end text engine
+
+INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def one_line(text):
+    return " ".join(text.split())
+
+
+def load_meta_pairs(path, sources):
+    pools = defaultdict(list)
+    for record in iter_jsonl(path, Counter()):
+        a, b = one_line(str(record.get("input", ""))), one_line(str(record.get("output", "")))
+        if a and b and " => " not in a + b:
+            pools[record.get("source", "file")].append((a, b))
+    if not pools:
+        raise SystemExit(f"{path}: no usable meta pairs (run 01_collect_meta_pairs.py first)")
+    chosen = sources or sorted(pools)
+    absent = [s for s in chosen if s not in pools]
+    if absent:
+        raise SystemExit(f"{path}: no pairs for source(s) {absent}; it has {sorted(pools)}")
+    return {s: pools[s] for s in chosen}
+
+
+def sample_seed(*parts):
+    """A 63-bit seed derived from (seed, shard, key, source, ...): the same prompt whatever the split."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def build_prompt(caption, examples):
+    return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
+
+
+def parse_rewrite(completion, caption, examples, min_words=2, max_words=60):
+    """(rewrite, None) or (None, reason): the first line of the completion, cleaned and checked."""
+    line = completion.split("\n", 1)[0].split("=>", 1)[0].strip().strip("\"'`").strip()
+    words = len(line.split())
+    if words == 0:
+        return None, "empty"
+    if words < min_words:
+        return None, "short"
+    if words > max_words:
+        return None, "long"
+    if norm(line) in {norm(caption)} | {norm(x) for pair in examples for x in pair}:
+        return None, "echo"
+    return line, None
+
+
+def read_samples(path, counts):
+    """(key, text or None) in shard order; a key seen twice keeps its first text."""
+    seen = set()
+    if path.endswith(".tar"):
+        items = ((k, decode_text(m["txt"], counts) if m.get("txt") is not None else None) for k, m in iter_tar(path, {"txt"}, counts))
+    else:
+        items = ((str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
+                 for r in iter_jsonl(path, counts) if isinstance(r, dict) and "key" in r)
+    for key, text in items:
+        if key in seen:
+            counts["duplicate_key"] += 1
+            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
+            continue
+        seen.add(key)
+        yield key, text
+
+
+def rewrite_llm(engine, items, pools, args, shard, counts):
+    """items: [(key, caption)] -> {key: {source: [n rewrites or None]}}; retried slots use new examples."""
+    out = {key: {s: [None] * args.n for s in pools} for key, _ in items}
+    todo = [(key, cap, s, j) for key, cap in items for s in pools for j in range(args.n)]
+    for attempt in range(args.max_retries + 1):
+        groups = defaultdict(list)  # first attempt: n samples from one prompt; retries: one per slot
+        for key, cap, s, j in todo:
+            groups[(key, s, j if attempt else -1)].append((key, cap, s, j))
+        prompts, seeds, examples = [], [], []
+        for (key, s, j), slots in groups.items():
+            rng = random.Random(sample_seed(args.seed, shard, key, s, attempt, j))
+            ex = rng.sample(pools[s], min(args.k, len(pools[s])))
+            prompts.append(build_prompt(slots[0][1], ex))
+            seeds.append(rng.getrandbits(63))
+            examples.append(ex)
+        completions = []
+        for n in sorted({len(v) for v in groups.values()}):  # vLLM takes any n per call; transformers one n per batch
+            sel = [i for i, v in enumerate(groups.values()) if len(v) == n]
+            for i, c in zip(sel, engine.generate([prompts[i] for i in sel], [seeds[i] for i in sel], n=n, stop=["\n"])):
+                completions.append((i, c))
+        todo = []
+        slot_lists = list(groups.values())
+        for i, texts in completions:
+            for (key, cap, s, j), text in zip(slot_lists[i], texts):
+                rewrite, why = parse_rewrite(text, cap, examples[i], args.min_words, args.max_words)
+                if rewrite is None:
+                    counts[f"rejected_{why}"] += 1
+                    todo.append((key, cap, s, j))
+                else:
+                    out[key][s][j] = rewrite
+        if not todo:
+            break
+        counts["retries"] += len(todo) if attempt < args.max_retries else 0
+    return out
+
+
+# EDA (Wei & Zou 2019): one of four edits per augmented caption, alpha of the words touched.
+STOP_WORDS = set("""a an the and or but if of at by for with about against between into through during before
+after above below to from up down in out on off over under again then once here there when where why how all any
+both each few more most other some such no nor not only own same so than too very s t can will just don should now
+i me my we our you your he him his she her it its they them their what which who whom this that these those am is
+are was were be been being have has had having do does did doing""".split())
+
+
+def find_wordnet(explicit):
+    """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
+    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"), os.path.join(sys.prefix, "nltk_data"),
+                  os.path.join(sys.prefix, "share", "nltk_data"), "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
+    candidates = [explicit, os.environ.get("WNSEARCHDIR", ""), "/usr/share/wordnet", "/usr/local/WordNet-3.0/dict"]
+    candidates += [os.path.join(r, "corpora", n) for r in nltk_roots if r for n in ("wordnet", "wordnet.zip")]
+    for c in candidates:
+        if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
+            return c
+    raise SystemExit("--engine eda needs WordNet for synonyms and found none. Install one of: Debian/Ubuntu "
+                     "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
+                     "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv).")
+
+
+def load_synonyms(location):
+    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files."""
+    synonyms = defaultdict(set)
+    archive = zipfile.ZipFile(location) if location.endswith(".zip") else None
+    for pos in ("noun", "verb", "adj", "adv"):
+        raw = archive.read(f"wordnet/data.{pos}") if archive else open(os.path.join(location, f"data.{pos}"), "rb").read()
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            if line.startswith(" "):  # license header
+                continue
+            fields = line.split(" ")
+            words = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").lower() for i in range(int(fields[3], 16))]
+            for w in words:
+                synonyms[w].update(x for x in words if x != w)
+    return {w: sorted(s) for w, s in synonyms.items() if s}
+
+
+def eda(caption, synonyms, rng, alpha=0.1):
+    words = caption.split()
+    if not words:
+        return caption
+    n = max(1, int(alpha * len(words)))
+    bare = [w.lower().strip(".,;:!?\"'()[]") for w in words]
+    op = rng.choice(("synonym", "insert", "swap", "delete"))
+    if op == "synonym":
+        spots = [i for i, w in enumerate(bare) if w not in STOP_WORDS and w in synonyms]
+        for i in rng.sample(spots, min(n, len(spots))):
+            words[i] = rng.choice(synonyms[bare[i]])
+    elif op == "insert":
+        pool = [w for w in bare if w in synonyms and w not in STOP_WORDS]
+        for _ in range(n if pool else 0):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(synonyms[rng.choice(pool)]))
+    elif op == "swap" and len(words) > 1:
+        for _ in range(n):
+            i, j = rng.sample(range(len(words)), 2)
+            words[i], words[j] = words[j], words[i]
+    elif op == "delete" and len(words) > 1:
+        kept = [w for w in words if rng.random() > alpha]
+        words = kept or [rng.choice(words)]
+    return " ".join(words)
+
+
+def rewrite_eda(synonyms, items, args, shard, counts):
+    """Like the LLM path: an edit that changes nothing is drawn again, then the slot falls back."""
+    out = {}
+    for key, cap in items:
+        slots = []
+        for j in range(args.n):
+            rng = random.Random(sample_seed(args.seed, shard, key, "eda", j))
+            for attempt in range(args.max_retries + 1):
+                text = eda(cap, synonyms, rng)
+                if norm(text) != norm(cap):
+                    break
+                counts["rejected_echo"] += 1
+            slots.append(text if norm(text) != norm(cap) else None)
+        out[key] = {"eda": slots}
+    return out
+
+
+def process_shard(path, engine, pools, synonyms, args, tag):
+    name, start, counts = shard_name(path), time.time(), Counter()
+    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
+    done = read_partial(partial_path, tag)
+    if done:
+        print(f"{name}: resuming, {len(done)} samples already rewritten")
+    order, todo = [], []
+    for key, text in read_samples(path, counts):
+        order.append(key)
+        if key not in done:
+            todo.append((key, text))
+    sources = ["eda"] if args.engine == "eda" else list(pools)
+    for begin in range(0, len(todo), args.chunk_size):
+        chunk = todo[begin:begin + args.chunk_size]
+        items = []
+        for key, text in chunk:
+            caption = one_line(text or "")
+            if len(caption.split()) > args.max_caption_words:
+                counts["truncated"] += 1
+                caption = " ".join(caption.split()[:args.max_caption_words])
+            if caption:
+                items.append((key, caption))
+        made = rewrite_eda(synonyms, items, args, name, counts) if args.engine == "eda" else rewrite_llm(engine, items, pools, args, name, counts)
+        records = []
+        for key, text in chunk:
+            if key not in made:
+                status = "missing_text" if text is None else "empty"
+                records.append({"key": key, "text": text or "", "rewrites": {s: [] for s in sources}, "status": status, "fallbacks": 0})
+                continue
+            caption = one_line(text)
+            slots = {s: [r if r else caption for r in made[key][s]] for s in sources}
+            fallbacks = sum(r is None or norm(r) == norm(caption) for s in sources for r in made[key][s])
+            records.append({"key": key, "text": text, "rewrites": slots, "status": "fallback" if fallbacks else "ok", "fallbacks": fallbacks})
+        append_partial(partial_path, tag, records)
+        done.update((r["key"], r) for r in records)
+    records = [done[k] for k in order]
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    status = Counter(r["status"] for r in records)
+    stats = {"shard": name, "input": os.path.abspath(path), "in": len(records), "ok": status["ok"],
+             "fallback": status["fallback"], "failed": status["empty"] + status["missing_text"],
+             "empty": status["empty"], "missing_text": status["missing_text"],
+             "fallback_slots": sum(r["fallbacks"] for r in records), "sources": sources, "counts": dict(counts),
+             "seconds": round(time.time() - start, 2), "engine": args.engine, "model": None if args.engine == "eda" else args.model, "prompt_hash": tag}
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    os.remove(partial_path)
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(f"{name}: {stats['ok']}/{stats['in']} ok, {stats['fallback']} fallback, {stats['failed']} failed, "
+          f"{stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""), flush=True)
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards, folders or globs")
+    p.add_argument("--meta-pairs", default="toy/meta_pairs.jsonl", help="meta input=>output pairs from 01")
+    p.add_argument("--sources", nargs="*", default=None, help="meta-pair sources to rewrite with (default: all in the file)")
+    p.add_argument("--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json")
+    p.add_argument("--engine", choices=["vllm", "hf", "eda"], default="hf", help="vllm on GPUs, hf (transformers) anywhere, eda needs no model")
+    p.add_argument("--model", default="toy/models/tiny-llama", help="causal LM (hub id or local folder)")
+    p.add_argument("--k", type=int, default=3, help="in-context examples per prompt")
+    p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
+    p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
+    p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
+    p.add_argument("--max-retries", type=int, default=2, help="new draws for a rejected rewrite before falling back to the original")
+    p.add_argument("--max-caption-words", type=int, default=64, help="longer captions are cut to this in the prompt (the record keeps the full text)")
+    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
+    p.add_argument("--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument("--wordnet-dir", default=None, help="WordNet database folder for --engine eda (found automatically if installed)")
+    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if not inputs:
+        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine = my_shards(inputs, worker, total)
+    todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
+    print0(f"02_rewrite: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
+    pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "k": args.k, "n": args.n, "max_retries": args.max_retries, "stop": ["\n"]}
+    template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")])
+    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools), "prompt_template": template,
+                  "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest() if pools else None}
+    tag = hashlib.sha256(json.dumps([provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True).encode()).hexdigest()[:16]
+    config_path = os.path.join(args.out_dir, "_config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
+    if worker == 0:
+        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
+    if not todo:
+        return []
+    engine, synonyms = None, None
+    if args.engine == "eda":
+        synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
+    else:
+        engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
+                            args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
+                            args.enforce_eager, args.trust_remote_code)
+    return [process_shard(p, engine, pools, synonyms, args, tag) for p in todo]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every test, set-up included: the CPU suite in .venv, then the vLLM engine on vLLM's CPU backend in .venv-vllm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash runs/setup.sh
+.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+if bash runs/setup_vllm_cpu.sh > .venv-vllm.log 2>&1; then
+  echo "== vLLM (CPU backend) tests =="
+  VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest tests/test_vllm.py -q -p no:cacheprovider
+else
+  echo "vLLM CPU tests: SKIPPED (installing vllm-cpu failed, see .venv-vllm.log):"
+  tail -5 .venv-vllm.log
+fi

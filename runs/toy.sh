@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole toy pipeline on CPU, set-up included: offline toy data and tiny models, then every stage in
+# order with its defaults (which point at toy/). About 2 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "${SKIP_SETUP:-0}" = 1 ] || bash runs/setup.sh
+PY=${PY:-.venv/bin/python}
+
+$PY 00_toy_data.py ${TOY_ARGS:-}
+$PY 01_collect_meta_pairs.py
+$PY 02_rewrite.py
+if $PY -c "import importlib, sys; sys.path.insert(0, '.'); importlib.import_module('02_rewrite').find_wordnet(None)" 2>/dev/null; then
+  $PY 02_rewrite.py --engine eda --out-dir toy/rewrites_eda
+else
+  echo "toy: EDA baseline skipped, no WordNet here (apt-get install wordnet-base, or nltk.download('wordnet'))"
+fi

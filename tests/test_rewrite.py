@@ -1,0 +1,234 @@
+"""02_rewrite: parsing and fallbacks, prompts, engines (hf, eda), bad input, kill -9 + resume."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import REPO, stage
+
+rw = stage("02_rewrite")
+
+
+def read_out(out_dir):
+    records = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".jsonl"):
+            for line in open(os.path.join(out_dir, name), encoding="utf-8"):
+                r = json.loads(line)
+                assert (name, r["key"]) not in records, f"{r['key']} twice"
+                records[(name, r["key"])] = r
+    return records
+
+
+def tar_keys(shards):
+    keys = set()
+    for p in sorted(shards.glob("*.tar")):
+        keys |= {(p.stem + ".jsonl", k) for k, _ in rw.iter_tar(str(p), set(), Counter())}
+    return keys
+
+
+class ScriptedEngine:
+    """Stands at the engine boundary and returns fixed completions, to drive the fallback logic."""
+    script = staticmethod(lambda prompt, attempt: " a rewritten caption\n")
+    prompts = []
+
+    def __init__(self, *a, **k):
+        self.calls = Counter()
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        out = []
+        for p in prompts:
+            ScriptedEngine.prompts.append(p)
+            caption = p.rsplit("\n", 1)[1]  # retries bring new examples: count draws per caption
+            out.append([self.script(p, self.calls[caption]) for _ in range(n)])
+            self.calls[caption] += 1
+        return out
+
+
+@pytest.mark.parametrize("completion,expect", [
+    (" a dog runs on the beach\nnext => line", "a dog runs on the beach"),
+    (' "a dog runs" => a cat', "a dog runs"),
+    ("", None), ("   \n a dog", None), ("dog", None),
+    ("A red CIRCLE!", None),  # echo of the caption
+    ("an example output", None),  # echo of an in-context example
+    (" ".join(["word"] * 61), None),
+])
+def test_parse_rewrite(completion, expect):
+    got, why = rw.parse_rewrite(completion, "a red circle", [("an example input", "an example output")])
+    assert got == expect and (why is None) == (expect is not None)
+
+
+def test_prompt_has_instruction_k_examples_and_caption():
+    p = rw.build_prompt("my caption", [("a", "b"), ("c", "d"), ("e", "f")])
+    lines = p.split("\n")
+    assert lines[0] == rw.INSTRUCTION and lines[1:4] == ["a => b", "c => d", "e => f"] and lines[4] == "my caption =>"
+
+
+def run(toy, meta_pairs, out, *extra):
+    return rw.main(["--input", str(toy / "shards"), "--meta-pairs", str(meta_pairs), "--out-dir", str(out),
+                    "--model", str(toy / "models/tiny-llama"), *extra])
+
+
+def test_hf_end_to_end_every_key_once(toy, meta_pairs, tmp_path):
+    out = tmp_path / "rw"
+    stats = run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16")
+    records = read_out(out)
+    assert set(records) == tar_keys(toy / "shards")
+    for r in records.values():
+        assert set(r["rewrites"]) == {"human", "coco"} and all(len(v) == 2 for v in r["rewrites"].values())
+        assert all(isinstance(x, str) and x for v in r["rewrites"].values() for x in v)
+        assert r["status"] in {"ok", "fallback"}
+    assert sum(s["in"] for s in stats) == len(records)
+    assert sum(s["ok"] + s["fallback"] + s["failed"] for s in stats) == len(records)
+    config = json.load(open(out / "_config.json"))
+    assert config["sampling"]["temperature"] == 0.9 and config["sampling"]["top_p"] == 0.95
+    assert "=>" in config["prompt_template"] and config["prompt_hash"] == stats[0]["prompt_hash"]
+    before = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
+    assert run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []  # finished shards are skipped
+    assert before == {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
+
+
+def test_fallbacks_retries_and_counts(toy, meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    # first draw echoes the caption, the retry is good: ok after one retry per slot
+    monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: p.rsplit("\n", 1)[1][:-3] if a == 0 else " a fresh new caption"))
+    stats = run(toy, meta_pairs, tmp_path / "a", "--sources", "human", "--max-retries", "1")
+    records = read_out(tmp_path / "a")
+    assert all(r["status"] == "ok" and r["rewrites"]["human"] == ["a fresh new caption"] for r in records.values() if r["text"].strip())
+    assert sum(s["counts"].get("rejected_echo", 0) for s in stats) > 0
+    # every draw is empty: each slot falls back to the original caption, nothing is dropped
+    monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: "\n"))
+    stats = run(toy, meta_pairs, tmp_path / "b", "--sources", "human", "coco", "--max-retries", "2")
+    records = read_out(tmp_path / "b")
+    assert set(records) == tar_keys(toy / "shards")
+    for r in records.values():
+        if r["status"] == "fallback":
+            assert r["fallbacks"] == 2 and r["rewrites"] == {"human": [" ".join(r["text"].split())], "coco": [" ".join(r["text"].split())]}
+    assert sum(s["fallback"] for s in stats) == sum(r["status"] == "fallback" for r in records.values()) > 0
+    assert sum(s["counts"]["rejected_empty"] for s in stats) == 3 * 2 * sum(s["fallback"] for s in stats)
+
+
+def test_prompts_do_not_depend_on_the_split(toy, meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    ScriptedEngine.prompts = []
+    run(toy, meta_pairs, tmp_path / "one")
+    whole = sorted(ScriptedEngine.prompts)
+    ScriptedEngine.prompts = []
+    for shard_id in range(2):
+        run(toy, meta_pairs, tmp_path / "two", "--shard-id", str(shard_id), "--num-shards", "2")
+    assert sorted(ScriptedEngine.prompts) == whole
+    assert len(set(whole)) > len(whole) // 2  # examples differ from caption to caption
+
+
+def make_bad_shard(path):
+    members = [("000000000.txt", b"a good caption of a red circle"), ("000000000.jpg", b"\xff\xd8"),
+               ("000000001.jpg", b"\xff\xd8"),  # no .txt
+               ("000000002.txt", b"   "),
+               ("000000003.txt", ("very long caption " * 600).encode()),
+               ("000000004.txt", b"caf\xe9 au lait in a blue cup"),  # latin-1, not UTF-8
+               ("000000005.txt", b"first copy of key five"),
+               ("000000006.txt", b"another good caption"),
+               ("000000005.txt", b"second copy of key five"),
+               ("000000007.txt", b"caption after the broken member"),
+               ("000000008.txt", b"the last good caption")]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(open(path, "rb").read())
+    bad = raw.find(b"000000007.txt")
+    raw[bad:bad + 100] = b"\x00\x13" * 50  # the header of key 7 is corrupt
+    open(path, "wb").write(bytes(raw))
+
+
+def test_bad_input_counted_good_samples_kept(toy, meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: " a rewritten caption\n"))
+    shards = tmp_path / "in"
+    shards.mkdir()
+    make_bad_shard(str(shards / "00000.tar"))
+    (stats,) = rw.main(["--input", str(shards), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o"), "--sources", "human"])
+    records = {r["key"]: r for r in map(json.loads, open(tmp_path / "o/00000.jsonl"))}
+    assert sorted(records) == [f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 6, 8)]
+    assert records["000000001"]["status"] == "missing_text" and records["000000002"]["status"] == "empty"
+    assert records["000000005"]["text"] == "first copy of key five"
+    assert len(records["000000003"]["text"]) == len("very long caption " * 600)  # the record keeps the full text
+    assert "caf" in records["000000004"]["text"] and records["000000004"]["status"] == "ok"
+    assert stats["counts"]["duplicate_key"] == 1 and stats["counts"]["non_utf8"] == 1 and stats["counts"]["truncated"] == 1
+    assert stats["missing_text"] == 1 and stats["empty"] == 1 and stats["ok"] == 6 and stats["in"] == 8
+    long_prompt = [p for p in ScriptedEngine.prompts if "very long caption" in p][-1]
+    assert len(long_prompt.rsplit("\n", 1)[1].split()) == 64 + 1
+
+
+def test_jsonl_input(meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [json.dumps({"key": "a", "text": "a cat on a mat"}), "not json", json.dumps({"key": "b", "text": None}), json.dumps({"key": "c", "text": "two dogs"})]
+    (src / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    (stats,) = rw.main(["--input", str(src), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o")])
+    records = [json.loads(x) for x in open(tmp_path / "o/part-0.jsonl")]
+    assert [r["key"] for r in records] == ["a", "b", "c"] and records[1]["status"] == "missing_text"
+    assert stats["counts"]["bad_json"] == 1
+
+
+def test_eda_deterministic_and_resumes_to_identical_output(toy, tmp_path):
+    out = tmp_path / "eda"
+    args = ["--engine", "eda", "--input", str(toy / "shards"), "--out-dir", str(out), "--n", "3"]
+    rw.main(args)
+    first = read_out(out)
+    assert set(first) == tar_keys(toy / "shards")
+    assert all(set(r["rewrites"]) == {"eda"} and len(r["rewrites"]["eda"]) == 3 for r in first.values())
+    changed = sum(x != " ".join(r["text"].split()) for r in first.values() for x in r["rewrites"]["eda"])
+    assert changed > 0.5 * 3 * len(first)
+    # an interrupted run: half the records in the progress file plus a torn line, no output yet
+    stats = json.load(open(out / "00000.stats.json"))
+    half = [r for (name, _), r in first.items() if name == "00000.jsonl"][:10]
+    os.remove(out / "00000.stats.json")
+    os.remove(out / "00000.jsonl")
+    rw.append_partial(str(out / "00000.tmp.partial"), stats["prompt_hash"], half)
+    with open(out / "00000.tmp.partial", "a") as f:
+        f.write('{"key": "0000')
+    rw.main(args)
+    assert read_out(out) == first and not os.path.exists(out / "00000.tmp.partial")
+
+
+def test_eda_without_wordnet_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path))
+    monkeypatch.setattr(rw.os.path, "isfile", lambda p: False)
+    with pytest.raises(SystemExit, match="wordnet-base"):
+        rw.find_wordnet(None)
+
+
+def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, meta_pairs, tmp_path):
+    out = tmp_path / "rw"
+    cmd = [sys.executable, os.path.join(REPO, "02_rewrite.py"), "--input", str(toy / "shards"), "--meta-pairs", str(meta_pairs),
+           "--out-dir", str(out), "--model", str(toy / "models/tiny-llama"), "--chunk-size", "4", "--batch-size", "2", "--n", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "00000.tmp.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not (out / "00000.stats.json").exists(), "the kill did not land mid-shard"
+    done_before = partial.read_text().count("\n") - 1
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming, {done_before} samples" in result.stdout or "resuming" in result.stdout
+    assert set(read_out(out)) == tar_keys(toy / "shards")
+    assert not list(out.glob("*.tmp*")) and len(list(out.glob("*.stats.json"))) == 2
+
+
+def test_help_without_vllm_or_torch():
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "02_rewrite.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--engine" in result.stdout
+    assert "vllm" not in result.stderr and "torch" not in result.stderr.split()
