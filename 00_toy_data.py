@@ -537,7 +537,7 @@ def teach_caption_format(llama, tok, args):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def write_clip_config(path, args):

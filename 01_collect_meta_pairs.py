@@ -310,7 +310,7 @@ LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less th
 
 
 def one_line(text):
-    return " ".join(str(text).split())
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
 
 
 def norm(text):

@@ -295,7 +295,7 @@ def norm(text):
 
 
 def one_line(text):
-    return " ".join(text.split())
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
 
 
 def load_meta_pairs(path, sources):

@@ -18,7 +18,7 @@ def toy(tmp_path_factory):
     """Small toy data and tiny models from 00, built once per test session."""
     out = tmp_path_factory.mktemp("toy")
     stage("00_toy_data").main(["--out", str(out), "--num-shards", "2", "--samples-per-shard", "24",
-                               "--eval-per-class", "2", "--retrieval-images", "8", "--coco-images", "20"])
+                               "--eval-per-class", "2", "--retrieval-images", "8", "--coco-images", "20", "--lm-steps", "40"])
     return out
 
 

@@ -1,0 +1,201 @@
+"""Benchmark 02_rewrite.py's generation engines against a named baseline: one prompt at a time.
+
+    python bench/bench_rewrite.py                      # hf, then vllm (in .venv-vllm if this venv lacks it)
+    python bench/bench_rewrite.py --engines hf --prompts 128 --json bench/out/rewrite.json
+
+Prompts are the stage's own: LaCLIP prompts from 02's `build_prompt`, toy alt texts read with 02's
+`read_samples`, 3 in-context examples per prompt from the meta pairs, sampled as the stage samples
+(temperature 0.9, top-p 0.95, <= 77 new tokens, stop at "\n", a seed per prompt). Toy data is built
+into --toy (00_toy_data.py, 01_collect_meta_pairs.py --sources human coco) when missing.
+Arms, on the same loaded engine and the same torch thread count, each warmed up once before timing:
+  hf    batched       TextEngine("hf").generate(all prompts), --batch-size per batch (the stage's path)
+  hf    one-at-a-time the same engine with batch_size=1, on an evenly spread subset (--baseline-prompts)
+  vllm  batched       TextEngine("vllm", enforce_eager=True).generate(all prompts) in one call
+  vllm  one-at-a-time one generate call per prompt
+Prints a table (engine, arm, prompts, seconds, rewrites/s, tokens/s) and per engine
+`<engine>: batched / one-at-a-time = X.Yx (goal >= 8x)`. Rates are per second, so arms that ran on
+different numbers of prompts compare. Tokens are the returned completions re-tokenized (the stop
+line end included): stop strings make lengths vary, so both rates are shown.
+"""
+import argparse
+import importlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+rewrite = importlib.import_module("02_rewrite")
+VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+MARKER = "BENCH_RESULT "
+
+
+def ensure_toy(toy):
+    """Toy shards, tiny model and meta pairs under `toy`, built by the stage scripts when missing."""
+    if not os.path.exists(os.path.join(toy, "models", "tiny-llama", "config.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "00_toy_data.py"), "--out", toy], check=True)
+    pairs = os.path.join(toy, "meta_pairs.jsonl")
+    if not os.path.exists(pairs):
+        coco = os.path.join(toy, "coco", "annotations", "captions_train2017.json")
+        subprocess.run([sys.executable, os.path.join(ROOT, "01_collect_meta_pairs.py"), "--sources", "human", "coco",
+                        "--out", pairs, "--coco-captions", coco], check=True)
+    return os.path.join(toy, "models", "tiny-llama"), pairs
+
+
+def build_prompts(toy, pairs_path, n, k=3, seed=0):
+    """n (prompt, seed) as 02's rewrite_llm makes them: each caption once per meta-pair source."""
+    pools = rewrite.load_meta_pairs(pairs_path, None)
+    prompts, seeds, counts = [], [], Counter()
+    for shard in rewrite.list_inputs([os.path.join(toy, "shards")], (".tar",)):
+        for key, text in rewrite.read_samples(shard, counts):
+            caption = " ".join(rewrite.one_line(text or "").split()[:64])
+            for source in pools if caption else ():
+                rng = random.Random(rewrite.sample_seed(seed, rewrite.shard_name(shard), key, source, 0, -1))
+                prompts.append(rewrite.build_prompt(caption, rng.sample(pools[source], min(k, len(pools[source])))))
+                seeds.append(rng.getrandbits(63))
+                if len(prompts) == n:
+                    return prompts, seeds
+    return prompts, seeds
+
+
+def timed(engine, prompts, seeds, one_at_a_time):
+    """(seconds, completions); one_at_a_time = one generate call (hf: one batch) per prompt."""
+    start = time.perf_counter()
+    if one_at_a_time:
+        outs = [engine.generate([p], [s], n=1, stop=["\n"])[0] for p, s in zip(prompts, seeds)]
+    else:
+        outs = engine.generate(prompts, seeds, n=1, stop=["\n"])
+    return time.perf_counter() - start, [o[0] for o in outs]
+
+
+def run_arms(engine, name, prompts, seeds, n_baseline, batch_size):
+    """The batched arm on all prompts and the one-at-a-time baseline on an evenly spread subset."""
+    step = max(1, len(prompts) // n_baseline)
+    sub = (prompts[::step][:n_baseline], seeds[::step][:n_baseline])
+    rows = []
+    for arm, (ps, ss), single in (("one-at-a-time", sub, True), ("batched", (prompts, seeds), False)):
+        if name == "hf":
+            engine.batch_size = 1 if single else batch_size
+        warm = 1 if single else min(len(ps), batch_size)
+        timed(engine, [p + " " for p in ps[:warm]], ss[:warm], single)  # warm-up: other text, same shapes
+        if name == "vllm":
+            engine.llm.reset_prefix_cache()  # no arm reuses prompts another arm (or the warm-up) cached
+        seconds, outs = timed(engine, ps, ss, single)
+        tokens = sum(engine.count_tokens(o if o.endswith("\n") else o + "\n") for o in outs)
+        ok = sum(rewrite.parse_rewrite(o, "", [])[0] is not None for o in outs)
+        rows.append({"engine": name, "arm": arm, "prompts": len(ps), "seconds": round(seconds, 3),
+                     "rewrites_per_s": round(len(ps) / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+                     "tokens_per_rewrite": round(tokens / len(ps), 1), "parsed_ok": ok,
+                     "batch_size": 1 if single else (batch_size if name == "hf" else len(ps))})
+        print(f"  {name} {arm}: {len(ps)} prompts in {seconds:.1f}s", flush=True)
+    return rows
+
+
+def bench_engine(name, model, prompts, seeds, args):
+    import torch
+    torch.set_num_threads(args.threads)  # the same for both arms; vLLM's CPU workers bind their own
+    start = time.perf_counter()
+    if name == "hf":
+        engine = rewrite.TextEngine("hf", model, 0.9, 0.95, 77, args.batch_size)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        engine = rewrite.TextEngine("vllm", model, 0.9, 0.95, 77, enforce_eager=True)
+    print(f"  {name}: engine ready in {time.perf_counter() - start:.1f}s", flush=True)
+    return run_arms(engine, name, prompts, seeds, args.baseline_prompts, args.batch_size)
+
+
+def vllm_elsewhere(args):
+    """Rows from this script re-run in .venv-vllm with --only vllm, or a reason it could not run."""
+    cmd = [VLLM_PYTHON, os.path.abspath(__file__), "--only", "vllm", "--toy", args.toy, "--prompts", str(args.prompts),
+           "--baseline-prompts", str(args.baseline_prompts), "--threads", str(args.threads)]
+    print(f"vllm: not importable here, running {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ})
+    lines, result = [], None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER):])
+        elif line.startswith("  vllm"):
+            print(line, end="", flush=True)
+    if proc.wait() == 0 and result is not None:
+        return result, None
+    return [], f"FAILED (exit {proc.returncode}):\n    " + "\n    ".join(lines[-15:])
+
+
+def ratio_lines(rows):
+    lines = []
+    for name in dict.fromkeys(r["engine"] for r in rows):
+        arms = {r["arm"]: r for r in rows if r["engine"] == name}
+        if len(arms) == 2:
+            b, o = arms["batched"], arms["one-at-a-time"]
+            lines.append(f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x rewrites/s, "
+                         f"{b['tokens_per_s'] / o['tokens_per_s']:.1f}x tokens/s (goal >= 8x)")
+    return lines
+
+
+def print_table(rows, skipped):
+    cols = ("engine", "arm", "prompts", "seconds", "rewrites_per_s", "tokens_per_s", "tokens_per_rewrite")
+    table = [[c.replace("_per_", "/") for c in cols]] + [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    print()
+    for row in table:
+        print("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print("(rates are per second of generate time, so the baseline's smaller subset compares with the full set)")
+    for line in ratio_lines(rows):
+        print(line)
+    for name, why in skipped.items():
+        print(f"{name}: {why}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--toy", default=os.path.join(ROOT, "bench", "out", "toy"), help="toy data folder (built when missing)")
+    p.add_argument("--prompts", type=int, default=256, help="prompts in the batched arm")
+    p.add_argument("--baseline-prompts", type=int, default=32, help="prompts in the one-at-a-time arm (an even spread of them)")
+    p.add_argument("--batch-size", type=int, default=32, help="hf batch size in the batched arm (02's default)")
+    p.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="engines to measure")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for every arm")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", choices=["vllm"], default=None, help="internal: the vLLM part alone, result printed as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.toy = os.path.abspath(args.toy)
+    model, pairs = ensure_toy(args.toy)
+    prompts, seeds = build_prompts(args.toy, pairs, args.prompts)
+    if args.only:
+        print(MARKER + json.dumps(bench_engine("vllm", model, prompts, seeds, args)), flush=True)
+        return
+    print(f"bench_rewrite: {len(prompts)} LaCLIP prompts from {args.toy}, {args.threads} threads, "
+          f"hf batch size {args.batch_size}, one-at-a-time on {min(args.baseline_prompts, len(prompts))}", flush=True)
+    rows, skipped = [], {}
+    if "hf" in args.engines:
+        rows += bench_engine("hf", model, prompts, seeds, args)
+    if "vllm" in args.engines:
+        try:
+            importlib.import_module("vllm")
+            rows += bench_engine("vllm", model, prompts, seeds, args)
+        except ImportError:
+            if os.path.exists(VLLM_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv-vllm")):
+                got, why = vllm_elsewhere(args)
+                rows += got
+                if why:
+                    skipped["vllm"] = why
+            else:
+                skipped["vllm"] = "SKIPPED (not installed)"
+    print_table(rows, skipped)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "ratios": ratio_lines(rows), "skipped": skipped}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

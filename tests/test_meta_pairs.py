@@ -1,0 +1,72 @@
+"""01_collect_meta_pairs: every source, cleaning, counts, provenance."""
+import json
+
+import pytest
+
+from conftest import stage
+
+mp = stage("01_collect_meta_pairs")
+
+
+def read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_human_pairs_are_ours_and_enough():
+    assert len(mp.HUMAN_PAIRS) >= 16
+    assert len({a for a, _ in mp.HUMAN_PAIRS}) == len(mp.HUMAN_PAIRS)
+    assert all(a.strip() and b.strip() and mp.norm(a) != mp.norm(b) for a, b in mp.HUMAN_PAIRS)
+
+
+def test_coco_pairs_are_two_captions_of_one_image(toy, tmp_path):
+    coco = json.load(open(toy / "coco/annotations/captions_train2017.json"))
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], set()).add(" ".join(a["caption"].split()))
+    out = tmp_path / "pairs.jsonl"
+    mp.main(["--sources", "coco", "--out", str(out), "--per-source", "1000",
+             "--coco-captions", str(toy / "coco/annotations/captions_train2017.json")])
+    pairs = read(out)
+    assert len(pairs) == len(by_image)  # one pair per image, every image used
+    for p in pairs:
+        assert p["source"] == "coco" and p["input"] != p["output"]
+        assert any({p["input"], p["output"]} <= caps for caps in by_image.values())
+
+
+def test_all_sources_with_llm_and_user_file(toy, tmp_path):
+    user = tmp_path / "mine.jsonl"
+    user.write_text("\n".join([
+        json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),
+        json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),  # duplicate
+        json.dumps({"input": "same text", "output": "Same text!"}),  # identical after normalising
+        json.dumps({"input": "", "output": "nothing in"}),
+        json.dumps({"source": "web", "input": "two\ndogs", "output": "two dogs  playing\tin a park"}),
+        json.dumps({"input": "long", "output": "word " * 80}),
+        "{broken json",
+    ]) + "\n")
+    out = tmp_path / "meta_pairs.jsonl"
+    pairs = mp.main(["--sources", "human", "coco", "llm", "file", "--out", str(out), "--pairs-file", str(user),
+                     "--coco-captions", str(toy / "coco/annotations/captions_train2017.json"),
+                     "--shards", str(toy / "shards"), "--llm-model", str(toy / "models/tiny-llama"), "--max-new-tokens", "24"])
+    assert read(out) == pairs
+    counts = {s: sum(p["source"] == s for p in pairs) for s in ("human", "coco", "llm", "file", "web")}
+    assert counts["human"] == 16 and counts["coco"] == 16 and counts["file"] == 1 and counts["web"] == 1
+    assert 0 < counts["llm"] <= 16
+    assert {"source": "web", "input": "two dogs", "output": "two dogs playing in a park"} in pairs
+    assert all("\n" not in p["input"] + p["output"] and p["input"] and p["output"] for p in pairs)
+    stats = json.load(open(tmp_path / "meta_pairs.stats.json"))
+    assert stats["per_source"] == {k: v for k, v in counts.items() if v}
+    assert stats["dropped"]["file"] == {"duplicate": 1, "identical": 1, "empty": 1, "too_long": 1}
+    assert stats["args"]["llm_model"].endswith("tiny-llama") and len(stats["script_sha256"]) == 64
+    llm_inputs = [p["input"] for p in pairs if p["source"] == "llm"]
+    alts = {" ".join(m["txt"].decode().split()) for f in sorted((toy / "shards").glob("*.tar"))
+            for _, m in mp.iter_tar(str(f), {"txt"}, mp.Counter())}
+    assert set(llm_inputs) <= alts  # the llm source rewrites the user's own alt texts
+
+
+def test_missing_inputs_give_clear_messages(tmp_path):
+    with pytest.raises(SystemExit, match="coco-captions"):
+        mp.main(["--sources", "coco", "--out", str(tmp_path / "x.jsonl"), "--coco-captions", str(tmp_path / "nope.json")])
+    with pytest.raises(SystemExit, match="pairs-file"):
+        mp.main(["--sources", "file", "--out", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()

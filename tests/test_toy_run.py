@@ -1,0 +1,43 @@
+"""The README's toy commands are the run sheet's, and the run sheet works from a copy of the scripts."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def readme_toy_commands():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    toy_part = text.split("## At scale")[0]
+    return [line.split("#")[0].strip() for line in toy_part.splitlines() if re.match(r"python 0\d_", line)]
+
+
+def test_readme_toy_commands_are_the_run_sheet():
+    sheet = open(os.path.join(REPO, "runs/toy.sh")).read()
+    ran = [line.strip().replace("$PY ", "python ").replace(" ${TOY_ARGS:-}", "")
+           for line in sheet.splitlines() if line.strip().startswith("$PY 0")]
+    assert readme_toy_commands() == ran and len(ran) >= 4
+
+
+def test_toy_run_sheet_end_to_end(tmp_path):
+    work = tmp_path / "copy"  # the scripts alone, as a user copies them
+    os.makedirs(work / "runs")
+    for name in os.listdir(REPO):
+        if re.match(r"\d\d_.*\.py$", name):
+            shutil.copy(os.path.join(REPO, name), work)
+    shutil.copy(os.path.join(REPO, "runs/toy.sh"), work / "runs")
+    env = dict(os.environ, SKIP_SETUP="1", PY=sys.executable,
+               TOY_ARGS="--num-shards 2 --samples-per-shard 16 --lm-steps 20 --eval-per-class 2 --retrieval-images 8 --coco-images 10")
+    result = subprocess.run(["bash", "runs/toy.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    toy = work / "toy"
+    sources = {json.loads(line)["source"] for line in open(toy / "meta_pairs.jsonl")}
+    assert {"human", "coco"} <= sources
+    for out in ["rewrites"] + (["rewrites_eda"] if "EDA baseline skipped" not in result.stdout else []):
+        for shard in ("00000", "00001"):
+            keys = [json.loads(line)["key"] for line in open(toy / out / f"{shard}.jsonl")]
+            assert len(keys) == len(set(keys)) == 16
+            assert json.load(open(toy / out / f"{shard}.stats.json"))["in"] == 16
