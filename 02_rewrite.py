@@ -337,14 +337,21 @@ def parse_rewrite(completion, caption, examples, min_words=2, max_words=60):
     return line, None
 
 
+def jsonl_samples(path, counts):
+    for r in iter_jsonl(path, counts):
+        if not isinstance(r, dict) or "key" not in r:
+            counts["no_key"] += 1
+            continue
+        yield str(r["key"]), r["text"] if isinstance(r.get("text"), str) else None
+
+
 def read_samples(path, counts):
     """(key, text or None) in shard order; a key seen twice keeps its first text."""
     seen = set()
     if path.endswith(".tar"):
-        items = ((k, decode_text(m["txt"], counts) if m.get("txt") is not None else None) for k, m in iter_tar(path, {"txt"}, counts))
+        items = ((k, None if m.get("txt") is None else decode_text(m["txt"], counts)) for k, m in iter_tar(path, {"txt"}, counts))
     else:
-        items = ((str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
-                 for r in iter_jsonl(path, counts) if isinstance(r, dict) and "key" in r)
+        items = jsonl_samples(path, counts)
     for key, text in items:
         if key in seen:
             counts["duplicate_key"] += 1

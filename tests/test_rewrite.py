@@ -172,12 +172,12 @@ def test_jsonl_input(meta_pairs, tmp_path, monkeypatch):
     monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
     src = tmp_path / "in"
     src.mkdir()
-    lines = [json.dumps({"key": "a", "text": "a cat on a mat"}), "not json", json.dumps({"key": "b", "text": None}), json.dumps({"key": "c", "text": "two dogs"})]
+    lines = [json.dumps({"key": "a", "text": "a cat on a mat"}), "not json", json.dumps({"key": "b", "text": None}), json.dumps({"text": "no key"}), json.dumps({"key": "c", "text": "two dogs"})]
     (src / "part-0.jsonl").write_text("\n".join(lines) + "\n")
     (stats,) = rw.main(["--input", str(src), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o")])
     records = [json.loads(x) for x in open(tmp_path / "o/part-0.jsonl")]
     assert [r["key"] for r in records] == ["a", "b", "c"] and records[1]["status"] == "missing_text"
-    assert stats["counts"]["bad_json"] == 1
+    assert stats["counts"]["bad_json"] == 1 and stats["counts"]["no_key"] == 1
 
 
 def test_eda_deterministic_and_resumes_to_identical_output(toy, tmp_path):
@@ -232,3 +232,21 @@ def test_help_without_vllm_or_torch():
     result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "02_rewrite.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--engine" in result.stdout
     assert "vllm" not in result.stderr and "torch" not in result.stderr.split()
+
+
+def test_vllm_ranks_get_their_own_gpus(monkeypatch):
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}.items():
+        monkeypatch.setenv(name, value)
+    rw.TextEngine._own_gpus(2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert "RANK" not in os.environ and "MASTER_ADDR" not in os.environ  # vLLM must not join torchrun's group
+
+
+def test_torchrun_two_ranks_split_the_shards(toy, tmp_path):
+    out = tmp_path / "eda"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(REPO, "02_rewrite.py"),
+           "--engine", "eda", "--input", str(toy / "shards"), "--out-dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(read_out(out)) == tar_keys(toy / "shards")
+    assert "worker 0/2 has 1" in result.stdout and "worker 1/2" not in result.stdout  # print0: rank 0 only
