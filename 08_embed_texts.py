@@ -1,0 +1,320 @@
+"""Text-embedding cache for LLM2CLIP: every text a sample can train with, encoded once by the frozen text tower.
+
+For each shard, the distinct texts of every key (AltText, every rewrite from 02, the fused caption from
+04) are encoded with the frozen (07-fine-tuned) encoder: mean pooling over real tokens, L2-normalised,
+stored as float16 by default. 05_train.py --text-cache reads these instead of running the tower.
+
+Reads:  --texts   02 rewrites/<shard>.jsonl ({"key","text","rewrites"}) and/or 04 fused/<shard>.jsonl
+                  ({"key","fused"}): the same shard name in several folders is joined by key
+        --model   the text tower (07's <out>/model; its llm2clip_text.json sets pooling and length)
+Writes: <out-dir>/<shard>.jsonl       {"key", "texts": [distinct texts, exactly as in the sidecars], "row": first row}
+        <out-dir>/<shard>.emb.npy     [rows, dim] embeddings; texts[i] of a key is row "row" + i
+        <out-dir>/<shard>.stats.json  written last: the done-marker; <out-dir>/_config.json
+
+Toy run (CPU):    python 08_embed_texts.py
+One GPU:          python 08_embed_texts.py --model runs/cc-llama8b/model --dtype bfloat16 \
+                      --texts cc3m/rewrites cc3m/fused --out-dir cc3m/text_emb --batch-size 512
+8 GPUs:           torchrun --nproc-per-node 8 08_embed_texts.py ...
+SLURM array:      sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 08_embed_texts.py ..."
+The unit of resume is a shard (written at once, atomically); re-running skips finished shards.
+"""
+import argparse
+import glob
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import tarfile
+import time
+import zlib
+from collections import Counter, defaultdict
+
+import numpy as np
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder; llm2clip_text.json (written by 07) sets
+    pooling and length. Returns (model, tokenizer, settings)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, settings
+
+
+def encode_texts(model, tokenizer, texts, max_length, device):
+    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+    import torch
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+# ---- end text tower
+
+
+def texts_of(record):
+    """Every text a training sample may draw, in a fixed order: AltText, rewrites by source, fused."""
+    texts = [record.get("text")]
+    texts += [t for source in sorted(record.get("rewrites") or {}) for t in record["rewrites"][source]]
+    texts.append(record.get("fused"))
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def shard_texts(paths, counts):
+    """key -> distinct texts, over the sidecars of one shard from several folders, in first-seen key order."""
+    merged = {}
+    for path in paths:
+        for r in iter_jsonl(path, counts):
+            if not isinstance(r, dict) or "key" not in r:
+                counts["no_key"] += 1
+                continue
+            merged.setdefault(str(r["key"]), []).extend(texts_of(r))
+    return {k: list(dict.fromkeys(v)) for k, v in merged.items()}
+
+
+def encode_all(model, tokenizer, texts, args, device, settings):
+    import torch
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=args.store_dtype)
+    with torch.inference_mode():
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start:start + args.batch_size]
+            emb = encode_texts(model, tokenizer, [texts[i] for i in idx], settings["max_length"], device)
+            out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
+    return out
+
+
+def process_shard(name, paths, model, tokenizer, settings, device, args):
+    start, counts = time.time(), Counter()
+    per_key = shard_texts(paths, counts)
+    records, flat = [], []
+    for key, texts in per_key.items():
+        records.append({"key": key, "texts": texts, "row": len(flat)})
+        flat += texts
+        counts["no_text"] += not texts
+    emb = encode_all(model, tokenizer, flat, args, device, settings)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    atomic_write(os.path.join(args.out_dir, name + ".emb.npy"), buf.getvalue())
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    stats = {"shard": name, "in": len(records), "texts": len(flat), "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
+             "dtype": args.store_dtype, "counts": dict(counts), "seconds": round(time.time() - start, 2),
+             "model": args.model, "sources": [os.path.abspath(p) for p in paths]}
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    print(f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
+          + (f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})" if any(counts.values()) else ""), flush=True)
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--texts", nargs="+", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)")
+    p.add_argument("--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)")
+    p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs for LLMs)")
+    p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="dtype of the cached embeddings")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    by_shard = defaultdict(list)
+    for path in list_inputs(args.texts, (".jsonl",)):
+        by_shard[shard_name(path)].append(path)
+    if not by_shard:
+        raise SystemExit(f"no sidecar .jsonl files in {args.texts}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine = my_shards(list(by_shard), worker, total)
+    todo = [n for n in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, n + ".stats.json"))]
+    print0(f"08_embed_texts: {len(by_shard)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
+    if worker == 0:
+        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args))
+    if not todo:
+        return []
+    import torch
+    _, _, local_rank = dist_env()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, settings = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
+    model.eval()
+    return [process_shard(n, by_shard[n], model, tokenizer, settings, device, args) for n in todo]
+
+
+if __name__ == "__main__":
+    main()

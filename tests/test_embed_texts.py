@@ -1,0 +1,73 @@
+"""08_embed_texts: every text of every key cached exactly once, equal to the live tower; kill -9 + re-run completes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, stage
+
+emb = stage("08_embed_texts")
+
+
+@pytest.fixture(scope="module")
+def sidecars(toy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("side")
+    stage("02_rewrite").main(["--engine", "eda", "--input", str(toy / "shards"), "--out-dir", str(root / "rw"), "--n", "2"])
+    (root / "fu").mkdir()
+    for shard in ("00000", "00001"):
+        recs = [json.loads(line) for line in open(root / "rw" / f"{shard}.jsonl")]
+        with open(root / "fu" / f"{shard}.jsonl", "w") as f:
+            for i, r in enumerate(recs[:-1]):  # the last key has no fused caption
+                f.write(json.dumps({"key": r["key"], "fused": r["text"] if i % 3 == 0 else f"fused caption {i}", "status": "ok"}) + "\n")
+    return root
+
+
+def test_every_text_cached_once_and_equal_to_live_tower(toy, sidecars, tmp_path):
+    out = tmp_path / "cache"
+    stats = emb.main(["--texts", str(sidecars / "rw"), str(sidecars / "fu"), "--model", str(toy / "models/minilm"), "--out-dir", str(out)])
+    assert [s["shard"] for s in stats] == ["00000", "00001"]
+    model, tok, settings = emb.load_text_tower(str(toy / "models/minilm"), "cpu")
+    for shard in ("00000", "00001"):
+        records = [json.loads(line) for line in open(out / f"{shard}.jsonl")]
+        matrix = np.load(out / f"{shard}.emb.npy")
+        assert matrix.dtype == np.float16 and matrix.shape[0] == sum(len(r["texts"]) for r in records)
+        rw = {r["key"]: r for r in map(json.loads, open(sidecars / "rw" / f"{shard}.jsonl"))}
+        fu = {r["key"]: r["fused"] for r in map(json.loads, open(sidecars / "fu" / f"{shard}.jsonl"))}
+        assert [r["key"] for r in records] == list(rw)
+        row = 0
+        for r in records:
+            wanted = {rw[r["key"]]["text"], *rw[r["key"]]["rewrites"]["eda"], *([fu[r["key"]]] if r["key"] in fu else [])}
+            assert len(r["texts"]) == len(set(r["texts"])) and set(r["texts"]) == {t for t in wanted if t.strip()}
+            assert r["row"] == row
+            row += len(r["texts"])
+        some = records[3]
+        with torch.no_grad():
+            live = emb.encode_texts(model, tok, some["texts"], settings["max_length"], "cpu").numpy()
+        cached = matrix[some["row"]:some["row"] + len(some["texts"])].astype(np.float32)
+        assert np.allclose(cached, live, atol=2e-3)
+
+
+def test_kill_9_then_rerun_completes(toy, sidecars, tmp_path):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, os.path.join(REPO, "08_embed_texts.py"), "--texts", str(sidecars / "rw"), "--model",
+           str(toy / "models/minilm"), "--out-dir", str(out), "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "00000.stats.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "00001.stats.json").exists(), "the kill came too late to interrupt anything"
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 already done" in result.stdout
+    for shard in ("00000", "00001"):
+        keys = [json.loads(line)["key"] for line in open(out / f"{shard}.jsonl")]
+        assert len(keys) == len(set(keys)) == 24
+    assert not list(out.glob("*.tmp*"))
