@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true  # quick when satisfied
+.venv/bin/pip install -q -r requirements.txt  # quick when already satisfied
 # 02 --engine eda takes synonyms from WordNet: Debian's wordnet-base, or NLTK's data (nltk.download('wordnet')).
 if [ ! -f /usr/share/wordnet/data.noun ] && [ ! -d "${NLTK_DATA:-$HOME/nltk_data}/corpora/wordnet" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
