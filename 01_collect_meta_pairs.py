@@ -203,7 +203,7 @@ class TextEngine:
     def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
                  enforce_eager=False, trust_remote_code=False):
-        self.kind, self.model_id = kind, model
+        self.kind, self.model_id, self._stops = kind, model, {}
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -262,8 +262,12 @@ class TextEngine:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
+        from transformers import StoppingCriteriaList, StopStringCriteria
+        if stop and tuple(stop) not in self._stops:  # built once: transformers' own cache misses for some tokenizers
+            self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
         results = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
@@ -271,7 +275,7 @@ class TextEngine:
             sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
             with torch.inference_mode():
                 out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
-                                          pad_token_id=self.tokenizer.pad_token_id, stop_strings=stop, tokenizer=self.tokenizer)
+                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
             texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
                 results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt

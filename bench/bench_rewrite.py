@@ -8,10 +8,12 @@ Prompts are the stage's own: LaCLIP prompts from 02's `build_prompt`, toy alt te
 (temperature 0.9, top-p 0.95, <= 77 new tokens, stop at "\n", a seed per prompt). Toy data is built
 into --toy (00_toy_data.py, 01_collect_meta_pairs.py --sources human coco) when missing.
 Arms, on the same loaded engine and the same torch thread count, each warmed up once before timing:
-  hf    batched       TextEngine("hf").generate(all prompts), --batch-size per batch (the stage's path)
+  hf    batched       TextEngine("hf").generate(prompts), --batch-size per batch (the stage's path)
   hf    one-at-a-time the same engine with batch_size=1, on an evenly spread subset (--baseline-prompts)
-  vllm  batched       TextEngine("vllm", enforce_eager=True).generate(all prompts) in one call
+  vllm  batched       TextEngine("vllm", enforce_eager=True).generate(prompts), all of a round in one call
   vllm  one-at-a-time one generate call per prompt
+The arms alternate in --rounds slices (on a shared machine the load swings tenfold; --rounds 1 runs each
+arm in one go). A load average above 0.5 at the start is printed as a warning under the table.
 Prints a table (engine, arm, prompts, seconds, rewrites/s, tokens/s) and per engine
 `<engine>: batched / one-at-a-time = X.Yx (goal >= 8x)`. Rates are per second, so arms that ran on
 different numbers of prompts compare. Tokens are the returned completions re-tokenized (the stop
@@ -19,6 +21,7 @@ line end included): stop strings make lengths vary, so both rates are shown.
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import random
@@ -30,7 +33,8 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 rewrite = importlib.import_module("02_rewrite")
-VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+VLLM_VENV = os.path.join(ROOT, ".venv-vllm")
+VLLM_PYTHON = os.path.join(VLLM_VENV, "bin", "python")
 MARKER = "BENCH_RESULT "
 
 
@@ -72,26 +76,35 @@ def timed(engine, prompts, seeds, one_at_a_time):
     return time.perf_counter() - start, [o[0] for o in outs]
 
 
-def run_arms(engine, name, prompts, seeds, n_baseline, batch_size):
-    """The batched arm on all prompts and the one-at-a-time baseline on an evenly spread subset."""
-    step = max(1, len(prompts) // n_baseline)
-    sub = (prompts[::step][:n_baseline], seeds[::step][:n_baseline])
+def run_arms(engine, name, prompts, seeds, args):
+    """The batched arm on all prompts, the one-at-a-time baseline on an evenly spread subset. The arms
+    alternate in --rounds slices, so a shared machine's swings in load fall on both alike."""
+    step = max(1, len(prompts) // args.baseline_prompts)
+    arms = {"one-at-a-time": (prompts[::step][:args.baseline_prompts], seeds[::step][:args.baseline_prompts], True),
+            "batched": (prompts, seeds, False)}
+    seconds, outs = Counter(), {arm: [] for arm in arms}
+    for r in range(-1, args.rounds):  # round -1 warms each arm up: other text, same shapes
+        for arm, (ps, ss, single) in arms.items():
+            if name == "hf":
+                engine.batch_size = 1 if single else args.batch_size
+            else:
+                engine.llm.reset_prefix_cache()  # no arm reuses prompts another arm (or the warm-up) cached
+            if r < 0:
+                warm = 1 if single else min(len(ps), args.batch_size)
+                timed(engine, [p + " " for p in ps[:warm]], ss[:warm], single)
+                continue
+            lo, hi = len(ps) * r // args.rounds, len(ps) * (r + 1) // args.rounds
+            dt, got = timed(engine, ps[lo:hi], ss[lo:hi], single)
+            seconds[arm] += dt
+            outs[arm] += got
     rows = []
-    for arm, (ps, ss), single in (("one-at-a-time", sub, True), ("batched", (prompts, seeds), False)):
-        if name == "hf":
-            engine.batch_size = 1 if single else batch_size
-        warm = 1 if single else min(len(ps), batch_size)
-        timed(engine, [p + " " for p in ps[:warm]], ss[:warm], single)  # warm-up: other text, same shapes
-        if name == "vllm":
-            engine.llm.reset_prefix_cache()  # no arm reuses prompts another arm (or the warm-up) cached
-        seconds, outs = timed(engine, ps, ss, single)
-        tokens = sum(engine.count_tokens(o if o.endswith("\n") else o + "\n") for o in outs)
-        ok = sum(rewrite.parse_rewrite(o, "", [])[0] is not None for o in outs)
-        rows.append({"engine": name, "arm": arm, "prompts": len(ps), "seconds": round(seconds, 3),
-                     "rewrites_per_s": round(len(ps) / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-                     "tokens_per_rewrite": round(tokens / len(ps), 1), "parsed_ok": ok,
-                     "batch_size": 1 if single else (batch_size if name == "hf" else len(ps))})
-        print(f"  {name} {arm}: {len(ps)} prompts in {seconds:.1f}s", flush=True)
+    for arm, (ps, _, single) in arms.items():
+        tokens = sum(engine.count_tokens(o if o.endswith("\n") else o + "\n") for o in outs[arm])
+        rows.append({"engine": name, "arm": arm, "prompts": len(ps), "seconds": round(seconds[arm], 3),
+                     "rewrites_per_s": round(len(ps) / seconds[arm], 2), "tokens_per_s": round(tokens / seconds[arm], 1),
+                     "tokens_per_rewrite": round(tokens / len(ps), 1),
+                     "batch_size": 1 if single else (args.batch_size if name == "hf" else len(ps) // args.rounds)})
+        print(f"  {name} {arm}: {len(ps)} prompts in {seconds[arm]:.1f}s", flush=True)
     return rows
 
 
@@ -105,13 +118,13 @@ def bench_engine(name, model, prompts, seeds, args):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         engine = rewrite.TextEngine("vllm", model, 0.9, 0.95, 77, enforce_eager=True)
     print(f"  {name}: engine ready in {time.perf_counter() - start:.1f}s", flush=True)
-    return run_arms(engine, name, prompts, seeds, args.baseline_prompts, args.batch_size)
+    return run_arms(engine, name, prompts, seeds, args)
 
 
 def vllm_elsewhere(args):
     """Rows from this script re-run in .venv-vllm with --only vllm, or a reason it could not run."""
     cmd = [VLLM_PYTHON, os.path.abspath(__file__), "--only", "vllm", "--toy", args.toy, "--prompts", str(args.prompts),
-           "--baseline-prompts", str(args.baseline_prompts), "--threads", str(args.threads)]
+           "--baseline-prompts", str(args.baseline_prompts), "--rounds", str(args.rounds), "--threads", str(args.threads)]
     print(f"vllm: not importable here, running {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ})
@@ -133,12 +146,12 @@ def ratio_lines(rows):
         arms = {r["arm"]: r for r in rows if r["engine"] == name}
         if len(arms) == 2:
             b, o = arms["batched"], arms["one-at-a-time"]
-            lines.append(f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x rewrites/s, "
-                         f"{b['tokens_per_s'] / o['tokens_per_s']:.1f}x tokens/s (goal >= 8x)")
+            lines.append(f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x (goal >= 8x); "
+                         f"tokens/s {b['tokens_per_s'] / o['tokens_per_s']:.1f}x")
     return lines
 
 
-def print_table(rows, skipped):
+def print_table(rows, notes):
     cols = ("engine", "arm", "prompts", "seconds", "rewrites_per_s", "tokens_per_s", "tokens_per_rewrite")
     table = [[c.replace("_per_", "/") for c in cols]] + [[str(r[c]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
@@ -148,7 +161,7 @@ def print_table(rows, skipped):
     print("(rates are per second of generate time, so the baseline's smaller subset compares with the full set)")
     for line in ratio_lines(rows):
         print(line)
-    for name, why in skipped.items():
+    for name, why in notes.items():
         print(f"{name}: {why}")
 
 
@@ -156,7 +169,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--toy", default=os.path.join(ROOT, "bench", "out", "toy"), help="toy data folder (built when missing)")
     p.add_argument("--prompts", type=int, default=256, help="prompts in the batched arm")
-    p.add_argument("--baseline-prompts", type=int, default=32, help="prompts in the one-at-a-time arm (an even spread of them)")
+    p.add_argument("--baseline-prompts", type=int, default=32, help="prompts in the one-at-a-time arm (evenly spread)")
+    p.add_argument("--rounds", type=int, default=4, help="the arms alternate in this many slices (load swings)")
     p.add_argument("--batch-size", type=int, default=32, help="hf batch size in the batched arm (02's default)")
     p.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="engines to measure")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for every arm")
@@ -175,26 +189,27 @@ def main(argv=None):
         return
     print(f"bench_rewrite: {len(prompts)} LaCLIP prompts from {args.toy}, {args.threads} threads, "
           f"hf batch size {args.batch_size}, one-at-a-time on {min(args.baseline_prompts, len(prompts))}", flush=True)
-    rows, skipped = [], {}
+    rows, notes = [], {}
+    load = os.getloadavg()[0]
+    if load > 0.5:  # other jobs steal the cores (and stall multi-threaded kernels): timings do not compare
+        notes["WARNING"] = f"load average {load:.1f} on {os.cpu_count()} cores before starting: the machine was busy"
+        print(notes["WARNING"], flush=True)
     if "hf" in args.engines:
         rows += bench_engine("hf", model, prompts, seeds, args)
     if "vllm" in args.engines:
-        try:
-            importlib.import_module("vllm")
+        if importlib.util.find_spec("vllm") is not None:
             rows += bench_engine("vllm", model, prompts, seeds, args)
-        except ImportError:
-            if os.path.exists(VLLM_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv-vllm")):
-                got, why = vllm_elsewhere(args)
-                rows += got
-                if why:
-                    skipped["vllm"] = why
-            else:
-                skipped["vllm"] = "SKIPPED (not installed)"
-    print_table(rows, skipped)
+        elif os.path.exists(VLLM_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(VLLM_VENV):
+            got, why = vllm_elsewhere(args)
+            rows += got
+            notes.update({"vllm": why} if why else {})
+        else:
+            notes["vllm"] = "SKIPPED (not installed)"
+    print_table(rows, notes)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "ratios": ratio_lines(rows), "skipped": skipped}, f, indent=1)
+            json.dump({"args": vars(args), "rows": rows, "ratios": ratio_lines(rows), "notes": notes}, f, indent=1)
 
 
 if __name__ == "__main__":
