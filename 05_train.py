@@ -1,0 +1,599 @@
+"""CLIP training on webdataset shards with rewritten captions: LaCLIP, VeCLIP mixing, LaCLIP-MT, clip-rocket.
+
+Any open_clip model (a name such as ViT-B-16, or a JSON config) with its tokenizer, transforms and losses, on img2dataset tars
+read directly, with 02's rewrites and 04's fused captions joined by key. No launcher: one process; torchrun: DDP (NCCL and AMP
+on GPUs, gloo and fp32 on CPU). Re-running a command resumes it exactly (weights, optimizer, step, data position).
+
+Reads:  --input  tars of <key>.jpg|jpeg|png|webp + <key>.txt (AltText); sample counts from img2dataset's <shard>_stats.json
+        --texts  folders of <shard>.jsonl: {"key", "rewrites": {source: [...]}} (02) and/or {"key", "fused"} (04)
+Writes: <out-dir>/latest.pt (every --save-every steps, each epoch end), epoch_<n>.pt: {"epoch", "step", "state_dict", "optimizer",
+          "scaler", "args", "model_name", "extra_state_dict" (clip-rocket heads), "data" (reader positions, skipped samples)}
+        <out-dir>/<model>.json: open_clip.add_model_config(it); create_model_and_transforms("<model>", pretrained=".../latest.pt")
+        <out-dir>/log.jsonl (a record per logged step), _config.json (arguments, script sha256)
+--text-mode original: AltText (CLIP); uniform: LaCLIP; mix: VeCLIP; multi: LaCLIP-MT (see sample_texts and total_loss).
+clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-prob, --crop-scale.
+
+Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss falls from 4.6 to about 3.3):
+  python 05_train.py                                                   # AltText only -> toy/train/alt
+  python 05_train.py --texts toy/rewrites --text-mode uniform --out-dir toy/train/laclip
+  python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
+One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
+            --workers 8 --epochs 32 --out-dir runs/laclip          (clip-rocket: add --aug-views 2 --crop-scale 0.5 --stopword-drop 0.8)
+8 GPUs:   torchrun --nproc-per-node 8 05_train.py <the same flags>
+SLURM, 4 nodes x 8 GPUs:  srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \
+            --rdzv-endpoint "$(scontrol show hostnames | head -1):29500" 05_train.py <the same flags>
+"""
+import argparse
+import bisect
+import contextlib
+import glob
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import sys
+import tarfile
+import time
+import zlib
+from collections import Counter, defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing")
+STOP_WORDS = set("""a an the and or but if of at by for with about against between into through during before after above below to from up
+down in out on off over under again then once here there when where why how all any both each few more most other some such no nor not only own
+same so than too very can will just i me my we our you your he him his she her it its they them their this that these those am is are was were
+be been""".split())
+
+
+def eda(text, rnd, alpha=0.1):
+    """EDA's edits that need no thesaurus, weighted as clip-rocket weights them: random swap 2/3, random deletion 1/3."""
+    words = text.split()
+    if len(words) > 1 and rnd.random() < 2 / 3:
+        for _ in range(max(1, int(alpha * len(words)))):
+            i, j = rnd.sample(range(len(words)), 2)
+            words[i], words[j] = words[j], words[i]
+        return " ".join(words)
+    return " ".join([w for w in words if rnd.random() > alpha] or words[:1])
+
+
+def sample_texts(alt, synthetic, args, rnd):
+    """(main texts, view texts) of an image. original: the AltText. uniform (LaCLIP): uniform over the AltText and every synthetic
+    caption. mix (VeCLIP): a synthetic caption with probability --p-synthetic, else the AltText. multi (LaCLIP-MT): M distinct
+    such picks (repeats only if fewer exist); views pick as uniform. A pick of under 2 words falls back to the AltText (no
+    AltText: the first synthetic caption stands in). Then stop words dropped (--stopword-drop), EDA (--eda-prob; views: always)."""
+    alt, m = alt or (synthetic[0] if synthetic else ""), args.texts_per_image
+    pool = [alt] + synthetic
+
+    def pick(mode):
+        if mode == "original" or not synthetic:
+            return alt
+        text = (rnd.choice(synthetic) if rnd.random() < args.p_synthetic else alt) if mode == "mix" else rnd.choice(pool)
+        return text if len(text.split()) >= 2 else alt
+
+    def augment(text, eda_prob):
+        if rnd.random() < args.stopword_drop:
+            text = " ".join(w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS) or text
+        return eda(text, rnd) if rnd.random() < eda_prob else text
+    main = ([t if len(t.split()) >= 2 else alt for t in rnd.sample(pool, min(m, len(pool))) + rnd.choices(pool, k=max(0, m - len(pool)))]
+            if args.text_mode == "multi" else [pick(args.text_mode)])
+    views = [pick(args.text_mode.replace("multi", "uniform")) for _ in range(args.aug_views)]
+    return [augment(t, args.eda_prob) for t in main], [augment(t, 1.0) for t in views]
+
+
+def load_texts(shard, dirs, counts):
+    """key -> synthetic captions of one shard from every --texts folder: 02's rewrites (all sources), 04's fused."""
+    out = defaultdict(list)
+    for r in (r for d in dirs for r in iter_jsonl(os.path.join(d, shard_name(shard) + ".jsonl"), counts) if isinstance(r, dict)):
+        texts = [t for v in (r.get("rewrites") or {}).values() if isinstance(v, list) for t in v] + [r.get("fused")]
+        out[str(r.get("key"))] += [" ".join(t.split()) for t in texts if isinstance(t, str) and t.strip()]
+    return out
+
+
+def count_samples(shard):
+    """Keys with an image: img2dataset's <shard>_stats.json, else a scan. A wrong count costs only padding (see inputs)."""
+    stats = shard[:-4] + "_stats.json"
+    if os.path.exists(stats):
+        return int(json.load(open(stats))["successes"])
+    return sum(any(e in m for e in IMAGE_EXTS) for _, m in iter_tar(shard, set(), Counter()))
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Reader g = rank * workers + worker takes positions [g*N/R, (g+1)*N/R) of the epoch's shard order (and on, cyclically,
+    to pad) and yields `chunks` chunks of `chunk` samples; `consumed` {reader: samples drawn} resumes it mid-epoch."""
+
+    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer):
+        self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = shards, args, epoch, consumed, chunks, chunk
+        (self.transform, self.view_transform), self.tokenizer = transforms, tokenizer
+        self.order = sorted((i for i in range(len(shards)) if counts[i]), key=lambda i: random.Random(f"{args.seed}|{epoch}|{i}").random())
+        self.starts = list(itertools.accumulate([counts[i] for i in self.order], initial=0))
+
+    def inputs(self, start, below, done, counts):
+        """(i, raw sample) for i = below, below + 1, ... at position start + i, cyclically, except `done` (None: fewer than counted)."""
+        i, pos = 0, start
+        while True:
+            j = bisect.bisect_right(self.starts, pos) - 1
+            n, shard, skip = self.starts[j + 1] - pos, self.shards[self.order[j]], max(0, below - i)
+            if n > skip:  # shards wholly drawn before a resume stay shut
+                synthetic = load_texts(shard, self.args.texts, counts)
+                items = ((key, m[next(e for e in IMAGE_EXTS if e in m)], " ".join(decode_text(m.get("txt") or b"", counts).split()),
+                          synthetic.get(key)) for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts) if any(e in m for e in IMAGE_EXTS))
+                items = itertools.chain(itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None))
+                yield from ((x, item) for x, item in zip(range(i + skip, i + n), items) if x not in done)
+            i, pos = i + n, self.starts[j + 1] % self.starts[-1]
+
+    def make(self, item, rnd, counts):
+        """(key, image, texts, views, view texts), or None for a sample skipped and counted."""
+        if item is None:
+            counts["missing"] += 1
+            return None
+        key, raw, alt, synthetic = item
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                img = im.convert("RGB")
+        except Exception:  # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
+            counts["bad_image"] += 1
+            return None
+        texts, view_texts = sample_texts(alt, synthetic or [], self.args, rnd)
+        if not all(t.strip() for t in texts):
+            counts["no_text"] += 1
+            return None
+        torch.manual_seed(rnd.getrandbits(63))  # image augmentation draws from torch's generator
+        return key, self.transform(img), texts, [self.view_transform(img) for _ in view_texts], view_texts
+
+    def __iter__(self):
+        info, (rank, world, _), k = torch.utils.data.get_worker_info(), dist_env(), max(1, self.args.workers)
+        g, total, block = rank * k + (info.id if info else 0), self.starts[-1], max(1, self.args.shuffle_buffer)
+        start, end = g * total // (world * k), (g + 1) * total // (world * k)
+        seed, drawn, left, n = f"{self.args.seed}|{self.epoch}|{g}", self.consumed.get(g, 0), self.chunks, end - start
+        rng = random.Random(seed)  # the run shuffled in blocks (bounded memory), then the padding in order
+        order = itertools.chain((i for b in range(0, n, block) for i in rng.sample(range(b, min(n, b + block)), min(n, b + block) - b)),
+                                itertools.count(n))
+        below = drawn // block * block if drawn < n else drawn  # a resume: all below were drawn, and `done` of the block above
+        done = {i for i in itertools.islice(order, drawn) if i >= below}  # `order` goes on after the drawn ones
+        counts, pending, made, streak, inputs = Counter(), {}, [], 0, None
+        while left:
+            idx, inputs = next(order), inputs or self.inputs(start, below, done, counts)
+            while idx not in pending:
+                x, item = next(inputs)
+                pending[x] = item
+            sample, drawn = self.make(pending.pop(idx), random.Random(f"{seed}|{drawn}"), counts), drawn + 1
+            streak = 0 if sample else streak + 1
+            if streak > total + block:
+                raise RuntimeError(f"reader {g}: no usable sample in {streak} tries ({dict(counts)})")
+            made += [sample] if sample else []
+            if len(made) == self.chunk:
+                keys, images, texts, views, view_texts = zip(*made)
+                tokens = lambda ts: self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1)
+                chunk = {"key": list(keys), "image": torch.stack(images), "text": tokens(texts), "reader": g, "consumed": drawn,
+                         "counts": dict(counts)}
+                if self.args.aug_views:
+                    chunk.update(views=torch.stack([torch.stack(v) for v in views]), view_text=tokens(view_texts))
+                yield chunk
+                made, left = [], left - 1
+
+
+class Trainee(nn.Module):
+    """The open_clip model and clip-rocket's heads, in one module for DDP. Heads: 3-layer MLPs with BatchNorm (SyncBN on GPUs) on
+    the tower outputs of the strong views and their texts, with their own temperature (init 0.1); text dropout on those texts."""
+
+    def __init__(self, clip, dim, views, hidden, text_dropout):
+        super().__init__()
+        self.clip, self.dropping = clip, False
+        mlp = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                                    nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        if views:
+            self.image_head, self.text_head, self.head_logit_scale = mlp(), mlp(), nn.Parameter(torch.tensor(math.log(10.0)))
+        blocks = getattr(getattr(getattr(clip, "text", clip), "transformer", None), "resblocks", None)
+        if text_dropout and blocks is None:
+            raise SystemExit("--text-dropout needs an open_clip text transformer (resblocks)")
+        for block in blocks if text_dropout else ():  # every block's input, as clip-rocket's text tower for its view texts
+            block.register_forward_pre_hook(lambda m, a: (F.dropout(a[0], text_dropout, True), *a[1:]) if self.dropping else None)
+
+    def forward(self, image, text, views=None, view_text=None):
+        (b, m), encode = text.shape[:2], lambda x: self.clip.encode_text(x.flatten(0, 1))
+        out = {"image": self.clip.encode_image(image, normalize=True), "text": F.normalize(encode(text), dim=-1).view(b, m, -1),
+               "scale": self.clip.logit_scale.exp(), "bias": self.clip.logit_bias}
+        if views is not None:
+            out["views"] = F.normalize(self.image_head(self.clip.encode_image(views.flatten(0, 1))), dim=-1).view(b, views.shape[1], -1)
+            self.dropping = True
+            out["view_text"] = F.normalize(self.text_head(encode(view_text)), dim=-1).view(b, views.shape[1], -1)
+            self.dropping, out["head_scale"] = False, self.head_logit_scale.exp()
+        return out
+
+
+def contrastive(clip_loss, a, b, scale, bias=None, smoothing=0.0):
+    """open_clip's ClipLoss (gathered as --local-loss/--gather-with-grad say), with label smoothing when asked."""
+    logits_a, logits_b = clip_loss.get_logits(a.contiguous(), b.contiguous(), scale, bias)
+    labels = clip_loss.get_ground_truth(a.device, logits_a.shape[0])
+    return (F.cross_entropy(logits_a, labels, label_smoothing=smoothing) + F.cross_entropy(logits_b, labels, label_smoothing=smoothing)) / 2
+
+
+def total_loss(out, clip_loss, siglip_loss=None, smoothing=0.1):
+    """LaCLIP-MT: L = 1/M sum_j L_clip(images, texts_j), the mean of the M symmetric InfoNCE (or SigLIP) losses of the batch's
+    images with their j-th texts (M = 1: plain CLIP). clip-rocket: (L + N * mean over the N x N view/text pairs of a contrastive
+    loss of the head outputs, label-smoothed) / (1 + N), as its CL2L loss weighs them."""
+    main = sum(siglip_loss(out["image"], t.contiguous(), out["scale"], out["bias"]) if siglip_loss else
+               contrastive(clip_loss, out["image"], t, out["scale"], out["bias"]) for t in out["text"].unbind(1)) / out["text"].shape[1]
+    if "views" not in out:
+        return main
+    n = out["views"].shape[1]
+    pairs = [contrastive(clip_loss, v, t, out["head_scale"], None, smoothing) for v in out["views"].unbind(1) for t in out["view_text"].unbind(1)]
+    return (main + n * sum(pairs) / len(pairs)) / (1 + n)
+
+
+def build_model(args, device):
+    """(open_clip model, name, its config, (main, strong view) transforms, tokenizer)."""
+    import open_clip
+    from torchvision import transforms as T
+    name = os.path.basename(args.model)[:-5] if args.model.endswith(".json") else args.model
+    if args.model.endswith(".json"):  # a custom config, registered under its file stem as open_clip does
+        open_clip.add_model_config(args.model)
+    cfg = open_clip.get_model_config(name) or sys.exit(f"unknown model {name!r}: give an open_clip name or a JSON config file")
+    siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if args.loss == "siglip" and "init_logit_bias" not in cfg else {}
+    clip, transform, _ = open_clip.create_model_and_transforms(name, pretrained=args.pretrained, device=device,
+                                                               aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip)
+    if args.grad_checkpointing:  # but a text block recomputed in backward would miss the dropout flag: then that tower runs whole
+        clip.set_grad_checkpointing(True)
+        getattr(clip, "text", clip).transformer.grad_checkpointing = not args.text_dropout
+    pp = clip.visual.preprocess_cfg
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    strong = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                        T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
+                        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pp["mean"], pp["std"])])
+    return clip, name, {**cfg, **siglip}, (transform, strong), open_clip.get_tokenizer(name)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
+    p.add_argument("--texts", nargs="+", action="extend", default=[], help="sidecar folders from 02/04, joined by key (repeatable)")
+    p.add_argument("--out-dir", default="toy/train/alt", help="checkpoints, model config, log.jsonl")
+    p.add_argument("--model", default="toy/models/toy-clip.json", help="open_clip model name, or a JSON config file")
+    p.add_argument("--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)")
+    p.add_argument("--text-mode", choices=["original", "uniform", "mix", "multi"], default="original", help="the caption(s) of each image")
+    p.add_argument("--p-synthetic", type=float, default=0.5, help="mix: probability of a synthetic caption")
+    p.add_argument("--texts-per-image", type=int, default=2, help="multi: texts per image (M)")
+    p.add_argument("--eda-prob", type=float, default=0.0, help="probability of an EDA edit of the main text")
+    p.add_argument("--stopword-drop", type=float, default=0.0, help="probability of dropping a text's stop words (every text)")
+    p.add_argument("--aug-views", type=int, default=0, help="clip-rocket: strongly augmented views (and texts) per image")
+    p.add_argument("--crop-scale", type=float, default=0.9, help="smallest random-resized-crop area of the main view")
+    p.add_argument("--head-dim", type=int, default=4096, help="clip-rocket: hidden width of the MLP heads")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="clip-rocket: label smoothing of the view/text logits")
+    p.add_argument("--text-dropout", type=float, default=0.0, help="clip-rocket: dropout in the text blocks for the view texts")
+    p.add_argument("--loss", choices=["clip", "siglip"], default="clip", help="open_clip ClipLoss or SigLipLoss for the main pairs")
+    p.add_argument("--local-loss", action=argparse.BooleanOptionalAction, default=True, help="ClipLoss: local rows x gathered columns")
+    p.add_argument("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True, help="ClipLoss: backward through the gather")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the data")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule still spans --epochs)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per process and micro-step (a multiple of --workers)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step, each its own contrastive batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9 0.98, eps 1e-6)")
+    p.add_argument("--warmup", type=float, default=0.05, help="linear warmup in steps, or a fraction of all steps if < 1; then cosine")
+    p.add_argument("--wd", type=float, default=0.2, help="weight decay (none on biases, norms, position embeddings, logit scales)")
+    p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--precision", choices=["amp_bf16", "amp_fp16", "fp32"], default="amp_bf16", help="autocast on GPUs; CPU is fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (data readers) per process")
+    p.add_argument("--shuffle-buffer", type=int, default=2000, help="each reader shuffles its samples in blocks of this many (>= 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
+    p.add_argument("--log-every", type=int, default=10, help="log a line every N steps")
+    p.add_argument("--save-every", type=int, default=500, help="write latest.pt every N steps (and at each epoch end)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: <out-dir>/latest.pt if there)")
+    p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default="none", help="also log there (imported only then)")
+    args = p.parse_args(argv)
+    if args.batch_size % max(1, args.workers):
+        p.error("--batch-size must be a multiple of --workers: each worker makes an equal part of every batch")
+    if args.text_mode != "original" and not args.texts:
+        p.error(f"--text-mode {args.text_mode} needs --texts (sidecar folders from 02 or 04)")
+    return args
+
+
+def main(argv=None):
+    args, t0, (rank, world, local_rank), cuda = parse_args(argv), time.time(), dist_env(), torch.cuda.is_available()
+    device, k = torch.device(f"cuda:{local_rank}" if cuda else "cpu"), max(1, args.workers)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # leave the DataLoader workers their cores: spinning OpenMP threads crawl
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - args.workers))
+    os.makedirs(args.out_dir, exist_ok=True)
+    shards = [os.path.abspath(p) for p in list_inputs(args.input, (".tar",))]
+    missing = [f"{d}/{shard_name(s)}.jsonl" for d in args.texts for s in shards if not os.path.exists(f"{d}/{shard_name(s)}.jsonl")]
+    counts, amp = [count_samples(s) for s in shards], {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision) if cuda else None
+    if missing or not sum(counts):
+        raise SystemExit(f"--texts: {missing[0]} is missing (run 02/04 on every shard)" if missing else f"no image samples in {args.input}")
+    steps_per_epoch = math.ceil(sum(counts) / (world * args.batch_size * args.accum_steps))
+    total_steps = args.epochs * steps_per_epoch
+    stop, warmup = min(total_steps, args.max_steps or total_steps), int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
+    torch.manual_seed(args.seed)
+    clip, name, cfg, transforms, tokenizer = build_model(args, device)
+    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout).to(device)
+    trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
+    flat = lambda n, p: p.ndim < 2 or any(s in n for s in ("positional_embedding", "pos_embed", "position_embedding"))  # no decay
+    groups = [[p for n, p in trainee.named_parameters() if p.requires_grad and flat(n, p) == no_decay] for no_decay in (False, True)]
+    opt = torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                            weight_decay=args.wd, fused=cuda or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
+    if args.resume or os.path.exists(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        trainee.load_state_dict({**{"clip." + key: v for key, v in ckpt["state_dict"].items()}, **ckpt.get("extra_state_dict", {})})
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # saved by a disabled scaler (CPU, bf16): empty
+        step, epoch, data = ckpt["step"], ckpt["epoch"], ckpt["data"]
+        changed = [a for a in ("model", "batch_size", "workers", "accum_steps", "text_mode", "seed") if ckpt["args"].get(a) != vars(args)[a]]
+        print0(f"resuming from {path} at step {step}, epoch {epoch}" + (f"; changed since: {changed}" if changed else ""))
+    in_epoch, consumed, skipped = data.get("step_in_epoch", 0), data.get("consumed", {}), data.get("skipped", 0) if rank == 0 else 0
+    if in_epoch and data.get("readers") != world * k:  # another number of readers: the rest of the epoch is split anew, roughly
+        consumed = {g: in_epoch * args.accum_steps * args.batch_size // k for g in range(world * k)}
+    if rank == 0:
+        write_json(os.path.join(args.out_dir, name + ".json"), cfg)  # beside the checkpoints, for open_clip.add_model_config
+        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, model_name=name, world=world, samples=sum(counts)))
+    model = trainee if world == 1 else nn.parallel.DistributedDataParallel(trainee, device_ids=[local_rank] if cuda else None)
+    model = torch.compile(model) if args.compile else model
+    from open_clip.loss import ClipLoss, SigLipLoss
+    clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=rank, world_size=world)
+    siglip_loss = SigLipLoss(rank=rank, world_size=world) if args.loss == "siglip" else None
+    print0(f"05_train: {name}, {len(shards)} shards, {sum(counts)} samples, {world} x {k} readers, global batch "
+           f"{world * args.batch_size * args.accum_steps}, {steps_per_epoch} steps/epoch, {total_steps} steps, {amp or 'fp32'}, on {device}")
+    report = None
+    if rank == 0 and args.report_to == "wandb":
+        import wandb
+        report = wandb.init(project="recap-clip", dir=args.out_dir, config=vars(args), resume="allow",
+                            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12]).log
+    elif rank == 0 and args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        report = lambda rec, w=SummaryWriter(os.path.join(args.out_dir, "tensorboard")): [w.add_scalar(key, v, rec["step"]) for key, v in rec.items()]
+    from tqdm import tqdm
+    bar = tqdm(total=stop, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
+    loss_sum, window, last, first, reader_counts = torch.zeros((), device=device), (time.time(), step), {}, None, {}
+
+    while step < stop:
+        stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
+                             transforms, tokenizer)
+        batches, positions = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)), dict(consumed)
+        while in_epoch < steps_per_epoch and step < stop:
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+            lr = args.lr * ((step + 1) / warmup if step < warmup else cosine)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)  # dropout and the like: a function of the step alone
+            for micro in range(args.accum_steps):
+                chunks = [next(batches) for _ in range(k)]  # one per worker, in worker order
+                positions.update((c["reader"], c["consumed"]) for c in chunks)
+                reader_counts.update((c["reader"], c["counts"]) for c in chunks)
+                batch = {key: torch.cat([c[key] for c in chunks]).to(device, non_blocking=True) for key in ("image", "text", "views", "view_text")
+                         if key in chunks[0]}
+                with model.no_sync() if world > 1 and micro < args.accum_steps - 1 else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = total_loss(model(**batch), clip_loss, siglip_loss, args.label_smoothing) / args.accum_steps
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if args.grad_clip_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(trainee.parameters(), args.grad_clip_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            for scale in [s for s in (trainee.clip.logit_scale, getattr(trainee, "head_logit_scale", None)) if s is not None]:
+                scale.data.clamp_(0, math.log(100))
+            step, in_epoch, epoch_end = step + 1, in_epoch + 1, in_epoch + 1 == steps_per_epoch
+            bar.update(1)
+            if step % args.log_every == 0 or step in (1, stop) or epoch_end:
+                stats = torch.tensor([loss_sum.item(), sum(c.get(s, 0) for c in reader_counts.values() for s in SKIPPED)], device=device)
+                if world > 1:
+                    dist.all_reduce(stats)
+                seconds, n = time.time() - window[0], step - window[1]
+                last = {"step": step, "epoch": round(epoch + in_epoch / steps_per_epoch, 4), "loss": stats[0].item() / world / n, "lr": lr,
+                        "logit_scale": trainee.clip.logit_scale.exp().item(), "skipped": skipped + int(stats[1]),
+                        "samples_per_s": round(n * world * args.batch_size * args.accum_steps / seconds, 1), "seconds": round(time.time() - t0, 1)}
+                first, window = first or last["loss"], (time.time(), step)
+                loss_sum.zero_()
+                if rank == 0:
+                    (print if bar.disable else bar.write)(f"step {step}/{stop} loss {last['loss']:.4f} lr {lr:.2e} {last['samples_per_s']:.0f} "
+                                                          f"samples/s skipped {last['skipped']} ETA {(stop - step) * seconds / n / 60:.1f} min")
+                    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as log:
+                        log.write(json.dumps(last) + "\n")
+                    if report:
+                        report(last)
+            if epoch_end or step % args.save_every == 0 or step == stop:
+                parts = [positions] * world  # every rank takes part, rank 0 writes
+                if world > 1:
+                    dist.all_gather_object(parts, positions)
+                if rank == 0:
+                    state, buf = trainee.state_dict(), io.BytesIO()
+                    torch.save({"epoch": epoch + epoch_end, "step": step, "model_name": name, "args": vars(args), "optimizer": opt.state_dict(),
+                                "scaler": scaler.state_dict(), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
+                                "extra_state_dict": {key: v for key, v in state.items() if not key.startswith("clip.")},
+                                "data": {"step_in_epoch": 0 if epoch_end else in_epoch, "readers": world * k, "skipped": last.get("skipped", skipped),
+                                         "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()}}}, buf)
+                    for file in ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end:  # a temp file, fsync, rename: never a torn one
+                        atomic_write(os.path.join(args.out_dir, file), buf.getbuffer())
+        if in_epoch == steps_per_epoch:
+            skipped, epoch, in_epoch, consumed, reader_counts = last["skipped"], epoch + 1, 0, {}, {}
+    bar.close()
+    print0(f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
+           f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}")
+    if world > 1:
+        dist.destroy_process_group()
+    return {**last, "step": step, "epoch": epoch, "first_loss": first, "model": trainee.clip}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""05_train: torchrun = one process, kill + rerun = uninterrupted, text modes, LaCLIP-MT/clip-rocket losses, open_clip loads the checkpoint."""
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, stage
+
+tr = stage("05_train")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here and in subprocesses (OMP_NUM_THREADS=1, which 05 then leaves alone): in-process runs match
+    subprocess runs bit for bit, and 2 busy cores are not oversubscribed."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    os.environ.pop("OMP_NUM_THREADS") if env is None else os.environ.update(OMP_NUM_THREADS=env)
+
+
+def add_members(tar, members):
+    for name, payload in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
+def jpeg(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 32), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two toy shards of 24 (from 00), a third, uneven one with a corrupt JPEG, a key with no text and a key with no
+    image; sidecars in 02's format (rewrites/, one key left out) and 04's (fused/), written in reverse key order."""
+    root = tmp_path_factory.mktemp("train")
+    stage("00_toy_data").main(["--out", str(root), "--num-shards", "2", "--samples-per-shard", "24", "--image-size", "32",
+                               "--skip-models", "--eval-per-class", "1", "--retrieval-images", "2", "--coco-images", "2"])
+    with tarfile.open(root / "shards/00002.tar", "w") as tar:
+        add_members(tar, [m for i in range(5) for m in ((f"0002{i:05d}.png", jpeg((40 * i, 90, 200))), (f"0002{i:05d}.txt", f"odd caption {i}".encode()))])
+        add_members(tar, [("000200005.jpg", b"\xff\xd8 not a jpeg"), ("000200005.txt", b"a corrupt image"),
+                          ("000200006.jpg", jpeg((9, 9, 9))),  # no AltText and no sidecar: skipped, counted
+                          ("000200007.txt", b"text without an image")])  # not a sample
+    (root / "models/tiny-clip.json").write_text(json.dumps(TINY))
+    for name in ("00000", "00001", "00002"):
+        keys = [k for k, m in tr.iter_tar(str(root / f"shards/{name}.tar"), set(), Counter()) if "txt" in m]
+        rewrites = [{"key": k, "text": "", "rewrites": {"b": [f"synthetic b {k}", "x"], "a": [f"synthetic a {k}"]}, "status": "ok", "fallbacks": 0}
+                    for k in keys if k != "000200004"]
+        for folder in ("rewrites", "fused"):
+            (root / folder).mkdir(exist_ok=True)
+        tr.write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites[::-1])
+        tr.write_jsonl(str(root / f"fused/{name}.jsonl"), [{"key": k, "fused": f"fused caption {k}", "status": "ok"} for k in keys][::-1])
+    return root
+
+
+def base(data, out, *extra):
+    return ["--input", str(data / "shards"), "--model", str(data / "models/tiny-clip.json"), "--out-dir", str(out),
+            "--batch-size", "8", "--workers", "2", "--log-every", "1", "--epochs", "1", "--head-dim", "32", *extra]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_torchrun_two_processes_equal_one_process(data, tmp_path):
+    """Same global batch (2 x 8 vs 1 x 16, two readers either way): same loss at step 1, same weights after an
+    epoch over uneven shards (55 samples: 4 steps, the last padded), which ends on both ranks."""
+    texts = ["--texts", str(data / "rewrites"), "--text-mode", "uniform", "--lr", "2e-3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(REPO, "05_train.py"),
+           *base(data, tmp_path / "ddp", "--workers", "1"), *texts]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = tr.main(base(data, tmp_path / "one", "--batch-size", "16") + texts)
+    ddp, one = log_records(tmp_path / "ddp"), log_records(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3, 4] and summary["epoch"] == 1
+    assert abs(ddp[0]["loss"] - one[0]["loss"]) < 1e-5
+    a, b = weights(tmp_path / "ddp/epoch_1.pt"), weights(tmp_path / "one/epoch_1.pt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+
+
+def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
+    args = ["--epochs", "2", "--batch-size", "4", "--save-every", "3", "--shuffle-buffer", "10", "--texts", str(data / "rewrites"),
+            "--text-mode", "mix", "--eda-prob", "0.3"]
+    whole = tr.main(base(data, tmp_path / "whole", *args))
+    assert whole["step"] == 28  # 2 epochs x ceil(55 / 4)
+    out = tmp_path / "cut"
+    cmd = [sys.executable, os.path.join(REPO, "05_train.py"), *base(data, out, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline, ckpt = time.time() + 180, None
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "latest.pt").exists():
+            ckpt = torch.load(out / "latest.pt", weights_only=True)
+            if ckpt["step"] >= 4:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert 4 <= ckpt["step"] < 28 and ckpt["data"]["step_in_epoch"] > 0, "the kill did not land mid-epoch"
+    assert sorted(ckpt["data"]["consumed"]) == [0, 1]
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {ckpt['step']}" in resumed.stdout
+    a, b = weights(tmp_path / "whole/latest.pt"), weights(out / "latest.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2  # corrupt + no text, per epoch
+
+
+def stream_of(data, argv, epoch=0, consumed=None, chunks=8, chunk=4, tokenizer=None, rank=0, world=1, monkeypatch=None):
+    args = tr.parse_args(base(data, "unused", "--workers", "0", *argv))
+    shards = [str(data / f"shards/0000{i}.tar") for i in range(3)]
+    counts = [24, 24, 7]
+    if monkeypatch:
+        monkeypatch.setattr(tr, "dist_env", lambda: (rank, world, 0))
+    identity = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float32)
+    return tr.ShardStream(shards, counts, args, epoch, consumed or {}, chunks, chunk, (identity, identity), tokenizer)
+
+
+class Recorder:
+    """A tokenizer that numbers the texts it sees, so chunks can be decoded back to strings."""
+    def __init__(self):
+        self.ids = {}
+
+    def __call__(self, texts):
+        return torch.tensor([[self.ids.setdefault(t, len(self.ids))] for t in texts])
+
+    def text(self, i):
+        return next(t for t, j in self.ids.items() if j == i)
+
+
+@pytest.mark.parametrize("mode,expect", [("uniform", {"alt": 0.4, "a": 0.2, "b": 0.2, "fused": 0.2}),
+                                         ("mix", {"alt": 0.625, "a": 0.125, "b": 0.125, "fused": 0.125})])
+def test_text_mode_frequencies_and_join_by_key(data, mode, expect):
+    """Pool: AltText, 'synthetic a K', 'synthetic b K', 'x' (one word: falls back to the AltText), 'fused caption K'."""
+    rec, seen = Recorder(), Counter()
+    for epoch in range(40):
+        for chunk in stream_of(data, ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-mode", mode], epoch=epoch,
+                               chunks=12, tokenizer=rec):
+            for key, ids in zip(chunk["key"], chunk["text"]):
+                text = rec.text(ids[0, 0].item())
+                if key.startswith(("00000", "00001")):
+                    kinds = {f"synthetic a {key}": "a", f"synthetic b {key}": "b", f"fused caption {key}": "fused"}
+                    assert text in kinds or not text.startswith(("synthetic", "fused"))  # joined by key, not by line order
+                    seen[kinds.get(text, "alt")] += 1
+    total = sum(seen.values())
+    assert total > 1500
+    for kind, p in expect.items():
+        assert abs(seen[kind] / total - p) < 0.035, (kind, seen[kind] / total, p)
+
+
+def test_multi_picks_distinct_texts_views_get_eda_and_stop_words_drop():
+    args = tr.parse_args(["--texts", "x", "--text-mode", "multi", "--texts-per-image", "3", "--aug-views", "2"])
+    pool, edited = ["a red circle on grey", "one red circle", "two circles here"], 0
+    for seed in range(200):
+        main, views = tr.sample_texts(pool[0], pool[1:], args, random.Random(seed))
+        assert sorted(main) == sorted(pool) and len(views) == 2
+        edited += sum(v not in pool for v in views)
+    assert edited > 200  # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
+    args.texts_per_image = 5  # more than the pool: all of it, then repeats
+    main, _ = tr.sample_texts("a red circle", ["one red circle"], args, random.Random(0))
+    assert len(main) == 5 and {"a red circle", "one red circle"} == set(main)
+    args = tr.parse_args(["--stopword-drop", "1.0"])
+    assert tr.sample_texts("A photo of the red circle", [], args, random.Random(0)) == (["photo red circle"], [])
+
+
+def test_eda_swaps_or_deletes_words_only():
+    rnd, kinds = random.Random(0), Counter()
+    words = "one two three four five six seven eight nine ten".split()
+    for _ in range(600):
+        out = tr.eda(" ".join(words), rnd).split()
+        kind = "swap" if sorted(out) == sorted(words) and out != words else "delete" if len(out) < len(words) else "none"
+        assert kind != "none" or out == words or set(out) <= set(words)
+        kinds[kind] += 1
+    assert 0.55 < kinds["swap"] / 600 < 0.78 and kinds["delete"] > 100  # 2/3 swaps, 1/3 deletions (some delete nothing)
+    assert tr.eda("word", rnd) == "word" and tr.eda("", rnd) == ""
+
+
+def clip_brute(img, txt, scale, smoothing=0.0):
+    """Symmetric InfoNCE written out element by element."""
+    n, total = len(img), 0.0
+    for i in range(n):
+        for rows, cols in ((img, txt), (txt, img)):
+            logits = [scale * float(rows[i] @ cols[k]) for k in range(n)]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            logp = [v - log_z for v in logits]
+            total += -(1 - smoothing) * logp[i] - smoothing * sum(logp) / n
+    return total / (2 * n)
+
+
+def test_multi_text_and_rocket_losses_equal_brute_force():
+    from open_clip.loss import ClipLoss
+    torch.manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
+    b, m, n = 6, 3, 2
+    out = {"image": unit(b, 8), "text": unit(b, m, 8), "scale": torch.tensor(7.0, dtype=torch.float64), "bias": None}
+    expect = sum(clip_brute(out["image"], out["text"][:, j], 7.0) for j in range(m)) / m
+    assert abs(tr.total_loss(out, ClipLoss()).item() - expect) < 1e-9
+    out.update(views=unit(b, n, 8), view_text=unit(b, n, 8), head_scale=torch.tensor(10.0, dtype=torch.float64))
+    pairs = [clip_brute(out["views"][:, i], out["view_text"][:, j], 10.0, smoothing=0.1) for i in range(n) for j in range(n)]
+    assert abs(tr.total_loss(out, ClipLoss(), smoothing=0.1).item() - (expect + n * sum(pairs) / len(pairs)) / (1 + n)) < 1e-9
+
+
+def test_every_sample_once_per_epoch_equal_chunks_and_exact_resume(data, monkeypatch):
+    """Three readers over 55 samples (one corrupt, one without text): each makes the same number of chunks; every good
+    sample appears, the extra ones are padding; a reader restarted at a chunk's position goes on identically."""
+    good = {k for name in ("00000", "00001") for k, _ in tr.iter_tar(str(data / f"shards/{name}.tar"), set(), Counter())}
+    good |= {f"0002{i:05d}" for i in range(5)}
+    chunks_per_reader, keys, bad = 5, Counter(), 0
+    for rank in range(3):
+        chunks = list(stream_of(data, [], chunks=chunks_per_reader, rank=rank, world=3, monkeypatch=monkeypatch, tokenizer=Recorder()))
+        assert len(chunks) == chunks_per_reader and all(len(c["key"]) == 4 for c in chunks)
+        keys.update(k for c in chunks for k in c["key"])
+        bad += chunks[-1]["counts"].get("bad_image", 0) + chunks[-1]["counts"].get("no_text", 0)
+        if rank == 1:
+            again = list(stream_of(data, [], consumed={1: chunks[1]["consumed"]}, chunks=3, rank=1, world=3, monkeypatch=monkeypatch, tokenizer=Recorder()))
+            assert [c["key"] for c in again] == [c["key"] for c in chunks[2:]]
+            assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, chunks[2:]))
+    assert set(keys) == good and sum(keys.values()) == 3 * 5 * 4 and bad >= 2
+    assert sum(keys.values()) - len(good) <= 3 * 4 + 2  # padding: under a chunk per reader, plus the skipped samples' stand-ins
+
+
+def test_checkpoint_loads_through_open_clip_with_identical_outputs(data, tmp_path):
+    out = tmp_path / "ck"
+    summary = tr.main(base(data, out, "--loss", "siglip", "--aug-views", "1", "--max-steps", "2"))
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert {"epoch", "step", "state_dict", "optimizer", "scaler", "args", "model_name"} <= set(ckpt) and ckpt["model_name"] == "tiny-clip"
+    assert not any(k.startswith("module.") or "head" in k for k in ckpt["state_dict"]) and "head_logit_scale" in ckpt["extra_state_dict"]
+    torch.manual_seed(1)
+    inputs = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 49000, (3, 16))}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    model = summary["model"].eval()
+    with torch.no_grad():
+        mine = (model.encode_image(inputs["image"]), model.encode_text(inputs["text"]), model.logit_bias)
+    script = ("import sys, torch, open_clip\n"
+              "open_clip.add_model_config(sys.argv[1])\n"
+              "model = open_clip.create_model_and_transforms('tiny-clip', pretrained=sys.argv[2])[0].eval()\n"
+              "x = torch.load(sys.argv[3], weights_only=True)\n"
+              "with torch.no_grad():\n"
+              "    torch.save((model.encode_image(x['image']), model.encode_text(x['text']), model.logit_bias), sys.argv[4])\n")
+    result = subprocess.run([sys.executable, "-c", script, str(out / "tiny-clip.json"), str(out / "latest.pt"), str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "theirs.pt")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):
+    """The toy command and its variants: the loss falls; a second run of a finished command does nothing."""
+    rewrites = tmp_path / "rewrites_eda"
+    stage("02_rewrite").main(["--engine", "eda", "--input", str(data / "shards"), "--out-dir", str(rewrites)])
+    model = ["--model", str(data / "models/toy-clip.json"), "--epochs", "4", "--batch-size", "16", "--log-every", "4"]
+    runs = {"alt": [], "laclip": ["--texts", str(rewrites), "--text-mode", "uniform"],
+            "laclip_mt": ["--texts", str(rewrites), "--text-mode", "multi", "--texts-per-image", "2", "--batch-size", "8", "--accum-steps", "2"],
+            "rocket": ["--aug-views", "2", "--eda-prob", "0.5", "--stopword-drop", "0.8", "--text-dropout", "0.1", "--crop-scale", "0.5",
+                       "--grad-checkpointing", "--grad-clip-norm", "1.0"]}
+    for name, extra in runs.items():  # 55 samples, 16 per step: 4 steps per epoch
+        summary = tr.main(base(data, tmp_path / name, *model, *extra))
+        assert summary["step"] == 16 and summary["loss"] < summary["first_loss"], (name, summary)
+        assert "05_train: toy-clip 16/16 steps" in capsys.readouterr().out
+    lines = len(log_records(tmp_path / "alt"))
+    again = tr.main(base(data, tmp_path / "alt", *model))
+    assert again["step"] == 16 and len(log_records(tmp_path / "alt")) == lines
+    assert sorted(os.listdir(tmp_path / "alt")) == ["_config.json", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_4.pt",
+                                                   "latest.pt", "log.jsonl", "toy-clip.json"]
+
+
+def test_bad_arguments_are_refused(data, tmp_path):
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--batch-size", "9", "--workers", "2"])
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--text-mode", "uniform"])
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(SystemExit, match="missing"):
+        tr.main(base(data, tmp_path / "o", "--texts", str(tmp_path / "partial"), "--text-mode", "uniform"))
+
+
+def test_help_does_not_import_open_clip():
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "05_train.py"), "--help"], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0 and "--text-mode" in result.stdout and "open_clip" not in result.stderr
