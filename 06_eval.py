@@ -1,0 +1,701 @@
+"""Evaluate CLIP models: zero-shot classification, image-text retrieval and a linear probe, into one results table.
+
+Conventions are CLIP_benchmark's (bench/bench_eval.py checks that the numbers agree), so they compare with papers: a
+class embedding is the normalised mean of the normalised embeddings of its prompts; top-1, top-5 (omitted under 5
+classes), mean per-class recall; Recall@1/5/10 both ways, every caption its own query, image->text a hit when any of
+the image's captions is in the top k. Candidates tied exactly with the best positive share their places (the expected
+hit over tie orders), so no data order changes a number and a collapsed model scores chance. Linear probe: multinomial
+logistic regression (L-BFGS, L2 weight lambda) on normalised frozen image features; of 17 lambdas (1e2..1e-6) the best
+on a held-out fifth of train, refit on all of it (k-shot: on the k per class).
+
+Reads:  --model NAME --pretrained CKPT|TAG  open_clip; a 05_train.py checkpoint ({"state_dict", "epoch", "step", ...},
+            torch.load weights_only=True) finds its config <dir of CKPT>/<NAME>.json itself (or --model-config)
+        --zeroshot [LABEL=]DIR  a sub-folder per class (named as in classnames.txt, or the i-th sorted folder is line i,
+            like ImageNet's wnids), templates.txt with {c}; or CLIP_benchmark's wds layout: DIR[/test]/*.tar of <key>.jpg|
+            png|webp + <key>.cls, classnames.txt, zeroshot_classification_templates.txt
+        --retrieval [LABEL=]PATH  JSONL {"image": path, "captions": [...]} (a folder: its captions.jsonl), a JSON list of
+            those, Karpathy's dataset_coco.json / dataset_flickr30k.json (--split), or wds tars of <key>.txt, a caption a line
+        --linear-probe [LABEL=]DIR  labelled like --zeroshot; tested on --probe-test DIR, else on a stratified half of DIR
+Writes: --results FILE  one JSON line per (name, task, dataset) measured: {"name", "task", "dataset", "metrics" (fractions,
+            CLIP_benchmark's keys), "ties", "n", "counts" (skipped inputs), "model", "pretrained", "epoch", "step", ...}
+        FILE.md  the Markdown table (a row per --name, percentages) of the newest line per (name, task, dataset); printed too
+
+Toy (CPU): every model into toy/eval/results.jsonl, one row each:
+    python 06_eval.py --name alt --pretrained toy/train/alt/latest.pt
+ImageNet-1k zero-shot (AMP on GPU; --templates laclip for LaCLIP's 7):
+    python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --retrieval --linear-probe \
+        --zeroshot imagenet=/data/imagenet/val --classnames imagenet --templates openai --results results.jsonl
+COCO 5k / Flickr30k 1k test retrieval (Karpathy splits; images relative to each JSON's folder, or --image-root):
+    python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --zeroshot --linear-probe \
+        --retrieval coco=/data/coco/dataset_coco.json flickr30k=/data/flickr30k/dataset_flickr30k.json --results results.jsonl
+Several models: one per SLURM array task (sbatch --array=0-3 --gpus 1), all appending to one --results (appends are locked).
+A flag with no value turns its task off. A row already in --results for the same checkpoint file (path, size, mtime) is
+skipped; a changed checkpoint or --overwrite is measured again, and the newest line per (name, task, dataset) counts.
+Missing, unreadable or caption-less images and image-less classes are skipped, counted in "counts" and named in a WARNING.
+"""
+import argparse
+import contextlib
+import fcntl
+import glob
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+import zlib
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+# LaCLIP's ImageNet prompts for its CC3M/CC12M/RedCaps models (eval_zeroshot_imagenet.py in its repository): the
+# 7-prompt ensemble of OpenAI's prompt-engineering notebook, also open_clip's SIMPLE_IMAGENET_TEMPLATES.
+LACLIP_TEMPLATES = ["itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.", "a photo of the large {c}.",
+                    "a {c} in a video game.", "art of the {c}.", "a photo of the small {c}."]
+TABLE = {"zeroshot": [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean recall")],
+         "retrieval": [(f"{d}_retrieval_recall@{k}", f"{arrow} R@{k}") for d, arrow in (("text", "I→T"), ("image", "T→I"))
+                       for k in (1, 5, 10)],
+         "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")]}
+
+
+def tie_share(m, t, p):
+    """Chance that a random order of t negatives and p positives puts a positive among its first m."""
+    mm = torch.minimum(m.clamp(min=0), t)
+    miss = torch.exp(torch.lgamma(t + 1) - torch.lgamma(t - mm + 1) - torch.lgamma(t + p + 1) + torch.lgamma(t + p - mm + 1))
+    return torch.where(m <= 0, 0.0, torch.where(m > t, 1.0, 1 - miss))
+
+
+def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_elements=2 ** 22):
+    """(queries, len(ks)): 1 where a positive candidate (same label) is among the k best, else 0. Candidates that tie
+    exactly with the best positive share those places: the expected hit over the orders of the tie, which is what a
+    top-k such as CLIP_benchmark's gives on average; so no data order changes a number and a collapsed model scores
+    chance. A block of queries at a time, so 5k images x 25k captions never builds the whole score matrix."""
+    chunk, out = max(1, max_elements // max(1, len(candidates))), []
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ candidates.T
+        positive = query_labels[start:start + chunk, None] == candidate_labels[None, :]
+        best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
+        tied = scores == best
+        above, p = (scores > best).sum(1).double(), (tied & positive).sum(1).double()
+        out.append(torch.stack([tie_share(k - above, tied.sum(1) - p, p) for k in ks], 1))
+    return torch.cat(out) if out else torch.zeros(0, len(ks), dtype=torch.float64)
+
+
+def tie_note(hits, names):
+    """Share of queries whose hit an exact tie decided, per metric (where any did)."""
+    shares = ((hits > 0) & (hits < 1)).double().mean(0).tolist()
+    return {name: share for name, share in zip(names, shares) if share}
+
+
+def classification_metrics(hits, targets, n_classes, prefix=""):
+    """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that have
+    images (balanced accuracy)."""
+    count = torch.bincount(targets, minlength=n_classes)
+    per_class = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, targets, hits[:, 0])
+    metrics = {"acc1": hits[:, 0].mean().item(), "acc5": hits[:, 1].mean().item() if n_classes >= 5 else None,
+               "mean_per_class_recall": (per_class[count > 0] / count[count > 0]).mean().item()}
+    metrics = {prefix + k: v for k, v in metrics.items() if v is not None}
+    return metrics, tie_note(hits, list(metrics)[:-1])
+
+
+def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
+    """text_image[j] = the image of caption j. Image->text is a hit if any of the image's captions is in the top k."""
+    images = torch.arange(len(image_emb))
+    t2i, i2t = hits_at(text_emb, image_emb, text_image, images, ks), hits_at(image_emb, text_emb, images, text_image, ks)
+    names = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in ks]
+    hits = torch.cat([t2i.mean(0), i2t.mean(0)]).tolist()
+    return dict(zip(names, hits)), {**tie_note(t2i, names[:len(ks)]), **tie_note(i2t, names[len(ks):])}
+
+
+def with_bias(x, device="cpu"):
+    return torch.cat([x.double(), x.new_ones(len(x), 1, dtype=torch.float64)], 1).to(device)
+
+
+def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
+    """argmin mean cross-entropy + lam/2 |W|^2 (bias free) by full-batch L-BFGS in float64. Convex: a warm start changes
+    the speed, not the answer. x: features with a bias column; returns W (bias in the last row)."""
+    w = (init.clone() if init is not None else x.new_zeros(x.shape[1], n_classes)).requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w, y) + lam / 2 * w[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu" and x.numel() * n_classes < 2 ** 22:
+        torch.set_num_threads(1)  # on a small problem thread hand-offs cost more than the arithmetic (10x on 2 cores)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return w.detach()
+
+
+def stratified_split(y, fraction, seed):
+    """(rest, part): `fraction` of every class goes to `part` (one at least, where a class has two or more)."""
+    g, rest, part = torch.Generator().manual_seed(seed), [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        part, rest = part + idx[:n].tolist(), rest + idx[n:].tolist()
+    return torch.tensor(sorted(rest), dtype=torch.long), torch.tensor(sorted(part), dtype=torch.long)
+
+
+def linear_probe(x, y, test_x, test_y, n_classes, k_shot=0, seed=0, device="cpu",
+                 grid=tuple(10.0 ** (e / 2) for e in range(4, -13, -1))):
+    """Features and labels on the CPU; the fits run on `device`."""
+    fit, val = stratified_split(y, 0.2, seed)
+    if k_shot:  # k per class from what the held-out part left
+        g, picks = torch.Generator().manual_seed(seed), [fit[y[fit] == c] for c in torch.unique(y)]
+        if min(len(p) for p in picks) < k_shot:
+            raise SystemExit(f"--probe-k-shot {k_shot}: a class has {min(len(p) for p in picks)} training images besides the held-out ones")
+        fit = torch.cat([p[torch.randperm(len(p), generator=g)[:k_shot]] for p in picks])
+    best, w = (-1.0, None), None
+    for lam in grid:  # strong to weak: each fit starts from the previous answer
+        w = fit_logistic(with_bias(x[fit], device), y[fit].to(device), n_classes, lam, w)
+        acc = ((with_bias(x[val], device) @ w).argmax(1).cpu() == y[val]).float().mean().item() if len(val) else 0.0
+        best = max(best, (acc, lam))  # at equal accuracy the larger lambda, the more regularised model
+    final = fit if k_shot else torch.cat([fit, val])  # as CLIP_benchmark: k-shot trains on the k only
+    w = fit_logistic(with_bias(x[final], device), y[final].to(device), n_classes, best[1])
+    hits = hits_at(with_bias(test_x, device), w.T, test_y.to(device), torch.arange(n_classes, device=device), (1, 5)).cpu()
+    metrics, ties = classification_metrics(hits, test_y, n_classes, "lp_")
+    return metrics, {"lambda": best[1], "val_acc1": best[0], "k_shot": k_shot, "ties": ties,
+                     "n": {"train": len(final), "val": len(val), "test": len(test_y)}}
+
+
+def label_and_path(spec):
+    """'LABEL=PATH', or PATH named by its last part (a split folder by its last two: imagenet/val)."""
+    label, eq, path = spec.partition("=")
+    if eq and not os.path.exists(spec):
+        return label, path
+    parts = os.path.normpath(spec).split(os.sep)
+    name = os.path.splitext(parts[-1])[0]
+    return "/".join(parts[-2:]) if name in ("val", "test", "train") and len(parts) > 1 else name, spec
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def wds_samples(path, split, field, counts):
+    """(image bytes, `field` bytes) per sample of the .tar shards in path (or path/split); None if there are none."""
+    tars = sorted(glob.glob(os.path.join(path, "*.tar")) or glob.glob(os.path.join(path, split, "*.tar"))) if os.path.isdir(path) else []
+    samples = []
+    for tar in tars:
+        for _, s in iter_tar(tar, {field, *IMAGE_EXTS}, counts):
+            image = next((s[e] for e in IMAGE_EXTS if s.get(e)), None)
+            if image is None or not (s.get(field) or b"").strip():
+                counts[f"sample_without_image_or_{field}"] += 1
+            else:
+                samples.append((image, s[field]))
+    return samples if tars else None
+
+
+def read_classes(path, args, counts):
+    """(images as paths or bytes, labels, class names, templates file or None) from class folders or .cls tars."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path}: not a folder of class sub-folders or .tar shards")
+    beside = lambda *names: next((p for d in (path, os.path.dirname(os.path.normpath(path))) for n in names
+                                  for p in [os.path.join(d, n)] if os.path.isfile(p)), None)
+    if args.classnames == "imagenet":
+        import open_clip
+        names = list(open_clip.IMAGENET_CLASSNAMES)
+    else:
+        names = read_lines(args.classnames or beside("classnames.txt")) if args.classnames or beside("classnames.txt") else None
+    samples, items, labels = wds_samples(path, args.split, "cls", counts), [], []
+    if samples is not None:
+        items, labels = [image for image, _ in samples], [int(cls) for _, cls in samples]
+        if names is None or max(labels, default=0) >= len(names):
+            raise SystemExit(f"{path}: .tar shards need a classnames.txt beside them with a line for every .cls label")
+    else:
+        folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        names = names or folders
+        if not folders:
+            raise SystemExit(f"{path}: no class sub-folders and no .tar shards")
+        if set(folders) <= set(names):  # folders named as the classes
+            index = {f: names.index(f) for f in folders}
+        elif len(folders) == len(names):  # e.g. ImageNet's wnid folders: the i-th sorted folder is class i
+            index = {f: i for i, f in enumerate(folders)}
+        else:
+            raise SystemExit(f"{path}: {len(folders)} class folders but {len(names)} class names, and the folders are not "
+                             f"named as the classes: give one folder per class name (empty is fine), in classnames.txt order")
+        for f in folders:
+            files = sorted(os.listdir(os.path.join(path, f)))
+            images = [n for n in files if n.rpartition(".")[2].lower() in IMAGE_EXTS]
+            counts["not_an_image_file"] += len(files) - len(images)
+            items += [os.path.join(path, f, n) for n in images]
+            labels += [index[f]] * len(images)
+    if not items:
+        raise SystemExit(f"{path}: no images found")
+    return items, torch.tensor(labels, dtype=torch.long), names, beside("templates.txt", "zeroshot_classification_templates.txt")
+
+
+def read_retrieval(path, args, counts):
+    """[(image path or bytes, [captions])] from wds tars, JSONL, a JSON list or Karpathy's JSON."""
+    samples = wds_samples(path, args.split, "txt", counts)
+    if samples is not None:
+        return [(image, [c for c in decode_text(txt, counts).splitlines() if c.strip()]) for image, txt in samples]
+    path = os.path.join(path, "captions.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such retrieval file (JSONL, JSON, or a folder with captions.jsonl or .tar shards)")
+    if path.endswith(".jsonl"):
+        records = list(iter_jsonl(path, counts))
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+        if isinstance(records, dict):  # Karpathy's dataset_coco.json / dataset_flickr30k.json
+            records = [{"image": os.path.join(r.get("filepath", ""), r["filename"]), "captions": [s["raw"] for s in r["sentences"]]}
+                       for r in records["images"] if r["split"] == args.split]
+    root, pairs, missing = args.image_root or os.path.dirname(os.path.abspath(path)), [], []
+    for r in records:
+        captions = r.get("captions", r.get("caption")) or []
+        captions = [str(c) for c in ([captions] if isinstance(captions, str) else captions) if str(c).strip()]
+        image = os.path.join(root, str(r.get("image", "")))
+        if not captions:
+            counts["image_without_captions"] += 1
+        elif not os.path.isfile(image):
+            counts["missing_image_file"] += 1
+            missing.append(image)
+        else:
+            pairs.append((image, captions))
+    if missing:
+        print0(f"WARNING {path}: {len(missing)} image files not found (e.g. {missing[0]}); skipped with their captions")
+    if not pairs:
+        raise SystemExit(f"{path}: no image with captions and an existing file; image paths are taken relative to {root} (--image-root)")
+    return pairs
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(io.BytesIO(self.items[i]) if isinstance(self.items[i], bytes) else self.items[i]) as img:
+                return i, self.transform(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image, truncated, corrupt
+            return i, None
+
+
+def collate(batch):
+    good = [(i, x) for i, x in batch if x is not None]
+    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, [i for i, x in batch if x is None]
+
+
+def autocast(args):
+    if args.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16)
+
+
+@torch.no_grad()
+def encode_images(model, transform, items, args, what, counts):
+    """Normalised embeddings of the readable images and their indices; unreadable ones are counted and named."""
+    loader = torch.utils.data.DataLoader(Images(items, transform), batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=collate, pin_memory=args.device.startswith("cuda"))
+    embs, kept, bad = [], [], []
+    for idx, x, failed in tqdm(loader, desc=f"{what} images", disable=dist_env()[0] != 0, leave=False):
+        bad += failed
+        if x is not None:
+            with autocast(args):
+                embs.append(F.normalize(model.encode_image(x.to(args.device, non_blocking=True)).float(), dim=-1).cpu())
+            kept += idx
+    if bad:
+        counts["unreadable_image"] += len(bad)
+        example = items[bad[0]] if isinstance(items[bad[0]], str) else f"tar sample {bad[0]}"
+        print0(f"WARNING {what}: {len(bad)} unreadable images skipped (e.g. {example})")
+    if not kept:
+        raise SystemExit(f"{what}: none of the {len(items)} images could be read")
+    return torch.cat(embs), torch.tensor(kept, dtype=torch.long)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, args, what):
+    """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is encoded
+    once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's ~5 captions per image."""
+    unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
+    for start in tqdm(range(0, len(unique), size), desc=what, disable=dist_env()[0] != 0, leave=False):
+        with autocast(args):
+            tokens = tokenizer(unique[start:start + size]).to(args.device)
+            embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    index = {t: i for i, t in enumerate(unique)}
+    return torch.cat(embs)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
+
+
+def pick_templates(choice, found):
+    import open_clip
+    if choice == "openai" or choice == "auto" and not found:
+        return [t("{c}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES], "openai"
+    if choice == "laclip":
+        return list(LACLIP_TEMPLATES), "laclip"
+    path = found if choice == "auto" else choice
+    templates = read_lines(path)
+    if not templates or any("{c}" not in t for t in templates):
+        raise SystemExit(f"{path}: every template line needs {{c}} where the class name goes")
+    return templates, os.path.abspath(path)
+
+
+def class_embeddings(model, tokenizer, names, templates, args):
+    """Per class: the normalised mean of its prompts' normalised embeddings."""
+    emb = encode_texts(model, tokenizer, [t.replace("{c}", c) for c in names for t in templates], args, "class prompts")
+    return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
+
+
+def warn_empty_classes(names, labels, what, counts):
+    empty = [n for i, n in enumerate(names) if not (labels == i).any()]
+    if empty:
+        counts["classes_without_images"] = len(empty)
+        print0(f"WARNING {what}: {len(empty)} of {len(names)} classes have no readable images ({', '.join(empty[:5])}): they "
+               f"stay candidates, and mean per-class recall averages over the other {len(names) - len(empty)}")
+
+
+def run_zeroshot(model, transform, tokenizer, path, args, counts):
+    items, labels, names, found = read_classes(path, args, counts)
+    templates, template_name = pick_templates(args.templates, found)
+    classifier = class_embeddings(model, tokenizer, names, templates, args)
+    emb, kept = encode_images(model, transform, items, args, path, counts)
+    labels = labels[kept]
+    warn_empty_classes(names, labels, path, counts)
+    metrics, ties = classification_metrics(hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5)), labels, len(names))
+    return metrics, {"n": {"images": len(kept), "classes": len(names)}, "templates": template_name,
+                     "n_templates": len(templates), "ties": ties}
+
+
+def run_retrieval(model, transform, tokenizer, path, args, counts):
+    pairs = read_retrieval(path, args, counts)
+    image_emb, kept = encode_images(model, transform, [p for p, _ in pairs], args, path, counts)
+    pairs = [pairs[i] for i in kept.tolist()]
+    texts = [c for _, captions in pairs for c in captions]
+    text_image = torch.tensor([i for i, (_, captions) in enumerate(pairs) for _ in captions], dtype=torch.long)
+    metrics, ties = retrieval_metrics(image_emb, encode_texts(model, tokenizer, texts, args, "captions"), text_image)
+    return metrics, {"n": {"images": len(pairs), "captions": len(texts)}, "ties": ties}
+
+
+def run_linear_probe(model, transform, tokenizer, path, args, counts):
+    items, labels, names, _ = read_classes(path, args, counts)
+    x, kept = encode_images(model, transform, items, args, path, counts)
+    y = labels[kept]
+    if args.probe_test:
+        items, labels, test_names, _ = read_classes(args.probe_test, args, counts)
+        if test_names != names:
+            raise SystemExit(f"{args.probe_test}: its classes differ from those of {path}")
+        test_x, kept = encode_images(model, transform, items, args, args.probe_test, counts)
+        test_y = labels[kept]
+    else:  # one labelled set: a stratified half is the test set
+        train, test = stratified_split(y, 0.5, args.seed)
+        x, y, test_x, test_y = x[train], y[train], x[test], y[test]
+    warn_empty_classes(names, test_y, f"{path} (probe test)", counts)
+    metrics, extra = linear_probe(x, y, test_x, test_y, len(names), args.probe_k_shot, args.seed, args.device)
+    return metrics, {**extra, "n": {**extra["n"], "classes": len(names)}}
+
+
+def load_model(args):
+    """open_clip model, eval transform, tokenizer, and what identifies the weights."""
+    import open_clip
+    ckpt = args.pretrained if os.path.isfile(args.pretrained) else None
+    config = args.model_config or (os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json") if ckpt else None)
+    if config and os.path.isfile(config):
+        if os.path.splitext(os.path.basename(config))[0] != args.model:
+            raise SystemExit(f"{config}: open_clip names a config by its file stem, which must be --model {args.model}")
+        open_clip.add_model_config(config)
+    elif args.model_config:
+        raise SystemExit(f"--model-config {config}: no such file")
+    if args.model not in open_clip.list_models() and not args.model.startswith("hf-hub:"):
+        raise SystemExit(f"--model {args.model}: not an open_clip model, and no {config or '<NAME>.json'} config "
+                         f"(05_train.py writes it beside its checkpoints; or pass --model-config)")
+    meta = {}
+    if ckpt and not ckpt.endswith((".safetensors", ".npz", ".npy")):  # open_clip reads those without pickle
+        try:
+            meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise SystemExit(f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
+                             f"checkpoint must hold only tensors and plain Python values (store args as a dict)")
+    if args.pretrained == "none":
+        print0("WARNING --pretrained none: random weights (a chance-level row)")
+    model, _, transform = open_clip.create_model_and_transforms(args.model, device=args.device,
+                                                                pretrained=None if args.pretrained == "none" else args.pretrained)
+    weights = {"model": args.model, **{k: meta.get(k) for k in ("epoch", "step") if isinstance(meta, dict)}}
+    return model.eval(), transform, open_clip.get_tokenizer(args.model), weights
+
+
+def weights_id(pretrained):
+    """What a row was measured on: the path or tag and, for a file, its size and mtime (a retrained checkpoint differs)."""
+    stat = os.stat(pretrained) if os.path.isfile(pretrained) else None
+    return {"pretrained": pretrained, **({"checkpoint_bytes": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)} if stat else {})}
+
+
+def read_results(path):
+    """The newest record per (name, task, dataset), in the order the keys first appear."""
+    latest = {}
+    for r in iter_jsonl(path, Counter()) if os.path.exists(path) else []:
+        latest[(r.get("name"), r.get("task"), r.get("dataset"))] = r
+    return latest
+
+
+def append_result(path, record):
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # several jobs append to one results file
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def markdown_table(records):
+    """A row per name, a column per (dataset, metric), tasks in TABLE's order; percentages, – where not measured."""
+    columns = sorted(dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0]))
+    header = ["model"] + [f"{d} {label}" for t, d in columns for _, label in TABLE[t]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in dict.fromkeys(n for n, _, _ in records):
+        cells = [records.get((name, t, d), {}).get("metrics", {}).get(k) for t, d in columns for k, _ in TABLE[t]]
+        lines.append("| " + " | ".join([str(name)] + ["–" if v is None else f"{100 * v:.1f}" for v in cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)")
+    p.add_argument("--pretrained", required=True, help="checkpoint (05_train.py's latest.pt, epoch_N.pt), open_clip tag, or none (random)")
+    p.add_argument("--model-config", default=None, help="model config JSON (default: <dir of the checkpoint>/<model>.json, if there)")
+    p.add_argument("--name", default=None, help="row label (default: the checkpoint's folder, +/epoch_N if not latest.pt; else model/tag)")
+    p.add_argument("--zeroshot", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]class folders or wds tars")
+    p.add_argument("--classnames", default=None, help="class names file, or imagenet (open_clip's 1000); default: the data's classnames.txt")
+    p.add_argument("--templates", default="auto", help="openai (80), laclip (7), a file with {c}; auto: the data's templates.txt, else openai")
+    p.add_argument("--retrieval", nargs="*", default=["toy/eval/retrieval"], help="[LABEL=]JSONL, JSON, folder or wds tars")
+    p.add_argument("--image-root", default=None, help="retrieval image paths are relative to this (default: the annotation file's folder)")
+    p.add_argument("--split", default="test", help="Karpathy JSON split; the wds sub-folder read when a folder holds no .tar")
+    p.add_argument("--linear-probe", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]labelled train set, as for --zeroshot")
+    p.add_argument("--probe-test", default=None, help="labelled test set of the probe (default: a stratified half of the train set)")
+    p.add_argument("--probe-k-shot", type=int, default=0, help="train the probe on k images per class (0 = all)")
+    p.add_argument("--results", default="toy/eval/results.jsonl", help="results JSONL, appended to; the table goes to <results>.md")
+    p.add_argument("--overwrite", action="store_true", help="measure (name, task, dataset) rows already in --results again")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (texts: 5x)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes decoding images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--precision", choices=["auto", "fp32", "amp", "amp_bf16"], default="auto",
+                   help="auto: amp (fp16 autocast, as CLIP_benchmark) on GPU, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe's splits and k-shot picks")
+    args = p.parse_args(argv)
+    args.precision = ("amp" if args.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+    if args.name is None and os.path.isfile(args.pretrained):  # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
+        run = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained)))
+        stem = os.path.splitext(os.path.basename(args.pretrained))[0]
+        args.name = run if stem == "latest" else f"{run}/{stem}"
+    args.name = args.name or f"{args.model}/{args.pretrained}"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = [(task, *label_and_path(spec)) for task, specs in (("zeroshot", args.zeroshot), ("retrieval", args.retrieval),
+                                                               ("linear_probe", args.linear_probe)) for spec in specs]
+    shot = f" {args.probe_k_shot}-shot" if args.probe_k_shot else ""  # a k-shot probe is its own column
+    tasks = [(task, label + shot if task == "linear_probe" else label, path) for task, label, path in tasks]
+    have, ident = read_results(args.results), weights_id(args.pretrained)
+    old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
+    todo = [t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())]
+    for t in tasks:
+        if t not in todo:
+            print0(f"{args.name} {t[0]} {t[1]}: already in {args.results}, skipped (--overwrite measures again)")
+        elif old[t] and not args.overwrite:
+            print0(f"{args.name} {t[0]} {t[1]}: its row was measured on other weights ({old[t].get('pretrained')}, or that "
+                   f"file changed since): measuring again")
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    new = []
+    if todo:
+        model, transform, tokenizer, weights = load_model(args)
+        with open(os.path.abspath(__file__), "rb") as f:
+            script_sha = hashlib.sha256(f.read()).hexdigest()
+        run = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
+        for task, label, path in todo:
+            start, counts = time.time(), Counter()
+            metrics, extra = run[task](model, transform, tokenizer, path, args, counts)
+            record = {"name": args.name, "task": task, "dataset": label, "metrics": metrics, **extra,
+                      "counts": {k: v for k, v in counts.items() if v}, "path": os.path.abspath(path), **weights, **ident,
+                      "precision": args.precision, "device": args.device, "seconds": round(time.time() - start, 2),
+                      "script_sha256": script_sha, "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            append_result(args.results, record)
+            new.append(record)
+            shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+            print0(f"{args.name} {task} {label}: {shown} ({record['n']}, {record['seconds']:.1f}s)"
+                   + (f" skipped: {record['counts']}" if record["counts"] else ""))
+    table = markdown_table(read_results(args.results))
+    atomic_write(os.path.splitext(args.results)[0] + ".md", table)
+    print0("\n" + table)
+    return new
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""06_eval: metric conventions on hand-built embeddings, the linear probe, toy checkpoints end to end, bad inputs."""
+import argparse
+import io
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import REPO, stage
+
+ev = stage("06_eval")
+
+
+def hits_for(scores, targets, ks=(1, 5)):
+    """hits_at on a ready score matrix: identity candidates make queries @ candidates.T the scores themselves."""
+    scores, targets = torch.tensor(scores, dtype=torch.float32), torch.tensor(targets)
+    return ev.hits_at(scores, torch.eye(scores.shape[1]), targets, torch.arange(scores.shape[1]), ks), targets
+
+
+def test_classification_known_answers_ties_and_fewer_than_5_classes():
+    hits, y = hits_for([[0.9, 0.1, 0.0],   # class 0: hit
+                        [0.2, 0.8, 0.1],   # class 0: class 1 wins
+                        [0.5, 0.5, 0.0],   # class 0: tied with class 1 -> half a hit
+                        [0.1, 0.7, 0.7],   # class 1: tied with class 2 -> half a hit
+                        [0.0, 0.1, 0.3]],  # class 2: hit
+                       [0, 0, 0, 1, 2])
+    assert hits[:, 0].tolist() == [1, 0, 0.5, 0.5, 1]
+    m, ties = ev.classification_metrics(hits, y, 3)
+    assert set(m) == {"acc1", "mean_per_class_recall"}  # no top-5 with 3 classes
+    assert m["acc1"] == pytest.approx(3 / 5) and ties == {"acc1": pytest.approx(2 / 5)}
+    assert m["mean_per_class_recall"] == pytest.approx((1.5 / 3 + 0.5 + 1) / 3)  # balanced, not the plain accuracy
+
+
+def test_top5_and_a_collapsed_model_scores_chance():
+    hits, y = hits_for([[0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # class 5 is 6th: no top-5 hit
+                        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # class 4 is 5th: a top-5 hit
+                        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]],  # class 0: top-1
+                       [5, 4, 0])
+    m, ties = ev.classification_metrics(hits, y, 6)
+    assert (m["acc1"], m["acc5"], ties) == (pytest.approx(1 / 3), pytest.approx(2 / 3), {})
+    hits, y = hits_for([[0.3] * 6] * 6, list(range(6)))  # every class ties: chance, whatever the index order
+    m, _ = ev.classification_metrics(hits, y, 6)
+    assert (m["acc1"], m["acc5"], m["mean_per_class_recall"]) == (pytest.approx(1 / 6), pytest.approx(5 / 6), pytest.approx(1 / 6))
+
+
+def test_retrieval_known_answer_several_captions_per_image():
+    # scores[i, j] = image i . caption j; captions 0,1 -> image 0, 2 -> image 1, 3,4,5 -> image 2
+    scores = torch.tensor([[0.9, 0.1, 0.95, 0.0, 0.0, 0.0],
+                           [0.2, 0.1, 0.5, 0.6, 0.1, 0.1],   # caption 1 ties image 0 and image 1
+                           [0.7, 0.0, 0.0, 0.1, 0.7, 0.7]])  # image 2: its captions 4, 5 tie caption 0 (another image's)
+    text_image = torch.tensor([0, 0, 1, 2, 2, 2])
+    m, ties = ev.retrieval_metrics(torch.eye(3), scores.T.contiguous(), text_image)
+    # image->text: image 0's best caption (0.9) is beaten by caption 2, image 1's by caption 3; image 2: two positives and
+    # one negative share first place, and a random order puts a positive first with chance 1 - 1/3
+    assert m["text_retrieval_recall@1"] == pytest.approx((0 + 0 + 2 / 3) / 3)
+    # text->image, every caption its own query: captions 0, 4, 5 hit, 1 ties (half), 2 and 3 miss
+    assert m["image_retrieval_recall@1"] == pytest.approx(3.5 / 6)
+    assert m["text_retrieval_recall@5"] == m["image_retrieval_recall@5"] == m["image_retrieval_recall@10"] == 1.0
+    assert ties == {"image_retrieval_recall@1": pytest.approx(1 / 6), "text_retrieval_recall@1": pytest.approx(1 / 3)}
+
+
+def test_ties_get_the_average_over_every_tie_order():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 3, (4, 6), generator=g).float()  # 4 queries x 6 candidates, ties everywhere
+    labels = torch.tensor([0, 1, 2, 3])
+    candidate_labels = torch.tensor([0, 0, 1, 2, 3, 3])  # queries 0 and 3 have two positives
+    got = ev.hits_at(scores, torch.eye(6), labels, candidate_labels, (1, 2, 3))
+    orders = list(itertools.permutations(range(6)))
+    for q in range(4):
+        for j, k in enumerate((1, 2, 3)):
+            top = [sorted(range(6), key=lambda c: (-scores[q, c].item(), order[c]))[:k] for order in orders]
+            assert got[q, j].item() == pytest.approx(sum(any(candidate_labels[c] == q for c in t) for t in top) / len(orders))
+
+
+def clip_benchmark_recall(scores, positive, k):
+    """CLIP_benchmark's recall_at_k (topk, a hit when any positive is in it), reference for tie-free scores."""
+    topk = scores.topk(k, dim=1).indices
+    return (positive.gather(1, topk).any(1)).float().mean().item()
+
+
+def test_retrieval_equals_clip_benchmark_and_chunking_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    per_image = torch.randint(1, 8, (40,), generator=g)
+    text_image = torch.repeat_interleave(torch.arange(40), per_image)
+    images = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    texts = F.normalize(images[text_image] + 0.9 * torch.randn(len(text_image), 16, generator=g), dim=-1)
+    m, ties = ev.retrieval_metrics(images, texts, text_image)
+    scores = texts @ images.T
+    positive = F.one_hot(text_image, 40).bool()
+    for k in (1, 5, 10):  # no ties in random floats: exactly CLIP_benchmark's numbers
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(clip_benchmark_recall(scores, positive, k))
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(clip_benchmark_recall(scores.T, positive.T, k))
+    assert 0 < m["image_retrieval_recall@1"] < m["image_retrieval_recall@10"] < 1 and ties == {}
+    ids = torch.arange(40)
+    for q, c, ql, cl in ((images, texts, ids, text_image), (texts, images, text_image, ids)):
+        assert torch.equal(ev.hits_at(q, c, ql, cl, (1, 5), max_elements=37), ev.hits_at(q, c, ql, cl, (1, 5)))
+
+
+def test_retrieval_5k_images_25k_captions_stays_small():
+    code = """
+import importlib, resource, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+ev = importlib.import_module("06_eval")
+torch.manual_seed(0)
+images = torch.nn.functional.normalize(torch.randn(5000, 32), dim=-1)
+text_image = torch.arange(25000) // 5
+texts = torch.nn.functional.normalize(images[text_image] + torch.randn(25000, 32), dim=-1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m, _ = ev.retrieval_metrics(images, texts, text_image)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, m["image_retrieval_recall@1"])
+"""
+    # glibc keeps freed blocks by default (RSS would show its cache); a fixed mmap threshold makes RSS track live tensors
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=300, env=env)
+    grown_mb, r1 = out.stdout.split()
+    assert int(grown_mb) < 150, f"peak memory grew {grown_mb} MB; the full 5k x 25k score matrix alone is 500 MB"
+    assert 0 < float(r1) < 1
+
+
+class Texts(list):
+    def to(self, device):
+        return self
+
+
+class PromptModel:
+    """encode_text returns a fixed vector per prompt, with different norms, so only the convention decides the answer."""
+    vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 0.5], "a dog": [-3.0, 0.0], "the dog": [0.0, -0.5]}
+
+    def __init__(self):
+        self.seen = []
+
+    def encode_text(self, texts):
+        self.seen += texts
+        return torch.tensor([self.vectors[t] for t in texts])
+
+
+def test_class_embedding_is_normalised_mean_of_normalised_prompts():
+    args = argparse.Namespace(batch_size=3, device="cpu", precision="fp32")
+    got = ev.class_embeddings(PromptModel(), Texts, ["cat", "dog"], ["a {c}", "the {c}"], args)
+    expected = F.normalize(torch.tensor([0.5, 0.5]), dim=0)  # the raw mean [1.5, 0.25] points elsewhere
+    assert torch.allclose(got, torch.stack([expected, -expected]))
+    model = PromptModel()  # a repeated text is encoded once, so its copies tie exactly
+    emb = ev.encode_texts(model, Texts, ["a cat", "the cat", "a cat", "a dog", "a cat"], args, "texts")
+    assert sorted(model.seen) == ["a cat", "a dog", "the cat"] and torch.equal(emb[0], emb[4]) and emb.shape == (5, 2)
+
+
+def test_template_sets(tmp_path):
+    import open_clip
+    laclip, name = ev.pick_templates("laclip", None)
+    assert name == "laclip" and laclip == [t("{c}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES] and len(laclip) == 7
+    openai, _ = ev.pick_templates("openai", None)
+    assert len(openai) == 80 and all("{c}" in t for t in openai)
+    assert ev.pick_templates("auto", None)[1] == "openai"
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\nno placeholder\n")
+    with pytest.raises(SystemExit, match="needs"):
+        ev.pick_templates(str(tmp_path / "t.txt"), None)
+
+
+def clusters(n_per_class, n_classes=4, dim=8, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = torch.randn(n_classes, dim, generator=g)[y] + noise * torch.randn(len(y), dim, generator=g)
+    return F.normalize(x, dim=-1), y
+
+
+def test_logistic_regression_reaches_the_regularised_optimum():
+    x, y = clusters(20, noise=1.0)
+    xb, lam = ev.with_bias(x), 1e-2
+    w = ev.fit_logistic(xb, y, 4, lam)
+    assert torch.allclose(w, ev.fit_logistic(xb, y, 4, lam, init=ev.fit_logistic(xb, y, 4, 1.0)), atol=1e-4)  # warm start: same answer
+    grad = xb.T @ (torch.softmax(xb @ w, 1) - F.one_hot(y, 4).double()) / len(x)
+    grad[:-1] += lam * w[:-1]  # the bias row is not penalised
+    assert grad.abs().max() < 1e-5  # a stationary point of the convex objective is its optimum
+
+
+def test_linear_probe_split_lambda_and_k_shot():
+    x, y = clusters(30)
+    test_x, test_y = clusters(10, seed=0)
+    m, extra = ev.linear_probe(x, y, test_x, test_y, 4)
+    assert m["lp_acc1"] == 1.0 and extra["n"] == {"train": 120, "val": 24, "test": 40}
+    assert extra["lambda"] in [10.0 ** (e / 2) for e in range(4, -13, -1)] and extra["val_acc1"] == 1.0
+    m, extra = ev.linear_probe(x, y, test_x, test_y, 4, k_shot=2)
+    assert extra["n"]["train"] == 8 and extra["k_shot"] == 2
+    with pytest.raises(SystemExit, match="a class has 24 training images"):
+        ev.linear_probe(x, y, test_x, test_y, 4, k_shot=25)
+    rest, part = ev.stratified_split(y, 0.2, 0)
+    assert sorted(rest.tolist() + part.tolist()) == list(range(120)) and Counter(y[part].tolist()) == {c: 6 for c in range(4)}
+
+
+# ---- end to end on the toy eval sets with toy checkpoints ----
+
+def train_toy_checkpoint(toy, out, steps, seed):
+    """What 05_train.py writes: <out>/latest.pt {epoch, step, state_dict, optimizer, args, model_name} + toy-clip.json."""
+    import open_clip
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(toy / "models/toy-clip.json", out / "toy-clip.json")
+    open_clip.add_model_config(str(out / "toy-clip.json"))
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms("toy-clip")
+    tokenizer = open_clip.get_tokenizer("toy-clip")
+    records = [json.loads(line) for line in open(toy / "eval/retrieval/captions.jsonl")]
+    images = torch.stack([preprocess(Image.open(toy / "eval/retrieval" / r["image"])) for r in records])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = random.Random(seed)
+    for step in range(steps):
+        f_i, f_t, scale = model(images, tokenizer([rng.choice(r["captions"]) for r in records]))
+        logits, labels = scale * f_i @ f_t.T, torch.arange(len(records))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"epoch": 1, "step": steps, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                "args": {"lr": 1e-3, "steps": steps}, "model_name": "toy-clip"}, out / "latest.pt")
+    return out / "latest.pt"
+
+
+@pytest.fixture(scope="module")
+def ckpts(toy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {name: train_toy_checkpoint(toy, root / name, steps, seed) for name, steps, seed in (("alt", 8, 0), ("laclip", 4, 1))}
+
+
+def evaluate(toy, ckpt, results, *extra):
+    return ev.main(["--model", "toy-clip", "--pretrained", str(ckpt), "--results", str(results), "--workers", "0",
+                    "--zeroshot", str(toy / "eval/zeroshot"), "--retrieval", str(toy / "eval/retrieval"),
+                    "--linear-probe", str(toy / "eval/zeroshot"), *extra])
+
+
+def reference_metrics(toy, ckpt):
+    """The toy benchmarks computed the plain way: one image at a time, loops, a full sort."""
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("toy-clip", pretrained=str(ckpt))
+    tokenizer = open_clip.get_tokenizer("toy-clip")
+    embed_image = lambda p: F.normalize(model.encode_image(preprocess(Image.open(p).convert("RGB"))[None]), dim=-1)[0]
+    embed_text = lambda t: F.normalize(model.encode_text(tokenizer([t])), dim=-1)[0]
+    zs = toy / "eval/zeroshot"
+    names = (zs / "classnames.txt").read_text().split()
+    templates = (zs / "templates.txt").read_text().splitlines()
+    with torch.no_grad():
+        classifier = torch.stack([F.normalize(torch.stack([embed_text(t.replace("{c}", c)) for t in templates]).mean(0), dim=0) for c in names])
+        hits, per_class = [], {c: [] for c in range(len(names))}
+        for c, name in enumerate(names):
+            for f in sorted(os.listdir(zs / name)):
+                s = classifier @ embed_image(zs / name / f)
+                hits.append((int(s.argmax()) == c, sorted(s.tolist(), reverse=True).index(s[c].item()) < 5))
+                per_class[c].append(hits[-1][0])
+        records = [json.loads(line) for line in open(toy / "eval/retrieval/captions.jsonl")]
+        images = torch.stack([embed_image(toy / "eval/retrieval" / r["image"]) for r in records])
+        texts = [(i, embed_text(c)) for i, r in enumerate(records) for c in r["captions"]]
+
+    def top1(scores, positive):  # a tie for first place: the positives' share of it
+        first = [j for j, s in enumerate(scores) if s == max(scores)]
+        return sum(positive(j) for j in first) / len(first)
+    t2i = [top1([float(image @ t) for image in images], lambda j: j == i) for i, t in texts]
+    i2t = [top1([float(images[i] @ t) for _, t in texts], lambda j: texts[j][0] == i) for i in range(len(images))]
+    return {"acc1": sum(h for h, _ in hits) / len(hits), "acc5": sum(h for _, h in hits) / len(hits),
+            "mean_per_class_recall": sum(sum(v) / len(v) for v in per_class.values()) / len(per_class),
+            "image_retrieval_recall@1": sum(t2i) / len(t2i),
+            "text_retrieval_recall@1": sum(i2t) / len(i2t)}
+
+
+def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_path):
+    results = tmp_path / "results.jsonl"
+    new = evaluate(toy, ckpts["alt"], results)
+    assert [(r["name"], r["task"], r["dataset"]) for r in new] == [("alt", "zeroshot", "zeroshot"), ("alt", "retrieval", "retrieval"),
+                                                                    ("alt", "linear_probe", "zeroshot")]
+    zs, rt, lp = new
+    ref = reference_metrics(toy, ckpts["alt"])
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert zs["metrics"][key] == pytest.approx(ref[key]), key
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
+        assert rt["metrics"][key] == pytest.approx(ref[key]), key
+    assert zs["n"] == {"images": 16, "classes": 8} and zs["templates"].endswith("templates.txt") and zs["n_templates"] == 7
+    assert rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0  # 8 images
+    assert lp["n"]["train"] + lp["n"]["test"] == 16 and 0 <= lp["metrics"]["lp_acc1"] <= 1
+    shot = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "shot.jsonl"), "--workers", "0", "--zeroshot",
+                    "--retrieval", "--linear-probe", str(toy / "eval/zeroshot"), "--probe-k-shot", "1"])
+    assert shot[0]["dataset"] == "zeroshot 1-shot" and shot[0]["n"]["train"] == 8 and shot[0]["k_shot"] == 1
+    assert zs["epoch"] == 1 and zs["step"] == 8 and zs["pretrained"] == str(ckpts["alt"]) and not zs["counts"] and not zs["ties"]
+    assert [json.loads(line) for line in open(results)] == new
+    before = results.read_bytes()
+    assert evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before  # already there: skipped
+    os.utime(ckpts["alt"], (zs["checkpoint_mtime"] + 60,) * 2)  # as if training went on: the rows are stale
+    again = evaluate(toy, ckpts["alt"], results, "--retrieval", "--linear-probe")
+    assert [r["task"] for r in again] == ["zeroshot"] and again[0]["checkpoint_mtime"] == zs["checkpoint_mtime"] + 60
+    redo = evaluate(toy, ckpts["alt"], results, "--overwrite", "--zeroshot", "--linear-probe")
+    lines = [json.loads(line) for line in open(results)]
+    assert [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo  # history kept
+    assert list(ev.read_results(str(results)).values()) == [again[0], redo[0], lp]  # the newest row per key counts
+    evaluate(toy, ckpts["laclip"], results, "--name", "LaCLIP rewrites")  # a second model, a separate invocation
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[0].startswith("| model | zeroshot top-1 | zeroshot top-5 | zeroshot mean recall | retrieval I→T R@1")
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| alt", "| LaCLIP rewrites"]
+    assert table[2].split(" | ")[1] == f"{100 * again[0]['metrics']['acc1']:.1f}"  # the newest row
+
+
+def test_checkpoint_weights_and_config_lookup(toy, ckpts, tmp_path):
+    model, _, _, weights = ev.load_model(ev.parse_args(["--pretrained", str(ckpts["alt"])]))
+    saved = torch.load(ckpts["alt"], weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert weights == {"model": "toy-clip", "epoch": 1, "step": 8}
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(ckpts["alt"], lone / "latest.pt")
+    with pytest.raises(SystemExit, match="toy-clip-lone.json"):  # a name open_clip has never seen, no config beside it
+        ev.load_model(ev.parse_args(["--model", "toy-clip-lone", "--pretrained", str(lone / "latest.pt")]))
+    shutil.copy(toy / "models/toy-clip.json", tmp_path / "toy-clip-lone.json")
+    ev.load_model(ev.parse_args(["--model", "toy-clip-lone", "--pretrained", str(lone / "latest.pt"),
+                                 "--model-config", str(tmp_path / "toy-clip-lone.json")]))
+    ckpt = torch.load(ckpts["alt"], weights_only=True)
+    ckpt["args"] = argparse.Namespace(lr=1e-3)  # a pickled object: weights_only refuses it
+    torch.save(ckpt, lone / "namespace.pt")
+    with pytest.raises(SystemExit, match="weights_only"):
+        ev.load_model(ev.parse_args(["--pretrained", str(lone / "namespace.pt"), "--model-config", str(toy / "models/toy-clip.json")]))
+
+
+def write_wds(folder, samples, meta):
+    """CLIP_benchmark's local wds layout: <folder>/test/0.tar + nshards.txt, metadata files at <folder>."""
+    os.makedirs(folder / "test")
+    with tarfile.open(folder / "test/0.tar", "w") as tar:
+        for i, members in enumerate(samples):
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"s{i:07d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "test/nshards.txt").write_text("1\n")
+    for name, text in meta.items():
+        (folder / name).write_text(text)
+
+
+def test_clip_benchmark_wds_layout_reads_the_same(toy, ckpts, tmp_path):
+    zs, rt = toy / "eval/zeroshot", toy / "eval/retrieval"
+    names = (zs / "classnames.txt").read_text().split()
+    write_wds(tmp_path / "wzs", [{"jpg": (zs / n / f).read_bytes(), "cls": str(c).encode()} for c, n in enumerate(names)
+                                 for f in sorted(os.listdir(zs / n))],
+              {"classnames.txt": (zs / "classnames.txt").read_text(), "zeroshot_classification_templates.txt": (zs / "templates.txt").read_text()})
+    write_wds(tmp_path / "wrt", [{"jpg": (rt / r["image"]).read_bytes(), "txt": "\n".join(r["captions"]).encode()}
+                                 for r in map(json.loads, open(rt / "captions.jsonl"))], {"dataset_type.txt": "retrieval\n"})
+    plain = evaluate(toy, ckpts["alt"], tmp_path / "a.jsonl", "--linear-probe")
+    wds = evaluate(toy, ckpts["alt"], tmp_path / "b.jsonl", "--linear-probe", "--zeroshot", str(tmp_path / "wzs"),
+                   "--retrieval", str(tmp_path / "wrt"))
+    assert [r["metrics"] for r in wds] == [r["metrics"] for r in plain] and [r["n"] for r in wds] == [r["n"] for r in plain]
+
+
+def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
+    good = sorted((toy / "eval/retrieval/images").iterdir())
+    data = tmp_path / "zs"
+    for name, files in {"circle": good[:2], "square": good[2:4], "ring": []}.items():  # ring: an empty class folder
+        (data / name).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, data / name)
+    (data / "circle/broken.jpg").write_bytes(b"not a jpeg at all")
+    (data / "circle/cut.jpg").write_bytes(good[0].read_bytes()[:300])  # truncated
+    (data / "circle/notes.txt").write_text("not an image")
+    (data / "classnames.txt").write_text("circle\nsquare\nring\nstar\n")  # star: in classnames.txt, no folder
+    (data / "templates.txt").write_text("a {c}.\n")
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    (rt / "broken.jpg").write_bytes(b"\x89PNG garbage")
+    lines = [{"image": os.path.relpath(f, rt), "captions": ["a shape", "another shape"]} for f in good[:3]]
+    lines += [{"image": "gone.jpg", "captions": ["lost"]}, {"image": "broken.jpg", "captions": ["bad"]},
+              {"image": os.path.relpath(good[4], rt), "captions": []}]
+    (rt / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    zs, rr = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--workers", "0",
+                      "--zeroshot", str(data), "--retrieval", str(rt / "captions.jsonl"), "--linear-probe"])
+    out = capsys.readouterr().out
+    assert zs["counts"] == {"unreadable_image": 2, "not_an_image_file": 1, "classes_without_images": 2}
+    assert zs["n"] == {"images": 4, "classes": 4} and "acc5" not in zs["metrics"]
+    assert "2 of 4 classes have no readable images (ring, star)" in out and "2 unreadable images skipped" in out
+    assert rr["counts"] == {"missing_image_file": 1, "unreadable_image": 1, "image_without_captions": 1}
+    assert rr["n"] == {"images": 3, "captions": 6} and "gone.jpg" in out
+    (rt / "none.jsonl").write_text(json.dumps({"image": "gone.jpg", "captions": ["x"]}) + "\n")
+    with pytest.raises(SystemExit, match="--image-root"):
+        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--linear-probe",
+                 "--retrieval", str(rt / "none.jsonl")])
+    (data / "classnames.txt").write_text("a\nb\n")  # 3 folders, 2 names, and the folders are not the names
+    with pytest.raises(SystemExit, match="3 class folders but 2 class names"):
+        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r2.jsonl"), "--zeroshot", str(data),
+                 "--retrieval", "--linear-probe"])
