@@ -357,7 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=64, help="tokens per caption")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on attention projections (0 = full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator")
-    p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA")
+    p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA (at most a quarter)")
     p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
     p.add_argument("--save-every", type=int, default=50, help="steps between latest.pt saves")
@@ -377,7 +377,8 @@ def main(argv=None):
     groups = load_caption_groups(args.texts, counts)
     keys = sorted(groups)
     random.Random(args.seed).shuffle(keys)
-    held, train = keys[:args.holdout], keys[args.holdout:]
+    n_held = min(args.holdout, len(keys) // 4)  # small data keeps three quarters for training
+    held, train = keys[:n_held], keys[n_held:]
     if len(train) < 2 or not held:
         raise SystemExit(f"need held-out and training samples with >= 2 captions; found {len(keys)} in {args.texts}")
     held_pairs = [tuple(groups[k][:2]) for k in held]

@@ -41,3 +41,10 @@ def test_toy_run_sheet_end_to_end(tmp_path):
             keys = [json.loads(line)["key"] for line in open(toy / out / f"{shard}.jsonl")]
             assert len(keys) == len(set(keys)) == 16
             assert json.load(open(toy / out / f"{shard}.stats.json"))["in"] == 16
+    for run in ("alt", "laclip", "laclip_mt"):
+        assert (toy / "train" / run / "latest.pt").exists() and (toy / "train" / run / "toy-clip.json").exists()
+    table = open(toy / "eval/results.md").read()
+    assert all(name in table for name in ("AltText", "LaCLIP", "LaCLIP-MT"))
+    if (toy / "models/minilm").exists():
+        assert json.load(open(toy / "cc_minilm/model/llm2clip_text.json"))["pooling"] == "mean"
+        assert json.load(open(toy / "text_emb/00000.stats.json"))["in"] == 16
