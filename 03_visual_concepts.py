@@ -1,0 +1,493 @@
+"""VeCLIP visual-enriched captions: a VLM (LLaVA-1.5 style) writes one short caption, the VeC, per image.
+
+The question (VeCLIP's "Describe the image concisely, less than 20 words." unless --prompt) goes through the
+model's own chat template, so llava-hf/llava-1.5-7b-hf, -13b-hf and newer LLaVA-style checkpoints work by name;
+decoding is greedy unless --temperature > 0. Images are decoded with Pillow from JPEG/PNG/WebP/GIF/BMP/TIFF
+bytes only (never formats Pillow hands to Ghostscript), turned upright by their EXIF tag, put on white where
+transparent and shrunk to --max-image-side (big JPEGs decode at reduced scale, so a 50-megapixel photo is cheap).
+A key whose image is missing, unreadable or rejected by the model's processor gets a record with "vec": null and
+its status: bad samples are counted, never dropped, never a crash. The next chunk decodes while one generates.
+
+Reads:  --input   webdataset tars: <key>.jpg|jpeg|png|webp (the first of these per key; other members ignored)
+Writes: <out-dir>/<shard>.jsonl   {"key", "vec": "..." | null, "status"}, one per key, in shard order
+                                  status: ok | empty (the model answered nothing) | missing_image (no image member)
+                                          | failed_image, with "error": image_empty | image_corrupt (undecodable or
+                                            truncated) | image_too_large (over ~179 megapixels) | model_error
+        <out-dir>/<shard>.stats.json  written last: the done-marker (counts by status and reason, seconds, images/s, model, prompt)
+        <out-dir>/_config.json        arguments, script sha256, model, question, sampling
+
+Toy run (CPU, transformers, after 00):  python 03_visual_concepts.py
+One GPU, vLLM:      python 03_visual_concepts.py --engine vllm --model llava-hf/llava-1.5-7b-hf \
+                        --input cc3m/shards --out-dir cc3m/vec
+8 GPUs (one engine per GPU, each on its own shards):
+                    torchrun --nproc-per-node 8 03_visual_concepts.py --engine vllm ...
+SLURM, 64 nodes x 8 GPUs:
+                    sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 03_visual_concepts.py --engine vllm ..."
+LLaVA-1.5-13B on 2 GPUs per engine: torchrun --nproc-per-node 4 03_visual_concepts.py --tensor-parallel-size 2 \
+                        --model llava-hf/llava-1.5-13b-hf ...
+Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+On the toy data every key of every shard gets one record (the tiny random LLaVA's VeCs are gibberish).
+"""
+import argparse
+import glob
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+import warnings
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageOps
+
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # above ~179 megapixels it is an error, counted
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+VECLIP_QUESTION = "Describe the image concisely, less than 20 words."
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SAFE_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # web bytes never reach Pillow's EPS (Ghostscript) & co
+
+
+def own_gpus(tp):
+    """vLLM under torchrun hangs on the launcher's process group: give each process its own GPUs and hide
+    the torchrun variables, so every rank runs an independent engine on its own shards."""
+    _, world, local_rank = dist_env()
+    if world > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(64)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            os.environ.pop(name, None)
+
+
+def vlm_prompt(processor, question):
+    """One user turn with an image and the question, in the model's chat template (LLaVA-1.5's format when it
+    has none). A BOS written by the template is dropped: vLLM and the processor add the tokenizer's own."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if getattr(processor, "chat_template", None):
+        prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    else:
+        prompt = f"USER: <image>\n{question}\nASSISTANT:"
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.bos_token and prompt.startswith(tok.bos_token) and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
+        prompt = prompt[len(tok.bos_token):]
+    return prompt
+
+
+class VisionEngine:
+    """`generate(images, seeds)` -> one answer per PIL image to the same prompt. vLLM on GPUs (all images of a
+    chunk in one call, a seed per request); transformers elsewhere (left-padded batches through the processor)."""
+
+    def __init__(self, kind, model, question, temperature=0.0, top_p=1.0, max_new_tokens=48, batch_size=32,
+                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
+                 enforce_eager=False, trust_remote_code=False):
+        from transformers import AutoProcessor
+        self.kind, self.model_id, self.batch_size = kind, model, batch_size
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.prompt = vlm_prompt(self.processor, question)
+        if kind == "vllm":
+            own_gpus(tensor_parallel_size)
+            import torch
+            from vllm import LLM
+            cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,
+                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                           trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1}, **cpu)
+        elif kind == "hf":
+            import torch
+            from transformers import AutoModelForImageTextToText  # LlavaForConditionalGeneration for LLaVA checkpoints
+            gpus = torch.cuda.device_count()
+            self.device = f"cuda:{dist_env()[2] % gpus}" if gpus else "cpu"
+            self.dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype, trust_remote_code=trust_remote_code)
+            self.model.to(self.device).eval()
+            tok = self.processor.tokenizer
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        else:
+            raise ValueError(f"unknown engine {kind!r}")
+
+    def generate(self, images, seeds):
+        if not images:
+            return []
+        greedy = self.temperature <= 0
+        if self.kind == "vllm":
+            from vllm import SamplingParams
+            params = [SamplingParams(temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
+                                     max_tokens=self.max_new_tokens, seed=s) for s in seeds]
+            requests = [{"prompt": self.prompt, "multi_modal_data": {"image": im}} for im in images]
+            return [out.outputs[0].text for out in self.llm.generate(requests, params, use_tqdm=False)]
+        import torch
+        texts, tok = [], self.processor.tokenizer
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            torch.manual_seed(hash(tuple(seeds[start:start + self.batch_size])) % (2 ** 63))  # one stream per batch
+            enc = self.processor(images=batch, text=[self.prompt] * len(batch), return_tensors="pt", padding=True)
+            enc = enc.to(self.device, dtype=self.dtype)  # the dtype applies to pixel values only
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
+            texts += self.processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts
+
+
+def load_image(raw, max_side):
+    """(RGB image with sides <= max_side, None) or (None, reason). Runs in decode threads: touches no shared state."""
+    if not raw:
+        return None, "image_empty"
+    try:
+        img = Image.open(io.BytesIO(raw), formats=SAFE_FORMATS)
+        w, h = img.size
+        if max(w, h) > max_side:  # JPEG: decode at 1/2, 1/4 or 1/8 scale instead of full size
+            img.draft("RGB", (max(1, w * max_side // max(w, h)), max(1, h * max_side // max(w, h))))
+        img = ImageOps.exif_transpose(img)
+        img.thumbnail((max_side, max_side))
+        if img.mode.startswith("I;16"):  # 16-bit greys would clip to white
+            img = img.convert("I").point(lambda v: v / 256).convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or img.info.get("transparency") is not None:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        return img.convert("RGB"), None
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
+    except Exception:  # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
+        return None, "image_corrupt"
+
+
+def read_images(path, counts):
+    """(key, image bytes, or None when the key has no image member) in shard order; a repeated key keeps its first copy."""
+    seen = set()
+    for key, members in iter_tar(path, set(IMAGE_EXTS), counts):
+        if key in seen:
+            counts["duplicate_key"] += 1
+            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
+            continue
+        seen.add(key)
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        yield key, None if ext is None else members[ext]
+
+
+def sample_seed(*parts):
+    """A 63-bit seed derived from (seed, shard, key): the same caption whatever the split."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def clean_vec(text):
+    return " ".join(text.replace("\x00", " ").split()).strip("\"'` ")
+
+
+def generate_isolating(engine, images, seeds, errors):
+    """engine.generate, except that an image the model or its processor rejects fails alone: a failed call is
+    split in halves until the culprit stands alone (a few extra calls, only when something failed)."""
+    if not images:
+        return []
+    try:
+        return engine.generate(images, seeds)
+    except Exception as e:  # what a bad image raises depends on the model's processor; systematic errors re-raise below
+        if len(images) == 1:
+            errors.append(e)
+            return [None]
+        mid = len(images) // 2
+        return generate_isolating(engine, images[:mid], seeds[:mid], errors) + generate_isolating(engine, images[mid:], seeds[mid:], errors)
+
+
+def caption_chunk(engine, items, args, shard):
+    """items: [(key, future of load_image or None)] -> one record per key, in order."""
+    records, keys, images, seeds = {}, [], [], []
+    for key, future in items:
+        img, why = future.result() if future is not None else (None, "missing_image")
+        if future is None:
+            records[key] = {"key": key, "vec": None, "status": "missing_image"}
+        elif img is None:
+            records[key] = {"key": key, "vec": None, "status": "failed_image", "error": why}
+        else:
+            keys.append(key)
+            images.append(img)
+            seeds.append(sample_seed(args.seed, shard, key))
+    errors = []
+    texts = generate_isolating(engine, images, seeds, errors)
+    if len(images) > 1 and len(errors) == len(images):
+        raise RuntimeError(f"{shard}: the model failed on every image of a chunk, which is no bad-sample problem") from errors[-1]
+    for key, text in zip(keys, texts):
+        if text is None:
+            print(f"WARNING {shard}: the model failed on image {key}: {type(errors[0]).__name__}: {errors[0]}"[:300])
+            errors.pop(0)
+            records[key] = {"key": key, "vec": None, "status": "failed_image", "error": "model_error"}
+        else:
+            vec = clean_vec(text)
+            records[key] = {"key": key, "vec": vec or None, "status": "ok" if vec else "empty"}
+    return [records[key] for key, _ in items]
+
+
+def process_shard(path, engine, pool, args, tag):
+    name, start, counts = shard_name(path), time.time(), Counter()
+    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
+    done = read_partial(partial_path, tag)
+    if done:
+        print(f"{name}: resuming, {len(done)} images already captioned")
+    order, resumed = [], len(done)
+
+    def chunks():
+        chunk = []
+        for key, raw in read_images(path, counts):
+            order.append(key)
+            if key not in done:
+                chunk.append((key, raw))
+            if len(chunk) == args.chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def decode(chunk):
+        return [(key, None if raw is None else pool.submit(load_image, raw, args.max_image_side)) for key, raw in chunk]
+
+    todo = chunks()
+    ahead = decode(next(todo, []))
+    while ahead:
+        current, ahead = ahead, decode(next(todo, []))  # the next chunk decodes in threads while this one generates
+        records = caption_chunk(engine, current, args, name)
+        append_partial(partial_path, tag, records)
+        done.update((r["key"], r) for r in records)
+    records = [done[k] for k in order]
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    status, seconds = Counter(r["status"] for r in records), time.time() - start
+    counts.update(r["error"] for r in records if "error" in r)  # from the records, so a resumed shard counts them all
+    stats = {"shard": name, "input": os.path.abspath(path), "in": len(records), "ok": status["ok"], "empty": status["empty"],
+             "failed": status["failed_image"] + status["missing_image"], "failed_image": status["failed_image"],
+             "missing_image": status["missing_image"], "counts": dict(counts), "seconds": round(seconds, 2),
+             "images_per_s": round((len(records) - resumed) / max(seconds, 1e-9), 2), "engine": args.engine,
+             "model": args.model, "prompt": engine.prompt, "prompt_hash": tag}
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(f"{name}: {stats['ok']}/{stats['in']} ok, {stats['empty']} empty, {stats['failed']} failed, {stats['seconds']:.1f}s "
+          f"({stats['images_per_s']:.1f} img/s)" + (f" ({extra})" if extra else ""), flush=True)
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards, folders or globs")
+    p.add_argument("--out-dir", default="toy/vec", help="folder for <shard>.jsonl and <shard>.stats.json")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere")
+    p.add_argument("--model", default="toy/models/tiny-llava", help="LLaVA-style VLM (hub id or local folder)")
+    p.add_argument("--prompt", default=VECLIP_QUESTION, help="the question asked about every image")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (when --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per caption")
+    p.add_argument("--max-image-side", type=int, default=1024, help="larger images are shrunk to this before the processor")
+    p.add_argument("--seed", type=int, default=0, help="base of every per-image seed (when sampling)")
+    p.add_argument("--chunk-size", type=int, default=512, help="images per generate call; progress is saved after each")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (hf engine)")
+    p.add_argument("--decode-workers", type=int, default=4, help="threads that decode the next chunk's images")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    inputs = list_inputs(args.input, (".tar",))
+    if not inputs:
+        raise SystemExit(f"no .tar shards in {args.input}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine = my_shards(inputs, worker, total)
+    todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
+    print0(f"03_visual_concepts: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+    provenance = {"engine": args.engine, "model": args.model, "question": args.prompt, "sampling": sampling,
+                  "max_image_side": args.max_image_side}
+    tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
+    config_path = os.path.join(args.out_dir, "_config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
+    if worker == 0:
+        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
+    if not todo:
+        return []
+    engine = VisionEngine(args.engine, args.model, args.prompt, args.temperature, args.top_p, args.max_new_tokens,
+                          args.batch_size, args.tensor_parallel_size, args.dtype, args.max_model_len,
+                          args.gpu_memory_utilization, args.enforce_eager, args.trust_remote_code)
+    with ThreadPoolExecutor(max(1, args.decode_workers)) as pool:
+        return [process_shard(p, engine, pool, args, tag) for p in todo]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,567 @@
+"""VeCLIP fusion: an LLM merges each sample's AltText with its VeC from 03 into one caption, the LLM-VeC.
+
+The prompt (FUSION_PROMPT, written for this project and recorded in _config.json) asks, through the model's chat
+template, for one caption that keeps the AltText's specific knowledge (names, places, brands, products, numbers),
+adds the VeC's visual details, invents neither, and stays within --max-words. When instruction + AltText + VeC
+exceed --max-prompt-tokens or the model's context, the AltText is cut (never the VeC) and the key says `truncated`.
+Generation stops at the first line end; an answer that is empty, a lone "Here is the caption:", one word, over
+--max-words, an echo of either input, or a refusal (--refusals, matched case-blind unless the AltText says it too)
+is drawn again with a new seed (--max-retries), then replaced by the VeC (`fallback_vec`). A key whose VeC is
+missing, null or itself a refusal keeps its AltText (`fallback_alt`); a key with neither gets "fused": null
+(`failed`); a key with a VeC but no AltText keeps the VeC. Every key of the input shard gets exactly one record.
+Stats count the join (missing_text, empty_text, missing_vec, vec_null, vec_refusal, vec_without_sample) over the
+whole shard, and the draws (rejected_<why>, retries, truncated, prompt_too_long) of the run that wrote it.
+
+Reads:  --input    webdataset tars (<key>.txt) or JSONL with {"key", "text"} (02's rewrites/<shard>.jsonl works)
+        --vec-dir  03's output, joined by key: <vec-dir>/<shard>.jsonl {"key", "vec"}; VeC keys absent from the
+                   shard and shard keys absent from the VeCs are counted and reported; a shard without 03's
+                   <shard>.stats.json is skipped, and the run then exits non-zero naming it
+Writes: <out-dir>/<shard>.jsonl   {"key", "fused": "..." | null, "status"}, one per key, in shard order
+                                  status: ok | truncated | fallback_vec | fallback_alt | failed
+        <out-dir>/<shard>.stats.json  written last: the done-marker (counts by status and reason, join misses, seconds, model)
+        <out-dir>/_config.json        arguments, script sha256, model, prompt template, sampling, refusal list
+
+Toy run (CPU, transformers, after 00 and 03):  python 04_fuse.py
+One GPU, vLLM:      python 04_fuse.py --engine vllm --model meta-llama/Llama-3.1-8B-Instruct \
+                        --input cc3m/shards --vec-dir cc3m/vec --out-dir cc3m/fused
+8 GPUs (one engine per GPU, each on its own shards):
+                    torchrun --nproc-per-node 8 04_fuse.py --engine vllm ...
+SLURM, 64 nodes x 8 GPUs:
+                    sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 04_fuse.py --engine vllm ..."
+A 70B model on 4 GPUs per engine: torchrun --nproc-per-node 2 04_fuse.py --tensor-parallel-size 4 ...
+Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+On the toy data every key of every shard gets one record (the tiny random LLM's fusions are gibberish).
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import socket
+import tarfile
+import time
+import zlib
+from collections import Counter
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+# ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+class TextEngine:
+    """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
+    call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
+
+    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
+                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
+                 enforce_eager=False, trust_remote_code=False):
+        self.kind, self.model_id, self._stops = kind, model, {}
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        if kind == "vllm":
+            self._own_gpus(tensor_parallel_size)
+            import torch
+            from vllm import LLM
+            # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
+            cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_prefix_caching=True, enforce_eager=enforce_eager,
+                           trust_remote_code=trust_remote_code, **cpu)
+            self.tokenizer = self.llm.get_tokenizer()
+        elif kind == "hf":
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            self.model.to(self.device).eval()
+        else:
+            raise ValueError(f"unknown engine {kind!r}")
+
+    @staticmethod
+    def _own_gpus(tp):
+        """vLLM under torchrun hangs on the launcher's process group: give each process its own GPUs
+        and hide the torchrun variables, so every rank runs an independent engine on its own shards."""
+        _, world, local_rank = dist_env()
+        if world > 1:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(64)]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+                os.environ.pop(name, None)
+
+    def chat_prompt(self, user_text, system=None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{system + chr(10) if system else ''}{user_text}\n"
+
+    def count_tokens(self, text):
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        if not prompts:
+            return []
+        if self.kind == "vllm":
+            from vllm import SamplingParams
+            greedy = self.temperature <= 0
+            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return [[c.text for c in out.outputs] for out in outputs]
+        import torch
+        from transformers import StoppingCriteriaList, StopStringCriteria
+        if stop and tuple(stop) not in self._stops:  # built once: transformers' own cache misses for some tokenizers
+            self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        results = [None] * len(prompts)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
+            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            with torch.inference_mode():
+                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, i in enumerate(idx):
+                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+        return results
+# ---- end text engine
+
+FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache then computes the instructions once
+    "Write one caption for an image from two descriptions of it. The web text comes from the page the image was "
+    "found on and may name specific people, places, brands or products; the visual description was written by "
+    "someone looking at the image. Keep the specific names, places, brands, products and numbers of the web text "
+    "and add the objects, colours, counts and setting of the visual description. State nothing that neither of "
+    "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
+    "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}")
+STOP = ["\n"]  # the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
+REFUSALS = ["I'm sorry", "I am sorry", "I apologize", "As an AI", "as a language model", "I cannot", "I can't",
+            "I am unable", "I'm unable", "I'm not able to"]
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def one_line(text):
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())
+
+
+def sample_seed(*parts):
+    """A 63-bit seed derived from (seed, shard, key, attempt): the same draw whatever the split."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def refusal(text, refusals, allowed=""):
+    low, allowed = text.lower().replace("\u2019", "'"), allowed.lower().replace("\u2019", "'")
+    return any(r.lower() in low and r.lower() not in allowed for r in refusals)
+
+
+def template_bos(engine):
+    """The BOS text a chat template writes and the tokenizer adds again when it tokenizes the prompt (Llama 3): cut it."""
+    tok = getattr(engine, "tokenizer", None)
+    bos = getattr(tok, "bos_token", None)
+    return bos if bos and tok("x")["input_ids"][:1] == [tok.bos_token_id] else ""
+
+
+def fusion_prompt(engine, alt, vec, max_words, bos):
+    prompt = engine.chat_prompt(FUSION_PROMPT.format(alt=alt, vec=vec, max_words=max_words))
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
+def context_budget(engine, max_prompt_tokens, max_new_tokens):
+    """Prompt tokens allowed: --max-prompt-tokens, and room for the answer in the model's context."""
+    if getattr(engine, "kind", None) == "vllm":
+        context = engine.llm.llm_engine.model_config.max_model_len
+    else:
+        config = getattr(getattr(engine, "model", None), "config", None)
+        context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return min(max_prompt_tokens, context - max_new_tokens) if context else max_prompt_tokens
+
+
+def fit_prompt(engine, alt, vec, max_words, budget, bos):
+    """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to the longest
+    prefix that fits (binary search, ending at a word boundary where it has one); prompt None when none fits."""
+    fits = lambda a: engine.count_tokens(fusion_prompt(engine, a, vec, max_words, bos)) + 1 <= budget
+    if fits(alt):
+        return fusion_prompt(engine, alt, vec, max_words, bos), alt, False
+    lo, hi = 0, len(alt)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(alt[:mid]) else (lo, mid - 1)
+    cut = alt[:lo] if alt[lo:lo + 1].isspace() or " " not in alt[:lo] else alt[:lo].rsplit(" ", 1)[0]
+    cut = cut.strip()
+    return (fusion_prompt(engine, cut, vec, max_words, bos) if cut else None), cut, True
+
+
+def parse_fused(completion, alt, vec, refusals, max_words):
+    """(caption, None) or (None, reason): the answer's first line, less a "Caption:" label and quotes."""
+    line = next((x.strip() for x in completion.splitlines() if x.strip()), "")
+    text = re.sub(r"^(\w+ )?caption\s*:\s*", "", line, flags=re.I).strip("\"'`* ").strip()
+    words = len(text.split())
+    if words == 0:
+        return None, "empty"
+    if text.endswith(":"):  # "Here is the caption:", and generation stopped at its line end
+        return None, "preamble"
+    if refusal(text, refusals, alt):
+        return None, "refusal"
+    if words < 2:
+        return None, "short"
+    if words > max_words:
+        return None, "long"
+    if norm(text) in {norm(alt), norm(vec)} or re.match(r"(web text|visual description)\s*:", text, flags=re.I):
+        return None, "echo"
+    return text, None
+
+
+def read_samples(path, counts):
+    """(key, AltText or None) in shard order; a repeated key keeps its first text."""
+    seen = set()
+    if path.endswith(".tar"):
+        items = ((k, decode_text(m["txt"], counts) if m.get("txt") is not None else None) for k, m in iter_tar(path, {"txt"}, counts))
+    else:
+        items = ((str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
+                 for r in iter_jsonl(path, counts) if isinstance(r, dict) and "key" in r)
+    for key, text in items:
+        if key in seen:
+            counts["duplicate_key"] += 1
+            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
+            continue
+        seen.add(key)
+        yield key, text
+
+
+def read_vecs(path, counts):
+    vecs = {}
+    for r in iter_jsonl(path, counts):
+        if isinstance(r, dict) and "key" in r:
+            if str(r["key"]) in vecs:
+                counts["duplicate_vec_key"] += 1
+            vecs.setdefault(str(r["key"]), r.get("vec") if isinstance(r.get("vec"), str) else None)
+    return vecs
+
+
+def fuse_llm(engine, items, args, shard, counts, budget, bos):
+    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new seed."""
+    out, prompts = {}, {}
+    for key, alt, vec in items:
+        prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
+        counts["truncated"] += cut
+        if prompt is None:
+            counts["prompt_too_long"] += 1
+            out[key] = (None, cut)
+        else:
+            prompts[key] = (prompt, used, vec, cut)
+    todo = list(prompts)
+    for attempt in range(args.max_retries + 1):
+        texts = engine.generate([prompts[k][0] for k in todo], [sample_seed(args.seed, shard, k, attempt) for k in todo], n=1, stop=STOP)
+        again = []
+        for key, (completion,) in zip(todo, texts):
+            _, used, vec, cut = prompts[key]
+            fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
+            if fused is None:
+                counts[f"rejected_{why}"] += 1
+                again.append(key)
+            out[key] = (fused, cut)
+        counts["retries"] += len(again) if attempt < args.max_retries else 0
+        todo = again
+        if not todo:
+            break
+    return out
+
+
+def fuse_record(key, alt, vec, made):
+    """The one record of a key; `made` holds the LLM's (fused, cut?) for keys that had both texts."""
+    if key in made:
+        fused, cut = made[key]
+        return {"key": key, "fused": fused or vec, "status": ("truncated" if cut else "ok") if fused else "fallback_vec"}
+    if vec:
+        return {"key": key, "fused": vec, "status": "fallback_vec"}
+    return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
+
+
+def process_shard(path, engine, args, tag, budget, bos):
+    name, start, counts = shard_name(path), time.time(), Counter()
+    vec_path = os.path.join(args.vec_dir, name + ".jsonl")
+    with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
+        vec_stats_sha = hashlib.sha256(f.read()).hexdigest()
+    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
+    done = read_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}")  # progress made against an older 03 run is void
+    if done:
+        print(f"{name}: resuming, {len(done)} samples already fused")
+    vecs, texts = read_vecs(vec_path, counts), {}
+    for key, text in read_samples(path, counts):  # the join, counted over the whole shard (a resumed run too)
+        alt, vec = one_line(text) if text is not None else None, one_line(vecs.get(key) or "")
+        if not alt:
+            counts["missing_text" if text is None else "empty_text"] += 1
+        if not vec:
+            counts["missing_vec" if key not in vecs else "vec_null"] += 1  # vec_null: 03 failed on the image or got no answer
+        elif refusal(vec, args.refusals):
+            counts["vec_refusal"] += 1
+            vec = ""
+        texts[key] = (alt, vec)
+    counts["vec_without_sample"] = len(set(vecs) - set(texts))
+    if counts["vec_without_sample"]:
+        print(f"WARNING {name}: {counts['vec_without_sample']} VeC keys are not in {path}")
+    todo = [key for key in texts if key not in done]
+    for begin in range(0, len(todo), args.chunk_size):
+        chunk = todo[begin:begin + args.chunk_size]
+        items = [(key, *texts[key]) for key in chunk if all(texts[key])]
+        made = fuse_llm(engine, items, args, name, counts, budget, bos)
+        records = [fuse_record(key, *texts[key], made) for key in chunk]
+        append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
+        done.update((r["key"], r) for r in records)
+    records = [done[k] for k in texts]
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    status = Counter(r["status"] for r in records)
+    stats = {"shard": name, "input": os.path.abspath(path), "vec": os.path.abspath(vec_path), "in": len(records),
+             **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
+             "counts": {k: v for k, v in counts.items() if v}, "seconds": round(time.time() - start, 2),
+             "engine": args.engine, "model": args.model, "prompt_hash": tag, "vec_stats_sha256": vec_stats_sha}
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(stats["counts"].items()))
+    print(f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
+          f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, {stats['fallback_alt']} alt), "
+          f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""), flush=True)
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards with the AltText, folders or globs")
+    p.add_argument("--vec-dir", default="toy/vec", help="03's output folder (<shard>.jsonl with {key, vec})")
+    p.add_argument("--out-dir", default="toy/fused", help="folder for <shard>.jsonl and <shard>.stats.json")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere")
+    p.add_argument("--model", default="toy/models/tiny-llama", help="instruction-tuned causal LM (hub id or local folder)")
+    p.add_argument("--max-words", type=int, default=40, help="the fused caption's word limit (asked for, and enforced)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts get their AltText cut")
+    p.add_argument("--refusals", nargs="*", default=REFUSALS, help="answers containing one of these (case-blind) are refusals; give none to turn the check off")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
+    p.add_argument("--max-retries", type=int, default=1, help="new draws for a rejected answer before falling back to the VeC")
+    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
+    p.add_argument("--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if not inputs:
+        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
+    names = Counter(shard_name(p) for p in inputs)
+    if max(names.values()) > 1:
+        raise SystemExit(f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide")
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine = my_shards(inputs, worker, total)
+    todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
+    print0(f"04_fuse: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
+    waiting = [p for p in todo if not os.path.exists(os.path.join(args.vec_dir, shard_name(p) + ".stats.json"))]
+    for p in waiting:
+        print(f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}")
+    todo = [p for p in todo if p not in waiting]
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "max_retries": args.max_retries, "stop": STOP, "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
+    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "prompt_template": FUSION_PROMPT,
+                  "refusals": args.refusals}
+    tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
+    config_path = os.path.join(args.out_dir, "_config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
+    if worker == 0:
+        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
+    stats = []
+    if todo:
+        engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
+                            args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
+                            args.enforce_eager, args.trust_remote_code)
+        budget, bos = context_budget(engine, args.max_prompt_tokens, args.max_new_tokens), template_bos(engine)
+        stats = [process_shard(p, engine, args, tag, budget, bos) for p in todo]
+    if waiting:
+        raise SystemExit(f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
+                         f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, then this again")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
