@@ -582,6 +582,9 @@ def write_tiny_llms(models_dir, args):
                          dtype="float32")
     torch.manual_seed(args.seed + 1)
     llava = LlavaForConditionalGeneration(config).eval()
+    # The language half takes the taught LM's weights: answers are short and end, so toy 03/04 stay fast.
+    llava.model.language_model.load_state_dict(llama.model.state_dict())
+    llava.lm_head.load_state_dict(llama.lm_head.state_dict())
     llava.generation_config = gen
     # The PIL-backed image processor needs no torchvision (AutoProcessor still picks its torchvision twin if present).
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

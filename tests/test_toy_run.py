@@ -44,7 +44,10 @@ def test_toy_run_sheet_end_to_end(tmp_path):
     for run in ("alt", "laclip", "laclip_mt"):
         assert (toy / "train" / run / "latest.pt").exists() and (toy / "train" / run / "toy-clip.json").exists()
     table = open(toy / "eval/results.md").read()
-    assert all(name in table for name in ("AltText", "LaCLIP", "LaCLIP-MT"))
+    assert all(name in table for name in ("AltText", "LaCLIP", "LaCLIP-MT", "VeCLIP"))
+    for stage_out, field in (("vec", "vec"), ("fused", "fused")):
+        records = [json.loads(line) for line in open(toy / stage_out / "00000.jsonl")]
+        assert len(records) == 16 and all(field in r and "status" in r for r in records)
     if (toy / "models/minilm").exists():
         assert json.load(open(toy / "cc_minilm/model/llm2clip_text.json"))["pooling"] == "mean"
         assert json.load(open(toy / "text_emb/00000.stats.json"))["in"] == 16
