@@ -228,11 +228,11 @@ class TextEngine:
         elif kind == "hf":
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"  # torchrun: one GPU per rank
             self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device == "cuda" else torch.float32)
+            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device != "cpu" else torch.float32)
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             self.model.to(self.device).eval()
         else:
