@@ -256,7 +256,9 @@ class TextEngine:
     def chat_prompt(self, user_text, system=None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            bos = self.tokenizer.bos_token
+            return text[len(bos):] if bos and text.startswith(bos) else text  # both engines add BOS when encoding
         return f"{system + chr(10) if system else ''}{user_text}\n"
 
     def count_tokens(self, text):
