@@ -48,18 +48,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -73,10 +61,6 @@ def list_inputs(inputs, exts):
     if missing:
         raise SystemExit(f"input not found: {missing[0]}")
     return sorted(set(found))
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
 
 
 def shard_name(path):
@@ -152,38 +136,6 @@ def write_jsonl(path, records):
 
 def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def read_partial(path, tag):
-    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
-    with other settings (another `tag`) is discarded."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    records, size = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if i == 0 and record != {"_tag": tag}:
-            os.remove(path)
-            return {}
-        if i > 0:
-            records[record["key"]] = record
-        size += len(line) + 1
-    os.truncate(path, size)
-    return records
-
-
-def append_partial(path, tag, records):
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(json.dumps({"_tag": tag}) + "\n")
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def run_config(args, **extra):

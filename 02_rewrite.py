@@ -57,18 +57,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -82,10 +70,6 @@ def list_inputs(inputs, exts):
     if missing:
         raise SystemExit(f"input not found: {missing[0]}")
     return sorted(set(found))
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
 
 
 def shard_name(path):
@@ -163,6 +147,32 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
 def read_partial(path, tag):
     """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
     with other settings (another `tag`) is discarded."""
@@ -193,15 +203,7 @@ def append_partial(path, tag, records):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
-# ---- end common
+# ---- end shard work
 
 
 # ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----

@@ -63,18 +63,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -88,10 +76,6 @@ def list_inputs(inputs, exts):
     if missing:
         raise SystemExit(f"input not found: {missing[0]}")
     return sorted(set(found))
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
 
 
 def shard_name(path):
@@ -169,38 +153,6 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def read_partial(path, tag):
-    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
-    with other settings (another `tag`) is discarded."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    records, size = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if i == 0 and record != {"_tag": tag}:
-            os.remove(path)
-            return {}
-        if i > 0:
-            records[record["key"]] = record
-        size += len(line) + 1
-    os.truncate(path, size)
-    return records
-
-
-def append_partial(path, tag, records):
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(json.dumps({"_tag": tag}) + "\n")
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
@@ -208,6 +160,59 @@ def run_config(args, **extra):
     return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
 # ---- end common
+
+
+# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+def tower_settings(path):
+    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
+    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    return settings
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    if not os.path.isdir(path):
+        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, tower_settings(path)
+
+
+def tower_encode(model, tokenizer, texts, max_length, device):
+    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+    import torch
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+# ---- end text tower
+
+
+# ---- adapter (kept identical in 05, 06; tests/test_common.py checks) ----
+class Adapter(nn.Module):
+    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP blocks
+    (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the CLIP embedding size."""
+
+    def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
+        super().__init__()
+        self.config = {"dim": dim, "out_dim": out_dim, "layers": layers, "expansion": expansion, "dropout": dropout}
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
+                                                  nn.Linear(expansion * dim, dim)) for _ in range(layers))
+        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        x = F.normalize(x.to(self.proj.weight.dtype), dim=-1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.proj(self.norm(x))
+# ---- end adapter
 
 
 IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing")

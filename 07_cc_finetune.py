@@ -57,18 +57,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -82,10 +70,6 @@ def list_inputs(inputs, exts):
     if missing:
         raise SystemExit(f"input not found: {missing[0]}")
     return sorted(set(found))
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
 
 
 def shard_name(path):
@@ -163,38 +147,6 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def read_partial(path, tag):
-    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
-    with other settings (another `tag`) is discarded."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    records, size = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if i == 0 and record != {"_tag": tag}:
-            os.remove(path)
-            return {}
-        if i > 0:
-            records[record["key"]] = record
-        size += len(line) + 1
-    os.truncate(path, size)
-    return records
-
-
-def append_partial(path, tag, records):
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(json.dumps({"_tag": tag}) + "\n")
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
@@ -205,23 +157,29 @@ def run_config(args, **extra):
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
-def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder; llm2clip_text.json (written by 07) sets
-    pooling and length. Returns (model, tokenizer, settings)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+def tower_settings(path):
+    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
     settings = {"pooling": "mean", "normalize": True, "max_length": 77}
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
+    return settings
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    if not os.path.isdir(path):
+        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer, settings
+    return model.to(device), tokenizer, tower_settings(path)
 
 
-def encode_texts(model, tokenizer, texts, max_length, device):
+def tower_encode(model, tokenizer, texts, max_length, device):
     """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
     import torch
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
@@ -321,9 +279,9 @@ def info_nce(a, b, temperature):
 def caption_retrieval_accuracy(model, tokenizer, pairs, max_length, device, batch_size=256):
     """CRA: share of first captions whose nearest second caption (cosine) is their own sample's."""
     model.eval()
-    a = torch.cat([encode_texts(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], max_length, device).float()
+    a = torch.cat([tower_encode(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], max_length, device).float()
                    for i in range(0, len(pairs), batch_size)])
-    b = torch.cat([encode_texts(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], max_length, device).float()
+    b = torch.cat([tower_encode(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], max_length, device).float()
                    for i in range(0, len(pairs), batch_size)])
     return (a @ b.t()).argmax(1).eq(torch.arange(len(pairs), device=a.device)).float().mean().item()
 
@@ -413,8 +371,8 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         pairs = draw_pairs(train, groups, step, args.seed, args.batch_size, rank)
-        a = gather_with_grad(encode_texts(model, tokenizer, [p[0] for p in pairs], args.max_length, device), world)
-        b = gather_with_grad(encode_texts(model, tokenizer, [p[1] for p in pairs], args.max_length, device), world)
+        a = gather_with_grad(tower_encode(model, tokenizer, [p[0] for p in pairs], args.max_length, device), world)
+        b = gather_with_grad(tower_encode(model, tokenizer, [p[1] for p in pairs], args.max_length, device), world)
         loss = info_nce(a.float(), b.float(), args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,18 +49,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -74,10 +62,6 @@ def list_inputs(inputs, exts):
     if missing:
         raise SystemExit(f"input not found: {missing[0]}")
     return sorted(set(found))
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
 
 
 def shard_name(path):
@@ -155,6 +139,32 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+
+# ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
 def read_partial(path, tag):
     """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
     with other settings (another `tag`) is discarded."""
@@ -185,35 +195,33 @@ def append_partial(path, tag, records):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
-# ---- end common
+# ---- end shard work
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
-def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder; llm2clip_text.json (written by 07) sets
-    pooling and length. Returns (model, tokenizer, settings)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+def tower_settings(path):
+    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
     settings = {"pooling": "mean", "normalize": True, "max_length": 77}
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
+    return settings
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    if not os.path.isdir(path):
+        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer, settings
+    return model.to(device), tokenizer, tower_settings(path)
 
 
-def encode_texts(model, tokenizer, texts, max_length, device):
+def tower_encode(model, tokenizer, texts, max_length, device):
     """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
     import torch
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
@@ -250,7 +258,7 @@ def encode_all(model, tokenizer, texts, args, device, settings):
     with torch.inference_mode():
         for start in range(0, len(order), args.batch_size):
             idx = order[start:start + args.batch_size]
-            emb = encode_texts(model, tokenizer, [texts[i] for i in idx], settings["max_length"], device)
+            emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings["max_length"], device)
             out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
     return out
 

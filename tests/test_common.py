@@ -28,6 +28,21 @@ def test_common_block_identical_in_every_stage():
     assert [s for s, c in copies.items() if c != reference] == []
 
 
+def test_shard_work_block_identical_where_used():
+    users = [s for s in STAGES if re.search(r"\b(worker_slot|read_partial)\(", open(os.path.join(REPO, s)).read())]
+    assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "08_embed_texts.py"} <= set(users)
+    copies = {s: block(s, "# ---- shard work (", "# ---- end shard work") for s in users}
+    assert all(copies.values()) and len(set(copies.values())) == 1, [s for s, c in copies.items() if not c]
+
+
+@pytest.mark.parametrize("name,users", [("text tower", {"05_train.py", "06_eval.py", "07_cc_finetune.py", "08_embed_texts.py"}),
+                                        ("adapter", {"05_train.py", "06_eval.py"})])
+def test_llm2clip_blocks_identical(name, users):
+    copies = {s: block(s, f"# ---- {name} (", f"# ---- end {name}") for s in STAGES}
+    assert {s for s, c in copies.items() if c} == users
+    assert len({copies[s] for s in users}) == 1
+
+
 def test_text_engine_block_identical_where_used():
     users = [s for s in STAGES if "# ---- text engine (" in open(os.path.join(REPO, s)).read()]
     assert {"01_collect_meta_pairs.py", "02_rewrite.py"} <= set(users)

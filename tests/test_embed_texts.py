@@ -48,7 +48,7 @@ def test_every_text_cached_once_and_equal_to_live_tower(toy, sidecars, tmp_path)
             row += len(r["texts"])
         some = records[3]
         with torch.no_grad():
-            live = emb.encode_texts(model, tok, some["texts"], settings["max_length"], "cpu").numpy()
+            live = emb.tower_encode(model, tok, some["texts"], settings["max_length"], "cpu").numpy()
         cached = matrix[some["row"]:some["row"] + len(some["texts"])].astype(np.float32)
         assert np.allclose(cached, live, atol=2e-3)
 
