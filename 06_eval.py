@@ -1,4 +1,4 @@
-"""Evaluate CLIP models: zero-shot classification, image-text retrieval and a linear probe, into one results table.
+"""Evaluate CLIP and LLM2CLIP models: zero-shot classification, image-text retrieval, a linear probe and caption retrieval (CRA).
 
 Conventions are CLIP_benchmark's (bench/bench_eval.py checks that the numbers agree), so they compare with papers: a
 class embedding is the normalised mean of the normalised embeddings of its prompts; top-1, top-5 (omitted under 5
@@ -6,22 +6,31 @@ classes), mean per-class recall; Recall@1/5/10 both ways, every caption its own 
 the image's captions is in the top k. Candidates tied exactly with the best positive share their places (the expected
 hit over tie orders), so no data order changes a number and a collapsed model scores chance. Linear probe: multinomial
 logistic regression (L-BFGS, L2 weight lambda) on normalised frozen image features; of 17 lambdas (1e2..1e-6) the best
-on a held-out fifth of train, refit on all of it (k-shot: on the k per class).
+on a held-out fifth of train, refit on all of it (k-shot: on the k per class). CRA, LLM2CLIP's caption retrieval accuracy
+(text only): of each image with two captions or more, the first retrieves the second among every image's second; top-1.
 
 Reads:  --model NAME --pretrained CKPT|TAG  open_clip; a 05_train.py checkpoint ({"state_dict", "epoch", "step", ...},
-            torch.load weights_only=True) finds its config <dir of CKPT>/<NAME>.json itself (or --model-config)
+            torch.load weights_only=True) finds its config <dir of CKPT>/<NAME>.json itself (or --model-config); an LLM2CLIP one
+            (05 --text-tower) has "text_tower" {"path", "max_length", "adapter": Adapter config, ...} and "adapter.*" weights in
+            "extra_state_dict": its texts go through that frozen tower (or --text-tower PATH) and the adapter
+        --text-tower PATH alone (no --pretrained): CRA only, on the raw tower's normalised mean-pooled embeddings
         --zeroshot [LABEL=]DIR  a sub-folder per class (named as in classnames.txt, or the i-th sorted folder is line i,
             like ImageNet's wnids), templates.txt with {c}; or CLIP_benchmark's wds layout: DIR[/test]/*.tar of <key>.jpg|
             png|webp + <key>.cls, classnames.txt, zeroshot_classification_templates.txt
         --retrieval [LABEL=]PATH  JSONL {"image": path, "captions": [...]} (a folder: its captions.jsonl), a JSON list of
             those, Karpathy's dataset_coco.json / dataset_flickr30k.json (--split), or wds tars of <key>.txt, a caption a line
         --linear-probe [LABEL=]DIR  labelled like --zeroshot; tested on --probe-test DIR, else on a stratified half of DIR
+        --cra [LABEL=]PATH  read as --retrieval, captions only (image files need not exist)
 Writes: --results FILE  one JSON line per (name, task, dataset) measured: {"name", "task", "dataset", "metrics" (fractions,
-            CLIP_benchmark's keys), "ties", "n", "counts" (skipped inputs), "model", "pretrained", "epoch", "step", ...}
+            CLIP_benchmark's keys), "ties", "n", "counts" (skipped inputs), "model", "pretrained", "epoch", "step", ...};
+            task "cra": metrics {"cra"}, n {"images"}; LLM2CLIP and text-only rows add "text_tower" (the folder used)
         FILE.md  the Markdown table (a row per --name, percentages) of the newest line per (name, task, dataset); printed too
 
 Toy (CPU): every model into toy/eval/results.jsonl, one row each:
     python 06_eval.py --name alt --pretrained toy/train/alt/latest.pt
+LLM2CLIP checkpoint, and CRA of a contrastively fine-tuned tower (07) against the raw one (rows text:cc_minilm, text:minilm):
+    python 06_eval.py --pretrained toy/train/llm2clip/latest.pt
+    python 06_eval.py --text-tower toy/cc_minilm/model && python 06_eval.py --text-tower toy/models/minilm
 ImageNet-1k zero-shot (AMP on GPU; --templates laclip for LaCLIP's 7):
     python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --retrieval --linear-probe \
         --zeroshot imagenet=/data/imagenet/val --classnames imagenet --templates openai --results results.jsonl
@@ -50,6 +59,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
@@ -227,7 +237,7 @@ LACLIP_TEMPLATES = ["itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.
 TABLE = {"zeroshot": [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean recall")],
          "retrieval": [(f"{d}_retrieval_recall@{k}", f"{arrow} R@{k}") for d, arrow in (("text", "I→T"), ("image", "T→I"))
                        for k in (1, 5, 10)],
-         "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")]}
+         "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")], "cra": [("cra", "CRA")]}
 
 
 def tie_share(m, t, p):
@@ -405,7 +415,7 @@ def read_classes(path, args, counts):
     return items, torch.tensor(labels, dtype=torch.long), names, beside("templates.txt", "zeroshot_classification_templates.txt")
 
 
-def read_retrieval(path, args, counts):
+def read_retrieval(path, args, counts, need_images=True):
     """[(image path or bytes, [captions])] from wds tars, JSONL, a JSON list or Karpathy's JSON."""
     samples = wds_samples(path, args.split, "txt", counts)
     if samples is not None:
@@ -428,7 +438,7 @@ def read_retrieval(path, args, counts):
         image = os.path.join(root, str(r.get("image", "")))
         if not captions:
             counts["image_without_captions"] += 1
-        elif not os.path.isfile(image):
+        elif need_images and not os.path.isfile(image):  # CRA reads only the captions
             counts["missing_image_file"] += 1
             missing.append(image)
         else:
@@ -494,7 +504,8 @@ def encode_texts(model, tokenizer, texts, args, what):
     unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
     for start in tqdm(range(0, len(unique), size), desc=what, disable=dist_env()[0] != 0, leave=False):
         with autocast(args):
-            tokens = tokenizer(unique[start:start + size]).to(args.device)
+            tokens = tokenizer(unique[start:start + size])
+            tokens = tokens.to(args.device) if torch.is_tensor(tokens) else tokens  # a text tower tokenizes inside encode_text
             embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     index = {t: i for i, t in enumerate(unique)}
     return torch.cat(embs)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
@@ -567,9 +578,60 @@ def run_linear_probe(model, transform, tokenizer, path, args, counts):
     return metrics, {**extra, "n": {**extra["n"], "classes": len(names)}}
 
 
+def run_cra(model, transform, tokenizer, path, args, counts):
+    """LLM2CLIP's caption retrieval accuracy: each image's first caption retrieves its second among all second captions."""
+    groups = read_retrieval(path, args, counts, need_images=False)
+    pairs = [captions[:2] for _, captions in groups if len(captions) >= 2]
+    counts["image_with_one_caption"] += len(groups) - len(pairs)
+    if not pairs:
+        raise SystemExit(f"{path}: CRA needs images with two captions or more")
+    emb, ids = encode_texts(model, tokenizer, [c for pair in pairs for c in pair], args, "captions"), torch.arange(len(pairs))
+    hits = hits_at(emb[0::2], emb[1::2], ids, ids, (1,))
+    return {"cra": hits[:, 0].mean().item()}, {"n": {"images": len(pairs)}, "ties": tie_note(hits, ["cra"])}
+
+
+class TextTowerCLIP(nn.Module):
+    """LLM2CLIP: open_clip's image tower, a frozen language-model tower + adapter for text; encode_text takes strings, as the
+    tower tokenizes with its own tokenizer. clip=None and adapter=None: the raw tower, for the text-only benchmark."""
+
+    def __init__(self, clip, tower, tower_tokenizer, max_length, adapter, device):
+        super().__init__()
+        self.clip, self.tower, self.adapter = clip, tower, adapter
+        self.tokenizer, self.max_length, self.device = tower_tokenizer, max_length, device
+
+    def encode_image(self, x):
+        return self.clip.encode_image(x)
+
+    def encode_text(self, texts):
+        emb = tower_encode(self.tower, self.tokenizer, texts, self.max_length, self.device)
+        return emb if self.adapter is None else self.adapter(emb)
+
+
+def attach_text_tower(clip, meta, args):
+    """(TextTowerCLIP, {"text_tower": path}): the tower from --text-tower or the checkpoint's record, its adapter loaded strictly."""
+    cfg = meta.get("text_tower") if isinstance(meta, dict) else None
+    if clip is not None and not cfg:
+        raise SystemExit(f"--text-tower: {args.pretrained} is no LLM2CLIP checkpoint (no 'text_tower' record), it has no adapter")
+    path = args.text_tower or cfg.get("path")
+    if not path or not os.path.isdir(path):
+        raise SystemExit(f"text tower {path}: no such folder; pass --text-tower PATH, the encoder folder the checkpoint was trained with")
+    tower, tokenizer, settings = load_text_tower(path, args.device, args.text_tower_dtype, args.trust_remote_code)
+    adapter = None
+    if cfg:
+        adapter = Adapter(**cfg["adapter"])
+        adapter.load_state_dict({k[len("adapter."):]: v for k, v in meta.get("extra_state_dict", {}).items() if k.startswith("adapter.")})
+        if getattr(tower.config, "hidden_size", adapter.config["dim"]) != adapter.config["dim"]:  # a wrong --text-tower
+            raise SystemExit(f"text tower {path}: width {tower.config.hidden_size}, but the adapter was trained on {adapter.config['dim']}")
+    max_length = (cfg or {}).get("max_length", settings["max_length"])  # as trained
+    return TextTowerCLIP(clip, tower, tokenizer, max_length, adapter, args.device).to(args.device).eval(), {"text_tower": path}
+
+
 def load_model(args):
-    """open_clip model, eval transform, tokenizer, and what identifies the weights."""
+    """open_clip model, eval transform, tokenizer, and what identifies the weights; LLM2CLIP checkpoints get their text tower."""
     import open_clip
+    if not args.pretrained:  # text-only: the raw tower; strings go straight to its encode_text
+        model, weights = attach_text_tower(None, None, args)
+        return model, None, list, weights
     ckpt = args.pretrained if os.path.isfile(args.pretrained) else None
     config = args.model_config or (os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json") if ckpt else None)
     if config and os.path.isfile(config):
@@ -593,6 +655,9 @@ def load_model(args):
     model, _, transform = open_clip.create_model_and_transforms(args.model, device=args.device,
                                                                 pretrained=None if args.pretrained == "none" else args.pretrained)
     weights = {"model": args.model, **{k: meta.get(k) for k in ("epoch", "step") if isinstance(meta, dict)}}
+    if args.text_tower or isinstance(meta, dict) and "text_tower" in meta:
+        model, tower = attach_text_tower(model, meta, args)
+        return model, transform, list, {**weights, **tower}
     return model.eval(), transform, open_clip.get_tokenizer(args.model), weights
 
 
@@ -632,7 +697,12 @@ def markdown_table(records):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)")
-    p.add_argument("--pretrained", required=True, help="checkpoint (05_train.py's latest.pt, epoch_N.pt), open_clip tag, or none (random)")
+    p.add_argument("--pretrained", default=None, help="checkpoint (05_train.py's latest.pt, epoch_N.pt), open_clip tag, or none (random)")
+    p.add_argument("--text-tower", default=None, help="[hf:]encoder folder: replaces an LLM2CLIP checkpoint's; without --pretrained, "
+                                                      "CRA alone on the raw tower")
+    p.add_argument("--text-tower-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the text tower weights; None: bfloat16 on cuda, float32 on CPU")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
     p.add_argument("--model-config", default=None, help="model config JSON (default: <dir of the checkpoint>/<model>.json, if there)")
     p.add_argument("--name", default=None, help="row label (default: the checkpoint's folder, +/epoch_N if not latest.pt; else model/tag)")
     p.add_argument("--zeroshot", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]class folders or wds tars")
@@ -642,6 +712,7 @@ def parse_args(argv=None):
     p.add_argument("--image-root", default=None, help="retrieval image paths are relative to this (default: the annotation file's folder)")
     p.add_argument("--split", default="test", help="Karpathy JSON split; the wds sub-folder read when a folder holds no .tar")
     p.add_argument("--linear-probe", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]labelled train set, as for --zeroshot")
+    p.add_argument("--cra", nargs="*", default=["toy/eval/retrieval"], help="[LABEL=]caption sets as for --retrieval (images unread)")
     p.add_argument("--probe-test", default=None, help="labelled test set of the probe (default: a stratified half of the train set)")
     p.add_argument("--probe-k-shot", type=int, default=0, help="train the probe on k images per class (0 = all)")
     p.add_argument("--results", default="toy/eval/results.jsonl", help="results JSONL, appended to; the table goes to <results>.md")
@@ -653,7 +724,15 @@ def parse_args(argv=None):
                    help="auto: amp (fp16 autocast, as CLIP_benchmark) on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's splits and k-shot picks")
     args = p.parse_args(argv)
+    if not (args.pretrained or args.text_tower):
+        p.error("give --pretrained CKPT|TAG, or --text-tower PATH alone for the text-only benchmark (CRA)")
     args.precision = ("amp" if args.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+    args.text_tower_dtype = args.text_tower_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
+    if not args.pretrained:  # a tower has no image side: the text-only benchmark alone; toy/cc_minilm/model -> text:cc_minilm
+        args.zeroshot = args.retrieval = args.linear_probe = []
+        parts = os.path.normpath(os.path.abspath(args.text_tower)).split(os.sep)
+        args.name = args.name or "text:" + (parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1])
     if args.name is None and os.path.isfile(args.pretrained):  # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
         run = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained)))
         stem = os.path.splitext(os.path.basename(args.pretrained))[0]
@@ -665,10 +744,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     tasks = [(task, *label_and_path(spec)) for task, specs in (("zeroshot", args.zeroshot), ("retrieval", args.retrieval),
-                                                               ("linear_probe", args.linear_probe)) for spec in specs]
+                                                               ("linear_probe", args.linear_probe), ("cra", args.cra)) for spec in specs]
     shot = f" {args.probe_k_shot}-shot" if args.probe_k_shot else ""  # a k-shot probe is its own column
     tasks = [(task, label + shot if task == "linear_probe" else label, path) for task, label, path in tasks]
-    have, ident = read_results(args.results), weights_id(args.pretrained)
+    # the tower is part of what was measured: a row from another --text-tower is measured again
+    have = read_results(args.results)
+    ident = {**(weights_id(args.pretrained) if args.pretrained else {}), **({"text_tower": args.text_tower} if args.text_tower else {})}
     old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
     todo = [t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())]
     for t in tasks:
@@ -683,7 +764,7 @@ def main(argv=None):
         model, transform, tokenizer, weights = load_model(args)
         with open(os.path.abspath(__file__), "rb") as f:
             script_sha = hashlib.sha256(f.read()).hexdigest()
-        run = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe}
+        run = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe, "cra": run_cra}
         for task, label, path in todo:
             start, counts = time.time(), Counter()
             metrics, extra = run[task](model, transform, tokenizer, path, args, counts)

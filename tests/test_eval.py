@@ -233,7 +233,7 @@ def ckpts(toy, tmp_path_factory):
 def evaluate(toy, ckpt, results, *extra):
     return ev.main(["--model", "toy-clip", "--pretrained", str(ckpt), "--results", str(results), "--workers", "0",
                     "--zeroshot", str(toy / "eval/zeroshot"), "--retrieval", str(toy / "eval/retrieval"),
-                    "--linear-probe", str(toy / "eval/zeroshot"), *extra])
+                    "--linear-probe", str(toy / "eval/zeroshot"), "--cra", *extra])
 
 
 def reference_metrics(toy, ckpt):
@@ -283,7 +283,7 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
     assert zs["n"] == {"images": 16, "classes": 8} and zs["templates"].endswith("templates.txt") and zs["n_templates"] == 7
     assert rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0  # 8 images
     assert lp["n"]["train"] + lp["n"]["test"] == 16 and 0 <= lp["metrics"]["lp_acc1"] <= 1
-    shot = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "shot.jsonl"), "--workers", "0", "--zeroshot",
+    shot = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "shot.jsonl"), "--workers", "0", "--zeroshot", "--cra",
                     "--retrieval", "--linear-probe", str(toy / "eval/zeroshot"), "--probe-k-shot", "1"])
     assert shot[0]["dataset"] == "zeroshot 1-shot" and shot[0]["n"]["train"] == 8 and shot[0]["k_shot"] == 1
     assert zs["epoch"] == 1 and zs["step"] == 8 and zs["pretrained"] == str(ckpts["alt"]) and not zs["counts"] and not zs["ties"]
@@ -371,7 +371,7 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
     lines += [{"image": "gone.jpg", "captions": ["lost"]}, {"image": "broken.jpg", "captions": ["bad"]},
               {"image": os.path.relpath(good[4], rt), "captions": []}]
     (rt / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    zs, rr = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--workers", "0",
+    zs, rr = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--workers", "0", "--cra",
                       "--zeroshot", str(data), "--retrieval", str(rt / "captions.jsonl"), "--linear-probe"])
     out = capsys.readouterr().out
     assert zs["counts"] == {"unreadable_image": 2, "not_an_image_file": 1, "classes_without_images": 2}
@@ -381,9 +381,95 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
     assert rr["n"] == {"images": 3, "captions": 6} and "gone.jpg" in out
     (rt / "none.jsonl").write_text(json.dumps({"image": "gone.jpg", "captions": ["x"]}) + "\n")
     with pytest.raises(SystemExit, match="--image-root"):
-        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--linear-probe",
+        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--linear-probe", "--cra",
                  "--retrieval", str(rt / "none.jsonl")])
     (data / "classnames.txt").write_text("a\nb\n")  # 3 folders, 2 names, and the folders are not the names
     with pytest.raises(SystemExit, match="3 class folders but 2 class names"):
         ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r2.jsonl"), "--zeroshot", str(data),
-                 "--retrieval", "--linear-probe"])
+                 "--retrieval", "--linear-probe", "--cra"])
+
+
+# ---- LLM2CLIP checkpoints and CRA ----
+
+def save_llm2clip(toy, out, seed, tower=None):
+    """What 05_train.py --text-tower writes: an open_clip checkpoint + "text_tower" record + "adapter.*" in extra_state_dict."""
+    import open_clip
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(toy / "models/toy-clip.json", out / "toy-clip.json")
+    open_clip.add_model_config(str(out / "toy-clip.json"))
+    torch.manual_seed(seed)
+    clip, adapter = open_clip.create_model("toy-clip"), ev.Adapter(384, 64, layers=1)
+    record = {"path": str(tower or toy / "models/minilm"), "cache": None, "pooling": "mean", "normalize": True, "max_length": 32,
+              "dim": 384, "adapter": adapter.config}
+    torch.save({"epoch": 1, "step": 3, "state_dict": clip.state_dict(), "args": {"text_tower": record["path"]}, "model_name": "toy-clip",
+                "extra_state_dict": {"adapter." + k: v for k, v in adapter.state_dict().items()}, "text_tower": record}, out / "latest.pt")
+    return out / "latest.pt", adapter
+
+
+def test_llm2clip_checkpoint_end_to_end_through_the_adapter(toy, tmp_path):
+    ckpt, adapter = save_llm2clip(toy, tmp_path / "llm2clip", seed=0)
+    rows = evaluate(toy, ckpt, tmp_path / "r.jsonl", "--cra", str(toy / "eval/retrieval"))
+    assert [(r["name"], r["task"]) for r in rows] == [("llm2clip", t) for t in ("zeroshot", "retrieval", "linear_probe", "cra")]
+    assert all(r["text_tower"] == str(toy / "models/minilm") and r["epoch"] == 1 and r["step"] == 3 for r in rows)
+    assert all(0 <= v <= 1 for r in rows for v in r["metrics"].values())
+    assert rows[1]["n"] == {"images": 8, "captions": 40} and rows[3]["n"] == {"images": 8} and set(rows[3]["metrics"]) == {"cra"}
+    assert "| retrieval CRA |" in (tmp_path / "r.md").read_text()
+    model, _, tokenizer, _ = ev.load_model(ev.parse_args(["--pretrained", str(ckpt)]))
+    tower, tower_tokenizer, _ = ev.load_text_tower(str(toy / "models/minilm"), "cpu")
+    texts = ["a red circle", "two blue squares"]
+    with torch.no_grad():  # the frozen tower, then the saved adapter; CLIP's own text tower is not used
+        assert torch.allclose(model.encode_text(tokenizer(texts)), adapter(ev.tower_encode(tower, tower_tokenizer, texts, 32, "cpu")), atol=1e-5)
+    # an adapter that maps every text to one point (its bias): CRA and retrieval fall to 1 in 8, as the 8 images do
+    saved = torch.load(ckpt, weights_only=True)
+    saved["extra_state_dict"]["adapter.proj.weight"].zero_()
+    torch.save(saved, ckpt)
+    cra, rt = evaluate(toy, ckpt, tmp_path / "collapsed.jsonl", "--zeroshot", "--linear-probe", "--cra", str(toy / "eval/retrieval"))[::-1]
+    assert cra["metrics"]["cra"] == pytest.approx(1 / 8) and rt["metrics"]["image_retrieval_recall@1"] == pytest.approx(1 / 8)
+
+
+def write_captions(path, groups):
+    """A caption set whose images do not exist: CRA never opens them."""
+    path.write_text("".join(json.dumps({"image": f"missing/{i}.jpg", "captions": c}) + "\n" for i, c in enumerate(groups)))
+    return str(path)
+
+
+def test_cra_known_answers_pairing_and_ties(toy, tmp_path):
+    minilm = ["--text-tower", str(toy / "models/minilm"), "--results", str(tmp_path / "r.jsonl")]
+    same = write_captions(tmp_path / "same.jsonl", [["a red car", "a red car"], ["a dog on the grass", "a dog on the grass"],
+                                                     ["an old man reading", "an old man reading", "a third caption"]])
+    # first captions query, second captions answer: a and b hold each other's text (misses), c and d their own (hits);
+    # c's third caption is not its answer, e has one caption and is left out
+    swapped = write_captions(tmp_path / "swapped.jsonl", [["a photo of a cat", "a bowl of soup"], ["a bowl of soup", "a photo of a cat"],
+                                                          ["a red bicycle", "a red bicycle", "a photo of a cat"], ["a tall tree", "a tall tree"],
+                                                          ["a lonely caption"]])
+    # two images whose second captions are the same text: each query ties its answer with the other image's, half a hit
+    tied = write_captions(tmp_path / "tied.jsonl", [["a red car", "a red car"], ["a blue car", "a red car"]])
+    rows = ev.main(minilm + ["--cra", same, swapped, tied])
+    assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [("text:minilm", "cra", d) for d in ("same", "swapped", "tied")]
+    assert rows[0]["metrics"] == {"cra": 1.0} and rows[0]["n"] == {"images": 3} and not rows[0]["counts"]
+    assert rows[1]["metrics"] == {"cra": 0.5} and rows[1]["n"] == {"images": 4} and rows[1]["counts"] == {"image_with_one_caption": 1}
+    assert rows[2]["metrics"] == {"cra": 0.5} and rows[2]["ties"] == {"cra": 1.0}
+    assert rows[0]["ties"] == {} and all(r["text_tower"] == str(toy / "models/minilm") for r in rows)
+
+
+def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
+    results = tmp_path / "r.jsonl"
+    args = ["--text-tower", "hf:" + str(toy / "models/minilm"), "--results", str(results), "--cra", str(toy / "eval/retrieval")]
+    rows = ev.main(args)  # --zeroshot, --retrieval, --linear-probe keep their defaults: a tower alone has no image side
+    assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [("text:minilm", "cra", "retrieval")]
+    assert rows[0]["text_tower"] == str(toy / "models/minilm") and rows[0]["n"] == {"images": 8} and 0 <= rows[0]["metrics"]["cra"] <= 1
+    assert ev.main(args) == [] and len(results.read_text().splitlines()) == 1  # already there: skipped
+    assert ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"  # 07's <out-dir>/model
+    with pytest.raises(SystemExit):
+        ev.parse_args([])  # neither --pretrained nor --text-tower
+
+
+def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
+    ckpt, _ = save_llm2clip(toy, tmp_path / "moved", seed=0, tower=tmp_path / "gone/model")
+    with pytest.raises(SystemExit, match="gone/model: no such folder; pass --text-tower"):
+        ev.main(["--pretrained", str(ckpt), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--retrieval", "--linear-probe"])
+    rows = ev.main(["--pretrained", str(ckpt), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--retrieval", "--linear-probe",
+                    "--cra", str(toy / "eval/retrieval"), "--text-tower", str(toy / "models/minilm")])
+    assert rows[0]["text_tower"] == str(toy / "models/minilm")  # the override is recorded
+    with pytest.raises(SystemExit, match="no LLM2CLIP checkpoint"):  # a plain CLIP checkpoint has no adapter to put on a tower
+        ev.load_model(ev.parse_args(["--pretrained", str(ckpts["alt"]), "--text-tower", str(toy / "models/minilm")]))
