@@ -6,10 +6,15 @@ on GPUs, gloo and fp32 on CPU). Re-running a command resumes it exactly (weights
 
 Reads:  --input  tars of <key>.jpg|jpeg|png|webp + <key>.txt (AltText); sample counts from img2dataset's <shard>_stats.json
         --texts  folders of <shard>.jsonl: {"key", "rewrites": {source: [...]}} (02) and/or {"key", "fused"} (04)
+        --text-cache  (LLM2CLIP) 08's folder: <shard>.jsonl {"key", "texts", "row"} + <shard>.emb.npy, the frozen tower's embeddings
 Writes: <out-dir>/latest.pt (every --save-every steps, each epoch end), epoch_<n>.pt: {"epoch", "step", "state_dict", "optimizer",
           "scaler", "args", "model_name", "extra_state_dict" (clip-rocket heads), "data" (reader positions, skipped samples)}
         <out-dir>/<model>.json: open_clip.add_model_config(it); create_model_and_transforms("<model>", pretrained=".../latest.pt")
         <out-dir>/log.jsonl (a record per logged step), _config.json (arguments, script sha256)
+        LLM2CLIP runs add "text_tower": {"path", "cache", "pooling", "normalize", "max_length", "dim", "adapter": {its config}}
+          and the adapter's weights in "extra_state_dict" ("adapter.*"); 06_eval.py rebuilds the model from them.
+LLM2CLIP (--text-tower hf:PATH and/or --text-cache DIR): a frozen language-model tower + a trainable Adapter replace CLIP's text
+tower (frozen, unused); every text mode works, with the sampled text's embedding (cached, or from the live tower).
 --text-mode original: AltText (CLIP); uniform: LaCLIP; mix: VeCLIP; multi: LaCLIP-MT (see sample_texts and total_loss).
 clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-prob, --crop-scale.
 
@@ -17,6 +22,7 @@ Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss f
   python 05_train.py                                                   # AltText only -> toy/train/alt
   python 05_train.py --texts toy/rewrites --text-mode uniform --out-dir toy/train/laclip
   python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
+  python 05_train.py --texts toy/rewrites --text-mode uniform --text-cache toy/text_emb --out-dir toy/train/llm2clip   # after 07, 08
 One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
             --workers 8 --epochs 32 --out-dir runs/laclip          (clip-rocket: add --aug-views 2 --crop-scale 0.5 --stopword-drop 0.8)
 8 GPUs:   torchrun --nproc-per-node 8 05_train.py <the same flags>
@@ -41,6 +47,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -215,7 +222,7 @@ class Adapter(nn.Module):
 # ---- end adapter
 
 
-IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing")
+IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing", "uncached")
 STOP_WORDS = set("""a an the and or but if of at by for with about against between into through during before after above below to from up
 down in out on off over under again then once here there when where why how all any both each few more most other some such no nor not only own
 same so than too very can will just i me my we our you your he him his she her it its they them their this that these those am is are was were
@@ -266,6 +273,14 @@ def load_texts(shard, dirs, counts):
     return out
 
 
+def load_cache(shard, folder, counts):
+    """08's cache of one shard: key -> {text (whitespace-normalised, as read here): row}, and the embeddings, memory-mapped."""
+    path = os.path.join(folder, shard_name(shard))
+    rows = {str(r["key"]): {" ".join(t.split()): r["row"] + i for i, t in enumerate(r["texts"])}
+            for r in iter_jsonl(path + ".jsonl", counts) if isinstance(r, dict) and "key" in r}
+    return rows, np.load(path + ".emb.npy", mmap_mode="r")
+
+
 def count_samples(shard):
     """Keys with an image: img2dataset's <shard>_stats.json, else a scan. A wrong count costs only padding (see inputs)."""
     stats = shard[:-4] + "_stats.json"
@@ -291,9 +306,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             j = bisect.bisect_right(self.starts, pos) - 1
             n, shard, skip = self.starts[j + 1] - pos, self.shards[self.order[j]], max(0, below - i)
             if n > skip:  # shards wholly drawn before a resume stay shut
-                synthetic = load_texts(shard, self.args.texts, counts)
+                synthetic, cache = load_texts(shard, self.args.texts, counts), self.args.text_cache and load_cache(shard, self.args.text_cache, counts)
                 items = ((key, m[next(e for e in IMAGE_EXTS if e in m)], " ".join(decode_text(m.get("txt") or b"", counts).split()),
-                          synthetic.get(key)) for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts) if any(e in m for e in IMAGE_EXTS))
+                          synthetic.get(key), cache and (cache[0].get(key, {}), cache[1]))
+                         for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts) if any(e in m for e in IMAGE_EXTS))
                 items = itertools.chain(itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None))
                 yield from ((x, item) for x, item in zip(range(i + skip, i + n), items) if x not in done)
             i, pos = i + n, self.starts[j + 1] % self.starts[-1]
@@ -303,7 +319,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if item is None:
             counts["missing"] += 1
             return None
-        key, raw, alt, synthetic = item
+        key, raw, alt, synthetic, cached = item
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 img = im.convert("RGB")
@@ -314,6 +330,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not all(t.strip() for t in texts):
             counts["no_text"] += 1
             return None
+        if cached:  # LLM2CLIP from 08's cache: the picked texts' embeddings stand in for them
+            rows = [cached[0].get(t) for t in texts]
+            if None in rows:
+                counts["uncached"] += 1
+                return None
+            texts = torch.from_numpy(cached[1][rows].astype(np.float32))
         torch.manual_seed(rnd.getrandbits(63))  # image augmentation draws from torch's generator
         return key, self.transform(img), texts, [self.view_transform(img) for _ in view_texts], view_texts
 
@@ -340,7 +362,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             made += [sample] if sample else []
             if len(made) == self.chunk:
                 keys, images, texts, views, view_texts = zip(*made)
-                tokens = lambda ts: self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1)
+                tokens = lambda ts: (torch.stack(ts) if self.args.text_cache else list(ts) if self.args.text_tower else  # live tower: encoded
+                                     self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1))  # in main
                 chunk = {"key": list(keys), "image": torch.stack(images), "text": tokens(texts), "reader": g, "consumed": drawn,
                          "counts": dict(counts)}
                 if self.args.aug_views:
@@ -353,9 +376,9 @@ class Trainee(nn.Module):
     """The open_clip model and clip-rocket's heads, in one module for DDP. Heads: 3-layer MLPs with BatchNorm (SyncBN on GPUs) on
     the tower outputs of the strong views and their texts, with their own temperature (init 0.1); text dropout on those texts."""
 
-    def __init__(self, clip, dim, views, hidden, text_dropout):
+    def __init__(self, clip, dim, views, hidden, text_dropout, adapter=None):
         super().__init__()
-        self.clip, self.dropping = clip, False
+        self.clip, self.dropping, self.adapter = clip, False, adapter
         mlp = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
                                     nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
         if views:
@@ -367,7 +390,7 @@ class Trainee(nn.Module):
             block.register_forward_pre_hook(lambda m, a: (F.dropout(a[0], text_dropout, True), *a[1:]) if self.dropping else None)
 
     def forward(self, image, text, views=None, view_text=None):
-        (b, m), encode = text.shape[:2], lambda x: self.clip.encode_text(x.flatten(0, 1))
+        (b, m), encode = text.shape[:2], lambda x: (self.clip.encode_text if self.adapter is None else self.adapter)(x.flatten(0, 1))
         out = {"image": self.clip.encode_image(image, normalize=True), "text": F.normalize(encode(text), dim=-1).view(b, m, -1),
                "scale": self.clip.logit_scale.exp(), "bias": self.clip.logit_bias}
         if views is not None:
@@ -421,6 +444,22 @@ def build_model(args, device):
     return clip, name, {**cfg, **siglip}, (transform, strong), open_clip.get_tokenizer(name)
 
 
+def frozen_tower(args, device, amp):
+    """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the checkpoint; the model)."""
+    path, encode, model = args.text_tower, None, None
+    if args.text_cache:
+        stats = sorted(glob.glob(os.path.join(args.text_cache, "*.stats.json")))
+        config = os.path.join(args.text_cache, "_config.json")
+        path, dim = path or json.load(open(config))["args"]["model"], json.load(open(stats[0]))["dim"]
+    else:
+        model, tokenizer, settings = load_text_tower(path, device, str(amp or torch.float32)[6:], args.trust_remote_code)
+        model.eval().requires_grad_(False)
+        encode, dim = lambda texts: tower_encode(model, tokenizer, texts, settings["max_length"], device).float(), model.config.hidden_size
+    record = {"path": os.path.abspath(path) if os.path.isdir(path) else path, "dim": dim, **tower_settings(path),
+              "cache": args.text_cache and os.path.abspath(args.text_cache)}
+    return encode, record, model
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
@@ -433,6 +472,11 @@ def parse_args(argv=None):
     p.add_argument("--texts-per-image", type=int, default=2, help="multi: texts per image (M)")
     p.add_argument("--eda-prob", type=float, default=0.0, help="probability of an EDA edit of the main text")
     p.add_argument("--stopword-drop", type=float, default=0.0, help="probability of dropping a text's stop words (every text)")
+    p.add_argument("--text-tower", default=None, help="LLM2CLIP: frozen text tower, hf:PATH (07's <out>/model or any HF encoder)")
+    p.add_argument("--text-cache", default=None, help="LLM2CLIP: 08's embedding cache, read instead of running --text-tower")
+    p.add_argument("--adapter-layers", type=int, default=4, help="LLM2CLIP: residual MLP blocks of the adapter")
+    p.add_argument("--adapter-expansion", type=int, default=2, help="LLM2CLIP: hidden width of those blocks, times the tower's")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
     p.add_argument("--aug-views", type=int, default=0, help="clip-rocket: strongly augmented views (and texts) per image")
     p.add_argument("--crop-scale", type=float, default=0.9, help="smallest random-resized-crop area of the main view")
     p.add_argument("--head-dim", type=int, default=4096, help="clip-rocket: hidden width of the MLP heads")
@@ -462,6 +506,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size % max(1, args.workers):
         p.error("--batch-size must be a multiple of --workers: each worker makes an equal part of every batch")
+    if args.text_cache and (args.eda_prob or args.stopword_drop or args.aug_views):
+        p.error("--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so need a live --text-tower")
+    if (args.text_cache or args.text_tower) and args.text_dropout:
+        p.error("--text-dropout acts inside CLIP's text tower, which a frozen --text-tower replaces")
+    args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
     if args.text_mode != "original" and not args.texts:
         p.error(f"--text-mode {args.text_mode} needs --texts (sidecar folders from 02 or 04)")
     return args
@@ -479,16 +528,25 @@ def main(argv=None):
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - args.workers))
     os.makedirs(args.out_dir, exist_ok=True)
     shards = [os.path.abspath(p) for p in list_inputs(args.input, (".tar",))]
-    missing = [f"{d}/{shard_name(s)}.jsonl" for d in args.texts for s in shards if not os.path.exists(f"{d}/{shard_name(s)}.jsonl")]
+    missing = [f for d, e in [(d, ".jsonl") for d in args.texts] + [(args.text_cache, ".stats.json")] * bool(args.text_cache) for s in shards
+               if not os.path.exists(f := f"{d}/{shard_name(s)}{e}")]
     counts, amp = [count_samples(s) for s in shards], {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision) if cuda else None
     if missing or not sum(counts):
-        raise SystemExit(f"--texts: {missing[0]} is missing (run 02/04 on every shard)" if missing else f"no image samples in {args.input}")
+        raise SystemExit(f"{missing[0]} is missing (run 02/04, and 08 for --text-cache, on every shard)" if missing else
+                         f"no image samples in {args.input}")
     steps_per_epoch = math.ceil(sum(counts) / (world * args.batch_size * args.accum_steps))
     total_steps = args.epochs * steps_per_epoch
     stop, warmup = min(total_steps, args.max_steps or total_steps), int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
-    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout).to(device)
+    encode, tower, adapter, tower_model = None, None, None, None
+    if args.text_tower or args.text_cache:  # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
+        encode, tower, tower_model = frozen_tower(args, device, amp)
+        torch.manual_seed(args.seed + 1)  # the adapter's init does not depend on whether a tower was loaded
+        adapter = Adapter(tower["dim"], cfg["embed_dim"], args.adapter_layers, args.adapter_expansion)
+        for n, p in clip.named_parameters():
+            p.requires_grad_(n.startswith(("visual.", "logit_")))
+    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(device)
     trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
     flat = lambda n, p: p.ndim < 2 or any(s in n for s in ("positional_embedding", "pos_embed", "position_embedding"))  # no decay
     groups = [[p for n, p in trainee.named_parameters() if p.requires_grad and flat(n, p) == no_decay] for no_decay in (False, True)]
@@ -529,6 +587,13 @@ def main(argv=None):
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     loss_sum, window, last, first, reader_counts = torch.zeros((), device=device), (time.time(), step), {}, None, {}
 
+    def join(parts):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
+        if torch.is_tensor(parts[0]):
+            return torch.cat(parts).to(device, non_blocking=True)
+        groups = [g for part in parts for g in part]
+        with torch.no_grad():
+            return encode([t for g in groups for t in g]).view(len(groups), len(groups[0]), -1)
+
     while step < stop:
         stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
                              transforms, tokenizer)
@@ -543,8 +608,7 @@ def main(argv=None):
                 chunks = [next(batches) for _ in range(k)]  # one per worker, in worker order
                 positions.update((c["reader"], c["consumed"]) for c in chunks)
                 reader_counts.update((c["reader"], c["counts"]) for c in chunks)
-                batch = {key: torch.cat([c[key] for c in chunks]).to(device, non_blocking=True) for key in ("image", "text", "views", "view_text")
-                         if key in chunks[0]}
+                batch = {key: join([c[key] for c in chunks]) for key in ("image", "text", "views", "view_text") if key in chunks[0]}
                 with model.no_sync() if world > 1 and micro < args.accum_steps - 1 else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         loss = total_loss(model(**batch), clip_loss, siglip_loss, args.label_smoothing) / args.accum_steps
@@ -584,7 +648,7 @@ def main(argv=None):
                 if rank == 0:
                     state, buf = trainee.state_dict(), io.BytesIO()
                     torch.save({"epoch": epoch + epoch_end, "step": step, "model_name": name, "args": vars(args), "optimizer": opt.state_dict(),
-                                "scaler": scaler.state_dict(), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
+                                "scaler": scaler.state_dict(), **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
                                 "extra_state_dict": {key: v for key, v in state.items() if not key.startswith("clip.")},
                                 "data": {"step_in_epoch": 0 if epoch_end else in_epoch, "readers": world * k, "skipped": last.get("skipped", skipped),
                                          "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()}}}, buf)
@@ -597,7 +661,7 @@ def main(argv=None):
            f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}")
     if world > 1:
         dist.destroy_process_group()
-    return {**last, "step": step, "epoch": epoch, "first_loss": first, "model": trainee.clip}
+    return {**last, "step": step, "epoch": epoch, "first_loss": first, "model": trainee.clip, "adapter": adapter, "tower": tower_model}
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Text-embedding cache for LLM2CLIP: every text a sample can train with, encoded once by the frozen text tower.
 
-For each shard, the distinct texts of every key (AltText, every rewrite from 02, the fused caption from
+For each shard, the distinct texts of every key (its AltText, every rewrite from 02, the fused caption from
 04) are encoded with the frozen (07-fine-tuned) encoder: mean pooling over real tokens, L2-normalised,
 stored as float16 by default. 05_train.py --text-cache reads these instead of running the tower.
 
-Reads:  --texts   02 rewrites/<shard>.jsonl ({"key","text","rewrites"}) and/or 04 fused/<shard>.jsonl
-                  ({"key","fused"}): the same shard name in several folders is joined by key
+Reads:  --input   webdataset tars (only <key>.txt, the AltText, is read) or JSONL {"key", "text"}
+        --texts   02 rewrites/<shard>.jsonl ({"key","text","rewrites"}) and/or 04 fused/<shard>.jsonl
+                  ({"key","fused"}): the same shard name in several places is joined by key
         --model   the text tower (07's <out>/model; its llm2clip_text.json sets pooling and length)
-Writes: <out-dir>/<shard>.jsonl       {"key", "texts": [distinct texts, exactly as in the sidecars], "row": first row}
+Writes: <out-dir>/<shard>.jsonl       {"key", "texts": [distinct texts, whitespace-normalised as 05 reads them], "row": first row}
         <out-dir>/<shard>.emb.npy     [rows, dim] embeddings; texts[i] of a key is row "row" + i
         <out-dir>/<shard>.stats.json  written last: the done-marker; <out-dir>/_config.json
 
 Toy run (CPU):    python 08_embed_texts.py
 One GPU:          python 08_embed_texts.py --model runs/cc-llama8b/model --dtype bfloat16 \
-                      --texts cc3m/rewrites cc3m/fused --out-dir cc3m/text_emb --batch-size 512
+                      --input cc3m/shards --texts cc3m/rewrites cc3m/fused --out-dir cc3m/text_emb --batch-size 512
 8 GPUs:           torchrun --nproc-per-node 8 08_embed_texts.py ...
 SLURM array:      sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 08_embed_texts.py ..."
 The unit of resume is a shard (written at once, atomically); re-running skips finished shards.
@@ -240,15 +241,17 @@ def texts_of(record):
 
 
 def shard_texts(paths, counts):
-    """key -> distinct texts, over the sidecars of one shard from several folders, in first-seen key order."""
+    """key -> distinct texts (whitespace-normalised, as 05 reads them) of one shard: the AltText of each <key>.txt in its tar,
+    then the sidecars' texts, in first-seen key order."""
     merged = {}
     for path in paths:
-        for r in iter_jsonl(path, counts):
+        tar = path.endswith(".tar") and iter_tar(path, {"txt"}, counts)
+        for r in ({"key": k, "text": decode_text(m["txt"] or b"", counts) if "txt" in m else None} for k, m in tar) if tar else iter_jsonl(path, counts):
             if not isinstance(r, dict) or "key" not in r:
                 counts["no_key"] += 1
                 continue
             merged.setdefault(str(r["key"]), []).extend(texts_of(r))
-    return {k: list(dict.fromkeys(v)) for k, v in merged.items()}
+    return {k: list(dict.fromkeys(" ".join(t.split()) for t in v)) for k, v in merged.items()}
 
 
 def encode_all(model, tokenizer, texts, args, device, settings):
@@ -287,7 +290,8 @@ def process_shard(name, paths, model, tokenizer, settings, device, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--texts", nargs="+", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)")
+    p.add_argument("--input", nargs="*", default=["toy/shards"], help="webdataset tars (their <key>.txt AltTexts) or JSONL {key, text}")
+    p.add_argument("--texts", nargs="*", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)")
     p.add_argument("--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)")
     p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
@@ -304,10 +308,10 @@ def main(argv=None):
     args = parse_args(argv)
     worker, total = worker_slot(args.shard_id, args.num_shards)
     by_shard = defaultdict(list)
-    for path in list_inputs(args.texts, (".jsonl",)):
+    for path in list_inputs(args.input, (".tar", ".jsonl")) + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
         by_shard[shard_name(path)].append(path)
     if not by_shard:
-        raise SystemExit(f"no sidecar .jsonl files in {args.texts}")
+        raise SystemExit(f"no shards in {args.input} and no sidecar .jsonl files in {args.texts}")
     os.makedirs(args.out_dir, exist_ok=True)
     mine = my_shards(list(by_shard), worker, total)
     todo = [n for n in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, n + ".stats.json"))]

