@@ -26,3 +26,7 @@ $PY 06_eval.py --name VeCLIP --pretrained toy/train/veclip/latest.pt
 $PY 06_eval.py --name LaCLIP-MT --pretrained toy/train/laclip_mt/latest.pt
 $PY 07_cc_finetune.py
 $PY 08_embed_texts.py
+$PY 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip
+$PY 06_eval.py --text-tower toy/models/minilm --name MiniLM
+$PY 06_eval.py --text-tower toy/cc_minilm/model --name MiniLM-CC
+$PY 06_eval.py --name LLM2CLIP --pretrained toy/train/llm2clip/latest.pt

@@ -51,3 +51,5 @@ def test_toy_run_sheet_end_to_end(tmp_path):
     if (toy / "models/minilm").exists():
         assert json.load(open(toy / "cc_minilm/model/llm2clip_text.json"))["pooling"] == "mean"
         assert json.load(open(toy / "text_emb/00000.stats.json"))["in"] == 16
+        assert "text_tower" in json.load(open(toy / "train/llm2clip/_config.json"))["args"]
+        assert all(name in table for name in ("LLM2CLIP", "MiniLM-CC", "CRA"))
