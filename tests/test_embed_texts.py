@@ -74,3 +74,19 @@ def test_kill_9_then_rerun_completes(toy, sidecars, tmp_path):
         keys = [json.loads(line)["key"] for line in open(out / f"{shard}.jsonl")]
         assert len(keys) == len(set(keys)) == 24
     assert not list(out.glob("*.tmp*"))
+
+
+def test_decoder_tower_embedding_does_not_depend_on_its_batch(toy, tmp_path):
+    """A causal LLM with absolute positions (GPT-2 shaped, random) as tower: padding goes right, so a text embeds the same
+    alone or beside a longer one (left padding would shift its positions, and a cache would disagree with the live tower)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model
+    tok = AutoTokenizer.from_pretrained(str(toy / "models/tiny-llama"))
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128)).save_pretrained(tmp_path / "gpt")
+    tok.save_pretrained(tmp_path / "gpt")
+    model, tok, settings = emb.load_text_tower(str(tmp_path / "gpt"), "cpu")
+    with torch.no_grad():
+        alone = emb.tower_encode(model, tok, ["a red circle"], settings["max_length"], "cpu")
+        batched = emb.tower_encode(model, tok, ["a red circle", "three small green squares on a striped yellow background"],
+                                   settings["max_length"], "cpu")
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
