@@ -11,10 +11,10 @@ Writes: <out-dir>/latest.pt (every --save-every steps, each epoch end), epoch_<n
           "scaler", "args", "model_name", "extra_state_dict" (clip-rocket heads), "data" (reader positions, skipped samples)}
         <out-dir>/<model>.json: open_clip.add_model_config(it); create_model_and_transforms("<model>", pretrained=".../latest.pt")
         <out-dir>/log.jsonl (a record per logged step), _config.json (arguments, script sha256)
-        LLM2CLIP runs add "text_tower": {"path", "cache", "pooling", "normalize", "max_length", "dim", "adapter": {its config}}
-          and the adapter's weights in "extra_state_dict" ("adapter.*"); 06_eval.py rebuilds the model from them.
-LLM2CLIP (--text-tower hf:PATH and/or --text-cache DIR): a frozen language-model tower + a trainable Adapter replace CLIP's text
-tower (frozen, unused); every text mode works, with the sampled text's embedding (cached, or from the live tower).
+        LLM2CLIP adds "text_tower": {"path", "cache", "pooling", "normalize", "max_length", "dim", "adapter": {config}}, the
+          adapter's weights in "extra_state_dict" ("adapter.*"): 06_eval.py rebuilds the model from them.
+LLM2CLIP (--text-tower hf:PATH and/or --text-cache DIR): a frozen language model + a trainable Adapter stand in for CLIP's text
+tower (kept frozen, unused); every text mode works, with the picked text's embedding (cached, or from the live tower).
 --text-mode original: AltText (CLIP); uniform: LaCLIP; mix: VeCLIP; multi: LaCLIP-MT (see sample_texts and total_loss).
 clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-prob, --crop-scale.
 
@@ -22,7 +22,7 @@ Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss f
   python 05_train.py                                                   # AltText only -> toy/train/alt
   python 05_train.py --texts toy/rewrites --text-mode uniform --out-dir toy/train/laclip
   python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
-  python 05_train.py --texts toy/rewrites --text-mode uniform --text-cache toy/text_emb --out-dir toy/train/llm2clip   # after 07, 08
+  python 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip           # LLM2CLIP, after 07 and 08: loss 4.7 -> 3.1
 One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
             --workers 8 --epochs 32 --out-dir runs/laclip          (clip-rocket: add --aug-views 2 --crop-scale 0.5 --stopword-drop 0.8)
 8 GPUs:   torchrun --nproc-per-node 8 05_train.py <the same flags>
@@ -557,11 +557,14 @@ def main(argv=None):
     step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ("text_tower" in ckpt) != (adapter is not None):
+            raise SystemExit(f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run")
         trainee.load_state_dict({**{"clip." + key: v for key, v in ckpt["state_dict"].items()}, **ckpt.get("extra_state_dict", {})})
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # saved by a disabled scaler (CPU, bf16): empty
         step, epoch, data = ckpt["step"], ckpt["epoch"], ckpt["data"]
-        changed = [a for a in ("model", "batch_size", "workers", "accum_steps", "text_mode", "seed") if ckpt["args"].get(a) != vars(args)[a]]
+        changed = [a for a in ("model", "batch_size", "workers", "accum_steps", "text_mode", "seed", "text_tower", "text_cache")
+                   if ckpt["args"].get(a) != vars(args)[a]]
         print0(f"resuming from {path} at step {step}, epoch {epoch}" + (f"; changed since: {changed}" if changed else ""))
     in_epoch, consumed, skipped = data.get("step_in_epoch", 0), data.get("consumed", {}), data.get("skipped", 0) if rank == 0 else 0
     if in_epoch and data.get("readers") != world * k:  # another number of readers: the rest of the epoch is split anew, roughly
