@@ -604,7 +604,8 @@ class TextTowerCLIP(nn.Module):
         return self.clip.encode_image(x)
 
     def encode_text(self, texts):
-        emb = tower_encode(self.tower, self.tokenizer, texts, self.max_length, self.device)
+        with torch.autocast(torch.device(self.device).type, enabled=False):  # in its own dtype: a bf16 LLM can overflow fp16
+            emb = tower_encode(self.tower, self.tokenizer, texts, self.max_length, self.device)
         return emb if self.adapter is None else self.adapter(emb)
 
 
@@ -666,6 +667,12 @@ def weights_id(pretrained):
     """What a row was measured on: the path or tag and, for a file, its size and mtime (a retrained checkpoint differs)."""
     stat = os.stat(pretrained) if os.path.isfile(pretrained) else None
     return {"pretrained": pretrained, **({"checkpoint_bytes": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)} if stat else {})}
+
+
+def tower_id(path):
+    """A tower folder and its newest file's mtime: a tower re-trained in place (07 again) is measured again."""
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else []
+    return {"text_tower": path, "text_tower_mtime": int(max((os.stat(f).st_mtime for f in files), default=0))}
 
 
 def read_results(path):
@@ -750,7 +757,7 @@ def main(argv=None):
     tasks = [(task, label + shot if task == "linear_probe" else label, path) for task, label, path in tasks]
     # the tower is part of what was measured: a row from another --text-tower is measured again
     have = read_results(args.results)
-    ident = {**(weights_id(args.pretrained) if args.pretrained else {}), **({"text_tower": args.text_tower} if args.text_tower else {})}
+    ident = {**(weights_id(args.pretrained) if args.pretrained else {}), **(tower_id(args.text_tower) if args.text_tower else {})}
     old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
     todo = [t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())]
     for t in tasks:

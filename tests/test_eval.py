@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import time
 import random
 import shutil
 import subprocess
@@ -462,6 +463,15 @@ def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
     assert ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"  # 07's <out-dir>/model
     with pytest.raises(SystemExit):
         ev.parse_args([])  # neither --pretrained nor --text-tower
+    tower = tmp_path / "tower"  # MiniLM's files, linked: a folder this test may change
+    tower.mkdir()
+    for f in os.listdir(toy / "models/minilm"):
+        (tower / f).symlink_to(toy / "models/minilm" / f)
+    again = ["--text-tower", str(tower), "--results", str(results), "--cra", str(toy / "eval/retrieval")]
+    assert len(ev.main(again)) == 1 and ev.main(again) == []
+    (tower / "retrained.txt").write_text("07 ran again in this folder")
+    os.utime(tower / "retrained.txt", (time.time() + 10,) * 2)
+    assert len(ev.main(again)) == 1  # a tower re-trained in place is measured again
 
 
 def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
