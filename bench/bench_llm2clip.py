@@ -69,6 +69,9 @@ def main():
     tower = args.tower or os.path.join(toy, "models", "minilm")
     if args.make_tower and not os.path.exists(os.path.join(tower, "config.json")):
         make_tower(tower, args.make_tower, toy)
+    if not args.tower and not os.path.exists(tower):  # a toy folder made with --skip-models (bench_train.py's): link MiniLM
+        sys.path.insert(0, ROOT)
+        __import__("importlib").import_module("00_toy_data").link_sentence_encoder(tower)
     shutil.rmtree(work, ignore_errors=True)
     cache, texts_dirs = os.path.join(work, "cache"), [os.path.join(toy, "rewrites")] * (args.rewrites == "eda")
     py, cuda = [sys.executable], __import__("torch").cuda.is_available()
