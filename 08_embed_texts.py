@@ -309,7 +309,10 @@ def main(argv=None):
     args = parse_args(argv)
     worker, total = worker_slot(args.shard_id, args.num_shards)
     by_shard = defaultdict(list)
-    for path in list_inputs(args.input, (".tar", ".jsonl")) + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if args.input and not inputs:  # else the AltTexts would be missing from the cache, and 05 would skip their samples
+        raise SystemExit(f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache sidecar texts only)")
+    for path in inputs + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
         by_shard[shard_name(path)].append(path)
     if not by_shard:
         raise SystemExit(f"no shards in {args.input} and no sidecar .jsonl files in {args.texts}")

@@ -74,6 +74,8 @@ def test_kill_9_then_rerun_completes(toy, sidecars, tmp_path):
         keys = [json.loads(line)["key"] for line in open(out / f"{shard}.jsonl")]
         assert len(keys) == len(set(keys)) == 24
     assert not list(out.glob("*.tmp*"))
+    with pytest.raises(SystemExit, match="no .tar or .jsonl shards"):  # a wrong --input must not drop the AltTexts silently
+        emb.main(["--input", str(tmp_path / "nowhere"), "--texts", str(sidecars / "rw"), "--out-dir", str(tmp_path / "c2")])
 
 
 def test_decoder_tower_embedding_does_not_depend_on_its_batch(toy, tmp_path):
