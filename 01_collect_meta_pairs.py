@@ -30,7 +30,7 @@ import sys
 import tarfile
 import time
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -154,8 +154,9 @@ class TextEngine:
 
     def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False):
+                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -212,7 +213,8 @@ class TextEngine:
             from vllm import SamplingParams
             greedy = self.temperature <= 0
             params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
+                                     repetition_penalty=self.repetition_penalty) for s in seeds]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
@@ -229,12 +231,64 @@ class TextEngine:
             sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
             with torch.inference_mode():
                 out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          repetition_penalty=self.repetition_penalty,
                                           pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
             texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
                 results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
         return results
 # ---- end text engine
+
+
+# ---- text checks (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+def one_line(text):
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def looping(text, n=3, most=2):
+    """True when some run of n words comes back more than `most` times: a small model caught in a loop
+    ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
+    words = norm(text).split()
+    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(runs) and max(runs.values()) > most
+
+
+def sentences(text):
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[^a-z])", text.strip()) if s]
+
+
+def whole_sentences(text, max_words):
+    """The leading whole sentences of `text` within `max_words`, stopping before the first sentence that
+    repeats an earlier one; "" when the first sentence alone is too long."""
+    kept, seen, words = [], set(), 0
+    for s in sentences(text):
+        n = len(s.split())
+        if norm(s) in seen or words + n > max_words:
+            break
+        kept.append(s)
+        seen.add(norm(s))
+        words += n
+    return " ".join(kept)
+
+
+def trim_answer(text, max_words):
+    """(text, how): an answer that loops, says a sentence twice or runs long, cut back to its leading whole
+    sentences when that leaves a clean answer (how = "cut_loop" or "cut_long", counted by the caller);
+    otherwise the text as it came."""
+    said = [norm(s) for s in sentences(text)]
+    loops = looping(text) or len(set(said)) < len(said)
+    if not loops and len(text.split()) <= max_words:
+        return text, None
+    how = "cut_loop" if loops else "cut_long"
+    cut = whole_sentences(text, max_words)
+    if cut and cut != text and not looping(cut):
+        return cut, how
+    return text, None
+# ---- end text checks
 
 # Written for this project: noisy web alt text on the left, the caption a careful person would write.
 HUMAN_PAIRS = [
@@ -265,21 +319,16 @@ HUMAN_PAIRS = [
 ]
 
 LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less than thirty words:"
+LLM_MAX_WORDS = 30  # as the instruction asks
 
 
-def one_line(text):
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
 
 
-def norm(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def human_pairs(args):
+def human_pairs(args, drops):
     return random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS))
 
 
-def coco_pairs(args):
+def coco_pairs(args, drops):
     if not args.coco_captions or not os.path.isfile(args.coco_captions):
         raise SystemExit(f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}")
     with open(args.coco_captions, encoding="utf-8") as f:
@@ -298,7 +347,7 @@ def coco_pairs(args):
     return pairs
 
 
-def file_pairs(args):
+def file_pairs(args, drops):
     if not args.pairs_file or not os.path.isfile(args.pairs_file):
         raise SystemExit(f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}")
     counts = Counter()
@@ -324,17 +373,60 @@ def sample_alt_texts(args, want):
     return random.Random(args.seed).sample(good, min(want, len(good)))
 
 
-def llm_pairs(args):
-    alts = sample_alt_texts(args, 2 * args.per_source)  # twice as many: some outputs get rejected
+PREAMBLE = re.compile(r".*:$|(sure|certainly|of course|okay)\W*$", re.I)  # "Here is the rewrite:", "Sure!"
+META = re.compile(r"\b(rewrit\w*|rework\w*|captions?|words?)\b", re.I)  # talk about the task, not the image
+
+
+def parse_llm_answer(text, alt, max_words):
+    """(output, note) or (None, reason) for one chat answer: the first line that is not a preamble ("Sure! Here
+    is the rewrite:"), cut back to whole sentences when it loops or runs past `max_words`; an answer that
+    talks about the task ("keeping only ten words ...") or still loops is rejected."""
+    lines = [one_line(x).strip("\"'*` ") for x in text.split("\n")]
+    lines = [x for x in lines if x]
+    while lines and PREAMBLE.match(lines[0]) and len(lines) > 1:
+        lines = lines[1:]
+    if not lines or PREAMBLE.match(lines[0]):
+        return None, "empty" if not lines else "preamble"
+    line, note = trim_answer(lines[0], max_words)
+    if looping(line):
+        return None, "loop"
+    if len(line.split()) > max_words:
+        return None, "long"
+    if META.search(line) and not META.search(alt):
+        return None, "meta"
+    if "#" in line or re.match(r"\d+[.)] ", line):  # hashtags, list items
+        return None, "format"
+    if not stems(line) & stems(alt):
+        return None, "off_topic"
+    return line, note
+
+
+SMALL_WORDS = set("the and for with are was its has his her but not you all can one out who how our".split())
+
+
+def stems(text):
+    """Crude stems (first 4 letters) of words of 3+ letters: "fireworks" meets "firework", "the" meets nothing."""
+    return {w[:4] for w in norm(text).split() if len(w) > 2 and w not in SMALL_WORDS}
+
+
+def llm_pairs(args, drops):
+    """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers loop,
+    talk about the task or run long, and those are dropped (counted by reason in the stats)."""
+    alts = sample_alt_texts(args, 4 * args.per_source)
     engine = TextEngine(args.engine, args.llm_model, args.temperature, 1.0, args.max_new_tokens, args.batch_size,
                         args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                        args.enforce_eager, args.trust_remote_code)
+                        args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
     prompts = [engine.chat_prompt(f"{LLM_INSTRUCTION}\n{alt}") for alt in alts]
     seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
     outputs = engine.generate(prompts, seeds, n=1)
     pairs = []
     for alt, (text,) in zip(alts, outputs):
-        line = text.strip().split("\n", 1)[0].strip().strip("\"'").strip()
+        line, why = parse_llm_answer(text, alt, LLM_MAX_WORDS)
+        if line is None:
+            drops[f"rejected_{why}"] += 1
+            continue
+        if why:
+            drops[f"kept_{why}"] += 1  # cut back to whole sentences, kept
         pairs.append((alt, line))
     return pairs
 
@@ -380,6 +472,7 @@ def parse_args(argv=None):
     p.add_argument("--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype")
@@ -393,11 +486,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     start, raw = time.time(), []
+    drops = defaultdict(Counter)  # per source: why pairs were left out
     for source in args.sources:
-        got = SOURCES[source](args)
+        got = SOURCES[source](args, drops[source])
         raw += [g if len(g) == 3 else (source, *g) for g in got]
         print(f"{source}: {len(got)} candidate pairs")
-    drops = {s: Counter() for s in {r[0] for r in raw}}
     pairs = clean(raw, args.per_source, args.max_words, drops)
     counts = Counter(p["source"] for p in pairs)
     for source in sorted(drops):

@@ -213,8 +213,9 @@ class TextEngine:
 
     def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False):
+                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -271,7 +272,8 @@ class TextEngine:
             from vllm import SamplingParams
             greedy = self.temperature <= 0
             params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
+                                     repetition_penalty=self.repetition_penalty) for s in seeds]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
@@ -288,6 +290,7 @@ class TextEngine:
             sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
             with torch.inference_mode():
                 out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          repetition_penalty=self.repetition_penalty,
                                           pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
             texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
@@ -295,15 +298,59 @@ class TextEngine:
         return results
 # ---- end text engine
 
-INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+
+# ---- text checks (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+def one_line(text):
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
 
 
 def norm(text):
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def one_line(text):
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
+def looping(text, n=3, most=2):
+    """True when some run of n words comes back more than `most` times: a small model caught in a loop
+    ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
+    words = norm(text).split()
+    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(runs) and max(runs.values()) > most
+
+
+def sentences(text):
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[^a-z])", text.strip()) if s]
+
+
+def whole_sentences(text, max_words):
+    """The leading whole sentences of `text` within `max_words`, stopping before the first sentence that
+    repeats an earlier one; "" when the first sentence alone is too long."""
+    kept, seen, words = [], set(), 0
+    for s in sentences(text):
+        n = len(s.split())
+        if norm(s) in seen or words + n > max_words:
+            break
+        kept.append(s)
+        seen.add(norm(s))
+        words += n
+    return " ".join(kept)
+
+
+def trim_answer(text, max_words):
+    """(text, how): an answer that loops, says a sentence twice or runs long, cut back to its leading whole
+    sentences when that leaves a clean answer (how = "cut_loop" or "cut_long", counted by the caller);
+    otherwise the text as it came."""
+    said = [norm(s) for s in sentences(text)]
+    loops = looping(text) or len(set(said)) < len(said)
+    if not loops and len(text.split()) <= max_words:
+        return text, None
+    how = "cut_loop" if loops else "cut_long"
+    cut = whole_sentences(text, max_words)
+    if cut and cut != text and not looping(cut):
+        return cut, how
+    return text, None
+# ---- end text checks
+
+
+INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
 
 
 def load_meta_pairs(path, sources):
@@ -330,19 +377,32 @@ def build_prompt(caption, examples):
     return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
 
 
+def content_words(text):
+    return set(norm(text).split()) - STOP_WORDS
+
+
 def parse_rewrite(completion, caption, examples, min_words=2, max_words=60):
-    """(rewrite, None) or (None, reason): the first line of the completion, cleaned and checked."""
+    """(rewrite, note) or (None, reason): the first line of the completion, cleaned and checked. A looping or
+    over-long line is cut back to its leading whole sentences when they stand alone (note "cut_loop" or
+    "cut_long"); a line that shares no word with the caption but two with an example's is a copy of that
+    example's topic ("example_copy"), a small model's favourite way to fail."""
     line = completion.split("\n", 1)[0].split("=>", 1)[0].strip().strip("\"'`").strip()
+    line, note = trim_answer(line, max_words)
     words = len(line.split())
     if words == 0:
         return None, "empty"
     if words < min_words:
         return None, "short"
+    if looping(line):
+        return None, "loop"
     if words > max_words:
         return None, "long"
     if norm(line) in {norm(caption)} | {norm(x) for pair in examples for x in pair}:
         return None, "echo"
-    return line, None
+    mine, own = content_words(line), content_words(caption)
+    if not mine & own and any(len(mine & content_words(a + " " + b)) >= 2 for a, b in examples):
+        return None, "example_copy"
+    return line, note
 
 
 def jsonl_samples(path, counts):
@@ -398,6 +458,8 @@ def rewrite_llm(engine, items, pools, args, shard, counts):
                     counts[f"rejected_{why}"] += 1
                     todo.append((key, cap, s, j))
                 else:
+                    if why:  # cut_loop / cut_long: kept, and counted
+                        counts[why] += 1
                     out[key][s][j] = rewrite
         if not todo:
             break
@@ -548,6 +610,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
     p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
     p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
@@ -580,7 +643,7 @@ def main(argv=None):
     todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
     print0(f"02_rewrite: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
     pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
                 "k": args.k, "n": args.n, "max_retries": args.max_retries, "stop": ["\n"]}
     template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")])
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools), "prompt_template": template,
@@ -599,7 +662,7 @@ def main(argv=None):
     else:
         engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
                             args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                            args.enforce_eager, args.trust_remote_code)
+                            args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
     return [process_shard(p, engine, pools, synonyms, args, tag) for p in todo]
 
 

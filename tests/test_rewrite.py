@@ -58,11 +58,40 @@ class ScriptedEngine:
     ("", None), ("   \n a dog", None), ("dog", None),
     ("A red CIRCLE!", None),  # echo of the caption
     ("an example output", None),  # echo of an in-context example
-    (" ".join(["word"] * 61), None),
+    (" ".join(f"w{i}" for i in range(61)), None),  # too long, one sentence
+    ("funky gr8 funky funky funky funky funky", None),  # a loop
+    ("A red circle sits on white. A red circle sits on white. A red", "A red circle sits on white."),  # loop cut back
+    ("A wedding couple shares their first kiss.", None),  # nothing of the caption, the example's topic instead
 ])
 def test_parse_rewrite(completion, expect):
-    got, why = rw.parse_rewrite(completion, "a red circle", [("an example input", "an example output")])
-    assert got == expect and (why is None) == (expect is not None)
+    examples = [("an example input", "an example output"), ("wedding couple first dance", "A bride and groom dance.")]
+    got, why = rw.parse_rewrite(completion, "a red circle", examples)
+    assert got == expect
+    if expect is None:
+        assert why in {"empty", "short", "long", "loop", "echo", "example_copy"}
+    else:
+        assert why == (None if got == completion.split("=>")[0].split("\n")[0].strip().strip('"') else "cut_loop")
+
+
+@pytest.mark.parametrize("text,loops", [
+    ("A star star shaped with asterisks in the sky.", False),
+    ("a red set, a blue set, a red set, a red set, a red set", True),
+    ("a scrumptious, a scrumptious, a scrumptious, a scrumptious treat", True),
+    ("a scrumptious, a scrumptious treat", False),
+    ("Two red apples and two green apples on a white plate.", False),
+])
+def test_looping(text, loops):
+    assert rw.looping(text) == loops
+
+
+def test_whole_sentences_and_trim():
+    assert rw.whole_sentences("One two. Three four five. Six.", 5) == "One two. Three four five."
+    assert rw.whole_sentences("One two three four five six.", 5) == ""
+    assert rw.whole_sentences("A cat. A cat. A dog.", 10) == "A cat."
+    assert rw.sentences("A kite, e.g. a red one. Next one!") == ["A kite, e.g. a red one.", "Next one!"]
+    assert rw.trim_answer("A short answer.", 10) == ("A short answer.", None)
+    assert rw.trim_answer("A cat sits. " + " ".join(f"W{i}" for i in range(20)), 10) == ("A cat sits.", "cut_long")
+    assert rw.trim_answer("A cat sits. " + "Wow " * 20, 10) == ("A cat sits.", "cut_loop")
 
 
 def test_prompt_has_instruction_k_examples_and_caption():

