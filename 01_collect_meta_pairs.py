@@ -26,7 +26,6 @@ import os
 import random
 import re
 import socket
-import sys
 import tarfile
 import time
 import zlib

@@ -2,9 +2,13 @@
 
 The prompt for a caption is an instruction line, k examples drawn from one source of 01's meta pairs as
 `input => output` lines, then `caption =>`; the first line of the completion is the rewrite (LaCLIP:
-temperature 0.9, top-p 0.95, at most 77 new tokens). Outputs that are empty, shorter than 2 words,
-echo the caption or an example, or run too long are drawn again; after --max-retries the original caption
-fills the slot and the sample counts as a fallback. No sample is ever dropped. `--engine eda` needs no
+temperature 0.9, top-p 0.95, at most 77 new tokens). A line that loops, repeats a sentence or runs past
+--max-words is cut back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long);
+outputs that are then empty, shorter than 2 words, still looping or too long, an echo of the caption or an
+example, or a copy of an example's topic (no word of the caption, two of the example) are drawn again
+(counted by reason: rejected_<why>); after --max-retries the original caption fills the slot and the sample
+counts as a fallback. No sample is ever dropped. The prompt goes to the model as plain text, never through a
+chat template: few-shot `caption =>` lines are a completion task, and chat-tuned models answer them in chat. `--engine eda` needs no
 model: it writes the classic EDA augmentations (synonyms from WordNet, insertion, swap, deletion).
 
 Reads:  --input   webdataset tars (only <key>.txt is read) or JSONL with {"key", "text"}

