@@ -8,7 +8,8 @@ Generation stops at the first line end. An answer that loops, says a sentence tw
 back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long). A lone preamble line
 ("Here is the caption:") is continued: the retry prompt ends with it, so the model writes the caption it announced.
 An answer that is empty, one word, still looping or over --max-words, an echo of either input, talk about its
-inputs ("The web text ..."), or a refusal (--refusals, matched case-blind unless the AltText says it too)
+inputs ("The web text ..."), a link,
+a price the AltText does not state, or a refusal (--refusals, matched case-blind unless the AltText says it too)
 is drawn again with a new seed (--max-retries), then replaced by the VeC (`fallback_vec`). A key whose VeC is
 missing, null or itself a refusal keeps its AltText (`fallback_alt`); a key with neither gets "fused": null
 (`failed`); a key with a VeC but no AltText keeps the VeC. Every key of the input shard gets exactly one record.
@@ -361,6 +362,7 @@ FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache th
     "and add the objects, colours, counts and setting of the visual description. State nothing that neither of "
     "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
     "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}")
+PRICE = re.compile(r"[$€£¥]\s?\d|\d\s?(\$|€|£|usd|eur|gbp)\b", re.I)
 STOP = ["\n"]  # the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
 REFUSALS = ["I'm sorry", "I am sorry", "I apologize", "As an AI", "as a language model", "I cannot", "I can't",
             "I am unable", "I'm unable", "I'm not able to"]
@@ -439,6 +441,10 @@ def parse_fused(completion, alt, vec, refusals, max_words):
         return None, "echo"
     if re.search(r"\b(web text|web page|visual description)\b", text, flags=re.I):  # talks about its inputs
         return None, "meta"
+    if re.search(r"https?://|www\.|\]\(", text) and not re.search(r"https?://|www\.", alt):
+        return None, "url"  # a made-up link or a markdown image
+    if PRICE.search(text) and not PRICE.search(alt):
+        return None, "price"  # the prompt asks to leave prices out; a small model invents them
     return text, note
 
 

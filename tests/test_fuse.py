@@ -98,6 +98,10 @@ class ScriptedEngine:
     ("A glass with a wooden handle. A glass with a wooden handle. A glass with a", "Acme glass", "A glass with a wooden handle."),
     ("A red kite flies over the sand. " + " ".join(f"W{i}" for i in range(40)) + ".", "Acme kite", "A red kite flies over the sand."),
     ("FF23 - FF23 - FF23 - FF23 - FF23 - FF23 - FF23", "Acme kite", "loop"),
+    ("[clipped image](https://images.example.com/kite.png", "Acme kite", "url"),
+    ("A red kite on sand, see www.acme.example for more", "Acme kite", "url"),
+    ("A beach ball in four colours, with a price tag of £5.00.", "Acme kite", "price"),
+    ("A red kite on sand for $12, as the shop says", "Acme kite $12 sale", "A red kite on sand for $12, as the shop says"),
 ])
 def test_parse_fused(completion, alt, expect):
     got, why = fu.parse_fused(completion, alt, "a red kite on sand", fu.REFUSALS, 40)
