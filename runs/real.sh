@@ -3,7 +3,9 @@
 # web alt text, the real SmolLM2-135M-Instruct as the rewriting LLM, the real all-MiniLM-L6-v2 as LLM2CLIP's
 # frozen tower. Every method trains the same model (real-clip) on the same images for the same steps and
 # seeds, and is evaluated on held-out clip-art classes, Fashion-MNIST and held-out clip-art titles.
-# Ends with the table (runs/real_table.py -> real/eval/table.md). Settings via the environment:
+# Ends with the table (runs/real_table.py -> real/eval/table.md). Measured on 2 cores: 43 min with set-up done
+# and real/ built (02 with vLLM's CPU backend 9 min, each seed ~16 min); a first run adds ~2 min of data and the
+# installs. Re-running the same command skips what is finished. Settings via the environment:
 #   REAL_SHARDS=3   training shards of 800 images (8 exist)      SEEDS="0 1"   seeds per method
 #   EPOCHS=4        passes over the training images               SKIP_SETUP=1  skip runs/setup*.sh
 #   SOURCES=human   meta-pair sources 02 rewrites with, one rewrite each ("human llm": twice the 02 time)
@@ -28,8 +30,10 @@ stamp "data ready (${#SHARDS[@]} training shards)"
 
 # LaCLIP: meta pairs written by people (ours) and by SmolLM2 (the ChatGPT/Bard analogue), then one rewrite per
 # caption per source in $SOURCES. vLLM's CPU backend when its venv is there (2.5x faster here), else transformers.
-$PY 01_collect_meta_pairs.py --sources human llm --shards "${SHARDS[@]}" --llm-model "$R/models/smollm2" \
-  --out "$R/meta_pairs.jsonl"
+if [ ! -f "$R/meta_pairs.stats.json" ]; then  # written last: the pairs are complete
+  $PY 01_collect_meta_pairs.py --sources human llm --shards "${SHARDS[@]}" --llm-model "$R/models/smollm2" \
+    --out "$R/meta_pairs.jsonl"
+fi
 REWRITE=(02_rewrite.py --model "$R/models/smollm2" --input "${SHARDS[@]}" --meta-pairs "$R/meta_pairs.jsonl"
          --sources ${SOURCES:-human} --out-dir "$R/rewrites")
 if [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" 2>/dev/null; then
