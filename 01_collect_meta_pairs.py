@@ -155,7 +155,7 @@ class TextEngine:
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
                  enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
-        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -377,9 +377,9 @@ META = re.compile(r"\b(rewrit\w*|rework\w*|captions?|words?)\b", re.I)  # talk a
 
 
 def parse_llm_answer(text, alt, max_words):
-    """(output, note) or (None, reason) for one chat answer: the first line that is not a preamble ("Sure! Here
-    is the rewrite:"), cut back to whole sentences when it loops or runs past `max_words`; an answer that
-    talks about the task ("keeping only ten words ...") or still loops is rejected."""
+    """(output, note) or (None, reason) for one chat answer: the first line that is not a preamble
+    ("Sure! Here is the rewrite:"), cut back to whole sentences when it loops or runs past `max_words`;
+    an answer that talks about the task ("keeping only ten words ...") or still loops is rejected."""
     lines = [one_line(x).strip("\"'*` ") for x in text.split("\n")]
     lines = [x for x in lines if x]
     while lines and PREAMBLE.match(lines[0]) and len(lines) > 1:
@@ -404,13 +404,13 @@ SMALL_WORDS = set("the and for with are was its has his her but not you all can 
 
 
 def stems(text):
-    """Crude stems (first 4 letters) of words of 3+ letters: "fireworks" meets "firework", "the" meets nothing."""
+    """Crude stems (first 4 letters) of words of 3+ letters: "fireworks" meets "firework"."""
     return {w[:4] for w in norm(text).split() if len(w) > 2 and w not in SMALL_WORDS}
 
 
 def llm_pairs(args, drops):
-    """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers loop,
-    talk about the task or run long, and those are dropped (counted by reason in the stats)."""
+    """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers
+    loop, talk about the task or run long, and those are dropped (counted by reason in the stats)."""
     alts = sample_alt_texts(args, 4 * args.per_source)
     engine = TextEngine(args.engine, args.llm_model, args.temperature, 1.0, args.max_new_tokens, args.batch_size,
                         args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
@@ -471,7 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype")

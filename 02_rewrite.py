@@ -5,11 +5,12 @@ The prompt for a caption is an instruction line, k examples drawn from one sourc
 temperature 0.9, top-p 0.95, at most 77 new tokens). A line that loops, repeats a sentence or runs past
 --max-words is cut back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long);
 outputs that are then empty, shorter than 2 words, still looping or too long, an echo of the caption or an
-example, or a copy of an example's topic (no word of the caption, two of the example) are drawn again
-(counted by reason: rejected_<why>); after --max-retries the original caption fills the slot and the sample
-counts as a fallback. No sample is ever dropped. The prompt goes to the model as plain text, never through a
-chat template: few-shot `caption =>` lines are a completion task, and chat-tuned models answer them in chat. `--engine eda` needs no
-model: it writes the classic EDA augmentations (synonyms from WordNet, insertion, swap, deletion).
+example, or a copy of an example's topic (no word of the caption, two of the example) are drawn again (counted
+by reason: rejected_<why>); after --max-retries the original caption fills the slot and the sample counts as a
+fallback. No sample is ever dropped. The prompt goes to the model as plain text, never through a chat
+template: few-shot `caption =>` lines are a completion task, and chat-tuned models answer them in chat.
+`--engine eda` needs no model: it writes the classic EDA augmentations (synonyms from WordNet, insertion,
+swap, deletion).
 
 Reads:  --input   webdataset tars (only <key>.txt is read) or JSONL with {"key", "text"}
         --meta-pairs  meta_pairs.jsonl from 01 ({"source", "input", "output"})
@@ -219,7 +220,7 @@ class TextEngine:
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
                  enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
-        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -614,7 +615,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
     p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
     p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
@@ -647,8 +649,11 @@ def main(argv=None):
     todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
     print0(f"02_rewrite: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
     pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
-                "k": args.k, "n": args.n, "max_retries": args.max_retries, "stop": ["\n"]}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p,
+                "repetition_penalty": args.repetition_penalty,
+                "max_new_tokens": args.max_new_tokens, "k": args.k, "n": args.n,
+                "max_retries": args.max_retries,
+                "stop": ["\n"]}
     template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")])
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools), "prompt_template": template,
                   "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest() if pools else None}

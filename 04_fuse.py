@@ -4,15 +4,15 @@ The prompt (FUSION_PROMPT, written for this project and recorded in _config.json
 template, for one caption that keeps the AltText's specific knowledge (names, places, brands, products, numbers),
 adds the VeC's visual details, invents neither, and stays within --max-words. When instruction + AltText + VeC
 exceed --max-prompt-tokens or the model's context, the AltText is cut (never the VeC) and the key says `truncated`.
-Generation stops at the first line end. An answer that loops, says a sentence twice or runs past --max-words is cut
-back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long). A lone preamble line
-("Here is the caption:") is continued: the retry prompt ends with it, so the model writes the caption it announced.
-An answer that is empty, one word, still looping or over --max-words, an echo of either input, talk about its
-inputs ("The web text ..."), a link,
-a price the AltText does not state, or a refusal (--refusals, matched case-blind unless the AltText says it too)
-is drawn again with a new seed (--max-retries), then replaced by the VeC (`fallback_vec`). A key whose VeC is
-missing, null or itself a refusal keeps its AltText (`fallback_alt`); a key with neither gets "fused": null
-(`failed`); a key with a VeC but no AltText keeps the VeC. Every key of the input shard gets exactly one record.
+Generation stops at the first line end. An answer that loops, says a sentence twice or runs past --max-words
+is cut back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long). A lone
+preamble line ("Here is the caption:") is continued: the retry prompt ends with it, so the model writes the
+caption it announced. An answer that is empty, one word, still looping or over --max-words, an echo of either
+input, talk about its inputs ("The web text ..."), a link, a price the AltText does not state, or a refusal
+(--refusals, matched case-blind unless the AltText says it too) is drawn again with a new seed
+(--max-retries), then replaced by the VeC (`fallback_vec`). A key whose VeC is missing, null or itself a
+refusal keeps its AltText (`fallback_alt`); a key with neither gets "fused": null (`failed`); a key with a VeC
+but no AltText keeps the VeC. Every key of the input shard gets exactly one record.
 Stats count the join (missing_text, empty_text, missing_vec, vec_null, vec_refusal, vec_without_sample) over the
 whole shard, and the draws (rejected_<why>, retries, truncated, prompt_too_long) of the run that wrote it.
 
@@ -221,7 +221,7 @@ class TextEngine:
                  tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
                  enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
         self.kind, self.model_id, self._stops = kind, model, {}
-        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages the loops small models fall into
+        self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
         self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
@@ -418,9 +418,9 @@ def fit_prompt(engine, alt, vec, max_words, budget, bos):
 
 
 def parse_fused(completion, alt, vec, refusals, max_words):
-    """(caption, note) or (None, reason): the answer's first line, less a "Caption:" label and quotes. A looping or
-    over-long answer is cut back to its leading whole sentences when they stand alone (note "cut_loop" or
-    "cut_long"); one still looping or over --max-words is rejected."""
+    """(caption, note) or (None, reason): the answer's first line, less a "Caption:" label and quotes.
+    A looping or over-long answer is cut back to its leading whole sentences when they stand alone
+    (note "cut_loop" or "cut_long"); one still looping or over --max-words is rejected."""
     line = next((x.strip() for x in completion.splitlines() if x.strip()), "")
     text = re.sub(r"^(\w+ )?caption\s*:\s*", "", line, flags=re.I).strip("\"'`* ").strip()
     text, note = trim_answer(text, max_words)
@@ -476,9 +476,9 @@ def read_vecs(path, counts):
 
 
 def fuse_llm(engine, items, args, shard, counts, budget, bos):
-    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new seed.
-    An answer that was only a preamble line ("Here is the caption:") is continued instead: its retry prompt ends
-    with that line, so the model writes the caption it announced."""
+    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new
+    seed. An answer that was only a preamble line ("Here is the caption:") is continued instead: its retry
+    prompt ends with that line, so the model writes the caption it announced."""
     out, prompts = {}, {}
     for key, alt, vec in items:
         prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
@@ -491,7 +491,8 @@ def fuse_llm(engine, items, args, shard, counts, budget, bos):
     todo, lead = list(prompts), {}
     for attempt in range(args.max_retries + 1):
         batch = [prompts[k][0] + lead.get(k, "") for k in todo]
-        texts = engine.generate(batch, [sample_seed(args.seed, shard, k, attempt) for k in todo], n=1, stop=STOP)
+        seeds = [sample_seed(args.seed, shard, key, attempt) for key in todo]
+        texts = engine.generate(batch, seeds, n=1, stop=STOP)
         again = []
         for key, (completion,) in zip(todo, texts):
             _, used, vec, cut = prompts[key]
@@ -581,7 +582,8 @@ def parse_args(argv=None):
     p.add_argument("--refusals", nargs="*", default=REFUSALS, help="answers containing one of these (case-blind) are refusals; give none to turn the check off")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
     p.add_argument("--max-retries", type=int, default=1, help="new draws for a rejected answer before falling back to the VeC")
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
@@ -616,8 +618,10 @@ def main(argv=None):
     for p in waiting:
         print(f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}")
     todo = [p for p in todo if p not in waiting]
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
-                "max_retries": args.max_retries, "stop": STOP, "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p,
+                "repetition_penalty": args.repetition_penalty,
+                "max_new_tokens": args.max_new_tokens, "max_retries": args.max_retries, "stop": STOP,
+                "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "prompt_template": FUSION_PROMPT,
                   "refusals": args.refusals}
     tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]

@@ -57,6 +57,12 @@ def test_text_checks_block_identical_where_used():
     assert len(set(copies.values())) == 1
 
 
+def test_dataset_writing_block_identical_in_both_builders():
+    builders = ("00_toy_data.py", "00_real_data.py")
+    copies = {s: block(s, "# ---- dataset writing (", "# ---- end dataset writing") for s in builders}
+    assert all(copies.values()) and len(set(copies.values())) == 1
+
+
 def test_no_stage_imports_another():
     for s in STAGES:
         text = open(os.path.join(REPO, s)).read()
