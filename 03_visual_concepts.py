@@ -5,6 +5,8 @@ model's own chat template, so llava-hf/llava-1.5-7b-hf, -13b-hf and newer LLaVA-
 decoding is greedy unless --temperature > 0. Images are decoded with Pillow from JPEG/PNG/WebP/GIF/BMP/TIFF
 bytes only (never formats Pillow hands to Ghostscript), turned upright by their EXIF tag, put on white where
 transparent and shrunk to --max-image-side (big JPEGs decode at reduced scale, so a 50-megapixel photo is cheap).
+--image-aspect pad (default) is LLaVA-1.5's own preprocessing: a non-square image is centred on a square of
+the image processor's mean colour before either engine sees it; crop is the llava-hf processor's center crop.
 A key whose image is missing, unreadable or rejected by the model's processor gets a record with "vec": null and
 its status: bad samples are counted, never dropped, never a crash. The next chunk decodes while one generates.
 
@@ -13,8 +15,9 @@ Writes: <out-dir>/<shard>.jsonl   {"key", "vec": "..." | null, "status"}, one pe
                                   status: ok | empty (the model answered nothing) | missing_image (no image member)
                                           | failed_image, with "error": image_empty | image_corrupt (undecodable or
                                             truncated) | image_too_large (over ~179 megapixels) | model_error
-        <out-dir>/<shard>.stats.json  written last: the done-marker (counts by status and reason, seconds, images/s, model, prompt)
-        <out-dir>/_config.json        arguments, script sha256, model, question, sampling
+        <out-dir>/<shard>.stats.json  written last: the done-marker (counts by status and reason, seconds,
+                                      images/s, model, prompt, image_aspect, pad_color)
+        <out-dir>/_config.json        arguments, script sha256, model, question, sampling, image_aspect
 
 Toy run (CPU, transformers, after 00):  python 03_visual_concepts.py
 One GPU, vLLM:      python 03_visual_concepts.py --engine vllm --model llava-hf/llava-1.5-7b-hf \
@@ -213,6 +216,7 @@ def append_partial(path, tag, records):
 VECLIP_QUESTION = "Describe the image concisely, less than 20 words."
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SAFE_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # web bytes never reach Pillow's EPS (Ghostscript) & co
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation mean (LLaVA-1.5's vision tower)
 
 
 def own_gpus(tp):
@@ -301,8 +305,35 @@ class VisionEngine:
         return texts
 
 
-def load_image(raw, max_side):
-    """(RGB image with sides <= max_side, None) or (None, reason). Runs in decode threads: touches no shared state."""
+def processor_mean(processor):
+    """The image processor's normalisation mean (three floats in 0..1); CLIP's, with a note, if none."""
+    mean = getattr(getattr(processor, "image_processor", None), "image_mean", None)
+    if not isinstance(mean, (list, tuple)) or len(mean) != 3:
+        print0(f"note: the model's image processor has no RGB image_mean; padding with CLIP's {CLIP_MEAN}")
+        return CLIP_MEAN
+    return tuple(float(x) for x in mean)
+
+
+def pad_color_of(mean):
+    # int(), not round(): LLaVA-1.5 truncates, so its CLIP grey is (122, 116, 104), not (123, 117, 104)
+    return tuple(int(x * 255) for x in mean)
+
+
+def pad_to_square(img, color):
+    """`img` centred on a square of `color` (LLaVA-1.5's "pad" image aspect), so the processor's center crop
+    that follows keeps the whole picture. A square image is returned as is."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    square = Image.new(img.mode, (side, side), color)
+    square.paste(img, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def load_image(raw, max_side, pad_color=None):
+    """(RGB image with sides <= max_side, squared with `pad_color` when given, None) or (None, reason).
+    Runs in decode threads: touches no shared state."""
     if not raw:
         return None, "image_empty"
     try:
@@ -316,7 +347,10 @@ def load_image(raw, max_side):
             img = img.convert("I").point(lambda v: v / 256).convert("L")
         if img.mode in ("RGBA", "LA", "PA") or img.info.get("transparency") is not None:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-        return img.convert("RGB"), None
+        img = img.convert("RGB")
+        if pad_color is not None:
+            img = pad_to_square(img, pad_color)
+        return img, None
     except Image.DecompressionBombError:
         return None, "image_too_large"
     except Exception:  # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
@@ -388,7 +422,7 @@ def caption_chunk(engine, items, args, shard):
     return [records[key] for key, _ in items]
 
 
-def process_shard(path, engine, pool, args, tag):
+def process_shard(path, engine, pool, args, tag, pad_color=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
     done = read_partial(partial_path, tag)
@@ -409,7 +443,14 @@ def process_shard(path, engine, pool, args, tag):
             yield chunk
 
     def decode(chunk):
-        return [(key, None if raw is None else pool.submit(load_image, raw, args.max_image_side)) for key, raw in chunk]
+        # padded here, in the decode threads: both engines get the same square and the GPU never waits on it
+        futures = []
+        for key, raw in chunk:
+            if raw is None:
+                futures.append((key, None))
+            else:
+                futures.append((key, pool.submit(load_image, raw, args.max_image_side, pad_color)))
+        return futures
 
     todo = chunks()
     ahead = decode(next(todo, []))
@@ -426,7 +467,8 @@ def process_shard(path, engine, pool, args, tag):
              "failed": status["failed_image"] + status["missing_image"], "failed_image": status["failed_image"],
              "missing_image": status["missing_image"], "counts": dict(counts), "seconds": round(seconds, 2),
              "images_per_s": round((len(records) - resumed) / max(seconds, 1e-9), 2), "engine": args.engine,
-             "model": args.model, "prompt": engine.prompt, "prompt_hash": tag}
+             "model": args.model, "prompt": engine.prompt, "prompt_hash": tag,
+             "image_aspect": args.image_aspect, "pad_color": None if pad_color is None else list(pad_color)}
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     if os.path.exists(partial_path):
         os.remove(partial_path)
@@ -447,6 +489,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (when --temperature > 0)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per caption")
     p.add_argument("--max-image-side", type=int, default=1024, help="larger images are shrunk to this before the processor")
+    p.add_argument("--image-aspect", choices=["pad", "crop"], default="pad",
+                   help="pad: centre a non-square image on a square of the processor's mean colour "
+                   "(LLaVA-1.5's own preprocessing); crop: leave it to the llava-hf processor's center crop")
     p.add_argument("--seed", type=int, default=0, help="base of every per-image seed (when sampling)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per generate call; progress is saved after each")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (hf engine)")
@@ -475,7 +520,7 @@ def main(argv=None):
     print0(f"03_visual_concepts: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     provenance = {"engine": args.engine, "model": args.model, "question": args.prompt, "sampling": sampling,
-                  "max_image_side": args.max_image_side}
+                  "max_image_side": args.max_image_side, "image_aspect": args.image_aspect}
     tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
     if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
@@ -487,8 +532,11 @@ def main(argv=None):
     engine = VisionEngine(args.engine, args.model, args.prompt, args.temperature, args.top_p, args.max_new_tokens,
                           args.batch_size, args.tensor_parallel_size, args.dtype, args.max_model_len,
                           args.gpu_memory_utilization, args.enforce_eager, args.trust_remote_code)
+    pad_color = None
+    if args.image_aspect == "pad":
+        pad_color = pad_color_of(processor_mean(engine.processor))
     with ThreadPoolExecutor(max(1, args.decode_workers)) as pool:
-        return [process_shard(p, engine, pool, args, tag) for p in todo]
+        return [process_shard(p, engine, pool, args, tag, pad_color) for p in todo]
 
 
 if __name__ == "__main__":

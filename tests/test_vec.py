@@ -58,6 +58,7 @@ def run(toy, out, *extra):
 class ScriptedVLM:
     """Stands at the engine boundary: a caption made from each image's size and seed; images 7x7 px make it raise."""
     prompt = "USER: <image>\nscripted\nASSISTANT:"
+    processor = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_mean=[0.5, 0.5, 0.5]))
     calls = []
 
     def __init__(self, *a, **k):
@@ -136,6 +137,109 @@ def test_load_image_decodes_what_the_web_serves():
     assert vc.load_image(encode(photo((4000, 3)), "PNG"), 1024)[0].size == (1024, 1)
 
 
+def gradient(size):
+    """Every pixel different from its neighbours and from the pad colour, so a shifted paste shows."""
+    img = Image.new("RGB", size)
+    for x in range(size[0]):
+        for y in range(size[1]):
+            img.putpixel((x, y), (255 - 3 * x, 250 - 3 * y, 250))
+    return img
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour():
+    grey = vc.pad_color_of(vc.CLIP_MEAN)
+    assert grey == (122, 116, 104)  # LLaVA-1.5's int(x * 255) of CLIP's mean
+    wide = gradient((40, 20))
+    square = vc.pad_to_square(wide, grey)
+    assert square.size == (40, 40) and square.mode == "RGB"
+    assert square.crop((0, 10, 40, 30)).tobytes() == wide.tobytes()  # the original, centred
+    assert square.crop((0, 0, 40, 10)).getcolors() == [(400, grey)]  # the border: the mean colour only
+    assert square.crop((0, 30, 40, 40)).getcolors() == [(400, grey)]
+    tall = vc.pad_to_square(gradient((20, 40)), grey)
+    assert tall.size == (40, 40) and tall.crop((10, 0, 30, 40)).tobytes() == gradient((20, 40)).tobytes()
+    assert tall.crop((0, 0, 10, 40)).getcolors() == [(400, grey)] == tall.crop((30, 0, 40, 40)).getcolors()
+    odd = vc.pad_to_square(gradient((40, 21)), grey)  # 19 rows to share: 9 above, 10 below
+    assert odd.crop((0, 9, 40, 30)).tobytes() == gradient((40, 21)).tobytes()
+    same = gradient((30, 30))
+    assert vc.pad_to_square(same, grey) is same
+
+
+def test_pad_colour_comes_from_the_model_image_processor(toy, capsys):
+    from transformers import AutoProcessor
+    assert vc.processor_mean(AutoProcessor.from_pretrained(toy / "models/tiny-llava")) == vc.CLIP_MEAN
+    assert "note" not in capsys.readouterr().out
+    own = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_mean=[0.5, 0.25, 1.0]))
+    assert vc.pad_color_of(vc.processor_mean(own)) == (127, 63, 255)
+    none = types.SimpleNamespace(image_processor=types.SimpleNamespace())
+    assert vc.processor_mean(none) == vc.CLIP_MEAN and "no RGB image_mean" in capsys.readouterr().out
+
+
+def test_load_image_pads_palette_transparent_and_grey_images():
+    grey = (122, 116, 104)
+    palette = gradient((40, 20)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    clear = Image.new("RGBA", (20, 40), (0, 0, 0, 0))
+    for img in [palette, clear, Image.new("L", (40, 20), 30), Image.new("I;16", (20, 40), 32768)]:
+        padded, why = vc.load_image(encode(img, "PNG"), 1024, grey)
+        assert why is None and padded.mode == "RGB" and padded.size == (40, 40), img.mode
+        assert padded.getpixel((0, 0)) == grey and padded.getpixel((39, 39)) == grey, img.mode
+    centre = vc.load_image(encode(clear, "PNG"), 1024, grey)[0].getpixel((20, 20))
+    assert centre == (255, 255, 255)  # transparency still goes white, the padding around it is grey
+    assert vc.load_image(encode(palette, "PNG"), 1024)[0].size == (40, 20)  # no colour, no padding
+
+
+def make_aspect_shard(path):
+    """Wide, tall, palette, transparent, grey and square images: (key, size as stored)."""
+    palette = gradient((30, 10)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    images = [(gradient((40, 20)), "png"), (gradient((16, 48)), "png"), (palette, "png"),
+              (Image.new("RGBA", (10, 30), (0, 0, 0, 0)), "png"), (Image.new("L", (24, 12), 30), "png"),
+              (photo((32, 32)), "jpg")]
+    with tarfile.open(path, "w") as tar:
+        for i, (img, ext) in enumerate(images):
+            data = encode(img, "PNG" if ext == "png" else "JPEG")
+            info = tarfile.TarInfo(f"{i:09d}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return [(f"{i:09d}", img.size) for i, (img, _) in enumerate(images)]
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_image_aspect_reaches_the_model_and_the_records(toy, tmp_path, monkeypatch, capsys, aspect):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    stored = make_aspect_shard(shards / "00000.tar")
+    seen = []
+    generate = vc.VisionEngine.generate
+
+    def recording_generate(self, images, seeds):
+        seen.extend(images)
+        return generate(self, images, seeds)
+
+    monkeypatch.setattr(vc.VisionEngine, "generate", recording_generate)
+    out = tmp_path / "vec"
+    model = str(toy / "models/tiny-llava")
+    (stats,) = vc.main(["--input", str(shards), "--out-dir", str(out), "--model", model,
+                        "--max-new-tokens", "4", "--image-aspect", aspect])
+    records = [json.loads(line) for line in open(out / "00000.jsonl")]
+    assert [r["key"] for r in records] == [key for key, _ in stored]  # every key still gets its record
+    assert all(r["status"] in {"ok", "empty"} for r in records)
+    config = json.load(open(out / "_config.json"))
+    assert config["image_aspect"] == stats["image_aspect"] == config["args"]["image_aspect"] == aspect
+    if aspect == "pad":
+        assert [im.size for im in seen] == [(max(size), max(size)) for _, size in stored]
+        assert seen[0].getpixel((0, 0)) == (122, 116, 104) and seen[1].getpixel((0, 0)) == (122, 116, 104)
+        assert stats["pad_color"] == [122, 116, 104]
+    else:
+        assert [im.size for im in seen] == [size for _, size in stored]
+        assert stats["pad_color"] is None
+    assert all(im.mode == "RGB" for im in seen) and stats["prompt_hash"] == config["prompt_hash"]
+    capsys.readouterr()
+    other = "crop" if aspect == "pad" else "pad"  # the shard is done: no model loads, the config is rewritten
+    assert vc.main(["--input", str(shards), "--out-dir", str(out), "--image-aspect", other]) == []
+    # the tag decides whether an interrupted shard's saved work may be reused: the aspect must change it
+    assert json.load(open(out / "_config.json"))["prompt_hash"] != stats["prompt_hash"]
+    assert "made with other settings" in capsys.readouterr().out
+
+
 def make_bad_shard(path):
     good = encode(photo(), "JPEG")
     members = [("000000000.jpg", good), ("000000000.txt", b"a red and blue picture"),
@@ -197,7 +301,8 @@ def test_a_model_failure_fails_only_its_image(tmp_path, monkeypatch):
     (stats,) = vc.main(["--input", str(shards), "--out-dir", str(tmp_path / "o")])
     records = [json.loads(x) for x in open(tmp_path / "o/00000.jsonl")]
     assert [r["status"] for r in records] == ["ok"] * 5 + ["failed_image"] + ["ok"] * 10
-    assert records[0]["vec"].startswith("a 20 by 10 picture") and stats["counts"]["model_error"] == 1 and records[5]["error"] == "model_error"
+    assert records[0]["vec"].startswith("a 20 by 20 picture")  # --image-aspect pad (default) squares it first
+    assert stats["counts"]["model_error"] == 1 and records[5]["error"] == "model_error"
     assert len(ScriptedVLM.calls) <= 1 + 2 * 4  # halving, not one call per image
     with tarfile.open(shards / "00001.tar", "w") as tar:  # every image fails: a broken setup, not bad samples
         for i in range(3):
