@@ -40,10 +40,12 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import sys
 import tarfile
 import time
+import zipfile
 import zlib
 from collections import Counter, defaultdict
 
@@ -223,46 +225,196 @@ class Adapter(nn.Module):
 # ---- end adapter
 
 
+# ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
+# NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
+STOP_WORDS = set("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
+because as until while of at by for with about against between into through during before after above below to from up
+down in out on off over under again further then once here there when where why how all any both each few more most other
+some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
+aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split())
+
+
+def find_wordnet(explicit):
+    """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
+    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"),
+                  os.path.join(sys.prefix, "nltk_data"), os.path.join(sys.prefix, "share", "nltk_data"),
+                  "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
+    candidates = [explicit, os.environ.get("WNSEARCHDIR", ""), "/usr/share/wordnet", "/usr/local/WordNet-3.0/dict"]
+    for root in nltk_roots:
+        if root:
+            candidates += [os.path.join(root, "corpora", "wordnet"), os.path.join(root, "corpora", "wordnet.zip")]
+    for c in candidates:
+        if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
+            return c
+    raise SystemExit("EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
+                     "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
+                     "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv).")
+
+
+def load_synonyms(location):
+    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files. As EDA writes a
+    synonym: lower case, '_' and '-' as spaces, letters and spaces only."""
+    synonyms = defaultdict(set)
+    archive = zipfile.ZipFile(location) if location.endswith(".zip") else None
+    for pos in ("noun", "verb", "adj", "adv"):
+        if archive:
+            raw = archive.read(f"wordnet/data.{pos}")
+        else:
+            with open(os.path.join(location, f"data.{pos}"), "rb") as f:
+                raw = f.read()
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            if line.startswith(" "):  # license header
+                continue
+            fields = line.split(" ")
+            words = []
+            for i in range(int(fields[3], 16)):
+                lemma = re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").replace("-", " ").lower()
+                words.append(re.sub(r"[^a-z ]", "", lemma))
+            for w in words:
+                synonyms[w].update(x for x in words if x != w and x.strip())
+    return {w: sorted(s) for w, s in synonyms.items() if s}
+
+
+def synonyms_of(word, synonyms):
+    """Synonyms of a word, trying a plural's singular as WordNet's own lookup does (a short version of morphy)."""
+    bare = word.lower().strip(".,;:!?\"'()[]")
+    tries = [bare]
+    if bare.endswith("ies"):
+        tries.append(bare[:-3] + "y")
+    if bare.endswith("es"):
+        tries.append(bare[:-2])
+    if bare.endswith("s"):
+        tries.append(bare[:-1])
+    for candidate in tries:
+        if candidate in synonyms:
+            return synonyms[candidate]
+    return []
+
+
+def eda_synonym(words, synonyms, rng, n=1):
+    """EDA's synonym replacement: n distinct non-stop words, each replaced (every occurrence) by a random synonym."""
+    candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
+    rng.shuffle(candidates)
+    out, replaced = list(words), 0
+    for word in candidates:
+        options = synonyms_of(word, synonyms)
+        if not options:
+            continue
+        new = rng.choice(options)
+        out = [new if w == word else w for w in out]
+        replaced += 1
+        if replaced >= n:
+            break
+    return out
+
+
+def eda_insert(words, synonyms, rng, n=1):
+    """EDA's random insertion: n times, a synonym of a random non-stop word goes to a random place."""
+    out = list(words)
+    pool = [w for w in words if w.lower() not in STOP_WORDS and synonyms_of(w, synonyms)]
+    for _ in range(n if pool else 0):
+        out.insert(rng.randrange(len(out) + 1), rng.choice(synonyms_of(rng.choice(pool), synonyms)))
+    return out
+
+
+def eda_swap(words, rng, n=1):
+    """EDA's random swap: n times, two different positions trade words."""
+    out = list(words)
+    for _ in range(n if len(out) > 1 else 0):
+        i, j = rng.sample(range(len(out)), 2)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def eda_delete(words, rng, p=0.1):
+    """EDA's random deletion: each word goes with probability p; a lone word stays; if all went, one random word stays."""
+    if len(words) <= 1:
+        return list(words)
+    kept = [w for w in words if rng.random() > p]
+    return kept or [rng.choice(words)]
+
+
+def drop_stop_words(text):
+    """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
+    kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
+    return " ".join(kept) or text
+# ---- end eda
+
+
 IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing", "uncached")
-STOP_WORDS = set("""a an the and or but if of at by for with about against between into through during before after above below to from up
-down in out on off over under again then once here there when where why how all any both each few more most other some such no nor not only own
-same so than too very can will just i me my we our you your he him his she her it its they them their this that these those am is are was were
-be been""".split())
+EDA_OPS = ("none", "synonym", "swap", "delete")
 
 
-def eda(text, rnd, alpha=0.1):
-    """EDA's edits that need no thesaurus, weighted as clip-rocket weights them: random swap 2/3, random deletion 1/3."""
+def eda_edit(text, weights, synonyms, rnd):
+    """One EDA edit drawn with `weights` over EDA_OPS, as clip-rocket's strong text augmentation draws it (its
+    weights: synonym 0.4, swap 0.4, deletion 0.2); one word for a synonym or a swap, each word at 0.1 for deletion."""
     words = text.split()
-    if len(words) > 1 and rnd.random() < 2 / 3:
-        for _ in range(max(1, int(alpha * len(words)))):
-            i, j = rnd.sample(range(len(words)), 2)
-            words[i], words[j] = words[j], words[i]
-        return " ".join(words)
-    return " ".join([w for w in words if rnd.random() > alpha] or words[:1])
+    op = rnd.choices(EDA_OPS, weights=weights)[0]
+    if op == "synonym":
+        words = eda_synonym(words, synonyms or {}, rnd)
+    elif op == "swap":
+        words = eda_swap(words, rnd)
+    elif op == "delete":
+        words = eda_delete(words, rnd)
+    return " ".join(words) or text
 
 
-def sample_texts(alt, synthetic, args, rnd):
-    """(main texts, view texts) of an image. original: the AltText. uniform (LaCLIP): uniform over the AltText and every synthetic
-    caption. mix (VeCLIP): a synthetic caption with probability --p-synthetic, else the AltText. multi (LaCLIP-MT): M distinct
-    such picks (repeats only if fewer exist); views pick as uniform. A pick of under 2 words falls back to the AltText (no
-    AltText: the first synthetic caption stands in). Then stop words dropped (--stopword-drop), EDA (--eda-prob; views: always)."""
-    alt, m = alt or (synthetic[0] if synthetic else ""), args.texts_per_image
-    pool = [alt] + synthetic
+def distinct_texts(alt, synthetic):
+    """The AltText, then every synthetic caption of 2+ words not already there (case and spacing ignored): a slot
+    that 02 filled with the AltText after failed retries is not a second caption of the image."""
+    seen, out = set(), []
+    for i, text in enumerate([alt] + synthetic):
+        key = " ".join(text.lower().split())
+        if key and key not in seen and (i == 0 or len(key.split()) >= 2):
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def sample_texts(alt, synthetic, args, rnd, synonyms=None):
+    """(main texts, which of them count, view texts) of an image.
+
+    original: the AltText. uniform (LaCLIP): uniform over the AltText and every synthetic slot. mix (VeCLIP): a
+    synthetic caption with probability --p-synthetic, else the AltText. A pick of under 2 words falls back to the
+    AltText (no AltText: the first synthetic caption stands in). multi (LaCLIP-MT): M texts among the image's
+    distinct ones (all, in order, with --texts-per-image all); slots past the distinct ones repeat the AltText and
+    are marked not to count. Views (clip-rocket) pick as uniform does.
+    Main texts get the weak augmentation (stop words dropped with probability --stopword-drop) and, for the EDA
+    baseline, an EDA edit with probability --eda-prob; view texts get the strong one: the weak, then an EDA edit."""
+    if not alt and synthetic:
+        alt = synthetic[0]
 
     def pick(mode):
         if mode == "original" or not synthetic:
             return alt
-        text = (rnd.choice(synthetic) if rnd.random() < args.p_synthetic else alt) if mode == "mix" else rnd.choice(pool)
+        if mode == "mix":
+            text = rnd.choice(synthetic) if rnd.random() < args.p_synthetic else alt
+        else:
+            text = rnd.choice([alt] + synthetic)
         return text if len(text.split()) >= 2 else alt
 
-    def augment(text, eda_prob):
+    def weak(text):
         if rnd.random() < args.stopword_drop:
-            text = " ".join(w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS) or text
-        return eda(text, rnd) if rnd.random() < eda_prob else text
-    main = ([t if len(t.split()) >= 2 else alt for t in rnd.sample(pool, min(m, len(pool))) + rnd.choices(pool, k=max(0, m - len(pool)))]
-            if args.text_mode == "multi" else [pick(args.text_mode)])
-    views = [pick(args.text_mode.replace("multi", "uniform")) for _ in range(args.aug_views)]
-    return [augment(t, args.eda_prob) for t in main], [augment(t, 1.0) for t in views]
+            text = drop_stop_words(text)
+        return text
+
+    if args.text_mode == "multi":
+        pool, m = distinct_texts(alt, synthetic), args.texts_per_image
+        chosen = pool[:m] if args.all_texts else rnd.sample(pool, min(m, len(pool)))
+        valid = [True] * len(chosen) + [False] * (m - len(chosen))
+        main = chosen + [alt] * (m - len(chosen))
+    else:
+        main, valid = [pick(args.text_mode)], [True]
+    main = [weak(t) for t in main]
+    if args.eda_prob:
+        main = [eda_edit(t, args.eda_weights, synonyms, rnd) if rnd.random() < args.eda_prob else t for t in main]
+    views = []
+    for _ in range(args.aug_views):
+        views.append(eda_edit(weak(pick(args.text_mode.replace("multi", "uniform"))), args.eda_weights, synonyms, rnd))
+    return main, valid, views
 
 
 def load_texts(shard, dirs, counts):
@@ -294,9 +446,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Reader g = rank * workers + worker takes positions [g*N/R, (g+1)*N/R) of the epoch's shard order (and on, cyclically,
     to pad) and yields `chunks` chunks of `chunk` samples; `consumed` {reader: samples drawn} resumes it mid-epoch."""
 
-    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer):
+    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer, synonyms=None):
         self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = shards, args, epoch, consumed, chunks, chunk
         (self.transform, self.view_transform), self.tokenizer = transforms, tokenizer
+        self.synonyms = synonyms  # WordNet's, for EDA's synonym replacement
         self.order = sorted((i for i in range(len(shards)) if counts[i]), key=lambda i: random.Random(f"{args.seed}|{epoch}|{i}").random())
         self.starts = list(itertools.accumulate([counts[i] for i in self.order], initial=0))
 
@@ -316,7 +469,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             i, pos = i + n, self.starts[j + 1] % self.starts[-1]
 
     def make(self, item, rnd, counts):
-        """(key, image, texts, views, view texts), or None for a sample skipped and counted."""
+        """(key, image, texts, which texts count, views, view texts), or None for a sample skipped and counted."""
         if item is None:
             counts["missing"] += 1
             return None
@@ -327,7 +480,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         except Exception:  # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
             counts["bad_image"] += 1
             return None
-        texts, view_texts = sample_texts(alt, synthetic or [], self.args, rnd)
+        texts, valid, view_texts = sample_texts(alt, synthetic or [], self.args, rnd, self.synonyms)
         if not all(t.strip() for t in texts):
             counts["no_text"] += 1
             return None
@@ -338,7 +491,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return None
             texts = torch.from_numpy(cached[1][rows].astype(np.float32))
         torch.manual_seed(rnd.getrandbits(63))  # image augmentation draws from torch's generator
-        return key, self.transform(img), texts, [self.view_transform(img) for _ in view_texts], view_texts
+        return key, self.transform(img), texts, valid, [self.view_transform(img) for _ in view_texts], view_texts
 
     def __iter__(self):
         info, (rank, world, _), k = torch.utils.data.get_worker_info(), dist_env(), max(1, self.args.workers)
@@ -362,64 +515,263 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"reader {g}: no usable sample in {streak} tries ({dict(counts)})")
             made += [sample] if sample else []
             if len(made) == self.chunk:
-                keys, images, texts, views, view_texts = zip(*made)
+                keys, images, texts, valid, views, view_texts = zip(*made)
                 tokens = lambda ts: (torch.stack(ts) if self.args.text_cache else list(ts) if self.args.text_tower else  # live tower: encoded
                                      self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1))  # in main
                 chunk = {"key": list(keys), "image": torch.stack(images), "text": tokens(texts), "reader": g, "consumed": drawn,
                          "counts": dict(counts)}
+                if self.args.text_mode == "multi":
+                    chunk["text_mask"] = torch.tensor(valid, dtype=torch.bool)
                 if self.args.aug_views:
                     chunk.update(views=torch.stack([torch.stack(v) for v in views]), view_text=tokens(view_texts))
                 yield chunk
                 made, left = [], left - 1
 
 
+class SpatialMean(nn.Module):
+    """Global average pooling of a feature map: a ResNet trunk's output without the attention pool that projects it."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+@contextlib.contextmanager
+def swapped(owner, name, stand_in):
+    """owner.<name> replaced by stand_in inside the block (the parameter or module object itself is kept and put back)."""
+    kept = getattr(owner, name)
+    setattr(owner, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(owner, name, kept)
+
+
+def projection_of(owner, names):
+    """(owner, name, stand-in) that removes the first projection found among `names`, or None. A projection held as a
+    parameter becomes None (open_clip skips it then); one held as a module becomes an identity."""
+    for name in names:
+        value = getattr(owner, name, None)
+        if isinstance(value, nn.Parameter):
+            return owner, name, None
+        if isinstance(value, nn.Module) and not isinstance(value, nn.Identity):
+            return owner, name, SpatialMean() if name == "attnpool" else nn.Identity()
+    return None
+
+
 class Trainee(nn.Module):
-    """The open_clip model and clip-rocket's heads, in one module for DDP. Heads: 3-layer MLPs with BatchNorm (SyncBN on GPUs) on
-    the tower outputs of the strong views and their texts, with their own temperature (init 0.1); text dropout on those texts."""
+    """The open_clip model and clip-rocket's heads, in one module for DDP.
+
+    clip-rocket's heads (its CL2L model) are 3-layer MLPs with BatchNorm (SyncBN on GPUs) that read the BACKBONE
+    features of the strongly augmented views and of their texts: the vision trunk's output and the text transformer's
+    pooled output, before the linear projections that the main (global) loss trains. So the strongly augmented,
+    label-smoothed loss trains the towers and the heads, never the global projections. Where the projection sits:
+    ViT: `visual.proj` (skipped); ModifiedResNet: `visual.attnpool`, whose last layer is the projection (replaced by
+    a mean over the feature map, as the timm ResNet-50 of clip-rocket pools); timm towers: `visual.head` (the
+    trunk's pooled output is read); text: `text_projection` (or an HF tower's `proj`); LLM2CLIP: the adapter's last
+    Linear. A tower with none of these gives its projected output to the heads (said once at start).
+    The heads have their own temperature (init 1/0.1); text dropout acts on the view texts only."""
 
     def __init__(self, clip, dim, views, hidden, text_dropout, adapter=None):
         super().__init__()
         self.clip, self.dropping, self.adapter = clip, False, adapter
-        mlp = lambda: nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                                    nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.image_projection = projection_of(clip.visual, ("proj", "attnpool", "head"))
+        text_owner = getattr(clip, "text", clip) if adapter is None else adapter
+        self.text_projection = projection_of(text_owner, ("text_projection", "proj"))
         if views:
-            self.image_head, self.text_head, self.head_logit_scale = mlp(), mlp(), nn.Parameter(torch.tensor(math.log(10.0)))
+            device = next(clip.parameters()).device
+            size = clip.visual.preprocess_cfg["size"]
+            image_size = size if isinstance(size, int) else size[0]
+            with torch.no_grad():  # the backbone widths, from one tiny forward pass in eval mode
+                was_training = clip.training
+                clip.eval()
+                image_dim = self.image_features(torch.zeros(2, 3, image_size, image_size, device=device)).shape[-1]
+                if adapter is None:
+                    tokens = torch.zeros(2, clip.context_length, dtype=torch.long, device=device)
+                    text_dim = self.text_features(tokens).shape[-1]
+                else:
+                    text_dim = adapter.config["dim"]
+                clip.train(was_training)
+            self.image_head = self.mlp(image_dim, hidden, dim)
+            self.text_head = self.mlp(text_dim, hidden, dim)
+            self.head_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            for tower, found in (("image", self.image_projection), ("text", self.text_projection)):
+                if found is None:
+                    print0(f"note: no separate {tower} projection found: the {tower} head reads the projected features")
         blocks = getattr(getattr(getattr(clip, "text", clip), "transformer", None), "resblocks", None)
         if text_dropout and blocks is None:
             raise SystemExit("--text-dropout needs an open_clip text transformer (resblocks)")
-        for block in blocks if text_dropout else ():  # every block's input, as clip-rocket's text tower for its view texts
-            block.register_forward_pre_hook(lambda m, a: (F.dropout(a[0], text_dropout, True), *a[1:]) if self.dropping else None)
+        if text_dropout:
+            for block in blocks:  # every block's input, as clip-rocket's text tower does for its view texts
+                block.register_forward_pre_hook(self.dropout_hook(text_dropout))
 
-    def forward(self, image, text, views=None, view_text=None):
-        (b, m), encode = text.shape[:2], lambda x: (self.clip.encode_text if self.adapter is None else self.adapter)(x.flatten(0, 1))
-        out = {"image": self.clip.encode_image(image, normalize=True), "text": F.normalize(encode(text), dim=-1).view(b, m, -1),
+    @staticmethod
+    def mlp(in_dim, hidden, out_dim):
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, out_dim))
+
+    def dropout_hook(self, p):
+        def hook(module, inputs):
+            if self.dropping:
+                return (F.dropout(inputs[0], p, True), *inputs[1:])
+            return None
+        return hook
+
+    def encode_text(self, tokens):
+        """Projected text features: CLIP's text tower, or the adapter on a frozen tower's embeddings."""
+        return self.clip.encode_text(tokens) if self.adapter is None else self.adapter(tokens)
+
+    def image_features(self, images):
+        """The vision tower's output before its projection (see the class note)."""
+        if self.image_projection is None:
+            return self.clip.encode_image(images)
+        with swapped(*self.image_projection):
+            x = self.clip.encode_image(images)
+        return x.flatten(2).mean(-1) if x.ndim == 4 else x  # a timm trunk without its own pooling: pool here
+
+    def text_features(self, tokens):
+        """The text tower's pooled output before its projection (see the class note)."""
+        if self.text_projection is None:
+            return self.encode_text(tokens)
+        with swapped(*self.text_projection):
+            return self.encode_text(tokens)
+
+    def forward(self, image, text, views=None, view_text=None, text_mask=None):
+        b, m = text.shape[:2]
+        out = {"image": F.normalize(self.clip.encode_image(image), dim=-1),
+               "text": F.normalize(self.encode_text(text.flatten(0, 1)), dim=-1).view(b, m, -1),
                "scale": self.clip.logit_scale.exp(), "bias": self.clip.logit_bias}
+        if text_mask is not None:
+            out["text_mask"] = text_mask
         if views is not None:
-            out["views"] = F.normalize(self.image_head(self.clip.encode_image(views.flatten(0, 1))), dim=-1).view(b, views.shape[1], -1)
+            n = views.shape[1]
+            out["views"] = F.normalize(self.image_head(self.image_features(views.flatten(0, 1))), dim=-1).view(b, n, -1)
             self.dropping = True
-            out["view_text"] = F.normalize(self.text_head(encode(view_text)), dim=-1).view(b, views.shape[1], -1)
-            self.dropping, out["head_scale"] = False, self.head_logit_scale.exp()
+            try:
+                view_text_features = self.text_features(view_text.flatten(0, 1))
+            finally:
+                self.dropping = False
+            out["view_text"] = F.normalize(self.text_head(view_text_features), dim=-1).view(b, n, -1)
+            out["head_scale"] = self.head_logit_scale.exp()
         return out
 
 
-def contrastive(clip_loss, a, b, scale, bias=None, smoothing=0.0):
-    """open_clip's ClipLoss (gathered as --local-loss/--gather-with-grad say), with label smoothing when asked."""
+def contrastive(clip_loss, a, b, scale, bias=None, smoothing=0.0, valid=None):
+    """open_clip's ClipLoss (gathered as --local-loss/--gather-with-grad say), with label smoothing when asked. `valid`
+    (rows of a and b): only those rows' terms count, the others still serve as negatives."""
     logits_a, logits_b = clip_loss.get_logits(a.contiguous(), b.contiguous(), scale, bias)
     labels = clip_loss.get_ground_truth(a.device, logits_a.shape[0])
-    return (F.cross_entropy(logits_a, labels, label_smoothing=smoothing) + F.cross_entropy(logits_b, labels, label_smoothing=smoothing)) / 2
+    if valid is None:
+        loss_a = F.cross_entropy(logits_a, labels, label_smoothing=smoothing)
+        loss_b = F.cross_entropy(logits_b, labels, label_smoothing=smoothing)
+        return (loss_a + loss_b) / 2
+    if logits_a.shape[0] != valid.shape[0]:  # --no-local-loss: the rows are the whole gathered batch
+        parts = [torch.empty_like(valid) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, valid.contiguous())
+        valid = torch.cat(parts)
+    per_row = F.cross_entropy(logits_a, labels, label_smoothing=smoothing, reduction="none")
+    per_row = per_row + F.cross_entropy(logits_b, labels, label_smoothing=smoothing, reduction="none")
+    weight = valid.to(per_row.dtype)
+    return (per_row * weight).sum() / (2 * weight.sum().clamp(min=1))
+
+
+def main_loss(out, clip_loss, siglip_loss=None):
+    """LaCLIP-MT: L = 1/M sum_j L_clip(images, texts_j), the mean of the M symmetric InfoNCE (or SigLIP) losses of the
+    batch's images with their j-th texts (M = 1: plain CLIP). A text slot marked not to count (text_mask) adds no term
+    (the SigLIP loss counts every slot)."""
+    losses = []
+    for j in range(out["text"].shape[1]):
+        texts = out["text"][:, j]
+        if siglip_loss is not None:
+            losses.append(siglip_loss(out["image"], texts.contiguous(), out["scale"], out["bias"]))
+        else:
+            valid = out["text_mask"][:, j] if "text_mask" in out else None
+            losses.append(contrastive(clip_loss, out["image"], texts, out["scale"], out["bias"], valid=valid))
+    return sum(losses) / len(losses)
+
+
+def view_loss(out, clip_loss, smoothing=0.1):
+    """clip-rocket's local loss: the mean over all N x N (view, view text) pairs of a label-smoothed contrastive loss of
+    the head outputs, with the heads' own temperature."""
+    pairs = []
+    for views in out["views"].unbind(1):
+        for texts in out["view_text"].unbind(1):
+            pairs.append(contrastive(clip_loss, views, texts, out["head_scale"], None, smoothing))
+    return sum(pairs) / len(pairs)
 
 
 def total_loss(out, clip_loss, siglip_loss=None, smoothing=0.1):
-    """LaCLIP-MT: L = 1/M sum_j L_clip(images, texts_j), the mean of the M symmetric InfoNCE (or SigLIP) losses of the batch's
-    images with their j-th texts (M = 1: plain CLIP). clip-rocket: (L + N * mean over the N x N view/text pairs of a contrastive
-    loss of the head outputs, label-smoothed) / (1 + N), as its CL2L loss weighs them."""
-    main = sum(siglip_loss(out["image"], t.contiguous(), out["scale"], out["bias"]) if siglip_loss else
-               contrastive(clip_loss, out["image"], t, out["scale"], out["bias"]) for t in out["text"].unbind(1)) / out["text"].shape[1]
+    """The main loss; with clip-rocket's views, (main + N * view loss) / (1 + N), as its CL2L loss weighs them."""
+    main = main_loss(out, clip_loss, siglip_loss)
     if "views" not in out:
         return main
     n = out["views"].shape[1]
-    pairs = [contrastive(clip_loss, v, t, out["head_scale"], None, smoothing) for v in out["views"].unbind(1) for t in out["view_text"].unbind(1)]
-    return (main + n * sum(pairs) / len(pairs)) / (1 + n)
+    return (main + n * view_loss(out, clip_loss, smoothing)) / (1 + n)
+
+
+def join_outputs(cached, i, live, k):
+    """The whole accumulated batch's outputs: micro-batch i's live ones (with grad) among the others' cached ones.
+    Temperatures and bias are shared: each of the k backward passes carries 1/k of their gradient, so that their sum is
+    the gradient of the one big batch's loss (open_clip's --accum-freq gives them k times that)."""
+    out = {}
+    for key, value in live.items():
+        if value is None or value.ndim == 0:
+            out[key] = value if value is None else value.detach() + (value - value.detach()) / k
+        else:
+            parts = [c[key] for c in cached]
+            parts[i] = value
+            out[key] = torch.cat(parts)
+    return out
+
+
+def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True, no_sync=None):
+    """The forward and backward passes of one optimizer step over micro-batches; returns the loss (a tensor).
+
+    full (open_clip's --accum-freq): one contrastive batch of all micro-batches. Their outputs are computed first
+    without grad; then each micro-batch again with grad, its loss taken over the whole batch with the others'
+    cached outputs, and backpropagated: the sum of these gradients is the big batch's gradient, while only one
+    micro-batch's activations are held at a time. Each micro-batch runs with its own seed both times (dropout).
+    Not full: each micro-batch is its own contrastive batch, losses averaged. no_sync: DDP's, for all but the last."""
+    k, total = len(batches), 0.0
+    cached = []
+    if full and k > 1:
+        with torch.no_grad():
+            for seed, batch in zip(seeds, batches):
+                torch.manual_seed(seed)
+                with autocast():
+                    cached.append({key: v for key, v in model(**batch).items()})
+    for i, (seed, batch) in enumerate(zip(seeds, batches)):
+        torch.manual_seed(seed)
+        sync = no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                out = model(**batch)
+                if cached:
+                    loss = loss_of(join_outputs(cached, i, out, k))
+                else:
+                    loss = loss_of(out) / k
+            scaler.scale(loss).backward()
+        total = loss.detach() if cached else total + loss.detach()
+    return total
+
+
+def learning_rate(step, args, warmup, total):
+    """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
+    cosine from --lr down to --min-lr at the last step."""
+    if step < warmup:
+        return args.warmup_start_lr + (args.lr - args.warmup_start_lr) * step / max(1, warmup - 1)
+    floor = min(args.min_lr, args.lr)
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def count_texts(shard, dirs):
+    """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x n, plus
+    04's fused caption); images with fewer distinct texts fill the rest with slots that do not count."""
+    counts, most = Counter(), 0
+    for key, texts in load_texts(shard, dirs, counts).items():
+        most = max(most, len(texts))
+    return 1 + most
 
 
 def build_model(args, device):
@@ -470,16 +822,24 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)")
     p.add_argument("--text-mode", choices=["original", "uniform", "mix", "multi"], default="original", help="the caption(s) of each image")
     p.add_argument("--p-synthetic", type=float, default=0.5, help="mix: probability of a synthetic caption")
-    p.add_argument("--texts-per-image", type=int, default=2, help="multi: texts per image (M)")
-    p.add_argument("--eda-prob", type=float, default=0.0, help="probability of an EDA edit of the main text")
-    p.add_argument("--stopword-drop", type=float, default=0.0, help="probability of dropping a text's stop words (every text)")
+    p.add_argument("--texts-per-image", default="2",
+                   help="multi: texts per image (M), or 'all': the AltText and every distinct synthetic caption")
+    p.add_argument("--eda-prob", type=float, default=0.0,
+                   help="EDA baseline: probability of an EDA edit of the main text (clip-rocket: 0, views get EDA)")
+    p.add_argument("--eda-weights", type=float, nargs=4, default=[0.0, 0.4, 0.4, 0.2],
+                   metavar=("NONE", "SYNONYM", "SWAP", "DELETE"),
+                   help="weights of the EDA edit drawn per text (clip-rocket's defaults); synonyms from WordNet")
+    p.add_argument("--wordnet-dir", default=None, help="WordNet database for EDA's synonyms (found if installed)")
+    p.add_argument("--stopword-drop", type=float, default=0.0,
+                   help="probability of dropping a text's stop words, every text (clip-rocket: 0.8)")
     p.add_argument("--text-tower", default=None, help="LLM2CLIP: frozen text tower, hf:PATH (07's <out>/model or any HF encoder)")
     p.add_argument("--text-cache", default=None, help="LLM2CLIP: 08's embedding cache, read instead of running --text-tower")
     p.add_argument("--adapter-layers", type=int, default=4, help="LLM2CLIP: residual MLP blocks of the adapter")
     p.add_argument("--adapter-expansion", type=int, default=2, help="LLM2CLIP: hidden width of those blocks, times the tower's")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
     p.add_argument("--aug-views", type=int, default=0, help="clip-rocket: strongly augmented views (and texts) per image")
-    p.add_argument("--crop-scale", type=float, default=0.9, help="smallest random-resized-crop area of the main view")
+    p.add_argument("--crop-scale", type=float, default=0.5,
+                   help="smallest random-resized-crop area of the main view (LaCLIP and clip-rocket: 0.5)")
     p.add_argument("--head-dim", type=int, default=4096, help="clip-rocket: hidden width of the MLP heads")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="clip-rocket: label smoothing of the view/text logits")
     p.add_argument("--text-dropout", type=float, default=0.0, help="clip-rocket: dropout in the text blocks for the view texts")
@@ -489,10 +849,20 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=4, help="passes over the data")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule still spans --epochs)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per process and micro-step (a multiple of --workers)")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step, each its own contrastive batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9 0.98, eps 1e-6)")
-    p.add_argument("--warmup", type=float, default=0.05, help="linear warmup in steps, or a fraction of all steps if < 1; then cosine")
-    p.add_argument("--wd", type=float, default=0.2, help="weight decay (none on biases, norms, position embeddings, logit scales)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--accum-batch", choices=["full", "micro"], default="full",
+                   help="full: the micro-batches form one contrastive batch (open_clip's --accum-freq: a batch of "
+                        "accum-steps x batch-size per process); micro: each is its own contrastive batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (LaCLIP: 1e-3; clip-rocket: 3e-3)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="the cosine schedule's floor (LaCLIP, clip-rocket: 1e-5)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup from --warmup-start-lr, in epochs")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warmup in steps (or a fraction of all steps if < 1); overrides --warmup-epochs")
+    p.add_argument("--warmup-start-lr", type=float, default=1e-6, help="learning rate of the first warmup step")
+    p.add_argument("--wd", type=float, default=0.5,
+                   help="AdamW weight decay, none on biases, norms, gains and logit scales (LaCLIP: 0.5)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.98], help="AdamW betas")
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (LaCLIP, clip-rocket: 1e-8)")
     p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this")
     p.add_argument("--precision", choices=["amp_bf16", "amp_fp16", "fp32"], default="amp_bf16", help="autocast on GPUs; CPU is fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
@@ -507,6 +877,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size % max(1, args.workers):
         p.error("--batch-size must be a multiple of --workers: each worker makes an equal part of every batch")
+    if args.texts_per_image != "all" and not args.texts_per_image.isdigit():
+        p.error("--texts-per-image is a number or 'all'")
+    args.all_texts = args.texts_per_image == "all"
+    args.texts_per_image = 0 if args.all_texts else int(args.texts_per_image)  # 'all': counted in main()
     if args.text_cache and (args.eda_prob or args.stopword_drop or args.aug_views):
         p.error("--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so need a live --text-tower")
     if (args.text_cache or args.text_tower) and args.text_dropout:
@@ -537,7 +911,16 @@ def main(argv=None):
                          f"no image samples in {args.input}")
     steps_per_epoch = math.ceil(sum(counts) / (world * args.batch_size * args.accum_steps))
     total_steps = args.epochs * steps_per_epoch
-    stop, warmup = min(total_steps, args.max_steps or total_steps), int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
+    stop = min(total_steps, args.max_steps or total_steps)
+    if args.warmup is None:
+        warmup = round(args.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
+    if args.all_texts:
+        args.texts_per_image = count_texts(shards[0], args.texts)
+    synonyms = None
+    if (args.aug_views or args.eda_prob) and args.eda_weights[1] > 0:  # EDA's synonym replacement reads WordNet
+        synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
     encode, tower, adapter, tower_model = None, None, None, None
@@ -549,10 +932,16 @@ def main(argv=None):
             p.requires_grad_(n.startswith(("visual.", "logit_")))
     trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(device)
     trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
-    flat = lambda n, p: p.ndim < 2 or any(s in n for s in ("positional_embedding", "pos_embed", "position_embedding"))  # no decay
-    groups = [[p for n, p in trainee.named_parameters() if p.requires_grad and flat(n, p) == no_decay] for no_decay in (False, True)]
-    opt = torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-                            weight_decay=args.wd, fused=cuda or None)
+    decay, no_decay = [], []
+    for n, p in trainee.named_parameters():  # LaCLIP's, clip-rocket's and open_clip's rule for what is not decayed
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "logit_scale" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                            betas=tuple(args.betas), eps=args.eps, weight_decay=args.wd, fused=cuda or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
@@ -591,6 +980,12 @@ def main(argv=None):
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     loss_sum, window, last, first, reader_counts = torch.zeros((), device=device), (time.time(), step), {}, None, {}
 
+    def loss_of(out):
+        return total_loss(out, clip_loss, siglip_loss, args.label_smoothing)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
     def join(parts):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
         if torch.is_tensor(parts[0]):
             return torch.cat(parts).to(device, non_blocking=True)
@@ -600,24 +995,26 @@ def main(argv=None):
 
     while step < stop:
         stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
-                             transforms, tokenizer)
+                             transforms, tokenizer, synonyms)
         batches, positions = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)), dict(consumed)
         while in_epoch < steps_per_epoch and step < stop:
-            cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-            lr = args.lr * ((step + 1) / warmup if step < warmup else cosine)
+            lr = learning_rate(step, args, warmup, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)  # dropout and the like: a function of the step alone
-            for micro in range(args.accum_steps):
+            micro_batches = []
+            for _ in range(args.accum_steps):
                 chunks = [next(batches) for _ in range(k)]  # one per worker, in worker order
                 positions.update((c["reader"], c["consumed"]) for c in chunks)
                 reader_counts.update((c["reader"], c["counts"]) for c in chunks)
-                batch = {key: join([c[key] for c in chunks]) for key in ("image", "text", "views", "view_text") if key in chunks[0]}
-                with model.no_sync() if world > 1 and micro < args.accum_steps - 1 else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss = total_loss(model(**batch), clip_loss, siglip_loss, args.label_smoothing) / args.accum_steps
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+                batch = {}
+                for key in ("image", "text", "text_mask", "views", "view_text"):
+                    if key in chunks[0]:
+                        batch[key] = join([c[key] for c in chunks])
+                micro_batches.append(batch)
+            # dropout and the like: a function of the step (and micro-batch) alone
+            seeds = [args.seed * 1_000_003 + step * 1_009 + rank + 7_919 * i for i in range(args.accum_steps)]
+            loss_sum += forward_backward(model, micro_batches, loss_of, scaler, autocast, seeds,
+                                         full=args.accum_batch == "full", no_sync=model.no_sync if world > 1 else None)
             if args.grad_clip_norm:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(trainee.parameters(), args.grad_clip_norm)

@@ -1,4 +1,5 @@
 """05_train: torchrun = one process, kill + rerun = uninterrupted, text modes, LaCLIP-MT/clip-rocket losses, open_clip loads the checkpoint."""
+import contextlib
 import io
 import json
 import math
@@ -88,7 +89,8 @@ def log_records(out):
 def test_torchrun_two_processes_equal_one_process(data, tmp_path):
     """Same global batch (2 x 8 vs 1 x 16, two readers either way): same loss at step 1, same weights after an
     epoch over uneven shards (55 samples: 4 steps, the last padded), which ends on both ranks."""
-    texts = ["--texts", str(data / "rewrites"), "--text-mode", "uniform", "--lr", "2e-3"]
+    # AdamW's eps at 1e-6: at 1e-8 a parameter whose gradient is float noise moves a whole lr either way
+    texts = ["--texts", str(data / "rewrites"), "--text-mode", "uniform", "--lr", "2e-3", "--eps", "1e-6"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(REPO, "05_train.py"),
            *base(data, tmp_path / "ddp", "--workers", "1"), *texts]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
@@ -99,6 +101,15 @@ def test_torchrun_two_processes_equal_one_process(data, tmp_path):
     assert abs(ddp[0]["loss"] - one[0]["loss"]) < 1e-5
     a, b = weights(tmp_path / "ddp/epoch_1.pt"), weights(tmp_path / "one/epoch_1.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+    # the same 16 samples a step as 2 processes x 2 micro-batches of 4, one contrastive batch: the same training
+    cmd = [*cmd[:cmd.index("--out-dir") + 1], str(tmp_path / "accum"), *cmd[cmd.index("--out-dir") + 2:],
+           "--batch-size", "4", "--accum-steps", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accum = log_records(tmp_path / "accum")
+    assert [r["step"] for r in accum] == [1, 2, 3, 4] and abs(accum[0]["loss"] - one[0]["loss"]) < 1e-5
+    c = weights(tmp_path / "accum/epoch_1.pt")
+    assert max((c[k] - b[k]).abs().max().item() for k in c) < 2e-4
 
 
 def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
@@ -171,31 +182,59 @@ def test_text_mode_frequencies_and_join_by_key(data, mode, expect):
         assert abs(seen[kind] / total - p) < 0.035, (kind, seen[kind] / total, p)
 
 
-def test_multi_picks_distinct_texts_views_get_eda_and_stop_words_drop():
+@pytest.fixture(scope="module")
+def synonyms():
+    return tr.load_synonyms(tr.find_wordnet(None))
+
+
+def test_multi_picks_distinct_texts_views_get_eda_and_stop_words_drop(synonyms):
     args = tr.parse_args(["--texts", "x", "--text-mode", "multi", "--texts-per-image", "3", "--aug-views", "2"])
     pool, edited = ["a red circle on grey", "one red circle", "two circles here"], 0
     for seed in range(200):
-        main, views = tr.sample_texts(pool[0], pool[1:], args, random.Random(seed))
-        assert sorted(main) == sorted(pool) and len(views) == 2
+        main, valid, views = tr.sample_texts(pool[0], pool[1:], args, random.Random(seed), synonyms)
+        assert sorted(main) == sorted(pool) and valid == [True] * 3 and len(views) == 2
         edited += sum(v not in pool for v in views)
     assert edited > 200  # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
-    args.texts_per_image = 5  # more than the pool: all of it, then repeats
-    main, _ = tr.sample_texts("a red circle", ["one red circle"], args, random.Random(0))
-    assert len(main) == 5 and {"a red circle", "one red circle"} == set(main)
+    args.texts_per_image = 5  # more than the image has: the rest repeat the AltText and do not count
+    main, valid, _ = tr.sample_texts("a red circle", ["one red circle", "A red  circle"], args, random.Random(0))
+    assert len(main) == 5 and {"a red circle", "one red circle"} == set(main) and valid == [True, True, False, False, False]
+    args = tr.parse_args(["--texts", "x", "--text-mode", "multi", "--texts-per-image", "all"])
+    args.texts_per_image = 4  # what main() counts from the sidecars
+    main, valid, _ = tr.sample_texts("alt text", ["rewrite one", "alt  TEXT", "rewrite two"], args, random.Random(3))
+    assert main == ["alt text", "rewrite one", "rewrite two", "alt text"] and valid == [True, True, True, False]
     args = tr.parse_args(["--stopword-drop", "1.0"])
-    assert tr.sample_texts("A photo of the red circle", [], args, random.Random(0)) == (["photo red circle"], [])
+    assert tr.sample_texts("A photo of the red circle", [], args, random.Random(0)) == (["photo red circle"], [True], [])
 
 
-def test_eda_swaps_or_deletes_words_only():
-    rnd, kinds = random.Random(0), Counter()
-    words = "one two three four five six seven eight nine ten".split()
-    for _ in range(600):
-        out = tr.eda(" ".join(words), rnd).split()
-        kind = "swap" if sorted(out) == sorted(words) and out != words else "delete" if len(out) < len(words) else "none"
-        assert kind != "none" or out == words or set(out) <= set(words)
-        kinds[kind] += 1
-    assert 0.55 < kinds["swap"] / 600 < 0.78 and kinds["delete"] > 100  # 2/3 swaps, 1/3 deletions (some delete nothing)
-    assert tr.eda("word", rnd) == "word" and tr.eda("", rnd) == ""
+def test_eda_edits_are_drawn_at_clip_rockets_weights(synonyms, monkeypatch):
+    """The main text gets stop-word removal only; each view text one EDA edit: synonym 0.4, swap 0.4, deletion 0.2."""
+    drawn = Counter()
+    for op in ("synonym", "swap", "delete"):
+        real = getattr(tr, f"eda_{op}")
+        monkeypatch.setattr(tr, f"eda_{op}", lambda *a, _op=op, _real=real, **k: drawn.update([_op]) or _real(*a, **k))
+    args = tr.parse_args(["--texts", "x", "--text-mode", "uniform", "--aug-views", "2"])
+    for seed in range(3000):
+        main, _, views = tr.sample_texts("a dog runs on the grass", ["a brown dog running"], args, random.Random(seed), synonyms)
+        assert main[0] in ("a dog runs on the grass", "a brown dog running")  # no EDA on the global text
+    assert sum(drawn.values()) == 6000
+    for op, weight in (("synonym", 0.4), ("swap", 0.4), ("delete", 0.2)):
+        assert abs(drawn[op] / 6000 - weight) < 0.025, (op, drawn)
+
+
+def test_eda_operations(synonyms):
+    rnd, words = random.Random(0), "the big dog chased the small cat".split()
+    for _ in range(50):
+        out = tr.eda_synonym(words, synonyms, rnd)
+        changed = [(a, b) for a, b in zip(words, out) if a != b]
+        assert len(out) == len(words) and changed and len({a for a, _ in changed}) == 1  # one word (every occurrence)
+        assert all(b in synonyms[a] and a not in tr.STOP_WORDS for a, b in changed)
+        swapped = tr.eda_swap(words, rnd)
+        assert sorted(swapped) == sorted(words) and sum(a != b for a, b in zip(words, swapped)) in (0, 2)
+        kept = tr.eda_delete(words, rnd, p=0.5)
+        assert 1 <= len(kept) <= len(words) and all(w in words for w in kept)
+    assert tr.eda_delete(["word"], rnd) == ["word"] and tr.eda_swap(["word"], rnd) == ["word"]
+    assert tr.synonyms_of("dogs", synonyms) == synonyms["dog"]  # a plural finds its singular's synonyms
+    assert tr.drop_stop_words("The cat is on the mat.") == "cat mat." and tr.drop_stop_words("the of") == "the of"
 
 
 def clip_brute(img, txt, scale, smoothing=0.0):
@@ -361,3 +400,91 @@ def test_llm2clip_cache_every_text_mode_and_uncached_texts_are_counted(data, min
     (cache / "00001.stats.json").unlink()  # an unfinished cache shard
     with pytest.raises(SystemExit, match="00001.stats.json is missing"):
         tr.main(base(data, tmp_path / "o", *texts))
+
+
+def tiny_trainee(config, views=2):
+    import open_clip
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(**config)
+    clip.visual.preprocess_cfg = {"size": config["vision_cfg"]["image_size"]}
+    return tr.Trainee(clip, config["embed_dim"], views, 16, 0.1)
+
+
+RESNET = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+          "text_cfg": TINY["text_cfg"]}
+
+
+@pytest.mark.parametrize("config", [TINY, RESNET], ids=["vit", "resnet"])
+def test_rocket_heads_read_backbone_features_not_the_global_projection(config):
+    """clip-rocket's local loss alone trains the towers and the heads, never the projections of the global loss."""
+    model = tiny_trainee(config)
+    b, n = 4, 2
+    batch = {"image": torch.randn(b, 3, 32, 32), "text": torch.randint(1, 49000, (b, 1, 16)),
+             "views": torch.randn(b, n, 3, 32, 32), "view_text": torch.randint(1, 49000, (b, n, 16))}
+    from open_clip.loss import ClipLoss
+    out = model(**batch)
+    tr.view_loss(out, ClipLoss(), smoothing=0.1).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    projections = [k for k in grads if k in ("clip.visual.proj", "clip.text_projection") or k.startswith("clip.visual.attnpool.")]
+    assert projections and all(grads[k] is None or not grads[k].any() for k in projections), projections
+    trunk = [k for k in grads if k.startswith(("clip.visual.transformer.", "clip.visual.layer1.", "clip.transformer."))]
+    heads = [k for k in grads if k.startswith(("image_head.", "text_head."))]
+    assert trunk and heads and all(grads[k] is not None and grads[k].any() for k in heads)
+    assert any(grads[k] is not None and grads[k].any() for k in trunk)
+    assert model.image_head[0].in_features == (32 if config is TINY else 8 * 32)  # trunk widths, not the embedding size
+    # the main loss does reach them, and the projection is back in place after the views' pass
+    model.zero_grad()
+    tr.main_loss(model(**batch), ClipLoss()).backward()
+    assert all(dict(model.named_parameters())[k].grad is not None for k in projections)
+
+
+def test_timm_resnet_config_of_the_rocket_recipe_builds_and_reads_its_trunk():
+    import open_clip
+    config = json.load(open(os.path.join(REPO, "configs/rocket-R50-text6.json")))
+    assert config["text_cfg"]["layers"] == 6 and config["embed_dim"] == 256
+    clip = open_clip.model.CustomTextCLIP(**config) if config.get("custom_text") else open_clip.model.CLIP(**config)
+    clip.visual.preprocess_cfg = {"size": 64}
+    model = tr.Trainee(clip, 256, 1, 32, 0.0)
+    assert model.image_head[0].in_features == 2048 and model.text_head[0].in_features == 512
+    feats = model.image_features(torch.randn(2, 3, 64, 64))
+    assert feats.shape == (2, 2048) and clip.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 256)
+
+
+def test_accumulation_grows_the_contrastive_batch():
+    """4 micro-batches of 16 make the same optimizer step as one batch of 64 (open_clip's --accum-freq), including
+    the temperature's gradient; 4 separate contrastive batches of 16 do not."""
+    from open_clip.loss import ClipLoss
+
+    def step(micro, full):
+        model = tiny_trainee(TINY, views=0)
+        torch.manual_seed(5)
+        images, texts = torch.randn(64, 3, 32, 32), torch.randint(1, 49000, (64, 1, 16))
+        batches = [{"image": images[i:i + 64 // micro], "text": texts[i:i + 64 // micro]} for i in range(0, 64, 64 // micro)]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss = tr.forward_backward(model, batches, lambda out: tr.total_loss(out, ClipLoss()), scaler, contextlib.nullcontext,
+                                   [1] * micro, full=full)
+        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    one_loss, one_grads = step(1, True)
+    acc_loss, acc_grads = step(4, True)
+    assert abs(one_loss - acc_loss) < 1e-5 and set(one_grads) == set(acc_grads)
+    for k in one_grads:  # the step is the gradient: equal to float tolerance
+        assert torch.allclose(one_grads[k], acc_grads[k], rtol=1e-4, atol=1e-7), k
+    assert torch.allclose(one_grads["clip.logit_scale"], acc_grads["clip.logit_scale"], rtol=1e-4)
+    _, micro_grads = step(4, False)
+    assert not torch.allclose(one_grads["clip.visual.proj"], micro_grads["clip.visual.proj"], rtol=1e-3, atol=1e-6)
+
+
+def test_text_slots_that_do_not_count_add_no_term():
+    from open_clip.loss import ClipLoss
+    torch.manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
+    img, txt = unit(5, 8), unit(5, 8)
+    valid = torch.tensor([True, False, True, True, False])
+    got = tr.contrastive(ClipLoss(), img, txt, 7.0, valid=valid).item()
+    rows = []
+    for i in (0, 2, 3):
+        for a, b in ((img, txt), (txt, img)):
+            logits = 7.0 * (a[i] @ b.T)
+            rows.append(-(logits[i] - torch.logsumexp(logits, 0)).item())
+    assert abs(got - sum(rows) / len(rows)) < 1e-9
