@@ -16,7 +16,10 @@ Writes: <out-dir>/latest.pt (every --save-every steps, each epoch end), epoch_<n
 LLM2CLIP (--text-tower hf:PATH and/or --text-cache DIR): a frozen language model + a trainable Adapter stand in for CLIP's text
 tower (kept frozen, unused); every text mode works, with the picked text's embedding (cached, or from the live tower).
 --text-mode original: AltText (CLIP); uniform: LaCLIP; mix: VeCLIP; multi: LaCLIP-MT (see sample_texts and total_loss).
-clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-prob, --crop-scale.
+clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-weights.
+The optimiser defaults are LaCLIP's released ones (AdamW wd 0.5, eps 1e-8, lr 1e-3 with 1 warmup epoch from 1e-6 and a
+cosine to 1e-5, crop scale 0.5); epochs and batch are toy-sized: the README gives each paper's recipe, knob by knob.
+--accum-steps N makes one contrastive batch of N micro-batches (features cached, as open_clip's --accum-freq).
 
 Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss falls from 4.6 to about 3.3):
   python 05_train.py                                                   # AltText only -> toy/train/alt
@@ -24,7 +27,9 @@ Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss f
   python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
   python 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip           # LLM2CLIP, after 07 and 08: loss 4.7 -> 3.1
 One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
-            --workers 8 --epochs 32 --out-dir runs/laclip          (clip-rocket: add --aug-views 2 --crop-scale 0.5 --stopword-drop 0.8)
+            --accum-steps 32 --workers 8 --epochs 35 --out-dir runs/laclip     (LaCLIP's 8,192 a step)
+clip-rocket, CC3M:  --model configs/rocket-R50-text6.json --aug-views 2 --stopword-drop 0.8 --text-dropout 0.2 --lr 3e-3 \
+            --batch-size 128 --epochs 32
 8 GPUs:   torchrun --nproc-per-node 8 05_train.py <the same flags>
 SLURM, 4 nodes x 8 GPUs:  srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \
             --rdzv-endpoint "$(scontrol show hostnames | head -1):29500" 05_train.py <the same flags>
@@ -966,8 +971,13 @@ def main(argv=None):
     from open_clip.loss import ClipLoss, SigLipLoss
     clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=rank, world_size=world)
     siglip_loss = SigLipLoss(rank=rank, world_size=world) if args.loss == "siglip" else None
+    contrastive_batch = world * args.batch_size * (args.accum_steps if args.accum_batch == "full" else 1)
     print0(f"05_train: {name}, {len(shards)} shards, {sum(counts)} samples, {world} x {k} readers, global batch "
-           f"{world * args.batch_size * args.accum_steps}, {steps_per_epoch} steps/epoch, {total_steps} steps, {amp or 'fp32'}, on {device}")
+           f"{world * args.batch_size * args.accum_steps} (contrastive batch {contrastive_batch}), {steps_per_epoch} "
+           f"steps/epoch, {total_steps} steps, warmup {warmup}, {amp or 'fp32'}, on {device}")
+    if args.text_mode == "multi":
+        print0(f"05_train: {args.texts_per_image} texts per image" + (" (all: AltText + every distinct synthetic caption)"
+                                                                      if args.all_texts else ""))
     report = None
     if rank == 0 and args.report_to == "wandb":
         import wandb

@@ -100,7 +100,8 @@ def commands(arm, epochs, args, shards, config, work, openclip_python):
     if arm == "05_train":
         return [sys.executable, os.path.join(ROOT, "05_train.py"), "--input", shards, "--model", config, "--out-dir", work,
                 "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--lr", "1e-3",
-                "--wd", "0.2", "--warmup", "20", "--seed", "0", "--precision", "fp32", "--log-every", "10", "--save-every", "100000"]
+                "--wd", "0.2", "--eps", "1e-6", "--crop-scale", "0.9", "--warmup", "20", "--seed", "0", "--precision", "fp32",
+                "--log-every", "10", "--save-every", "100000"]
     return [openclip_python, "-c", WRAPPER, config, "--train-data", os.path.join(shards, "{00000..00003}.tar"),
             "--dataset-type", "webdataset", "--train-num-samples", str(args.samples), "--model", "toy-clip",
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--lr", "1e-3",

@@ -75,9 +75,9 @@ for seed in $SEEDS; do
   train_and_eval "LaCLIP (SmolLM2 rewrites)" "$seed" "$T/laclip" --texts "$R/rewrites" --text-mode uniform
   train_and_eval "EDA baseline" "$seed" "$T/eda" --texts "$R/rewrites_eda" --text-mode uniform
   train_and_eval "LaCLIP-MT" "$seed" "$T/laclip_mt" --texts "$R/rewrites" --text-mode multi
-  train_and_eval "clip-rocket" "$seed" "$T/rocket" --aug-views 2 --crop-scale 0.5 --stopword-drop 0.8 --eda-prob 0.5 \
-    --head-dim 1024 \
-    --label-smoothing 0.1 --text-dropout 0.1
+  # clip-rocket's CC3M settings (strong views with EDA'd texts, stop words, text dropout 0.2), smaller heads for real-clip
+  train_and_eval "clip-rocket" "$seed" "$T/rocket" --aug-views 2 --stopword-drop 0.8 --label-smoothing 0.1 \
+    --text-dropout 0.2 --head-dim 1024
   train_and_eval "LLM2CLIP (frozen MiniLM + adapter)" "$seed" "$T/llm2clip" --text-cache "$R/text_emb"
   if [ "${VECLIP:-0}" = 1 ]; then
     train_and_eval "VeCLIP (random-LLaVA VeC, SmolLM2 fusion)" "$seed" "$T/veclip" --texts "$R/fused" --text-mode mix
