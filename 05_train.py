@@ -774,7 +774,7 @@ def count_texts(shard, dirs):
     """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x n, plus
     04's fused caption); images with fewer distinct texts fill the rest with slots that do not count."""
     counts, most = Counter(), 0
-    for key, texts in load_texts(shard, dirs, counts).items():
+    for texts in load_texts(shard, dirs, counts).values():
         most = max(most, len(texts))
     return 1 + most
 

@@ -488,3 +488,13 @@ def test_text_slots_that_do_not_count_add_no_term():
             logits = 7.0 * (a[i] @ b.T)
             rows.append(-(logits[i] - torch.logsumexp(logits, 0)).item())
     assert abs(got - sum(rows) / len(rows)) < 1e-9
+
+
+def test_all_texts_per_image_counts_the_sidecars_and_trains(data, tmp_path, capsys):
+    shard = str(data / "shards/00000.tar")
+    assert tr.count_texts(shard, [str(data / "rewrites")]) == 4  # AltText + b, "x", a
+    assert tr.count_texts(shard, [str(data / "rewrites"), str(data / "fused")]) == 5
+    summary = tr.main(base(data, tmp_path / "all", "--texts", str(data / "rewrites"), str(data / "fused"),
+                           "--text-mode", "multi", "--texts-per-image", "all", "--max-steps", "2"))
+    assert summary["step"] == 2 and math.isfinite(summary["loss"])
+    assert "5 texts per image (all" in capsys.readouterr().out
