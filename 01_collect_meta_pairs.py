@@ -2,13 +2,16 @@
 
 Sources (combine any):
   human  pairs written for this project (shipped in this file): web alt text => a fluent caption
-  coco   two different human captions of the same COCO image (a COCO captions JSON)
+  coco   the human captions of one COCO image (a COCO captions JSON); 02 draws a fresh pair of two of them
+         for every prompt, as LaCLIP's coco mode does
   llm    the ChatGPT/Bard analogue: a chat model rewrites alt texts sampled from your own shards
   file   your own JSONL with {"input", "output"} (and optionally "source")
-Pairs are cleaned to one line, de-duplicated, and dropped when empty, identical, or over --max-words.
+Pairs are cleaned to one line, de-duplicated, and dropped when empty, identical, or over --max-words (a COCO
+caption over --max-words is left out of its image's list).
 
 Reads:  --coco-captions (COCO annotations JSON), --shards (tars or JSONL, for the llm source), --pairs-file
-Writes: --out (meta_pairs.jsonl): {"source", "input", "output"} per line
+Writes: --out (meta_pairs.jsonl): {"source", "input", "output"} per line; a coco line is one image and
+        also has "captions": its distinct captions (2 or more), input and output being two of them
         <out stem>.stats.json: per-source counts, drops by reason, arguments, script sha256, model
 
 Toy run (CPU):       python 01_collect_meta_pairs.py
@@ -16,7 +19,7 @@ At scale (one GPU):  python 01_collect_meta_pairs.py --sources human coco llm \
                          --coco-captions coco/annotations/captions_train2017.json --shards cc3m/shards \
                          --engine vllm --llm-model meta-llama/Llama-3.1-8B-Instruct --out meta_pairs.jsonl
 One file serves every later shard job, so this stage runs once (no torchrun/sbatch needed).
-On the toy data: 16 pairs per source (human, coco, llm) in toy/meta_pairs.jsonl.
+On the toy data: 16 pairs per source (human, coco: 16 images, llm) in toy/meta_pairs.jsonl.
 """
 import argparse
 import glob
@@ -324,7 +327,10 @@ LLM_MAX_WORDS = 30  # as the instruction asks
 
 
 def human_pairs(args, drops):
-    return random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS))
+    pairs = []
+    for a, b in random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS)):
+        pairs.append({"input": a, "output": b})
+    return pairs
 
 
 def coco_pairs(args, drops):
@@ -335,14 +341,20 @@ def coco_pairs(args, drops):
     by_image = {}
     for a in data.get("annotations", []):
         caption = one_line(a.get("caption", ""))
-        if caption:
-            by_image.setdefault(a["image_id"], []).append(caption)
+        if not caption:
+            continue
+        if len(caption.split()) > args.max_words:
+            drops["caption_too_long"] += 1
+            continue
+        by_image.setdefault(a["image_id"], []).append(caption)
     rng = random.Random(args.seed)
     ids = sorted(i for i, caps in by_image.items() if len({norm(c) for c in caps}) >= 2)
     pairs = []
     for image_id in rng.sample(ids, len(ids)):
         caps = list(dict((norm(c), c) for c in by_image[image_id]).values())
-        pairs.append(tuple(rng.sample(caps, 2)))
+        a, b = rng.sample(caps, 2)
+        # input/output: one pair, for readers that take pairs as written; 02 draws anew from the whole list
+        pairs.append({"input": a, "output": b, "captions": caps})
     return pairs
 
 
@@ -350,8 +362,11 @@ def file_pairs(args, drops):
     if not args.pairs_file or not os.path.isfile(args.pairs_file):
         raise SystemExit(f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}")
     counts = Counter()
-    pairs = [(r.get("source", "file"), r.get("input", ""), r.get("output", ""))
-             for r in iter_jsonl(args.pairs_file, counts) if isinstance(r, dict)]
+    pairs = []
+    for r in iter_jsonl(args.pairs_file, counts):
+        if isinstance(r, dict):
+            source = r.get("source", "file")
+            pairs.append({"source": source, "input": r.get("input", ""), "output": r.get("output", "")})
     if counts["bad_json"]:
         print(f"file: {counts['bad_json']} lines of {args.pairs_file} were not JSON and were skipped")
     return pairs
@@ -426,7 +441,7 @@ def llm_pairs(args, drops):
             continue
         if why:
             drops[f"kept_{why}"] += 1  # cut back to whole sentences, kept
-        pairs.append((alt, line))
+        pairs.append({"input": alt, "output": line})
     return pairs
 
 
@@ -434,10 +449,12 @@ SOURCES = {"human": human_pairs, "coco": coco_pairs, "llm": llm_pairs, "file": f
 
 
 def clean(raw, per_source, max_words, drops):
-    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per source."""
+    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per
+    source. A "captions" list (coco, already cleaned by its source) is kept with its pair."""
     seen, kept, per = set(), [], Counter()
-    for source, a, b in raw:
-        a, b = one_line(a), one_line(b)
+    for item in raw:
+        source = item["source"]
+        a, b = one_line(item["input"]), one_line(item["output"])
         if not a or not b:
             reason = "empty"
         elif norm(a) == norm(b):
@@ -451,7 +468,10 @@ def clean(raw, per_source, max_words, drops):
         else:
             seen.add((source, norm(a), norm(b)))
             per[source] += 1
-            kept.append({"source": source, "input": a, "output": b})
+            record = {"source": source, "input": a, "output": b}
+            if "captions" in item:
+                record["captions"] = item["captions"]
+            kept.append(record)
             continue
         drops[source][reason] += 1
     return kept
@@ -461,7 +481,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=["human", "coco", "llm"], help="pair sources to collect")
     p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
-    p.add_argument("--per-source", type=int, default=16, help="pairs kept per source (LaCLIP used 16)")
+    p.add_argument(
+        "--per-source", type=int, default=16, help="pairs (coco: images) kept per source (LaCLIP used 16)"
+    )
     p.add_argument("--max-words", type=int, default=60, help="pairs with a longer side are dropped")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--coco-captions", default="toy/coco/annotations/captions_train2017.json", help="COCO captions JSON (coco source)")
@@ -489,7 +511,8 @@ def main(argv=None):
     drops = defaultdict(Counter)  # per source: why pairs were left out
     for source in args.sources:
         got = SOURCES[source](args, drops[source])
-        raw += [g if len(g) == 3 else (source, *g) for g in got]
+        for item in got:
+            raw.append({"source": source, **item})  # the file source names its own sources
         print(f"{source}: {len(got)} candidate pairs")
     pairs = clean(raw, args.per_source, args.max_words, drops)
     counts = Counter(p["source"] for p in pairs)

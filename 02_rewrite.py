@@ -1,8 +1,14 @@
 """LaCLIP in-context rewriting: an LLM rewrites every caption of every shard, once per meta-pair source.
 
-The prompt for a caption is an instruction line, k examples drawn from one source of 01's meta pairs as
-`input => output` lines, then `caption =>`; the first line of the completion is the rewrite (LaCLIP:
-temperature 0.9, top-p 0.95, at most 77 new tokens). A line that loops, repeats a sentence or runs past
+The prompt for a caption is an instruction, k examples drawn from one source of 01's meta pairs as
+`input => output`, then `caption =>`; the first line of the completion, up to any further "=>", is the
+rewrite (LaCLIP: temperature 0.9, top-p 0.95, at most 77 new tokens). --prompt-style laclip (the default)
+writes the prompt byte for byte as LaCLIP's released rewrite script sends it to LLaMA: the line "write image
+captions differently," then the examples and the caption line, a blank line before each, and each of those
+lines indented by 12 spaces (the indentation its Python string literal carries). --prompt-style ours writes
+INSTRUCTION, then one line per example and the caption line. A COCO image from 01 (a "captions" list) gives
+a fresh pair of two of its captions every time it is drawn as an example, as LaCLIP's coco mode does; every
+other meta pair is used as written. A line that loops, repeats a sentence or runs past
 --max-words is cut back to its leading whole sentences when they stand alone (counted: cut_loop, cut_long);
 outputs that are then empty, shorter than 2 words, still looping or too long, an echo of the caption or an
 example, or a copy of an example's topic (no word of the caption, two of the example) are drawn again (counted
@@ -13,11 +19,12 @@ template: few-shot `caption =>` lines are a completion task, and chat-tuned mode
 swap, deletion).
 
 Reads:  --input   webdataset tars (only <key>.txt is read) or JSONL with {"key", "text"}
-        --meta-pairs  meta_pairs.jsonl from 01 ({"source", "input", "output"})
+        --meta-pairs  meta_pairs.jsonl from 01 ({"source", "input", "output"}; coco also "captions")
 Writes: <out-dir>/<shard>.jsonl   {"key", "text", "rewrites": {"<source>": [n strings]}, "status", "fallbacks"}
                                    status: ok | fallback (a slot holds the original) | empty | missing_text
-        <out-dir>/<shard>.stats.json  written last: the done-marker (counts, seconds, model, prompt hash)
-        <out-dir>/_config.json        arguments, script sha256, prompt template, sampling parameters
+        <out-dir>/<shard>.stats.json  written last: the done-marker (counts, seconds, model, prompt style
+                                       and hash)
+        <out-dir>/_config.json        arguments, script sha256, prompt style and template, sampling parameters
 
 Toy run (CPU, transformers, after 00 and 01):   python 02_rewrite.py
 EDA baseline, no model:                           python 02_rewrite.py --engine eda --out-dir toy/rewrites_eda
@@ -356,14 +363,38 @@ def trim_answer(text, max_words):
 
 
 INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+LACLIP_INSTRUCTION = "write image captions differently,"
+# LaCLIP's released prompt is a triple-quoted string written inside a loop body, so each of its lines after
+# the first carries 12 spaces of source indentation; LLaMA saw those spaces, and a reproduction keeps them.
+LACLIP_INDENT = " " * 12
+PROMPT_STYLES = ("laclip", "ours")
+
+
+def meta_captions(raw):
+    """The distinct one-line captions of one image (01's coco records) as a tuple; () without a list."""
+    if not isinstance(raw, list):
+        return ()
+    kept = {}
+    for caption in raw:
+        caption = one_line(str(caption))
+        if caption and " => " not in caption and norm(caption) not in kept:
+            kept[norm(caption)] = caption  # captions that differ only in case or punctuation would echo
+    return tuple(kept.values())
 
 
 def load_meta_pairs(path, sources):
+    """{source: [(input, output, captions)]}: captions holds an image's distinct captions (01's coco source,
+    two or more) to draw a fresh pair from for every prompt, and is () for a pair used as written (other
+    sources, and coco files written before 01 kept the list)."""
     pools = defaultdict(list)
     for record in iter_jsonl(path, Counter()):
         a, b = one_line(str(record.get("input", ""))), one_line(str(record.get("output", "")))
-        if a and b and " => " not in a + b:
-            pools[record.get("source", "file")].append((a, b))
+        captions = meta_captions(record.get("captions"))
+        source = record.get("source", "file")
+        if len(captions) >= 2:
+            pools[source].append((a, b, captions))
+        elif a and b and " => " not in a + b:
+            pools[source].append((a, b, ()))
     if not pools:
         raise SystemExit(f"{path}: no usable meta pairs (run 01_collect_meta_pairs.py first)")
     chosen = sources or sorted(pools)
@@ -378,8 +409,29 @@ def sample_seed(*parts):
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
-def build_prompt(caption, examples):
-    return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
+def draw_examples(pool, k, rng):
+    """k (input, output) examples from one source's pool. An image with a captions list gives a new pair of
+    two different captions each time, as LaCLIP's coco mode draws them: one image shows many pairs."""
+    examples = []
+    for a, b, captions in rng.sample(pool, min(k, len(pool))):
+        if captions:
+            a, b = rng.sample(captions, 2)
+        examples.append((a, b))
+    return examples
+
+
+def build_prompt(caption, examples, style):
+    """The text the model continues. laclip: byte for byte the prompt of LaCLIP's released rewrite script,
+    generalised to any number of examples; ours: INSTRUCTION and one line per example."""
+    if style == "laclip":
+        lines = [LACLIP_INSTRUCTION]
+        for a, b in examples:
+            lines.append(f"{LACLIP_INDENT}{a} => {b}")
+        lines.append(f"{LACLIP_INDENT}{caption} =>")
+        return "\n\n".join(lines)
+    if style == "ours":
+        return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
+    raise ValueError(f"unknown prompt style {style!r}")
 
 
 def content_words(text):
@@ -445,8 +497,8 @@ def rewrite_llm(engine, items, pools, args, shard, counts):
         prompts, seeds, examples = [], [], []
         for (key, s, j), slots in groups.items():
             rng = random.Random(sample_seed(args.seed, shard, key, s, attempt, j))
-            ex = rng.sample(pools[s], min(args.k, len(pools[s])))
-            prompts.append(build_prompt(slots[0][1], ex))
+            ex = draw_examples(pools[s], args.k, rng)
+            prompts.append(build_prompt(slots[0][1], ex, args.prompt_style))
             seeds.append(rng.getrandbits(63))
             examples.append(ex)
         completions = []
@@ -594,7 +646,9 @@ def process_shard(path, engine, pools, synonyms, args, tag):
              "fallback": status["fallback"], "failed": status["empty"] + status["missing_text"],
              "empty": status["empty"], "missing_text": status["missing_text"],
              "fallback_slots": sum(r["fallbacks"] for r in records), "sources": sources, "counts": dict(counts),
-             "seconds": round(time.time() - start, 2), "engine": args.engine, "model": None if args.engine == "eda" else args.model, "prompt_hash": tag}
+             "seconds": round(time.time() - start, 2), "engine": args.engine,
+             "model": None if args.engine == "eda" else args.model, "prompt_hash": tag,
+             "prompt_style": None if args.engine == "eda" else args.prompt_style}
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     os.remove(partial_path)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -611,7 +665,15 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json")
     p.add_argument("--engine", choices=["vllm", "hf", "eda"], default="hf", help="vllm on GPUs, hf (transformers) anywhere, eda needs no model")
     p.add_argument("--model", default="toy/models/tiny-llama", help="causal LM (hub id or local folder)")
-    p.add_argument("--k", type=int, default=3, help="in-context examples per prompt")
+    p.add_argument("--k", type=int, default=3, help="in-context examples per prompt (LaCLIP: 3)")
+    p.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        default="laclip",
+        help="laclip: the prompt of LaCLIP's released script byte for byte ('write image captions "
+        "differently,', blank lines, 12-space indents), for reproduction; ours: this project's instruction, "
+        "one line per example",
+    )
     p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
@@ -654,8 +716,12 @@ def main(argv=None):
                 "max_new_tokens": args.max_new_tokens, "k": args.k, "n": args.n,
                 "max_retries": args.max_retries,
                 "stop": ["\n"]}
-    template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")])
-    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools), "prompt_template": template,
+    style = None if args.engine == "eda" else args.prompt_style  # eda has no prompt: the flag changes nothing
+    template = None
+    if style:
+        template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")], style)
+    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools),
+                  "prompt_style": style, "prompt_template": template,
                   "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest() if pools else None}
     tag = hashlib.sha256(json.dumps([provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")

@@ -50,7 +50,7 @@ def ensure_toy(toy):
     return os.path.join(toy, "models", "tiny-llama"), pairs
 
 
-def build_prompts(toy, pairs_path, n, k=3, seed=0):
+def build_prompts(toy, pairs_path, n, k=3, seed=0, style="laclip"):
     """n (prompt, seed) as 02's rewrite_llm makes them: each caption once per meta-pair source."""
     pools = rewrite.load_meta_pairs(pairs_path, None)
     prompts, seeds, counts = [], [], Counter()
@@ -59,7 +59,8 @@ def build_prompts(toy, pairs_path, n, k=3, seed=0):
             caption = " ".join(rewrite.one_line(text or "").split()[:64])
             for source in pools if caption else ():
                 rng = random.Random(rewrite.sample_seed(seed, rewrite.shard_name(shard), key, source, 0, -1))
-                prompts.append(rewrite.build_prompt(caption, rng.sample(pools[source], min(k, len(pools[source])))))
+                examples = rewrite.draw_examples(pools[source], k, rng)
+                prompts.append(rewrite.build_prompt(caption, examples, style))
                 seeds.append(rng.getrandbits(63))
                 if len(prompts) == n:
                     return prompts, seeds

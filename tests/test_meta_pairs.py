@@ -27,10 +27,38 @@ def test_coco_pairs_are_two_captions_of_one_image(toy, tmp_path):
     mp.main(["--sources", "coco", "--out", str(out), "--per-source", "1000",
              "--coco-captions", str(toy / "coco/annotations/captions_train2017.json")])
     pairs = read(out)
-    assert len(pairs) == len(by_image)  # one pair per image, every image used
+    assert len(pairs) == len(by_image)  # one record per image, every image used
+    images = []
     for p in pairs:
         assert p["source"] == "coco" and p["input"] != p["output"]
-        assert any({p["input"], p["output"]} <= caps for caps in by_image.values())
+        # the whole list is one image's captions, each once, with the record's own pair among them
+        (image,) = [i for i, caps in by_image.items() if set(p["captions"]) <= caps]
+        images.append(image)
+        assert len(p["captions"]) >= 2 and len({mp.norm(c) for c in p["captions"]}) == len(p["captions"])
+        assert set(p["captions"]) == by_image[image]  # the toy's 5 captions per image are all distinct
+        assert p["input"] in p["captions"] and p["output"] in p["captions"]
+    assert len(set(images)) == len(images)
+
+
+def test_coco_caption_over_max_words_left_out_of_its_list(tmp_path):
+    long = "a very long caption " * 20
+    captions = [
+        (1, "a red bus on a street"),
+        (1, "A red  bus on a street."),  # the same after normalising: kept once
+        (1, "a bus parked by the road"),
+        (1, long),
+        (2, "a dog"),
+        (2, long),
+    ]
+    coco = {"annotations": [{"image_id": i, "caption": c} for i, c in captions]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    out = tmp_path / "pairs.jsonl"
+    mp.main(["--sources", "coco", "--out", str(out), "--coco-captions", str(tmp_path / "coco.json")])
+    (record,) = read(out)  # image 2 keeps one caption: no pair can be drawn from it
+    assert record["captions"] == ["A red bus on a street.", "a bus parked by the road"]
+    assert {record["input"], record["output"]} == set(record["captions"])
+    stats = json.loads((tmp_path / "pairs.stats.json").read_text())
+    assert stats["dropped"]["coco"] == {"caption_too_long": 2}
 
 
 def test_all_sources_with_llm_and_user_file(toy, tmp_path):

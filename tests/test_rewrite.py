@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -94,10 +94,67 @@ def test_whole_sentences_and_trim():
     assert rw.trim_answer("A cat sits. " + "Wow " * 20, 10) == ("A cat sits.", "cut_loop")
 
 
-def test_prompt_has_instruction_k_examples_and_caption():
-    p = rw.build_prompt("my caption", [("a", "b"), ("c", "d"), ("e", "f")])
-    lines = p.split("\n")
-    assert lines[0] == rw.INSTRUCTION and lines[1:4] == ["a => b", "c => d", "e => f"] and lines[4] == "my caption =>"
+EXAMPLES = [
+    ("vintage red bicycle leaning on brick wall", "An old red bike rests against a weathered brick wall."),
+    ("cat sleeping on laptop keyboard", "A cat naps stretched across the keys of an open laptop."),
+    ("Two kids flying a kite in the park", "Two children run across a grassy park with a kite above them."),
+]
+
+# LaCLIP's released rewrite script (rewrite/llama_rewrite.py) sends exactly this for 3 examples: its
+# triple-quoted string has a blank line between entries and 12 spaces of source indentation on every line
+# after the first.
+LACLIP_PROMPT_K3 = (
+    "write image captions differently,\n"
+    "\n"
+    "            vintage red bicycle leaning on brick wall => "
+    "An old red bike rests against a weathered brick wall.\n"
+    "\n"
+    "            cat sleeping on laptop keyboard => "
+    "A cat naps stretched across the keys of an open laptop.\n"
+    "\n"
+    "            Two kids flying a kite in the park => "
+    "Two children run across a grassy park with a kite above them.\n"
+    "\n"
+    "            a yellow taxi in the rain =>"
+)
+
+
+def test_laclip_prompt_is_the_released_text_byte_for_byte():
+    assert rw.build_prompt("a yellow taxi in the rain", EXAMPLES, "laclip") == LACLIP_PROMPT_K3
+    # any k: the same layout with fewer or more entries
+    one = "write image captions differently,\n\n            a => b\n\n            my caption =>"
+    assert rw.build_prompt("my caption", [("a", "b")], "laclip") == one
+    none = "write image captions differently,\n\n            my caption =>"
+    assert rw.build_prompt("my caption", [], "laclip") == none
+    five = rw.build_prompt("my caption", [(f"in{i}", f"out{i}") for i in range(5)], "laclip")
+    entries = [f"            in{i} => out{i}" for i in range(5)] + ["            my caption =>"]
+    assert five.split("\n\n")[1:] == entries
+
+
+def test_ours_prompt_is_unchanged():
+    p = rw.build_prompt("a yellow taxi in the rain", EXAMPLES, "ours")
+    assert p == (
+        "Rewrite each image caption in new words; keep what it says about the image and add nothing else.\n"
+        "vintage red bicycle leaning on brick wall => An old red bike rests against a weathered brick wall.\n"
+        "cat sleeping on laptop keyboard => A cat naps stretched across the keys of an open laptop.\n"
+        "Two kids flying a kite in the park => "
+        "Two children run across a grassy park with a kite above them.\n"
+        "a yellow taxi in the rain =>"
+    )
+    with pytest.raises(ValueError):
+        rw.build_prompt("my caption", EXAMPLES, "chat")
+
+
+@pytest.mark.parametrize("style", ["laclip", "ours"])
+def test_completion_parsed_the_same_in_both_styles(style):
+    # LaCLIP's script reads line 8 of prompt + completion (the caption's line when k = 3) and keeps the text
+    # between its first and second "=>": the completion's first line up to any "=>", as parse_rewrite does
+    prompt = rw.build_prompt("a yellow taxi in the rain", EXAMPLES, style)
+    completion = " A taxi waits in the downpour. => more\n\n            next => line"
+    line = (prompt + completion).split("\n")[8 if style == "laclip" else 4]
+    assert line.strip().split("=>")[1].strip() == "A taxi waits in the downpour."
+    got = rw.parse_rewrite(completion, "a yellow taxi in the rain", EXAMPLES)
+    assert got == ("A taxi waits in the downpour.", None)
 
 
 def run(toy, meta_pairs, out, *extra):
@@ -119,6 +176,9 @@ def test_hf_end_to_end_every_key_once(toy, meta_pairs, tmp_path):
     config = json.load(open(out / "_config.json"))
     assert config["sampling"]["temperature"] == 0.9 and config["sampling"]["top_p"] == 0.95
     assert "=>" in config["prompt_template"] and config["prompt_hash"] == stats[0]["prompt_hash"]
+    assert config["prompt_style"] == "laclip" and all(s["prompt_style"] == "laclip" for s in stats)  # default
+    laclip_start = "write image captions differently,\n\n            {input_1} => {output_1}\n\n"
+    assert config["prompt_template"].startswith(laclip_start)
     before = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
     assert run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []  # finished shards are skipped
     assert before == {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
@@ -154,6 +214,110 @@ def test_prompts_do_not_depend_on_the_split(toy, meta_pairs, tmp_path, monkeypat
         run(toy, meta_pairs, tmp_path / "two", "--shard-id", str(shard_id), "--num-shards", "2")
     assert sorted(ScriptedEngine.prompts) == whole
     assert len(set(whole)) > len(whole) // 2  # examples differ from caption to caption
+
+
+def laclip_examples(prompt):
+    """The (input, output) examples of a laclip prompt, in order."""
+    entries = prompt.split("\n\n")[1:-1]  # the instruction first, the caption line last
+    return [tuple(e.strip().split(" => ", 1)) for e in entries]
+
+
+def test_prompt_style_in_config_stats_and_hash(toy, meta_pairs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    ScriptedEngine.prompts = []
+    out = tmp_path / "rw"
+    laclip = run(toy, meta_pairs, out, "--sources", "human")
+    assert all(p.startswith(rw.LACLIP_INSTRUCTION + "\n\n" + " " * 12) for p in ScriptedEngine.prompts)
+    laclip_config = json.loads((out / "_config.json").read_text())
+    ScriptedEngine.prompts = []
+    ours = run(toy, meta_pairs, out, "--sources", "human", "--prompt-style", "ours", "--overwrite")
+    assert all(p.startswith(rw.INSTRUCTION + "\n") for p in ScriptedEngine.prompts)
+    config = json.loads((out / "_config.json").read_text())
+    assert laclip_config["prompt_style"] == "laclip" and config["prompt_style"] == "ours"
+    assert config["args"]["prompt_style"] == "ours"
+    assert config["prompt_template"].startswith(rw.INSTRUCTION + "\n")
+    assert {s["prompt_style"] for s in laclip} == {"laclip"} and {s["prompt_style"] for s in ours} == {"ours"}
+    assert laclip[0]["prompt_hash"] != ours[0]["prompt_hash"] == config["prompt_hash"]
+    # shards finished with one style are flagged when the folder is run with the other
+    os.remove(out / "00001.stats.json")
+    capsys.readouterr()
+    run(toy, meta_pairs, out, "--sources", "human")
+    assert "made with other settings" in capsys.readouterr().out
+    # a half-done shard of the other style is thrown away, not mixed in
+    rw.append_partial(str(out / "00000.tmp.partial"), ours[0]["prompt_hash"], [{"key": "x", "text": "stale"}])
+    os.remove(out / "00000.stats.json")
+    run(toy, meta_pairs, out, "--sources", "human")
+    assert "x" not in {k for _, k in read_out(out)}
+    assert json.loads((out / "00000.stats.json").read_text())["prompt_style"] == "laclip"
+
+
+def coco_images(meta_pairs):
+    records = [json.loads(line) for line in meta_pairs.read_text().splitlines()]
+    return [tuple(r["captions"]) for r in records if r["source"] == "coco"]
+
+
+def test_coco_examples_are_fresh_pairs_of_one_image(toy, meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    images = coco_images(meta_pairs)
+    assert images and all(len(c) >= 2 for c in images)
+    ScriptedEngine.prompts = []
+    run(toy, meta_pairs, tmp_path / "a", "--sources", "coco")
+    first = list(ScriptedEngine.prompts)
+    assert len(first) >= 40
+    seen = defaultdict(set)  # image -> the (input, output) pairs its examples showed
+    for prompt in first:
+        examples = laclip_examples(prompt)
+        assert len(examples) == 3
+        owners = []
+        for a, b in examples:
+            assert a != b and rw.norm(a) != rw.norm(b)
+            (image,) = [c for c in images if a in c and b in c]  # both captions of the same image
+            owners.append(image)
+            seen[image].add((a, b))
+        assert len(set(owners)) == 3  # three different images per prompt, as LaCLIP draws them
+    assert max(len(pairs) for pairs in seen.values()) > 1  # one image shows different pairs across prompts
+    assert sum(len(pairs) > 1 for pairs in seen.values()) > len(seen) // 2
+    # the same seed gives the same prompts; another seed gives other draws
+    ScriptedEngine.prompts = []
+    run(toy, meta_pairs, tmp_path / "b", "--sources", "coco")
+    assert ScriptedEngine.prompts == first
+    ScriptedEngine.prompts = []
+    run(toy, meta_pairs, tmp_path / "c", "--sources", "coco", "--seed", "1")
+    assert ScriptedEngine.prompts != first
+
+
+def test_coco_retries_draw_new_pairs(toy, meta_pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: "\n"))  # every draw rejected
+    ScriptedEngine.prompts = []
+    run(toy, meta_pairs, tmp_path / "r", "--sources", "coco", "--max-retries", "2")
+    by_caption = defaultdict(list)
+    for prompt in ScriptedEngine.prompts:
+        by_caption[prompt.rsplit("\n", 1)[1]].append(laclip_examples(prompt))
+    assert all(len(draws) == 3 for draws in by_caption.values())
+    assert sum(len({tuple(d) for d in draws}) == 3 for draws in by_caption.values()) > 0.9 * len(by_caption)
+
+
+def test_meta_pairs_from_the_old_01_still_work(toy, meta_pairs, tmp_path, monkeypatch):
+    """A coco file without "captions" (written before 01 kept them): its pairs are used as written."""
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    old = tmp_path / "old_meta_pairs.jsonl"
+    with open(old, "w") as f:
+        for r in map(json.loads, meta_pairs.read_text().splitlines()):
+            r.pop("captions", None)
+            f.write(json.dumps(r) + "\n")
+    pools = rw.load_meta_pairs(str(old), ["coco"])
+    assert pools["coco"] and all(captions == () for _, _, captions in pools["coco"])
+    fixed = {(a, b) for a, b, _ in pools["coco"]}
+    ScriptedEngine.prompts = []
+    (stats, _) = run(toy, old, tmp_path / "o", "--sources", "coco")
+    assert stats["ok"] > 0
+    assert all(set(laclip_examples(p)) <= fixed for p in ScriptedEngine.prompts)
+    # a list that does not hold two different captions falls back to the record's pair
+    bad = tmp_path / "bad.jsonl"
+    record = {"source": "coco", "input": "a dog", "output": "a brown dog", "captions": ["a cat"]}
+    bad.write_text(json.dumps(record) + "\n")
+    assert rw.load_meta_pairs(str(bad), None) == {"coco": [("a dog", "a brown dog", ())]}
 
 
 def make_bad_shard(path):
