@@ -524,66 +524,141 @@ def rewrite_llm(engine, items, pools, args, shard, counts):
     return out
 
 
-# EDA (Wei & Zou 2019): one of four edits per augmented caption, alpha of the words touched.
-STOP_WORDS = set("""a an the and or but if of at by for with about against between into through during before
-after above below to from up down in out on off over under again then once here there when where why how all any
-both each few more most other some such no nor not only own same so than too very s t can will just don should now
-i me my we our you your he him his she her it its they them their what which who whom this that these those am is
-are was were be been being have has had having do does did doing""".split())
+# ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
+# NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
+STOP_WORDS = set("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
+because as until while of at by for with about against between into through during before after above below to from up
+down in out on off over under again further then once here there when where why how all any both each few more most other
+some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
+aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split())
 
 
 def find_wordnet(explicit):
     """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
-    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"), os.path.join(sys.prefix, "nltk_data"),
-                  os.path.join(sys.prefix, "share", "nltk_data"), "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
+    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"),
+                  os.path.join(sys.prefix, "nltk_data"), os.path.join(sys.prefix, "share", "nltk_data"),
+                  "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
     candidates = [explicit, os.environ.get("WNSEARCHDIR", ""), "/usr/share/wordnet", "/usr/local/WordNet-3.0/dict"]
-    candidates += [os.path.join(r, "corpora", n) for r in nltk_roots if r for n in ("wordnet", "wordnet.zip")]
+    for root in nltk_roots:
+        if root:
+            candidates += [os.path.join(root, "corpora", "wordnet"), os.path.join(root, "corpora", "wordnet.zip")]
     for c in candidates:
         if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
             return c
-    raise SystemExit("--engine eda needs WordNet for synonyms and found none. Install one of: Debian/Ubuntu "
+    raise SystemExit("EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
                      "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
                      "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv).")
 
 
 def load_synonyms(location):
-    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files."""
+    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files. As EDA writes a
+    synonym: lower case, '_' and '-' as spaces, letters and spaces only."""
     synonyms = defaultdict(set)
     archive = zipfile.ZipFile(location) if location.endswith(".zip") else None
     for pos in ("noun", "verb", "adj", "adv"):
-        raw = archive.read(f"wordnet/data.{pos}") if archive else open(os.path.join(location, f"data.{pos}"), "rb").read()
+        if archive:
+            raw = archive.read(f"wordnet/data.{pos}")
+        else:
+            with open(os.path.join(location, f"data.{pos}"), "rb") as f:
+                raw = f.read()
         for line in raw.decode("utf-8", errors="replace").splitlines():
             if line.startswith(" "):  # license header
                 continue
             fields = line.split(" ")
-            words = [re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").lower() for i in range(int(fields[3], 16))]
+            words = []
+            for i in range(int(fields[3], 16)):
+                lemma = re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").replace("-", " ").lower()
+                words.append(re.sub(r"[^a-z ]", "", lemma))
             for w in words:
-                synonyms[w].update(x for x in words if x != w)
+                synonyms[w].update(x for x in words if x != w and x.strip())
     return {w: sorted(s) for w, s in synonyms.items() if s}
 
 
+def synonyms_of(word, synonyms):
+    """Synonyms of a word, trying a plural's singular as WordNet's own lookup does (a short version of morphy)."""
+    bare = word.lower().strip(".,;:!?\"'()[]")
+    tries = [bare]
+    if bare.endswith("ies"):
+        tries.append(bare[:-3] + "y")
+    if bare.endswith("es"):
+        tries.append(bare[:-2])
+    if bare.endswith("s"):
+        tries.append(bare[:-1])
+    for candidate in tries:
+        if candidate in synonyms:
+            return synonyms[candidate]
+    return []
+
+
+def eda_synonym(words, synonyms, rng, n=1):
+    """EDA's synonym replacement: n distinct non-stop words, each replaced (every occurrence) by a random synonym."""
+    candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
+    rng.shuffle(candidates)
+    out, replaced = list(words), 0
+    for word in candidates:
+        options = synonyms_of(word, synonyms)
+        if not options:
+            continue
+        new = rng.choice(options)
+        out = [new if w == word else w for w in out]
+        replaced += 1
+        if replaced >= n:
+            break
+    return out
+
+
+def eda_insert(words, synonyms, rng, n=1):
+    """EDA's random insertion: n times, a synonym of a random non-stop word goes to a random place."""
+    out = list(words)
+    pool = [w for w in words if w.lower() not in STOP_WORDS and synonyms_of(w, synonyms)]
+    for _ in range(n if pool else 0):
+        out.insert(rng.randrange(len(out) + 1), rng.choice(synonyms_of(rng.choice(pool), synonyms)))
+    return out
+
+
+def eda_swap(words, rng, n=1):
+    """EDA's random swap: n times, two different positions trade words."""
+    out = list(words)
+    for _ in range(n if len(out) > 1 else 0):
+        i, j = rng.sample(range(len(out)), 2)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def eda_delete(words, rng, p=0.1):
+    """EDA's random deletion: each word goes with probability p; a lone word stays; if all went, one random word stays."""
+    if len(words) <= 1:
+        return list(words)
+    kept = [w for w in words if rng.random() > p]
+    return kept or [rng.choice(words)]
+
+
+def drop_stop_words(text):
+    """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
+    kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
+    return " ".join(kept) or text
+# ---- end eda
+
+
 def eda(caption, synonyms, rng, alpha=0.1):
+    """Wei & Zou's EDA, the LaCLIP paper's baseline: one of its four edits (synonym replacement, random insertion,
+    swap, deletion) per augmented caption, alpha of the words touched (at least one)."""
     words = caption.split()
     if not words:
         return caption
     n = max(1, int(alpha * len(words)))
-    bare = [w.lower().strip(".,;:!?\"'()[]") for w in words]
     op = rng.choice(("synonym", "insert", "swap", "delete"))
     if op == "synonym":
-        spots = [i for i, w in enumerate(bare) if w not in STOP_WORDS and w in synonyms]
-        for i in rng.sample(spots, min(n, len(spots))):
-            words[i] = rng.choice(synonyms[bare[i]])
+        words = eda_synonym(words, synonyms, rng, n)
     elif op == "insert":
-        pool = [w for w in bare if w in synonyms and w not in STOP_WORDS]
-        for _ in range(n if pool else 0):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(synonyms[rng.choice(pool)]))
-    elif op == "swap" and len(words) > 1:
-        for _ in range(n):
-            i, j = rng.sample(range(len(words)), 2)
-            words[i], words[j] = words[j], words[i]
-    elif op == "delete" and len(words) > 1:
-        kept = [w for w in words if rng.random() > alpha]
-        words = kept or [rng.choice(words)]
+        words = eda_insert(words, synonyms, rng, n)
+    elif op == "swap":
+        words = eda_swap(words, rng, n)
+    else:
+        words = eda_delete(words, rng, alpha)
     return " ".join(words)
 
 

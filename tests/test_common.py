@@ -57,6 +57,12 @@ def test_text_checks_block_identical_where_used():
     assert len(set(copies.values())) == 1
 
 
+def test_eda_block_identical_in_02_and_05():
+    copies = {s: block(s, "# ---- eda (", "# ---- end eda") for s in STAGES}
+    assert {s for s, c in copies.items() if c} == {"02_rewrite.py", "05_train.py"}
+    assert len({c for c in copies.values() if c}) == 1
+
+
 def test_dataset_writing_block_identical_in_both_builders():
     builders = ("00_toy_data.py", "00_real_data.py")
     copies = {s: block(s, "# ---- dataset writing (", "# ---- end dataset writing") for s in builders}
