@@ -348,8 +348,9 @@ def main(argv=None):
            f"({sum(len(groups[k]) for k in train)} captions), {dict(counts)}")
 
     model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.grad_checkpointing:  # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and
+        # reentrant checkpointing (transformers' default before 5) would then cut the graph: backward() would fail
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else [p for p in model.parameters()]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]

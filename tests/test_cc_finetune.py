@@ -66,6 +66,28 @@ def test_lora_trains_adapters_only_and_merges(toy, tmp_path):
     assert diff and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in diff)
 
 
+def test_lora_with_grad_checkpointing_trains(toy, tmp_path, monkeypatch):
+    """LoRA freezes the embeddings, so no checkpointed input needs grad: reentrant checkpointing (transformers' default
+    before 5) would leave the loss without a graph. 07 asks for the non-reentrant kind; the LoRA weights move."""
+    import transformers
+    asked, original = [], transformers.PreTrainedModel.gradient_checkpointing_enable
+
+    def record(self, *args, **kwargs):
+        asked.append(kwargs.get("gradient_checkpointing_kwargs"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "gradient_checkpointing_enable", record)
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text("".join(json.dumps({"captions": [f"{c} shape number {i}", f"a {c} thing, item {i}"]}) + "\n"
+                                for i, c in enumerate(["red", "blue", "green", "pink"] * 10)))
+    cc.main(["--texts", str(captions), "--model", str(toy / "models/tiny-llama"), "--out-dir", str(tmp_path / "gc"),
+             "--holdout", "8", "--steps", "3", "--batch-size", "8", "--lora-rank", "4", "--lr", "1e-2", "--grad-checkpointing"])
+    assert asked == [{"use_reentrant": False}]
+    state = torch.load(tmp_path / "gc/latest.pt", weights_only=True)
+    lora_b = {k: v for k, v in state["trainable"].items() if k.endswith("lora_b")}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: every one moved
+
+
 def test_resume_continues_from_latest(toy_retrieval, tmp_path):
     args = ["--texts", str(toy_retrieval), "--model", MINILM, "--out-dir", str(tmp_path / "r"), "--holdout", "20",
             "--batch-size", "8", "--save-every", "2"]
