@@ -21,11 +21,11 @@ The optimiser defaults are LaCLIP's released ones (AdamW wd 0.5, eps 1e-8, lr 1e
 cosine to 1e-5, crop scale 0.5); epochs and batch are toy-sized: the README gives each paper's recipe, knob by knob.
 --accum-steps N makes one contrastive batch of N micro-batches (features cached, as open_clip's --accum-freq).
 
-Toy run (CPU, after 00 and 02; 1-2 min each on 2 cores; AltText only, the loss falls from 4.6 to about 3.3):
+Toy run (CPU, after 00 and 02; about 1 min each on 2 cores; AltText only, the loss falls from 4.6 to about 3.1):
   python 05_train.py                                                   # AltText only -> toy/train/alt
   python 05_train.py --texts toy/rewrites --text-mode uniform --out-dir toy/train/laclip
   python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
-  python 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip           # LLM2CLIP, after 07 and 08: loss 4.7 -> 3.1
+  python 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip           # LLM2CLIP, after 07 and 08: loss 4.7 -> 2.9
 One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
             --accum-steps 32 --workers 8 --epochs 35 --out-dir runs/laclip     (LaCLIP's 8,192 a step)
 clip-rocket, CC3M:  --model configs/rocket-R50-text6.json --aug-views 2 --stopword-drop 0.8 --text-dropout 0.2 --lr 3e-3 \
