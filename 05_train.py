@@ -177,17 +177,44 @@ def run_config(args, **extra):
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
+# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
+# the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
+#                 through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
+                "pool_tokens": "all", "padding_side": "right"}
+TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+RECIPE_KEYS = tuple(TOWER_RECIPE)
+
+
 def tower_settings(path):
-    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
-    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07)."""
+    settings = dict(TOWER_RECIPE)
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
     return settings
 
 
+def recipe_overrides(settings, args):
+    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
+    out = dict(settings)
+    for key in RECIPE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
+    if "{text}" not in out["template"]:
+        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
+    return out
+
+
 def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
     if not os.path.isdir(path):
@@ -195,18 +222,51 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # a causal LLM with left padding would shift positions: embeddings would depend on the batch
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, tower_settings(path)
 
 
-def tower_encode(model, tokenizer, texts, max_length, device):
-    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    pool = batch["attention_mask"].clone()
+    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n):]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
     import torch
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
+    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min)
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
 # ---- end text tower
 
 
@@ -803,17 +863,29 @@ def build_model(args, device):
 
 
 def frozen_tower(args, device, amp):
-    """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the checkpoint; the model)."""
+    """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the checkpoint; the model).
+    The record holds the tower's recipe (how it embeds a text): the cache's, as 08 recorded it, else the tower's."""
     path, encode, model = args.text_tower, None, None
     if args.text_cache:
         stats = sorted(glob.glob(os.path.join(args.text_cache, "*.stats.json")))
-        config = os.path.join(args.text_cache, "_config.json")
-        path, dim = path or json.load(open(config))["args"]["model"], json.load(open(stats[0]))["dim"]
+        with open(os.path.join(args.text_cache, "_config.json")) as f:
+            config = json.load(f)
+        with open(stats[0]) as f:
+            dim = json.load(f)["dim"]
+        cached_tower = config["args"]["model"]
+        if path and os.path.abspath(path) != os.path.abspath(cached_tower):
+            raise SystemExit(f"--text-cache {args.text_cache} was made by the tower {cached_tower}, not --text-tower {path}: "
+                             "embeddings of two towers cannot be mixed (re-run 08 with this tower)")
+        path = path or cached_tower
+        recipe = config.get("recipe") or tower_settings(path)
     else:
-        model, tokenizer, settings = load_text_tower(path, device, str(amp or torch.float32)[6:], args.trust_remote_code)
+        model, tokenizer, recipe = load_text_tower(path, device, str(amp or torch.float32)[6:], args.trust_remote_code)
         model.eval().requires_grad_(False)
-        encode, dim = lambda texts: tower_encode(model, tokenizer, texts, settings["max_length"], device).float(), model.config.hidden_size
-    record = {"path": os.path.abspath(path) if os.path.isdir(path) else path, "dim": dim, **tower_settings(path),
+        dim = model.config.hidden_size
+
+        def encode(texts):
+            return tower_encode(model, tokenizer, texts, recipe, device).float()
+    record = {"path": os.path.abspath(path) if os.path.isdir(path) else path, "dim": dim, **recipe,
               "cache": args.text_cache and os.path.abspath(args.text_cache)}
     return encode, record, model
 

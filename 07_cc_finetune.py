@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import socket
-import sys
 import tarfile
 import time
 import zlib
@@ -159,17 +158,44 @@ def run_config(args, **extra):
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
+# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
+# the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
+#                 through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
+                "pool_tokens": "all", "padding_side": "right"}
+TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+RECIPE_KEYS = tuple(TOWER_RECIPE)
+
+
 def tower_settings(path):
-    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
-    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07)."""
+    settings = dict(TOWER_RECIPE)
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
     return settings
 
 
+def recipe_overrides(settings, args):
+    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
+    out = dict(settings)
+    for key in RECIPE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
+    if "{text}" not in out["template"]:
+        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
+    return out
+
+
 def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
     if not os.path.isdir(path):
@@ -177,18 +203,51 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # a causal LLM with left padding would shift positions: embeddings would depend on the batch
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, tower_settings(path)
 
 
-def tower_encode(model, tokenizer, texts, max_length, device):
-    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    pool = batch["attention_mask"].clone()
+    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n):]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
     import torch
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
+    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min)
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
 # ---- end text tower
 
 
@@ -244,7 +303,27 @@ class LoRALinear(torch.nn.Module):
         return self.base
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
+# LLM2Vec's LoRA targets for Llama, Mistral, Gemma and Qwen2 (attention and MLP projections); BERT-style names too
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key", "value")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+
+
+def is_decoder_llm(model):
+    """A decoder-only LLM (its recipe defaults follow LLM2Vec), not a BERT-style encoder."""
+    architectures = getattr(model.config, "architectures", None) or []
+    return model.config.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def training_recipe(model, args):
+    """The recipe 07 trains and saves with: the starting model's, LLM2Vec's defaults for decoder LLMs (bidirectional
+    attention, mean pooling, left padding, 512 tokens), then the flags."""
+    recipe = tower_settings(args.model) if os.path.isdir(args.model) else dict(TOWER_RECIPE)
+    if not os.path.isfile(os.path.join(args.model, "llm2clip_text.json")):
+        if is_decoder_llm(model):
+            recipe.update(attention="bidirectional", pooling="mean", padding_side="left", max_length=512)
+        else:
+            recipe.update(max_length=64)
+    return recipe_overrides(recipe, args)
 
 
 def swap_linears(model, make):
@@ -255,9 +334,9 @@ def swap_linears(model, make):
                 setattr(module, child_name, replacement)
 
 
-def add_lora(model, rank, alpha):
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     model.requires_grad_(False)
-    swap_linears(model, lambda n, c: LoRALinear(c, rank, alpha) if isinstance(c, torch.nn.Linear) and n in LORA_TARGETS else None)
+    swap_linears(model, lambda n, c: LoRALinear(c, rank, alpha) if isinstance(c, torch.nn.Linear) and n in targets else None)
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
@@ -280,12 +359,12 @@ def info_nce(a, b, temperature):
 
 
 @torch.no_grad()
-def caption_retrieval_accuracy(model, tokenizer, pairs, max_length, device, batch_size=256):
+def caption_retrieval_accuracy(model, tokenizer, pairs, recipe, device, batch_size=256):
     """CRA: share of first captions whose nearest second caption (cosine) is their own sample's."""
     model.eval()
-    a = torch.cat([tower_encode(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], max_length, device).float()
+    a = torch.cat([tower_encode(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], recipe, device).float()
                    for i in range(0, len(pairs), batch_size)])
-    b = torch.cat([tower_encode(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], max_length, device).float()
+    b = torch.cat([tower_encode(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], recipe, device).float()
                    for i in range(0, len(pairs), batch_size)])
     return (a @ b.t()).argmax(1).eq(torch.arange(len(pairs), device=a.device)).float().mean().item()
 
@@ -312,13 +391,23 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="toy/cc_minilm", help="output folder")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch of positive pairs (split over ranks)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (use ~1e-4..2e-4 with LoRA)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with LoRA, LLM2CLIP's; else 5e-5)")
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature (LLM2CLIP: 0.02)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per caption")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on attention projections (0 = full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per caption (default 512 for LLMs, LLM2CLIP's; else 64)")
+    # the rest of the recipe (see the text tower block); unset: the starting model's, or LLM2Vec's for decoder LLMs
+    p.add_argument("--attention", choices=["model", "bidirectional", "causal"], default=None,
+                   help="decoder LLMs: bidirectional (LLM2Vec, the default) or causal")
+    p.add_argument("--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector")
+    p.add_argument("--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header")
+    p.add_argument("--pool-tokens", choices=["all", "text"], default=None,
+                   help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)")
+    p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left (decoder default)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning; LLM2CLIP: 16)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank, LLM2Vec's)")
+    p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS),
+                   help="Linear layer names that get LoRA (LLM2Vec's: attention and MLP projections)")
     p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA (at most a quarter)")
     p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
@@ -348,14 +437,21 @@ def main(argv=None):
            f"({sum(len(groups[k]) for k in train)} captions), {dict(counts)}")
 
     model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
+    recipe = training_recipe(model, args)
+    lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 5e-5)
+    print0(f"07_cc_finetune: recipe {recipe}")
     if args.grad_checkpointing:  # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and
         # reentrant checkpointing (transformers' default before 5) would then cut the graph: backward() would fail
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else [p for p in model.parameters()]
+    if args.lora_rank:
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank  # LLM2Vec: alpha = 2r
+        params = add_lora(model, args.lora_rank, alpha, tuple(args.lora_targets))
+    else:
+        params = list(model.parameters())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     os.makedirs(args.out_dir, exist_ok=True)
     latest, log_path, step = os.path.join(args.out_dir, "latest.pt"), os.path.join(args.out_dir, "log.jsonl"), 0
     if os.path.exists(latest):
@@ -366,18 +462,18 @@ def main(argv=None):
         print0(f"resuming from {latest} at step {step}")
     elif rank == 0:
         write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, trainable_params=sum(p.numel() for p in params)))
-    cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, args.max_length, device)
+    cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
     print0(f"CRA before: {cra_before:.4f} on {len(held_pairs)} held-out pairs")
     ddp_params = [p for p in params if p.requires_grad]
     start = time.time()
     while step < args.steps:
         model.train()
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
+        step_lr = lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = step_lr
         pairs = draw_pairs(train, groups, step, args.seed, args.batch_size, rank)
-        a = gather_with_grad(tower_encode(model, tokenizer, [p[0] for p in pairs], args.max_length, device), world)
-        b = gather_with_grad(tower_encode(model, tokenizer, [p[1] for p in pairs], args.max_length, device), world)
+        a = gather_with_grad(tower_encode(model, tokenizer, [p[0] for p in pairs], recipe, device), world)
+        b = gather_with_grad(tower_encode(model, tokenizer, [p[1] for p in pairs], recipe, device), world)
         loss = info_nce(a.float(), b.float(), args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,13 +487,13 @@ def main(argv=None):
         step += 1
         if rank == 0 and (step % 10 == 0 or step == args.steps):
             eta = (time.time() - start) / max(1, step) * (args.steps - step)
-            print0(f"step {step}/{args.steps} loss {loss.item():.4f} lr {lr:.2e} eta {eta:.0f}s")
+            print0(f"step {step}/{args.steps} loss {loss.item():.4f} lr {step_lr:.2e} eta {eta:.0f}s")
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr}) + "\n")
+                f.write(json.dumps({"step": step, "loss": loss.item(), "lr": step_lr}) + "\n")
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             state = {k: v for k, v in model.state_dict().items() if k in trainable or "lora_" in k}
             save_atomic_torch({"step": step, "trainable": state, "optimizer": opt.state_dict()}, latest)
-    cra_after = caption_retrieval_accuracy(model, tokenizer, held_pairs, args.max_length, device)
+    cra_after = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
     print0(f"CRA after:  {cra_after:.4f} (before {cra_before:.4f})")
     if rank == 0:
         if args.lora_rank:
@@ -405,8 +501,8 @@ def main(argv=None):
         final, tmp = os.path.join(args.out_dir, "model"), os.path.join(args.out_dir, f"model.tmp.{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, "llm2clip_text.json"), {"pooling": "mean", "normalize": True, "max_length": args.max_length,
-                                                            "base_model": args.model, "cc_steps": step, "temperature": args.temperature})
+        write_json(os.path.join(tmp, "llm2clip_text.json"), {**recipe, "base_model": args.model, "cc_steps": step,
+                                                            "temperature": args.temperature})
         shutil.rmtree(final, ignore_errors=True)  # a crash here is mended by re-running: latest.pt holds the weights
         os.replace(tmp, final)
         with open(log_path, "a") as f:

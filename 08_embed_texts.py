@@ -26,7 +26,6 @@ import io
 import json
 import os
 import socket
-import sys
 import tarfile
 import time
 import zlib
@@ -200,17 +199,44 @@ def append_partial(path, tag, records):
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
+# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
+# the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
+#                 through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
+                "pool_tokens": "all", "padding_side": "right"}
+TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+RECIPE_KEYS = tuple(TOWER_RECIPE)
+
+
 def tower_settings(path):
-    """Pooling, normalisation and length of a text tower: defaults, then its llm2clip_text.json (written by 07)."""
-    settings = {"pooling": "mean", "normalize": True, "max_length": 77}
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07)."""
+    settings = dict(TOWER_RECIPE)
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
     return settings
 
 
+def recipe_overrides(settings, args):
+    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
+    out = dict(settings)
+    for key in RECIPE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
+    if "{text}" not in out["template"]:
+        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
+    return out
+
+
 def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, settings)."""
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
     if not os.path.isdir(path):
@@ -218,18 +244,51 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # a causal LLM with left padding would shift positions: embeddings would depend on the batch
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, tower_settings(path)
 
 
-def tower_encode(model, tokenizer, texts, max_length, device):
-    """Mean of the last hidden states over real tokens (attention mask), L2-normalised: LLM2CLIP's pooling."""
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    pool = batch["attention_mask"].clone()
+    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n):]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
     import torch
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
+    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min)
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
 # ---- end text tower
 
 
@@ -262,7 +321,7 @@ def encode_all(model, tokenizer, texts, args, device, settings):
     with torch.inference_mode():
         for start in range(0, len(order), args.batch_size):
             idx = order[start:start + args.batch_size]
-            emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings["max_length"], device)
+            emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings, device)
             out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
     return out
 
@@ -282,7 +341,7 @@ def process_shard(name, paths, model, tokenizer, settings, device, args):
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
     stats = {"shard": name, "in": len(records), "texts": len(flat), "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
              "dtype": args.store_dtype, "counts": dict(counts), "seconds": round(time.time() - start, 2),
-             "model": args.model, "sources": [os.path.abspath(p) for p in paths]}
+             "model": args.model, "recipe": settings, "sources": [os.path.abspath(p) for p in paths]}
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     print(f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
           + (f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})" if any(counts.values()) else ""), flush=True)
@@ -302,6 +361,15 @@ def parse_args(argv=None):
     p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    # the tower's recipe (see the text tower block); unset: as its llm2clip_text.json says (07 writes it)
+    p.add_argument("--attention", choices=["model", "bidirectional", "causal"], default=None,
+                   help="bidirectional: a decoder LLM attends both ways (LLM2Vec, LLM2CLIP's released model)")
+    p.add_argument("--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector")
+    p.add_argument("--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header")
+    p.add_argument("--pool-tokens", choices=["all", "text"], default=None,
+                   help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)")
+    p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (LLM2CLIP: 512)")
     return p.parse_args(argv)
 
 
@@ -317,19 +385,31 @@ def main(argv=None):
     if not by_shard:
         raise SystemExit(f"no shards in {args.input} and no sidecar .jsonl files in {args.texts}")
     os.makedirs(args.out_dir, exist_ok=True)
+    recipe = recipe_overrides(tower_settings(args.model), args)
+    tower = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    config_path = os.path.join(args.out_dir, "_config.json")
+    done_any = any(f.endswith(".stats.json") for f in os.listdir(args.out_dir))
+    if os.path.exists(config_path) and done_any and not args.overwrite:  # one cache, one tower and one recipe
+        with open(config_path) as f:
+            before = json.load(f)
+        made_by = before.get("tower") or before["args"]["model"]
+        if made_by != tower or before.get("recipe", recipe) != recipe:
+            raise SystemExit(f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
+                             f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to redo it.")
     mine = my_shards(list(by_shard), worker, total)
     todo = [n for n in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, n + ".stats.json"))]
     print0(f"08_embed_texts: {len(by_shard)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
+    print0(f"08_embed_texts: recipe {recipe}")
     if worker == 0:
-        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args))
+        write_json(config_path, run_config(args, tower=tower, recipe=recipe))
     if not todo:
         return []
     import torch
     _, _, local_rank = dist_env()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, settings = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
+    model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
     model.eval()
-    return [process_shard(n, by_shard[n], model, tokenizer, settings, device, args) for n in todo]
+    return [process_shard(n, by_shard[n], model, tokenizer, recipe, device, args) for n in todo]
 
 
 if __name__ == "__main__":

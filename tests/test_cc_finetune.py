@@ -63,7 +63,9 @@ def test_lora_trains_adapters_only_and_merges(toy, tmp_path):
     merged, base = AutoModel.from_pretrained(out / "model"), AutoModel.from_pretrained(toy / "models/tiny-llama")
     assert not any("lora" in k for k in merged.state_dict())
     diff = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
-    assert diff and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for k in diff)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert diff and all(k.endswith(tuple(p + ".weight" for p in projections)) for k in diff)
+    assert any("mlp" in k for k in diff)  # LLM2Vec's targets include the MLP projections
 
 
 def test_lora_with_grad_checkpointing_trains(toy, tmp_path, monkeypatch):

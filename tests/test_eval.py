@@ -419,7 +419,7 @@ def test_llm2clip_checkpoint_end_to_end_through_the_adapter(toy, tmp_path):
     tower, tower_tokenizer, _ = ev.load_text_tower(str(toy / "models/minilm"), "cpu")
     texts = ["a red circle", "two blue squares"]
     with torch.no_grad():  # the frozen tower, then the saved adapter; CLIP's own text tower is not used
-        assert torch.allclose(model.encode_text(tokenizer(texts)), adapter(ev.tower_encode(tower, tower_tokenizer, texts, 32, "cpu")), atol=1e-5)
+        assert torch.allclose(model.encode_text(tokenizer(texts)), adapter(ev.tower_encode(tower, tower_tokenizer, texts, {**ev.TOWER_RECIPE, "max_length": 32}, "cpu")), atol=1e-5)
     # an adapter that maps every text to one point (its bias): CRA and retrieval fall to 1 in 8, as the 8 images do
     saved = torch.load(ckpt, weights_only=True)
     saved["extra_state_dict"]["adapter.proj.weight"].zero_()
