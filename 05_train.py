@@ -499,6 +499,22 @@ def load_cache(shard, folder, counts):
     return rows, np.load(path + ".emb.npy", mmap_mode="r")
 
 
+def uncached_share(shards, args, counts):
+    """(texts the sampler can pick that 08's cache lacks, texts it can pick) over `shards`: their samples get skipped."""
+    missing, total = 0, 0
+    for shard in shards:
+        rows, _ = load_cache(shard, args.text_cache, counts)
+        synthetic = load_texts(shard, args.texts, counts) if args.text_mode != "original" else {}
+        for key, members in iter_tar(shard, {"txt"}, counts):
+            alt = " ".join(decode_text(members.get("txt") or b"", counts).split())
+            picks = [alt] if alt else []
+            picks += [t for t in synthetic.get(key, []) if len(t.split()) >= 2]
+            cached = rows.get(key, {})
+            total += len(picks)
+            missing += sum(t not in cached for t in picks)
+    return missing, total
+
+
 def count_samples(shard):
     """Keys with an image: img2dataset's <shard>_stats.json, else a scan. A wrong count costs only padding (see inputs)."""
     stats = shard[:-4] + "_stats.json"
@@ -911,6 +927,9 @@ def parse_args(argv=None):
                    help="probability of dropping a text's stop words, every text (clip-rocket: 0.8)")
     p.add_argument("--text-tower", default=None, help="LLM2CLIP: frozen text tower, hf:PATH (07's <out>/model or any HF encoder)")
     p.add_argument("--text-cache", default=None, help="LLM2CLIP: 08's embedding cache, read instead of running --text-tower")
+    p.add_argument("--cache-check-shards", type=int, default=1,
+                   help="LLM2CLIP: shards whose texts are checked against the cache at start")
+    p.add_argument("--max-uncached", type=float, default=0.01, help="LLM2CLIP: warn past this share of uncached texts")
     p.add_argument("--adapter-layers", type=int, default=4, help="LLM2CLIP: residual MLP blocks of the adapter")
     p.add_argument("--adapter-expansion", type=int, default=2, help="LLM2CLIP: hidden width of those blocks, times the tower's")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
@@ -995,6 +1014,14 @@ def main(argv=None):
         warmup = int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
     if args.all_texts:
         args.texts_per_image = count_texts(shards[0], args.texts)
+    if args.text_cache and rank == 0:  # say at the start, not only as a running count, what the cache lacks
+        missing, total = uncached_share(shards[:args.cache_check_shards], args, Counter())
+        share = missing / max(1, total)
+        print0(f"05_train: text cache: {missing} of {total} pickable texts in the first {min(len(shards), args.cache_check_shards)} "
+               f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped")
+        if share > args.max_uncached:
+            print0(f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
+                   f"folders (and --input) as this training?")
     synonyms = None
     if (args.aug_views or args.eda_prob) and args.eda_weights[1] > 0:  # EDA's synonym replacement reads WordNet
         synonyms = load_synonyms(find_wordnet(args.wordnet_dir))

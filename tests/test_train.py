@@ -498,3 +498,17 @@ def test_all_texts_per_image_counts_the_sidecars_and_trains(data, tmp_path, caps
                            "--text-mode", "multi", "--texts-per-image", "all", "--max-steps", "2"))
     assert summary["step"] == 2 and math.isfinite(summary["loss"])
     assert "5 texts per image (all" in capsys.readouterr().out
+
+
+def test_uncached_texts_are_reported_at_start(data, minilm, tmp_path, capsys):
+    """A cache made from the AltTexts alone, a run that also picks rewrites: the share is said before step 1."""
+    cache = tmp_path / "cache"
+    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", "--model", str(minilm), "--out-dir", str(cache)])
+    shard = str(data / "shards/00000.tar")
+    args = tr.parse_args(["--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform"])
+    missing, total = tr.uncached_share([shard], args, Counter())
+    assert 0 < missing < total
+    tr.main(base(data, tmp_path / "run", "--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform",
+                 "--max-steps", "1"))
+    out = capsys.readouterr().out
+    assert f"text cache: {missing} of {total} pickable texts" in out and "WARNING: over 1%" in out
