@@ -836,6 +836,46 @@ def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True
     return total
 
 
+def vision_layer(name, blocks):
+    """LLM2CLIP's (EVA-CLIP's) layer id of a ViT parameter: 0 for the patch and position embeddings and ln_pre, i + 1 for
+    block i, blocks + 1 for what follows the blocks (ln_post, proj). None: not a ViT tower parameter."""
+    if not name.startswith("clip.visual."):
+        return None
+    rest = name[len("clip.visual."):]
+    if rest.startswith("transformer.resblocks."):
+        return int(rest.split(".")[2]) + 1
+    if rest.startswith(("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")):
+        return 0
+    return blocks + 1
+
+
+def param_groups(trainee, args):
+    """AdamW groups: no weight decay on biases, norms, 1-d tensors and logit scales (LaCLIP's, clip-rocket's and
+    open_clip's rule); the vision tower at --visual-lr / --visual-wd with layer-wise decay --visual-ld (block i of L
+    at visual_ld^(L + 1 - (i + 1)), LLM2CLIP's EVA rule); the LLM2CLIP adapter at --adapter-lr / --adapter-wd."""
+    resblocks = getattr(getattr(trainee.clip.visual, "transformer", None), "resblocks", None)
+    blocks = len(resblocks) if resblocks is not None else None
+    if args.visual_ld != 1.0 and blocks is None:
+        raise SystemExit("--visual-ld needs an open_clip ViT image tower (visual.transformer.resblocks)")
+    groups = {}
+    for n, p in trainee.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd = args.lr, args.wd
+        if n.startswith("clip.visual."):
+            lr = args.visual_lr if args.visual_lr is not None else args.lr
+            wd = args.visual_wd if args.visual_wd is not None else args.wd
+            if blocks is not None and args.visual_ld != 1.0:
+                lr = lr * args.visual_ld ** (blocks + 1 - vision_layer(n, blocks))
+        elif n.startswith("adapter."):
+            lr = args.adapter_lr if args.adapter_lr is not None else args.lr
+            wd = args.adapter_wd if args.adapter_wd is not None else args.wd
+        if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "logit_scale" in n:
+            wd = 0.0
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
 def learning_rate(step, args, warmup, total):
     """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
     cosine from --lr down to --min-lr at the last step."""
@@ -958,6 +998,12 @@ def parse_args(argv=None):
     p.add_argument("--wd", type=float, default=0.5,
                    help="AdamW weight decay, none on biases, norms, gains and logit scales (LaCLIP: 0.5)")
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.98], help="AdamW betas")
+    p.add_argument("--visual-lr", type=float, default=None, help="peak lr of the image tower (default --lr)")
+    p.add_argument("--visual-wd", type=float, default=None, help="weight decay of the image tower (default --wd)")
+    p.add_argument("--visual-ld", type=float, default=1.0,
+                   help="layer-wise lr decay of a ViT image tower (LLM2CLIP: 0.85): block i of L at ld^(L - i)")
+    p.add_argument("--adapter-lr", type=float, default=None, help="LLM2CLIP: peak lr of the adapter (default --lr)")
+    p.add_argument("--adapter-wd", type=float, default=None, help="LLM2CLIP: weight decay of the adapter (default --wd)")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (LaCLIP, clip-rocket: 1e-8)")
     p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this")
     p.add_argument("--precision", choices=["amp_bf16", "amp_fp16", "fp32"], default="amp_bf16", help="autocast on GPUs; CPU is fp32")
@@ -1036,16 +1082,8 @@ def main(argv=None):
             p.requires_grad_(n.startswith(("visual.", "logit_")))
     trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(device)
     trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
-    decay, no_decay = [], []
-    for n, p in trainee.named_parameters():  # LaCLIP's, clip-rocket's and open_clip's rule for what is not decayed
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "logit_scale" in n:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                            betas=tuple(args.betas), eps=args.eps, weight_decay=args.wd, fused=cuda or None)
+    opt = torch.optim.AdamW(param_groups(trainee, args), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+                            weight_decay=args.wd, fused=cuda or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
@@ -1108,8 +1146,8 @@ def main(argv=None):
         batches, positions = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)), dict(consumed)
         while in_epoch < steps_per_epoch and step < stop:
             lr = learning_rate(step, args, warmup, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # each group's own peak lr (vision, layer decay, adapter) on one schedule
+                group["lr"] = lr * group["base_lr"] / args.lr if args.lr else 0.0
             micro_batches = []
             for _ in range(args.accum_steps):
                 chunks = [next(batches) for _ in range(k)]  # one per worker, in worker order

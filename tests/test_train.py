@@ -512,3 +512,23 @@ def test_uncached_texts_are_reported_at_start(data, minilm, tmp_path, capsys):
                  "--max-steps", "1"))
     out = capsys.readouterr().out
     assert f"text cache: {missing} of {total} pickable texts" in out and "WARNING: over 1%" in out
+
+
+def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
+    """--visual-ld 0.5: the last block's lr is twice the one below it; the adapter and the vision tower have their own."""
+    import open_clip
+    clip = open_clip.model.CLIP(**{**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 3}})
+    clip.visual.preprocess_cfg = {"size": 32}
+    model = tr.Trainee(clip, 32, 0, 16, 0.0, tr.Adapter(24, 32, layers=1))
+    args = tr.parse_args(["--visual-ld", "0.5", "--lr", "1e-5", "--visual-lr", "2e-5", "--visual-wd", "0.05",
+                          "--adapter-lr", "3e-4", "--adapter-wd", "0.1"])
+    opt = torch.optim.AdamW(tr.param_groups(model, args), lr=args.lr)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    block = {i: lr_of[id(named[f"clip.visual.transformer.resblocks.{i}.mlp.c_fc.weight"])] for i in range(3)}
+    assert math.isclose(block[2][0], 2 * block[1][0]) and math.isclose(block[1][0], 2 * block[0][0])
+    assert math.isclose(block[2][0], 2e-5 * 0.5) and block[2][1] == 0.05
+    assert lr_of[id(named["clip.visual.proj"])] == (2e-5, 0.05)  # after the blocks: no decay of its lr
+    assert math.isclose(lr_of[id(named["clip.visual.conv1.weight"])][0], 2e-5 * 0.5 ** 4)
+    assert lr_of[id(named["adapter.proj.weight"])] == (3e-4, 0.1) and lr_of[id(named["adapter.proj.bias"])] == (3e-4, 0.0)
+    assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == (1e-5, 0.5)  # the rest: --lr, --wd
