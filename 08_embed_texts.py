@@ -215,8 +215,16 @@ RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
 def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07)."""
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one reads 512
+    tokens (LLM2CLIP's length), an encoder 77."""
     settings = dict(TOWER_RECIPE)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        architectures = config.get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in ("llama", "mistral", "qwen2"):
+            settings["max_length"] = 512
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
