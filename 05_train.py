@@ -49,6 +49,7 @@ import re
 import socket
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 import zlib
@@ -579,7 +580,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counts["uncached"] += 1
                 return None
             texts = torch.from_numpy(cached[1][rows].astype(np.float32))
-        torch.manual_seed(rnd.getrandbits(63))  # image augmentation draws from torch's generator
+        # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU seeding
+        # with a captured stack trace per call, a quarter of a worker's time on small images
+        torch.default_generator.manual_seed(rnd.getrandbits(63))
         return key, self.transform(img), texts, valid, [self.view_transform(img) for _ in view_texts], view_texts
 
     def __iter__(self):
@@ -884,6 +887,68 @@ def param_groups(trainee, args):
     return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+def snapshot(obj):
+    """A copy of a (nested) state dict in CPU memory: training goes on changing the live tensors while it is written."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so rank 0 (and every rank waiting for it at the next collective)
+    pays only for the snapshot, not for serialising and fsyncing gigabytes. Each file is written as a temp file,
+    fsynced, then renamed into place, so a kill at any moment leaves the previous checkpoint whole. The extra names
+    (epoch_N.pt) are hard links to the same bytes, not a second write. One save at a time: the next waits for it."""
+
+    def __init__(self, folder):
+        self.folder, self.thread, self.error = folder, None, None
+
+    def save(self, state, names):
+        self.wait()
+        self.thread = threading.Thread(target=self.write, args=(snapshot(state), names), name="checkpoint-writer")
+        self.thread.start()
+
+    def write(self, state, names):
+        try:
+            final = os.path.join(self.folder, names[0])
+            tmp = f"{final}.tmp.{socket.gethostname()}.{os.getpid()}"
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            for name in names[1:]:
+                link_to(tmp, os.path.join(self.folder, name))
+            os.replace(tmp, final)
+        except BaseException as e:  # raised in the training thread at the next save or at the end
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise RuntimeError(f"writing a checkpoint in {self.folder} failed") from self.error
+
+
+def link_to(source, path):
+    """`path` with the bytes of `source`: a hard link (no second write), renamed into place; a copy where the file
+    system has no hard links."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def learning_rate(step, args, warmup, total):
     """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
     cosine from --lr down to --min-lr at the last step."""
@@ -922,8 +987,32 @@ def build_model(args, device):
     strong = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
                         T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
-                        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pp["mean"], pp["std"])])
-    return clip, name, {**cfg, **siglip}, (transform, strong), open_clip.get_tokenizer(name)
+                        T.RandomHorizontalFlip(), T.PILToTensor()])
+    return clip, name, {**cfg, **siglip}, (uint8_output(transform), strong), open_clip.get_tokenizer(name)
+
+
+def uint8_output(transform):
+    """open_clip's train transform, ending in a uint8 tensor instead of a normalised float one: the workers send a
+    quarter of the bytes through shared memory and to the GPU, and `normalize` (on the device) does the rest."""
+    from torchvision import transforms as T
+
+    steps, converted, normalized = [], 0, 0
+    for step in transform.transforms:
+        if isinstance(step, T.Normalize):
+            normalized += 1
+            continue
+        if type(step).__name__ in ("ToTensor", "MaybeToTensor"):
+            converted += 1
+            step = T.PILToTensor()
+        steps.append(step)
+    if (converted, normalized) != (1, 1):
+        raise SystemExit(f"unexpected image transform (want one ToTensor and one Normalize): {transform}")
+    return T.Compose(steps)
+
+
+def normalize(images, mean, std):
+    """uint8 images from the workers to the model's input: what ToTensor and Normalize do, on the device."""
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def frozen_tower(args, device, amp):
@@ -1141,13 +1230,18 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
+    mean = torch.tensor(clip.visual.preprocess_cfg["mean"], device=device).view(-1, 1, 1)
+    std = torch.tensor(clip.visual.preprocess_cfg["std"], device=device).view(-1, 1, 1)
+
     def join(parts):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
         if torch.is_tensor(parts[0]):
-            return torch.cat(parts).to(device, non_blocking=True)
+            # each chunk is pinned by the DataLoader: copied as it is (asynchronously), joined on the device
+            return torch.cat([part.to(device, non_blocking=True) for part in parts])
         groups = [g for part in parts for g in part]
         with torch.no_grad():
             return encode([t for g in groups for t in g]).view(len(groups), len(groups[0]), -1)
 
+    writer = CheckpointWriter(args.out_dir)
     while step < stop:
         stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
                              transforms, tokenizer, synonyms)
@@ -1165,6 +1259,9 @@ def main(argv=None):
                 for key in ("image", "text", "text_mask", "views", "view_text"):
                     if key in chunks[0]:
                         batch[key] = join([c[key] for c in chunks])
+                for key in ("image", "views"):
+                    if key in batch:
+                        batch[key] = normalize(batch[key], mean, std)
                 micro_batches.append(batch)
             # dropout and the like: a function of the step (and micro-batch) alone
             seeds = [args.seed * 1_000_003 + step * 1_009 + rank + 7_919 * i for i in range(args.accum_steps)]
@@ -1202,16 +1299,16 @@ def main(argv=None):
                 if world > 1:
                     dist.all_gather_object(parts, positions)
                 if rank == 0:
-                    state, buf = trainee.state_dict(), io.BytesIO()
-                    torch.save({"epoch": epoch + epoch_end, "step": step, "model_name": name, "args": vars(args), "optimizer": opt.state_dict(),
-                                "scaler": scaler.state_dict(), **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
-                                "extra_state_dict": {key: v for key, v in state.items() if not key.startswith("clip.")},
-                                "data": {"step_in_epoch": 0 if epoch_end else in_epoch, "readers": world * k, "skipped": last.get("skipped", skipped),
-                                         "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()}}}, buf)
-                    for file in ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end:  # a temp file, fsync, rename: never a torn one
-                        atomic_write(os.path.join(args.out_dir, file), buf.getbuffer())
+                    state = trainee.state_dict()
+                    checkpoint = {"epoch": epoch + epoch_end, "step": step, "model_name": name, "args": vars(args), "optimizer": opt.state_dict(),
+                                  "scaler": scaler.state_dict(), **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
+                                  "extra_state_dict": {key: v for key, v in state.items() if not key.startswith("clip.")},
+                                  "data": {"step_in_epoch": 0 if epoch_end else in_epoch, "readers": world * k, "skipped": last.get("skipped", skipped),
+                                           "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()}}}
+                    writer.save(checkpoint, ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end)
         if in_epoch == steps_per_epoch:
             skipped, epoch, in_epoch, consumed, reader_counts = last["skipped"], epoch + 1, 0, {}, {}
+    writer.wait()
     bar.close()
     print0(f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
            f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}")

@@ -140,6 +140,57 @@ def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
     assert log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2  # corrupt + no text, per epoch
 
 
+HANGING_SAVE = """
+import importlib, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+train, save, calls = importlib.import_module("05_train"), torch.save, []
+
+
+def slow_save(obj, f, *args, **kwargs):  # the second checkpoint: its bytes written, then a disk that never returns
+    calls.append(obj["step"])
+    save(obj, f, *args, **kwargs)
+    if len(calls) == 2:
+        print("hanging in the save of step", obj["step"], flush=True)
+        time.sleep(600)
+
+
+torch.save = slow_save
+train.main(sys.argv[2:])
+"""
+
+
+def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(data, tmp_path):
+    """Checkpoints are written on a thread while training goes on. The second save hangs inside torch.save and the
+    process is killed there: training went on meanwhile, latest.pt is still the first save, whole, and the same
+    command resumes from it."""
+    out = tmp_path / "hang"
+    argv = base(data, out, "--batch-size", "4", "--save-every", "2")
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_SAVE, REPO, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=ENV)
+    try:
+        for line in proc.stdout:
+            if line.startswith("hanging in the save of step 4"):
+                break
+        deadline = time.time() + 120
+        while time.time() < deadline and max(r["step"] for r in log_records(out)) < 5:
+            time.sleep(0.05)
+        assert max(r["step"] for r in log_records(out)) >= 5, "training waited for the checkpoint"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpt = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2
+    assert any(".tmp." in name for name in os.listdir(out))  # the torn one, which nothing reads
+    resumed = subprocess.run([sys.executable, os.path.join(REPO, "05_train.py"), *argv], capture_output=True,
+                             text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    assert torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["step"] == 14
+    # epoch_1.pt is the same file as latest.pt (a hard link), not a second write
+    assert os.path.samefile(out / "epoch_1.pt", out / "latest.pt")
+
+
 def stream_of(data, argv, epoch=0, consumed=None, chunks=8, chunk=4, tokenizer=None, rank=0, world=1, monkeypatch=None):
     args = tr.parse_args(base(data, "unused", "--workers", "0", *argv))
     shards = [str(data / f"shards/0000{i}.tar") for i in range(3)]
