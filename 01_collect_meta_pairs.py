@@ -4,7 +4,9 @@ Sources (combine any):
   human  pairs written for this project (shipped in this file): web alt text => a fluent caption
   coco   the human captions of one COCO image (a COCO captions JSON); 02 draws a fresh pair of two of them
          for every prompt, as LaCLIP's coco mode does
-  llm    the ChatGPT/Bard analogue: a chat model rewrites alt texts sampled from your own shards
+  llm    the ChatGPT/Bard analogue: a chat model rewrites alt texts sampled from your own shards (a random pick of
+         16 read per one drawn, from the first samples of 8 or more shards visited in a --seed order: a large data
+         set is not read through)
   file   your own JSONL with {"input", "output"} (and optionally "source")
 Pairs are cleaned to one line, de-duplicated, and dropped when empty, identical, or over --max-words (a COCO
 caption over --max-words is left out of its image's list).
@@ -12,7 +14,8 @@ caption over --max-words is left out of its image's list).
 Reads:  --coco-captions (COCO annotations JSON), --shards (tars or JSONL, for the llm source), --pairs-file
 Writes: --out (meta_pairs.jsonl): {"source", "input", "output"} per line; a coco line is one image and
         also has "captions": its distinct captions (2 or more), input and output being two of them
-        <out stem>.stats.json: per-source counts, drops by reason, arguments, script sha256, model
+        <out stem>.stats.json: per-source counts, drops by reason, what the llm source read ("read": shards,
+        shards_read, samples_read, candidates), arguments, script sha256, model
 
 Toy run (CPU):       python 01_collect_meta_pairs.py
 At scale (one GPU):  python 01_collect_meta_pairs.py --sources human coco llm \
@@ -326,14 +329,14 @@ LLM_MAX_WORDS = 30  # as the instruction asks
 
 
 
-def human_pairs(args, drops):
+def human_pairs(args, drops, read):
     pairs = []
     for a, b in random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS)):
         pairs.append({"input": a, "output": b})
     return pairs
 
 
-def coco_pairs(args, drops):
+def coco_pairs(args, drops, read):
     if not args.coco_captions or not os.path.isfile(args.coco_captions):
         raise SystemExit(f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}")
     with open(args.coco_captions, encoding="utf-8") as f:
@@ -358,7 +361,7 @@ def coco_pairs(args, drops):
     return pairs
 
 
-def file_pairs(args, drops):
+def file_pairs(args, drops, read):
     if not args.pairs_file or not os.path.isfile(args.pairs_file):
         raise SystemExit(f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}")
     counts = Counter()
@@ -372,19 +375,53 @@ def file_pairs(args, drops):
     return pairs
 
 
-def sample_alt_texts(args, want):
-    """Alt texts from the user's shards that are worth rewriting: 3-40 words, mostly letters."""
-    counts, texts = Counter(), []
-    for path in sorted(list_inputs(args.shards, (".tar", ".jsonl"))):
-        if path.endswith(".tar"):
-            texts += [decode_text(m["txt"], counts) for _, m in iter_tar(path, {"txt"}, counts) if m.get("txt")]
-        else:
-            texts += [r["text"] for r in iter_jsonl(path, counts) if isinstance(r, dict) and isinstance(r.get("text"), str)]
-    good = sorted({one_line(t) for t in texts if 3 <= len(t.split()) <= 40
-                   and sum(c.isalpha() for c in t) >= 0.6 * len(t.replace(" ", ""))})
-    if not good:
+ALT_POOL = 16  # candidates read per alt text drawn: the draw is a random pick, not the first texts read
+ALT_SHARDS = 8  # the pool comes from this many shards at least (where there are), a prefix of each
+
+
+def shard_alt_texts(path, counts):
+    """The alt texts of one tar (its .txt members) or JSONL shard ("text"), in file order."""
+    if path.endswith(".tar"):
+        for _, sample in iter_tar(path, {"txt"}, counts):
+            if sample.get("txt"):
+                yield decode_text(sample["txt"], counts)
+    else:
+        for r in iter_jsonl(path, counts):
+            if isinstance(r, dict) and isinstance(r.get("text"), str):
+                yield r["text"]
+
+
+def worth_rewriting(text):
+    return 3 <= len(text.split()) <= 40 and sum(c.isalpha() for c in text) >= 0.6 * len(text.replace(" ", ""))
+
+
+def sample_alt_texts(args, want, read):
+    """`want` alt texts from the user's shards that are worth rewriting (3-40 words, mostly letters), drawn at random
+    from a pool of ALT_POOL x `want` distinct ones. The pool is read from the first samples of shards visited in an
+    order drawn from --seed, no more than 1/ALT_SHARDS of the pool's size from each, so a data set of any size is
+    read only that far. `read` counts the shards and samples read."""
+    counts, pool, seen = Counter(), [], set()
+    paths = list_inputs(args.shards, (".tar", ".jsonl"))
+    rng = random.Random(args.seed)
+    enough = ALT_POOL * want
+    per_shard = -(-enough // ALT_SHARDS)
+    for path in rng.sample(paths, len(paths)):
+        if len(pool) >= enough:
+            break
+        read["shards_read"] += 1
+        # leaving the loop early closes the shard's generator, and with it the file
+        for n, text in enumerate(shard_alt_texts(path, counts), 1):
+            read["samples_read"] += 1
+            text = one_line(text)
+            if worth_rewriting(text) and text not in seen:
+                seen.add(text)
+                pool.append(text)
+            if n >= per_shard:
+                break
+    read["shards"], read["candidates"] = len(paths), len(pool)
+    if not pool:
         raise SystemExit(f"--sources llm found no usable alt text in {args.shards}")
-    return random.Random(args.seed).sample(good, min(want, len(good)))
+    return rng.sample(pool, min(want, len(pool)))
 
 
 PREAMBLE = re.compile(r".*:$|(sure|certainly|of course|okay)\W*$", re.I)  # "Here is the rewrite:", "Sure!"
@@ -423,10 +460,14 @@ def stems(text):
     return {w[:4] for w in norm(text).split() if len(w) > 2 and w not in SMALL_WORDS}
 
 
-def llm_pairs(args, drops):
+def llm_pairs(args, drops, read):
     """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers
     loop, talk about the task or run long, and those are dropped (counted by reason in the stats)."""
-    alts = sample_alt_texts(args, 4 * args.per_source)
+    alts = sample_alt_texts(args, 4 * args.per_source, read)
+    print(
+        f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} samples of "
+        f"{read['shards_read']} of {read['shards']} shards"
+    )
     engine = TextEngine(args.engine, args.llm_model, args.temperature, 1.0, args.max_new_tokens, args.batch_size,
                         args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
                         args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
@@ -509,8 +550,9 @@ def main(argv=None):
     args = parse_args(argv)
     start, raw = time.time(), []
     drops = defaultdict(Counter)  # per source: why pairs were left out
+    read = defaultdict(Counter)  # per source: how much of its input it read
     for source in args.sources:
-        got = SOURCES[source](args, drops[source])
+        got = SOURCES[source](args, drops[source], read[source])
         for item in got:
             raw.append({"source": source, **item})  # the file source names its own sources
         print(f"{source}: {len(got)} candidate pairs")
@@ -524,6 +566,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_jsonl(args.out, pairs)
     stats = {"pairs": len(pairs), "per_source": dict(counts), "dropped": {s: dict(c) for s, c in drops.items()},
+             "read": {s: dict(c) for s, c in read.items() if c},
              "seconds": round(time.time() - start, 2), "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None}
     write_json(os.path.splitext(args.out)[0] + ".stats.json", {**stats, **run_config(args)})
     print(f"wrote {len(pairs)} pairs to {args.out} in {stats['seconds']:.1f}s")

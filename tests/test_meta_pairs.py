@@ -1,5 +1,8 @@
 """01_collect_meta_pairs: every source, cleaning, counts, provenance."""
+import io
 import json
+import os
+import tarfile
 
 import pytest
 
@@ -90,6 +93,43 @@ def test_all_sources_with_llm_and_user_file(toy, tmp_path):
     alts = {" ".join(m["txt"].decode().split()) for f in sorted((toy / "shards").glob("*.tar"))
             for _, m in mp.iter_tar(str(f), {"txt"}, mp.Counter())}
     assert set(llm_inputs) <= alts  # the llm source rewrites the user's own alt texts
+    usable = sum(mp.worth_rewriting(a) for a in alts)  # the toy has fewer than the 1024 wanted: all read
+    assert stats["read"] == {"llm": {"shards": 2, "shards_read": 2, "samples_read": 48, "candidates": usable}}
+
+
+def write_alt_text_shards(folder, n_shards, per_shard):
+    folder.mkdir()
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                for ext, data in (("jpg", b"\xff\xd8 not an image"), ("txt", f"a red kite number {i} of set {s}".encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_llm_source_reads_a_few_random_shards_only(tmp_path, monkeypatch):
+    """Drawing 64 alt texts from 60 shards opens 8 of them, reads 128 samples of each, and draws the same texts for
+    the same seed; another seed visits other shards."""
+    write_alt_text_shards(tmp_path / "shards", 60, 150)
+    opened, iter_tar = [], mp.iter_tar
+
+    def counting_iter_tar(path, want, counts):
+        opened.append(path)
+        return iter_tar(path, want, counts)
+
+    monkeypatch.setattr(mp, "iter_tar", counting_iter_tar)
+    draws = []
+    for seed in (0, 0, 1):
+        read = mp.Counter()
+        args = mp.parse_args(["--shards", str(tmp_path / "shards"), "--seed", str(seed)])
+        draws.append(mp.sample_alt_texts(args, 64, read))
+        assert read == {"shards": 60, "shards_read": 8, "samples_read": 8 * 128, "candidates": 8 * 128}
+    assert len(opened) == 24 and opened[:8] == opened[8:16] != opened[16:]
+    assert draws[0] == draws[1] != draws[2] and len(set(draws[0])) == 64
+    shards = {text.split()[-1] for text in draws[0]}
+    assert len(shards) > 2 and {f"{int(s):05d}" for s in shards} <= {os.path.basename(p)[:5] for p in opened[:8]}
+    assert max(int(text.split()[4]) for text in draws[0]) > 64  # not only each shard's first lines
 
 
 def test_missing_inputs_give_clear_messages(tmp_path):
