@@ -6,12 +6,13 @@
 Both trainers get the same model config (00's toy-clip.json: a 2-layer ViT, 64 px), shards (4 x 800 toy samples), batch
 size, DataLoader workers, torch threads (OMP_NUM_THREADS), fp32, AdamW (lr 1e-3, wd 0.2, betas 0.9/0.98, eps 1e-6),
 warmup, seed, AltText only, and a checkpoint per epoch. Each runs as a subprocess twice, for E1 and E2 epochs, arms
-interleaved; steady samples/s = (samples(E2) - samples(E1)) / (seconds(E2) - seconds(E1)), which cancels start-up
+interleaved, in --repeats rounds (default 3; the ratios printed are the medians over rounds); steady samples/s = (samples(E2) - samples(E1)) / (seconds(E2) - seconds(E1)), which cancels start-up
 (imports, model build) and keeps everything paid per epoch (data, steps, worker start, checkpoints). The same difference
 over CPU seconds (user + system of the trainer and its DataLoader workers) is shown beside it: when other work shares the
 cores, wall time swings with it and CPU time much less. End-to-end samples/s of the E2 run is shown too. Peak memory: the
 highest sum of PSS over the trainer's process tree (shared pages counted once), sampled every 0.1 s.
-Prints a table and `05_train / open_clip_train steady samples/s = X.XXx (goal >= 1.0); per CPU-second Y.YYx`.
+Prints a table and `05_train / open_clip_train steady samples/s = X.XXx (goal >= 1.10); per CPU-second Y.YYx
+(goal >= 1.10); peak memory Z.ZZx (goal <= 1.0)`, with the load average before the run.
 On 2 cores with 2 workers, use 1 thread: 2 OpenMP threads beside 2 busy workers spin and run several times slower.
 
 open_clip_train needs webdataset 0.2.86 (1.0.x crashes it: KeyError 'fname'), pandas, braceexpand and fsspec, so it runs
@@ -23,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -110,6 +112,18 @@ def commands(arm, epochs, args, shards, config, work, openclip_python):
             "--save-frequency", "1", "--report-to", ""]
 
 
+def steady_rates(result, epochs):
+    """Per arm, samples/s and samples per CPU-second between the E1 and the E2 run of one round (start-up cancels)."""
+    e1, e2 = epochs
+    steady, per_cpu = {}, {}
+    for arm in ("05_train", "open_clip_train"):
+        a, b = result[arm, e1], result[arm, e2]
+        steady[arm] = (b["samples"] - a["samples"]) / (b["seconds"] - a["seconds"])
+        per_cpu[arm] = (b["samples"] - a["samples"]) / (b["cpu_seconds"] - a["cpu_seconds"])
+    return {"steady": steady, "per_cpu": per_cpu, "ratio": steady["05_train"] / steady["open_clip_train"],
+            "cpu_ratio": per_cpu["05_train"] / per_cpu["open_clip_train"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--toy", default=os.path.join(OUT, "toy"), help="toy data folder (built by 00_toy_data.py --skip-models if missing)")
@@ -118,39 +132,55 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both trainers")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both trainers")
     p.add_argument("--threads", type=int, default=1, help="torch threads of both trainers (OMP_NUM_THREADS; 2 cores and 2 workers: 1)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the ratios are their medians")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     shards, config = ensure_toy(args.toy)
     args.samples = sum(json.load(open(os.path.join(shards, f)))["successes"] for f in os.listdir(shards) if f.endswith("_stats.json"))
     openclip_python = ensure_openclip_venv(args.openclip_venv)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    runs = {}
-    for epochs in args.epochs:
-        for arm in ("05_train", "open_clip_train"):  # interleaved: drifting machine load hits both arms alike
-            work = os.path.join(OUT, "train_runs", f"{arm}_e{epochs}")
-            shutil.rmtree(work, ignore_errors=True)
-            os.makedirs(os.path.dirname(work), exist_ok=True)
-            seconds, cpu, peak = timed(commands(arm, epochs, args, shards, config, work, openclip_python), env, work + ".log")
-            runs[arm, epochs] = {"arm": arm, "epochs": epochs, "samples": epochs * args.samples, "seconds": round(seconds, 2),
-                                 "cpu_seconds": round(cpu, 2), "samples_per_s": round(epochs * args.samples / seconds, 1),
-                                 "peak_pss_mib": round(peak)}
-            print(f"{arm:16s} {epochs} epoch(s): {seconds:7.1f}s wall, {cpu:7.1f}s CPU, peak PSS {peak:6.0f} MiB", flush=True)
     e1, e2 = args.epochs
-    print(f"\n{'trainer':16s} {'steady samples/s':>17s} {'samples per CPU-s':>18s} {'end-to-end samples/s':>21s} {'peak PSS MiB':>13s}")
-    steady, per_cpu = {}, {}
+    load = os.getloadavg()[0]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    runs, rounds = [], []
+    for repeat in range(args.repeats):  # rounds interleaved: drifting machine load hits both arms alike
+        result = {}
+        for epochs in args.epochs:
+            for arm in ("05_train", "open_clip_train"):
+                work = os.path.join(OUT, "train_runs", f"{arm}_e{epochs}")
+                shutil.rmtree(work, ignore_errors=True)
+                os.makedirs(os.path.dirname(work), exist_ok=True)
+                cmd = commands(arm, epochs, args, shards, config, work, openclip_python)
+                seconds, cpu, peak = timed(cmd, env, work + ".log")
+                run = {"round": repeat, "arm": arm, "epochs": epochs, "samples": epochs * args.samples,
+                       "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                       "samples_per_s": round(epochs * args.samples / seconds, 1), "peak_pss_mib": round(peak)}
+                runs.append(run)
+                result[arm, epochs] = run
+                print(f"round {repeat + 1}: {arm:16s} {epochs} epoch(s): {seconds:7.1f}s wall, {cpu:7.1f}s CPU, "
+                      f"peak PSS {peak:6.0f} MiB", flush=True)
+        rounds.append(steady_rates(result, args.epochs))
+        print(f"round {repeat + 1}: 05_train / open_clip_train steady {rounds[-1]['ratio']:.2f}x, "
+              f"per CPU-second {rounds[-1]['cpu_ratio']:.2f}x", flush=True)
+    print(f"\n{'trainer':16s} {'steady samples/s':>17s} {'samples per CPU-s':>18s} {'peak PSS MiB':>13s}  (medians of "
+          f"{args.repeats} rounds)")
+    steady, per_cpu, peaks = {}, {}, {}
     for arm in ("05_train", "open_clip_train"):
-        a, b = runs[arm, e1], runs[arm, e2]
-        steady[arm] = (b["samples"] - a["samples"]) / (b["seconds"] - a["seconds"])
-        per_cpu[arm] = (b["samples"] - a["samples"]) / (b["cpu_seconds"] - a["cpu_seconds"])
-        print(f"{arm:16s} {steady[arm]:17.1f} {per_cpu[arm]:18.1f} {b['samples_per_s']:21.1f} {max(a['peak_pss_mib'], b['peak_pss_mib']):13d}")
-    ratio, cpu_ratio = steady["05_train"] / steady["open_clip_train"], per_cpu["05_train"] / per_cpu["open_clip_train"]
-    print(f"\n05_train / open_clip_train steady samples/s = {ratio:.2f}x (goal >= 1.0); per CPU-second {cpu_ratio:.2f}x "
-          f"(steadier when other work shares the cores); batch {args.batch_size}, {args.workers} workers, {args.threads} threads, "
-          f"{args.samples} samples/epoch, epochs {e1} and {e2}")
+        steady[arm] = statistics.median(r["steady"][arm] for r in rounds)
+        per_cpu[arm] = statistics.median(r["per_cpu"][arm] for r in rounds)
+        peaks[arm] = max(run["peak_pss_mib"] for run in runs if run["arm"] == arm)
+        print(f"{arm:16s} {steady[arm]:17.1f} {per_cpu[arm]:18.1f} {peaks[arm]:13d}")
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    cpu_ratio = statistics.median(r["cpu_ratio"] for r in rounds)
+    memory_ratio = peaks["05_train"] / peaks["open_clip_train"]
+    print(f"\n05_train / open_clip_train steady samples/s = {ratio:.2f}x (goal >= 1.10); per CPU-second "
+          f"{cpu_ratio:.2f}x (goal >= 1.10); peak memory {memory_ratio:.2f}x (goal <= 1.0); medians of "
+          f"{args.repeats} interleaved rounds; batch {args.batch_size}, {args.workers} workers, {args.threads} "
+          f"threads, {args.samples} samples/epoch, epochs {e1} and {e2}, load average before {load:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": list(runs.values()), "steady_samples_per_s": steady, "samples_per_cpu_s": per_cpu, "ratio": ratio,
-                       "cpu_ratio": cpu_ratio, "args": vars(args)}, f, indent=1)
+            json.dump({"runs": runs, "rounds": rounds, "steady_samples_per_s": steady, "samples_per_cpu_s": per_cpu,
+                       "ratio": ratio, "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio, "args": vars(args)}, f,
+                      indent=1)
     return ratio
 
 
