@@ -44,6 +44,7 @@ import os
 import re
 import socket
 import tarfile
+import threading
 import time
 import zlib
 from collections import Counter
@@ -180,6 +181,39 @@ def my_shards(paths, worker, total):
     return sorted(paths)[worker::total]
 
 
+def is_done(out_dir, path):
+    return os.path.exists(os.path.join(out_dir, shard_name(path) + ".stats.json"))
+
+
+def done_shards(out_dir):
+    """Names of the finished shards in `out_dir`: one listing instead of a stat per shard, which matters
+    when 512 workers look at 50,000 shards on a shared file system."""
+    return {f[: -len(".stats.json")] for f in os.listdir(out_dir) if f.endswith(".stats.json")}
+
+
+def shards_left(paths, out_dir, worker, total, assign, overwrite=False):
+    """(shards this worker may work on, those of them not done, a line saying so). stride: its own shards;
+    claim: every shard, since the worker only learns which ones it gets as it claims them."""
+    own = my_shards(paths, worker, total)
+    done = done_shards(out_dir)
+    if assign == "stride":
+        todo = [p for p in own if overwrite or shard_name(p) not in done]
+        return own, todo, f"worker {worker}/{total} has {len(own)}, {len(own) - len(todo)} already done"
+    mine = sorted(paths)
+    todo = [p for p in mine if overwrite or shard_name(p) not in done]
+    line = (
+        f"{len(mine) - len(todo)} already done; worker {worker}/{total} claims shards as it goes "
+        f"(its own {len(own)} first, then any that nobody holds)"
+    )
+    return mine, todo, line
+
+
+def warn_idle_workers(num_shards, worker, total):
+    if worker == 0 and total > num_shards:
+        idle = total - num_shards
+        print(f"WARNING {total} workers for {num_shards} shards: {idle} will have nothing to do", flush=True)
+
+
 def read_partial(path, tag):
     """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
     with other settings (another `tag`) is discarded."""
@@ -210,6 +244,225 @@ def append_partial(path, tag, records):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
+
+
+CLAIMS_HERE = set()  # the claims this process holds or is making; one with our pid outside it is a leftover
+
+
+class ClaimLost(Exception):
+    """Another worker took over a shard we were working on (our claim looked dead or silent to it)."""
+
+
+class Claim:
+    """This worker's hold on one shard: <out_dir>/<shard>.claim, made with O_EXCL, holding who and since when.
+    A daemon thread refreshes its mtime, so that other workers can tell a working holder from a silent one,
+    and marks the claim lost when the file no longer holds our record (another worker took it over)."""
+
+    def __init__(self, path, data, every):
+        self.path, self.data, self.lost = path, data, False
+        self.name = os.path.basename(path)[: -len(".claim")]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self, every):
+        while not self._stop.wait(every):
+            if not still_mine(self):
+                self.lost = True
+                return
+            try:
+                os.utime(self.path)
+            except OSError:  # a file-system hiccup: the next beat tries again
+                pass
+
+    def stop(self):
+        self._stop.set()
+        CLAIMS_HERE.discard(self.data)
+
+
+def still_mine(claim):
+    """Whether the claim file still holds our record. It can be missing for an instant while a worker that
+    judged it stale has moved it aside and puts it back (see take_over), so a missing file is read twice."""
+    for _ in range(2):
+        try:
+            with open(claim.path, "rb") as f:
+                return f.read() == claim.data
+        except FileNotFoundError:
+            time.sleep(0.2)
+    return False
+
+
+def check_claim(claim):
+    """Called before every write to a claimed shard (claim None: --assign stride, nothing to check)."""
+    if claim is not None and (claim.lost or not still_mine(claim)):
+        claim.lost = True
+        raise ClaimLost(f"{claim.name}: another worker took this shard over while we were silent; leaving it")
+
+
+def end_claim(claim):
+    """Stops the heartbeat. The claim of a finished shard is removed; an unfinished one's stays, for a
+    re-run (or a live worker) to take over once this process is gone."""
+    if claim is None:
+        return
+    claim.stop()
+    finished = os.path.exists(claim.path[: -len(".claim")] + ".stats.json")
+    if finished and not claim.lost and still_mine(claim):
+        remove_claim(claim.path)
+
+
+def remove_claim(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_claim(path, data):
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def pid_namespace():
+    """Process ids compare only within one pid namespace (containers on one node may share its host name)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def holder_of(data):
+    try:
+        holder = json.loads(data)
+    except ValueError:  # being written at this instant, or cut short by a crash
+        holder = None
+    return holder if isinstance(holder, dict) else {}
+
+
+def stale_reason(data, mtime_ns, timeout):
+    """Why a claim may be taken over, or None while its holder may still be working on the shard."""
+    holder = holder_of(data)
+    pid = holder.get("pid")
+    here = holder.get("host") == socket.gethostname() and holder.get("pid_ns") == pid_namespace()
+    if here and pid == os.getpid() and data not in CLAIMS_HERE:
+        return "left by an earlier run in this process"
+    if here and isinstance(pid, int) and pid > 0 and pid != os.getpid() and not pid_alive(pid):
+        return "its process is gone"
+    silent = time.time() - mtime_ns / 1e9
+    if silent > timeout:
+        return f"no heartbeat for {silent:.0f}s (--claim-timeout {timeout:g})"
+    return None
+
+
+def take_over(path, data, timeout):
+    """Replace a dead or silent claim with ours. Several workers may judge the same claim stale at once: the
+    one whose rename moves it aside wins; one that finds it moved aside a claim other than the one it judged
+    (another worker's fresh one) puts that back and leaves the shard."""
+    try:
+        with open(path, "rb") as f:
+            theirs = f.read()
+        seen = os.stat(path).st_mtime_ns
+    except FileNotFoundError:  # released since our O_EXCL failed
+        return create_claim(path, data)
+    why = stale_reason(theirs, seen, timeout)
+    if why is None:
+        return False
+    aside = f"{path}.aside.{os.urandom(8).hex()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another worker moved it first
+        return False
+    try:
+        with open(aside, "rb") as f:
+            moved = f.read()
+        if moved != theirs or os.stat(aside).st_mtime_ns != seen:
+            try:
+                os.link(aside, path)
+            except FileExistsError:  # a third worker claimed it meanwhile: the one we moved will see it lost
+                pass
+            return False
+    finally:
+        os.remove(aside)
+    if not create_claim(path, data):
+        return False
+    holder, name = holder_of(theirs), os.path.basename(path)[: -len(".claim")]
+    print(
+        f"{name}: taking over the claim of {holder.get('host')} pid {holder.get('pid')} "
+        f"(worker {holder.get('worker')}, since {holder.get('start')}): {why}",
+        flush=True,
+    )
+    return True
+
+
+def claim_shard(out_dir, path, worker, timeout, redo=False):
+    """A Claim on the shard, or None when it is done or another worker holds it."""
+    claim_path = os.path.join(out_dir, shard_name(path) + ".claim")
+    record = {
+        "host": socket.gethostname(),
+        "pid_ns": pid_namespace(),
+        "pid": os.getpid(),
+        "worker": worker,
+        "start": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "token": os.urandom(8).hex(),  # tells two claims of one process apart
+    }
+    data = json.dumps(record).encode()
+    CLAIMS_HERE.add(data)  # before the file exists, so that this process never judges it a leftover
+    if not (create_claim(claim_path, data) or take_over(claim_path, data, timeout)):
+        CLAIMS_HERE.discard(data)
+        return None
+    if not redo and is_done(out_dir, path):  # its holder finished it between our look and our claim
+        CLAIMS_HERE.discard(data)
+        remove_claim(claim_path)
+        return None
+    return Claim(claim_path, data, min(60.0, timeout / 4))
+
+
+def claim_walk(paths, out_dir, worker, timeout, redo, skip, passed):
+    """One pass of take_shards: yields (path, claim) per shard it claims, appends the others to `passed`."""
+    done = done_shards(out_dir)
+    for path in paths:
+        if path in skip or (path not in redo and shard_name(path) in done):
+            continue
+        claim = claim_shard(out_dir, path, worker, timeout, path in redo)
+        if claim is None:
+            passed.append(path)
+        else:
+            yield path, claim
+
+
+def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, overwrite=False, skip=()):
+    """The shards this worker works on, as (path, claim), one at a time. stride: its own shards that are not
+    done, claim None. claim: its own shards first, then the others in order (with no failures the split is
+    stride's), each taken only when it is not done and nobody holds it; the shards passed over get a second
+    look at the end, as their holder may have died since. --overwrite redoes a worker's own shards only.
+    The caller hands the claim to check_claim before each write, and to end_claim when the shard ends."""
+    own = my_shards(paths, worker, total)
+    if assign == "stride":
+        for path in own:
+            if path not in skip and (overwrite or not is_done(out_dir, path)):
+                yield path, None
+        return
+    redo = set(own) if overwrite else set()
+    own_set = set(own)
+    others = [p for p in sorted(paths) if p not in own_set]
+    passed = []
+    yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
+    yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
+    yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
 # ---- end shard work
 
 # ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
@@ -522,7 +775,7 @@ def fuse_record(key, alt, vec, made):
     return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
 
 
-def process_shard(path, engine, args, tag, budget, bos):
+def process_shard(path, engine, args, tag, budget, bos, claim=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     vec_path = os.path.join(args.vec_dir, name + ".jsonl")
     with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
@@ -551,9 +804,11 @@ def process_shard(path, engine, args, tag, budget, bos):
         items = [(key, *texts[key]) for key in chunk if all(texts[key])]
         made = fuse_llm(engine, items, args, name, counts, budget, bos)
         records = [fuse_record(key, *texts[key], made) for key in chunk]
+        check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
         done.update((r["key"], r) for r in records)
     records = [done[k] for k in texts]
+    check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
     status = Counter(r["status"] for r in records)
     stats = {"shard": name, "input": os.path.abspath(path), "vec": os.path.abspath(vec_path), "in": len(records),
@@ -597,6 +852,20 @@ def parse_args(argv=None):
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
     p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
     p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--assign",
+        choices=["claim", "stride"],
+        default="claim",
+        help="claim: each worker takes the next shard that is not done and that nobody holds "
+        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
+        "sorted(shards)[w::W]",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=900,
+        help="seconds without a heartbeat after which another worker takes a claimed shard over",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
     return p.parse_args(argv)
 
@@ -611,13 +880,16 @@ def main(argv=None):
     if max(names.values()) > 1:
         raise SystemExit(f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide")
     os.makedirs(args.out_dir, exist_ok=True)
-    mine = my_shards(inputs, worker, total)
-    todo = [p for p in mine if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(p) + ".stats.json"))]
-    print0(f"04_fuse: {len(inputs)} shards, worker {worker}/{total} has {len(mine)}, {len(mine) - len(todo)} already done")
-    waiting = [p for p in todo if not os.path.exists(os.path.join(args.vec_dir, shard_name(p) + ".stats.json"))]
+    mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
+    print0(f"04_fuse: {len(inputs)} shards, {line}")
+    warn_idle_workers(len(inputs), worker, total)
+    vec_done = done_shards(args.vec_dir) if os.path.isdir(args.vec_dir) else set()
+    not_ready = {p for p in todo if shard_name(p) not in vec_done}  # never claimed: 03 may be writing them
+    own = set(my_shards(inputs, worker, total))
+    waiting = [p for p in todo if p in not_ready and p in own]  # reported (failing a task) once: by its owner
     for p in waiting:
         print(f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}")
-    todo = [p for p in todo if p not in waiting]
+    todo = [p for p in todo if p not in not_ready]
     sampling = {"temperature": args.temperature, "top_p": args.top_p,
                 "repetition_penalty": args.repetition_penalty,
                 "max_new_tokens": args.max_new_tokens, "max_retries": args.max_retries, "stop": STOP,
@@ -636,7 +908,16 @@ def main(argv=None):
                             args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
                             args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
         budget, bos = context_budget(engine, args.max_prompt_tokens, args.max_new_tokens), template_bos(engine)
-        stats = [process_shard(p, engine, args, tag, budget, bos) for p in todo]
+        shards = take_shards(
+            inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite, not_ready
+        )
+        for path, claim in shards:
+            try:
+                stats.append(process_shard(path, engine, args, tag, budget, bos, claim))
+            except ClaimLost as e:
+                print(f"WARNING {e}", flush=True)
+            finally:
+                end_claim(claim)
     if waiting:
         raise SystemExit(f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
                          f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, then this again")
