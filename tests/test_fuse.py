@@ -216,6 +216,26 @@ def test_alttext_from_02_jsonl_and_a_shard_03_has_not_finished(tmp_path, monkeyp
         fu.main(args[:2] + [str(tmp_path / "00000.tar")] + args[2:])
 
 
+def test_claims_never_take_a_shard_03_has_not_finished(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fu, "TextEngine", ScriptedEngine)
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for shard in ("00000", "00001"):
+        members = [(f"{shard}-{i}.txt", f"GOOD kite {i}".encode()) for i in range(3)]
+        write_tar(shards / f"{shard}.tar", members)
+    write_vecs(tmp_path / "vec", "00000", {f"00000-{i}": f"a red kite {i}" for i in range(3)})
+    args = ["--input", str(shards), "--vec-dir", str(tmp_path / "vec"), "--out-dir", str(tmp_path / "o")]
+    args += ["--num-shards", "2"]
+    (stats,) = fu.main(args + ["--shard-id", "0"])  # 00001 is not its own: skipped silently, not claimed
+    assert stats["shard"] == "00000" and "00001" not in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "o")) == ["00000.jsonl", "00000.stats.json", "_config.json"]
+    with pytest.raises(SystemExit, match="00001"):  # its owner reports it, and fails its task
+        fu.main(args + ["--shard-id", "1"])
+    write_vecs(tmp_path / "vec", "00001", {f"00001-{i}": f"a blue kite {i}" for i in range(3)})
+    (stats,) = fu.main(args + ["--shard-id", "0"])  # 03 caught up: any worker claims it now
+    assert stats["shard"] == "00001" and not list((tmp_path / "o").glob("*.claim"))
+
+
 def test_progress_against_an_older_03_run_is_discarded(tmp_path, monkeypatch):
     monkeypatch.setattr(fu, "TextEngine", ScriptedEngine)
     shards = tmp_path / "in"
