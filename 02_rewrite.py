@@ -30,12 +30,15 @@ Toy run (CPU, transformers, after 00 and 01):   python 02_rewrite.py
 EDA baseline, no model:                           python 02_rewrite.py --engine eda --out-dir toy/rewrites_eda
 One GPU, vLLM:      python 02_rewrite.py --engine vllm --model meta-llama/Llama-3.1-8B \
                         --input cc3m/shards --meta-pairs meta_pairs.jsonl --out-dir cc3m/rewrites
-8 GPUs (one engine per GPU, each on its own shards):
+8 GPUs (one engine per GPU, each claiming the next free shard):
                     torchrun --nproc-per-node 8 02_rewrite.py --engine vllm ...
 SLURM, 64 nodes x 8 GPUs:
                     sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 02_rewrite.py --engine vllm ..."
 A 70B model on 4 GPUs per engine: torchrun --nproc-per-node 2 02_rewrite.py --tensor-parallel-size 4 ...
 Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+Workers claim shards as they go (<out-dir>/<shard>.claim while one works on it): a fast worker takes the
+shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken over and resumed;
+--assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record with one rewrite per source.
 """
 import argparse

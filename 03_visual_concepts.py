@@ -22,13 +22,16 @@ Writes: <out-dir>/<shard>.jsonl   {"key", "vec": "..." | null, "status"}, one pe
 Toy run (CPU, transformers, after 00):  python 03_visual_concepts.py
 One GPU, vLLM:      python 03_visual_concepts.py --engine vllm --model llava-hf/llava-1.5-7b-hf \
                         --input cc3m/shards --out-dir cc3m/vec
-8 GPUs (one engine per GPU, each on its own shards):
+8 GPUs (one engine per GPU, each claiming the next free shard):
                     torchrun --nproc-per-node 8 03_visual_concepts.py --engine vllm ...
 SLURM, 64 nodes x 8 GPUs:
                     sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 03_visual_concepts.py --engine vllm ..."
 LLaVA-1.5-13B on 2 GPUs per engine: torchrun --nproc-per-node 4 03_visual_concepts.py --tensor-parallel-size 2 \
                         --model llava-hf/llava-1.5-13b-hf ...
 Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+Workers claim shards as they go (<out-dir>/<shard>.claim while one works on it): a fast worker takes the
+shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken over and resumed;
+--assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record (the tiny random LLaVA's VeCs are gibberish).
 """
 import argparse

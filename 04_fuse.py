@@ -19,7 +19,8 @@ whole shard, and the draws (rejected_<why>, retries, truncated, prompt_too_long)
 Reads:  --input    webdataset tars (<key>.txt) or JSONL with {"key", "text"} (02's rewrites/<shard>.jsonl works)
         --vec-dir  03's output, joined by key: <vec-dir>/<shard>.jsonl {"key", "vec"}; VeC keys absent from the
                    shard and shard keys absent from the VeCs are counted and reported; a shard without 03's
-                   <shard>.stats.json is skipped, and the run then exits non-zero naming it
+                   <shard>.stats.json is skipped (never claimed), and the worker it falls to by stride then
+                   exits non-zero naming it
 Writes: <out-dir>/<shard>.jsonl   {"key", "fused": "..." | null, "status"}, one per key, in shard order
                                   status: ok | truncated | fallback_vec | fallback_alt | failed
         <out-dir>/<shard>.stats.json  written last: the done-marker (counts by status and reason, join misses, seconds, model)
@@ -28,12 +29,18 @@ Writes: <out-dir>/<shard>.jsonl   {"key", "fused": "..." | null, "status"}, one 
 Toy run (CPU, transformers, after 00 and 03):  python 04_fuse.py
 One GPU, vLLM:      python 04_fuse.py --engine vllm --model meta-llama/Llama-3.1-8B-Instruct \
                         --input cc3m/shards --vec-dir cc3m/vec --out-dir cc3m/fused
-8 GPUs (one engine per GPU, each on its own shards):
+8 GPUs (one engine per GPU, each claiming the next free shard):
                     torchrun --nproc-per-node 8 04_fuse.py --engine vllm ...
 SLURM, 64 nodes x 8 GPUs:
-                    sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 04_fuse.py --engine vllm ..."
+                    sbatch --array=0-63 --gpus-per-node 8 --dependency=afterok:<03's job> --wrap \
+                        "torchrun --nproc-per-node 8 04_fuse.py --engine vllm ..."
+                    (afterok on 03's whole array: with claims, task i of 04 does not take the shards
+                    task i of 03 wrote; --assign stride on both keeps that, and --dependency=aftercorr too)
 A 70B model on 4 GPUs per engine: torchrun --nproc-per-node 2 04_fuse.py --tensor-parallel-size 4 ...
 Re-running the same command skips finished shards and resumes an interrupted one where it stopped.
+Workers claim shards as they go (<out-dir>/<shard>.claim while one works on it): a fast worker takes the
+shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken over and resumed;
+--assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record (the tiny random LLM's fusions are gibberish).
 """
 import argparse

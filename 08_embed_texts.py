@@ -18,6 +18,8 @@ One GPU:          python 08_embed_texts.py --model runs/cc-llama8b/model --dtype
 8 GPUs:           torchrun --nproc-per-node 8 08_embed_texts.py ...
 SLURM array:      sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 08_embed_texts.py ..."
 The unit of resume is a shard (written at once, atomically); re-running skips finished shards.
+Workers claim shards as they go (<out-dir>/<shard>.claim), so a fast worker takes the shards nobody
+holds and a dead or silent one's is taken over (--claim-timeout); --assign stride: sorted(shards)[w::W].
 """
 import argparse
 import glob
