@@ -10,6 +10,8 @@ held-out samples), the number LLM2CLIP reports for this stage.
 
 Reads:  --texts  02 rewrites/<shard>.jsonl ({"key","text","rewrites"}), 04 fused/<shard>.jsonl ({"key","fused"}),
                  JSONL with {"captions": [...]} (Flickr/Karpathy-style lists), or a COCO captions JSON; joined by key
+        Read one shard name at a time: memory is --shuffle-buffer samples and one shard, not the data set;
+        the held-out samples come from the first shards of a --seed order (4 x --holdout read)
 Writes: <out-dir>/model/        save_pretrained weights + tokenizer + llm2clip_text.json (pooling, max length, base)
         <out-dir>/latest.pt     resume state (step, trainable weights, optimizer), replaced atomically
         <out-dir>/log.jsonl     loss, lr, CRA before/after; <out-dir>/_config.json
@@ -263,17 +265,27 @@ def norm(text):
     return " ".join(str(text).lower().split())
 
 
-def load_caption_groups(dirs, counts):
-    """key -> distinct captions of that sample, joined by key over every sidecar folder/file given."""
-    groups = {}
-    for path in list_inputs(dirs, (".jsonl", ".json")):
-        shard = shard_name(path)
+def caption_shards(inputs):
+    """Shard name -> its sidecar files (02's, 04's, caption-list JSONL, COCO JSON). A sample's captions are
+    joined by key over the files of one shard name, so a shard is the unit 07 reads."""
+    shards = {}
+    for path in list_inputs(inputs, (".jsonl", ".json")):
         if path.endswith(".stats.json") or os.path.basename(path).startswith("_"):
             continue
+        shards.setdefault(shard_name(path), []).append(path)
+    return shards
+
+
+def shard_caption_groups(paths, counts):
+    """key -> distinct captions of that sample, for the samples of one shard with two captions or more."""
+    groups = {}
+    for path in paths:
+        shard = shard_name(path)
         if path.endswith(".json"):  # COCO captions: {"annotations": [{"image_id", "caption"}]}
             with open(path, encoding="utf-8") as f:
                 for a in json.load(f).get("annotations", []):
-                    groups.setdefault(f"{shard}/{a['image_id']}", {}).setdefault(norm(a["caption"]), " ".join(a["caption"].split()))
+                    group = groups.setdefault(f"{shard}/{a['image_id']}", {})
+                    group.setdefault(norm(a["caption"]), " ".join(a["caption"].split()))
             continue
         for r in iter_jsonl(path, counts):
             if not isinstance(r, dict):
@@ -291,6 +303,82 @@ def load_caption_groups(dirs, counts):
     usable = {k: list(v.values()) for k, v in groups.items() if len(v) >= 2}
     counts["single_caption_samples"] += len(groups) - len(usable)
     return usable
+
+
+def held_out_samples(shards, holdout, seed):
+    """The CRA set: `holdout` samples (a quarter at most of those read: small data keeps three quarters for
+    training), drawn at random from the shards read in a --seed order until 4 x `holdout` samples are in: only
+    that much of the data is read for it. Returns (key -> captions, samples read, shards read)."""
+    order = sorted(shards)
+    random.Random(f"{seed}|holdout").shuffle(order)
+    read, shards_read = {}, 0
+    for name in order:
+        if len(read) >= 4 * holdout:
+            break
+        read.update(shard_caption_groups(shards[name], Counter()))  # the training stream counts the data
+        shards_read += 1
+    keys = sorted(read)
+    random.Random(seed).shuffle(keys)
+    held = keys[: min(holdout, len(keys) // 4)]
+    return {k: read[k] for k in held}, len(keys), shards_read
+
+
+class CaptionStream:
+    """Training samples (key, captions), without end: each pass visits the shards in a new --seed order, reads
+    one shard at a time (its sidecars joined by key), leaves out the held-out keys, and feeds a shuffle buffer
+    that batches are drawn from. Memory: the buffer and one shard, whatever the data set's size. Every rank
+    reads the same stream and cuts its part of one global batch, so the pairs do not depend on the number of
+    ranks."""
+
+    def __init__(self, shards, held, seed, size):
+        self.shards, self.held, self.seed, self.size = shards, held, seed, size
+        self.rng = random.Random(f"{seed}|buffer")
+        self.buffer, self.counts = [], Counter()
+        self.pass_samples = None  # training samples in one pass, known once the first pass is read
+        self.samples = self.passes()
+
+    def passes(self):
+        done = 0
+        while True:
+            order = sorted(self.shards)
+            random.Random(f"{self.seed}|pass|{done}").shuffle(order)
+            counts = self.counts if done == 0 else Counter()  # the first pass counts the data
+            n = 0
+            for name in order:
+                for key, captions in shard_caption_groups(self.shards[name], counts).items():
+                    if key not in self.held:
+                        n += 1
+                        yield key, captions
+            if n < 2:
+                raise SystemExit(f"need training samples with >= 2 captions besides the held-out; found {n}")
+            if self.pass_samples is None:
+                self.pass_samples = n
+                print0(f"07_cc_finetune: one pass over the data is {n} training samples, {dict(self.counts)}")
+            done += 1
+
+    def fill(self):
+        # the buffer never holds much more than one pass of a small data set: a sample would repeat in it
+        while len(self.buffer) < min(self.size, self.pass_samples or self.size):
+            self.buffer.append(next(self.samples))
+
+    def batch(self, n):
+        """`n` samples of distinct keys at random from the buffer (fewer when one pass has fewer): a sample
+        twice in one batch would be its own negative, so a repeat waits in the buffer for a later batch."""
+        self.fill()
+        n = min(n, self.pass_samples or n)
+        chosen, keys, later = [], set(), []
+        while len(chosen) < n:
+            i = self.rng.randrange(len(self.buffer))
+            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+            sample = self.buffer.pop()
+            if sample[0] in keys:
+                later.append(sample)
+            else:
+                chosen.append(sample)
+                keys.add(sample[0])
+            self.fill()
+        self.buffer += later
+        return chosen
 
 
 class LoRALinear(torch.nn.Module):
@@ -377,13 +465,13 @@ def caption_retrieval_accuracy(model, tokenizer, pairs, recipe, device, batch_si
     return (a @ b.t()).argmax(1).eq(torch.arange(len(pairs), device=a.device)).float().mean().item()
 
 
-def draw_pairs(keys, groups, step, seed, batch, rank):
-    """The positives of one step for this rank; a pure function of (seed, step), so a resume repeats it."""
+def draw_pairs(samples, step, seed, rank, world):
+    """This rank's part of the step's positives: two captions of each sample of the global batch, drawn by
+    (seed, step), so a resume that replays the stream repeats them; ranks take disjoint slices."""
     rng = random.Random(f"{seed}|{step}")
-    chosen = rng.sample(keys, min(batch, len(keys)))
-    pairs = [tuple(rng.sample(groups[k], 2)) for k in chosen]
-    per_rank = len(pairs) // dist_env()[1]
-    return pairs[rank * per_rank:(rank + 1) * per_rank]
+    pairs = [tuple(rng.sample(captions, 2)) for _, captions in samples]
+    per_rank = len(pairs) // world
+    return pairs[rank * per_rank : (rank + 1) * per_rank]
 
 
 def save_atomic_torch(obj, path):
@@ -417,6 +505,12 @@ def parse_args(argv=None):
     p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS),
                    help="Linear layer names that get LoRA (LLM2Vec's: attention and MLP projections)")
     p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA (at most a quarter)")
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=20000,
+        help="training samples held at a time, batches drawn from them at random (memory: ~2 kB a sample)",
+    )
     p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
     p.add_argument("--save-every", type=int, default=50, help="steps between latest.pt saves")
@@ -432,17 +526,18 @@ def main(argv=None):
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    counts = Counter()
-    groups = load_caption_groups(args.texts, counts)
-    keys = sorted(groups)
-    random.Random(args.seed).shuffle(keys)
-    n_held = min(args.holdout, len(keys) // 4)  # small data keeps three quarters for training
-    held, train = keys[:n_held], keys[n_held:]
-    if len(train) < 2 or not held:
-        raise SystemExit(f"need held-out and training samples with >= 2 captions; found {len(keys)} in {args.texts}")
-    held_pairs = [tuple(groups[k][:2]) for k in held]
-    print0(f"07_cc_finetune: {len(train)} training / {len(held)} held-out samples with >= 2 captions "
-           f"({sum(len(groups[k]) for k in train)} captions), {dict(counts)}")
+    shards = caption_shards(args.texts)
+    held, read, shards_read = held_out_samples(shards, args.holdout, args.seed)
+    if not held:
+        raise SystemExit(f"need held-out and training samples with >= 2 captions: {read} in {args.texts}")
+    held_pairs = [tuple(captions[:2]) for captions in held.values()]
+    buffer = max(args.shuffle_buffer, args.batch_size)  # a batch of distinct samples must fit
+    stream = CaptionStream(shards, held, args.seed, buffer)
+    stream.fill()  # small data is read whole here: too few samples stop the run before the model loads
+    print0(
+        f"07_cc_finetune: {len(held)} held-out samples drawn from {read} with >= 2 captions in {shards_read} "
+        f"of {len(shards)} shards; training streams the rest through a {buffer}-sample shuffle buffer"
+    )
 
     model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
     recipe = training_recipe(model, args)
@@ -468,6 +563,10 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print0(f"resuming from {latest} at step {step}")
+        replay = time.time()
+        for _ in range(step):  # the stream holds no state worth saving: the same batches again bring it back
+            stream.batch(args.batch_size)
+        print0(f"replayed the sample stream of {step} steps in {time.time() - replay:.1f}s")
     elif rank == 0:
         write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, trainable_params=sum(p.numel() for p in params)))
     cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
@@ -479,7 +578,7 @@ def main(argv=None):
         step_lr = lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
         for group in opt.param_groups:
             group["lr"] = step_lr
-        pairs = draw_pairs(train, groups, step, args.seed, args.batch_size, rank)
+        pairs = draw_pairs(stream.batch(args.batch_size), step, args.seed, rank, world)
         a = gather_with_grad(tower_encode(model, tokenizer, [p[0] for p in pairs], recipe, device), world)
         b = gather_with_grad(tower_encode(model, tokenizer, [p[1] for p in pairs], recipe, device), world)
         loss = info_nce(a.float(), b.float(), args.temperature)

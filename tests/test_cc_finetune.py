@@ -1,6 +1,7 @@
 """07_cc_finetune: caption-contrastive fine-tuning of a real sentence encoder raises held-out CRA; LoRA; resume."""
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -29,9 +30,76 @@ def test_caption_groups_join_sidecars_by_key(tmp_path):
     (tmp_path / "fu/00000.jsonl").write_text(json.dumps({"key": "1", "fused": "a grey cat on a mat", "status": "ok"}) + "\n"
                                              + json.dumps({"key": "2", "fused": "alone", "status": "fallback_alt"}) + "\n")
     counts = cc.Counter()
-    groups = cc.load_caption_groups([str(tmp_path / "rw"), str(tmp_path / "fu")], counts)
+    shards = cc.caption_shards([str(tmp_path / "rw"), str(tmp_path / "fu")])
+    assert list(shards) == ["00000"] and len(shards["00000"]) == 2  # the stats file is not a sidecar
+    groups = cc.shard_caption_groups(shards["00000"], counts)
     assert {k: sorted(v) for k, v in groups.items()} == {"00000/1": ["a cat", "a grey cat", "a grey cat on a mat"]}
     assert counts["single_caption_samples"] == 1
+
+
+def caption_list_shards(folder, n_shards, per_shard):
+    """Caption-list JSONL shards; sample i of shard s has the captions "s i a" and "s i b"."""
+    folder.mkdir()
+    for s in range(n_shards):
+        lines = []
+        for i in range(per_shard):
+            lines.append(json.dumps({"key": str(i), "captions": [f"{s} {i} a", f"{s} {i} b"]}) + "\n")
+        (folder / f"{s:05d}.jsonl").write_text("".join(lines))
+    return cc.caption_shards([str(folder)])
+
+
+def test_held_out_set_reads_a_bounded_part(tmp_path):
+    shards = caption_list_shards(tmp_path / "caps", 50, 20)
+    held, read, shards_read = cc.held_out_samples(shards, 10, seed=0)
+    assert (len(held), read, shards_read) == (10, 40, 2)  # 4 x holdout read, from 2 of the 50 shards
+    assert cc.held_out_samples(shards, 10, seed=0)[0] == held
+    assert cc.held_out_samples(shards, 10, seed=1)[0] != held
+    for key, captions in held.items():  # the two captions of one sample
+        shard, i = key.split("/")
+        assert sorted(captions) == [f"{int(shard)} {i} a", f"{int(shard)} {i} b"]
+    small, read, _ = cc.held_out_samples(caption_list_shards(tmp_path / "few", 1, 20), 10, seed=0)
+    assert (len(small), read) == (5, 20)  # small data keeps three quarters for training
+
+
+def test_caption_stream_is_bounded_deterministic_and_holds_nothing_out(tmp_path, monkeypatch):
+    """Batches of distinct samples from a 100-sample buffer over 40 shards: only the shards the batches need
+    are read, every training sample comes once per pass, the held-out ones never, the same seed gives the same
+    batches."""
+    shards = caption_list_shards(tmp_path / "caps", 40, 25)
+    held = cc.held_out_samples(shards, 10, seed=0)[0]
+    opened, read_shard = [], cc.shard_caption_groups
+
+    def counting(paths, counts):
+        opened.append(paths[0])
+        return read_shard(paths, counts)
+
+    monkeypatch.setattr(cc, "shard_caption_groups", counting)
+    stream = cc.CaptionStream(shards, held, seed=0, size=100)
+    batches = [stream.batch(32) for _ in range(5)]
+    assert len(opened) <= (100 + 5 * 32) // 25 + 1  # not the 40 shards: what the buffer and 160 samples need
+    assert all(len({k for k, _ in b}) == 32 for b in batches) and len(stream.buffer) <= 100
+    again = cc.CaptionStream(shards, held, seed=0, size=100)
+    assert [again.batch(32) for _ in range(5)] == batches
+    assert cc.CaptionStream(shards, held, seed=1, size=100).batch(32) != batches[0]
+    whole = [k for batch in batches for k, _ in batch]
+    for _ in range(2 * 990 // 10):  # two passes' worth
+        whole += [k for k, _ in stream.batch(10)]
+    assert not set(whole) & set(held) and len(set(whole)) == 1000 - len(held)
+    assert stream.pass_samples == 990
+    assert max(Counter(whole).values()) <= 3  # a sample comes once per pass: a third pass has begun
+
+
+def test_small_data_batches_shrink_to_one_pass_and_ranks_take_disjoint_pairs(tmp_path):
+    shards = caption_list_shards(tmp_path / "caps", 2, 6)
+    stream = cc.CaptionStream(shards, {}, seed=0, size=1000)
+    stream.fill()
+    assert stream.pass_samples == 12 and len(stream.buffer) <= 13  # one pass, not a buffer full of repeats
+    samples = stream.batch(32)
+    assert len(samples) == 12 and len({k for k, _ in samples}) == 12  # each sample once, as a batch of 12
+    both = cc.draw_pairs(samples, 3, 0, 0, 1)
+    ranks = [cc.draw_pairs(samples, 3, 0, rank, 2) for rank in (0, 1)]
+    assert ranks[0] + ranks[1] == both and not set(ranks[0]) & set(ranks[1])
+    assert all(a != b and a[:-1] == b[:-1] for a, b in both)  # two captions of one sample
 
 
 def test_cc_finetuning_raises_held_out_cra_of_minilm(toy_retrieval, tmp_path):
