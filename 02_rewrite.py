@@ -55,6 +55,7 @@ import threading
 import time
 import zlib
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
@@ -742,42 +743,89 @@ def read_samples(path, counts):
         yield key, text
 
 
-def rewrite_llm(engine, items, pools, args, shard, counts):
-    """items: [(key, caption)] -> {key: {source: [n rewrites or None]}}; retried slots use new examples."""
-    out = {key: {s: [None] * args.n for s in pools} for key, _ in items}
-    todo = [(key, cap, s, j) for key, cap in items for s in pools for j in range(args.n)]
-    for attempt in range(args.max_retries + 1):
-        groups = defaultdict(list)  # first attempt: n samples from one prompt; retries: one per slot
-        for key, cap, s, j in todo:
-            groups[(key, s, j if attempt else -1)].append((key, cap, s, j))
-        prompts, seeds, examples = [], [], []
-        for (key, s, j), slots in groups.items():
-            rng = random.Random(sample_seed(args.seed, shard, key, s, attempt, j))
-            ex = draw_examples(pools[s], args.k, rng)
-            prompts.append(build_prompt(slots[0][1], ex, args.prompt_style))
-            seeds.append(rng.getrandbits(63))
-            examples.append(ex)
-        completions = []
-        for n in sorted({len(v) for v in groups.values()}):  # vLLM takes any n per call; transformers one n per batch
-            sel = [i for i, v in enumerate(groups.values()) if len(v) == n]
-            for i, c in zip(sel, engine.generate([prompts[i] for i in sel], [seeds[i] for i in sel], n=n, stop=["\n"])):
-                completions.append((i, c))
-        todo = []
-        slot_lists = list(groups.values())
-        for i, texts in completions:
-            for (key, cap, s, j), text in zip(slot_lists[i], texts):
-                rewrite, why = parse_rewrite(text, cap, examples[i], args.min_words, args.max_words)
-                if rewrite is None:
-                    counts[f"rejected_{why}"] += 1
-                    todo.append((key, cap, s, j))
-                else:
-                    if why:  # cut_loop / cut_long: kept, and counted
-                        counts[why] += 1
-                    out[key][s][j] = rewrite
-        if not todo:
-            break
-        counts["retries"] += len(todo) if attempt < args.max_retries else 0
-    return out
+def llm_request(slots, attempt, pools, args, shard):
+    """One prompt for `slots` [(key, caption, source, j)] of one caption and source: on the first attempt all n slots
+    from one prompt (n samples), on a retry one slot with new examples. Its examples and seed come from
+    (seed, shard, key, source, attempt, j) alone, so a request draws the same whichever call it travels in."""
+    key, caption, source, j = slots[0]
+    rng = random.Random(sample_seed(args.seed, shard, key, source, attempt, j if attempt else -1))
+    examples = draw_examples(pools[source], args.k, rng)
+    seed = rng.getrandbits(63)
+    if args.engine == "vllm" and args.seed_mode == "per-chunk":
+        seed = None  # no per-request generator: vLLM's batched sampling path, its engine seed
+    return {"prompt": build_prompt(caption, examples, args.prompt_style), "seed": seed, "examples": examples,
+            "slots": slots, "attempt": attempt}
+
+
+def generate_requests(engine, requests):
+    """The completions of each request; one generate call per distinct n (transformers batches one n at a time)."""
+    completions = [None] * len(requests)
+    for n in sorted({len(r["slots"]) for r in requests}):
+        chosen = [i for i, r in enumerate(requests) if len(r["slots"]) == n]
+        prompts = [requests[i]["prompt"] for i in chosen]
+        seeds = [requests[i]["seed"] for i in chosen]
+        for i, texts in zip(chosen, engine.generate(prompts, seeds, n=n, stop=["\n"])):
+            completions[i] = texts
+    return completions
+
+
+def rewrite_llm(engine, item_lists, pools, args, shard, counts):
+    """Yields (chunk index, {key: {source: [n rewrites or None]}}) as each chunk of [(key, caption)] is settled.
+
+    vLLM is kept fed: the next call (the next chunk's prompts, plus the retries known by then) is queued on a
+    thread before the last call's answers are checked, so the engine never waits for Python. Retries of a chunk
+    travel with a later chunk's prompts instead of going out as small calls of their own. With transformers
+    each call waits for the last one, chunk by chunk, as before (its batches seed per batch: mixing chunks would
+    change them). A rejected rewrite is drawn again with new examples at most --max-retries times."""
+    overlap = args.engine == "vllm"
+    out, unsettled, chunk_of = {}, {}, {}
+    retries, next_chunk, in_flight = [], 0, None
+    with ThreadPoolExecutor(1) as pool:
+        while True:
+            requests = []
+            if overlap or in_flight is None:
+                requests, retries = retries, []
+                if next_chunk < len(item_lists) and (overlap or not requests):
+                    for key, caption in item_lists[next_chunk]:
+                        out[key] = {s: [None] * args.n for s in pools}
+                        chunk_of[key] = next_chunk
+                        for s in pools:
+                            slots = [(key, caption, s, j) for j in range(args.n)]
+                            requests.append(llm_request(slots, 0, pools, args, shard))
+                    unsettled[next_chunk] = len(item_lists[next_chunk]) * len(pools) * args.n
+                    next_chunk += 1
+            submitted = None
+            if requests:
+                submitted = (requests, pool.submit(generate_requests, engine, requests))
+            if in_flight is not None:
+                done_requests, future = in_flight
+                for request, texts in zip(done_requests, future.result()):
+                    for slot, text in zip(request["slots"], texts):
+                        key, caption, s, j = slot
+                        rewrite, why = parse_rewrite(text, caption, request["examples"], args.min_words, args.max_words)
+                        if rewrite is None:
+                            counts[f"rejected_{why}"] += 1
+                            if request["attempt"] < args.max_retries:
+                                counts["retries"] += 1
+                                retries.append(llm_request([slot], request["attempt"] + 1, pools, args, shard))
+                                continue
+                        elif why:  # cut_loop / cut_long: kept, and counted
+                            counts[why] += 1
+                        out[key][s][j] = rewrite
+                        unsettled[chunk_of[key]] -= 1
+                for c in [c for c, left in unsettled.items() if left == 0]:
+                    del unsettled[c]
+                    yield c, {key: out.pop(key) for key, _ in item_lists[c]}
+            in_flight = submitted
+            if in_flight is None and not retries and next_chunk == len(item_lists):
+                break
+        for c in list(unsettled):  # chunks with nothing to generate (no usable caption)
+            yield c, {}
+
+
+def rewrite_eda_chunks(synonyms, item_lists, args, shard, counts):
+    for c, items in enumerate(item_lists):
+        yield c, rewrite_eda(synonyms, items, args, shard, counts)
 
 
 # ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
@@ -935,6 +983,19 @@ def rewrite_eda(synonyms, items, args, shard, counts):
     return out
 
 
+def caption_items(chunk, args, counts):
+    """[(key, caption)] of a chunk's samples that have a caption: one line, cut to --max-caption-words."""
+    items = []
+    for key, text in chunk:
+        caption = one_line(text or "")
+        if len(caption.split()) > args.max_caption_words:
+            counts["truncated"] += 1
+            caption = " ".join(caption.split()[:args.max_caption_words])
+        if caption:
+            items.append((key, caption))
+    return items
+
+
 def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
@@ -947,19 +1008,18 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
         if key not in done:
             todo.append((key, text))
     sources = ["eda"] if args.engine == "eda" else list(pools)
+    chunks, item_lists = [], []
     for begin in range(0, len(todo), args.chunk_size):
         chunk = todo[begin:begin + args.chunk_size]
-        items = []
-        for key, text in chunk:
-            caption = one_line(text or "")
-            if len(caption.split()) > args.max_caption_words:
-                counts["truncated"] += 1
-                caption = " ".join(caption.split()[:args.max_caption_words])
-            if caption:
-                items.append((key, caption))
-        made = rewrite_eda(synonyms, items, args, name, counts) if args.engine == "eda" else rewrite_llm(engine, items, pools, args, name, counts)
+        chunks.append(chunk)
+        item_lists.append(caption_items(chunk, args, counts))
+    if args.engine == "eda":
+        settled = rewrite_eda_chunks(synonyms, item_lists, args, name, counts)
+    else:
+        settled = rewrite_llm(engine, item_lists, pools, args, name, counts)
+    for c, made in settled:
         records = []
-        for key, text in chunk:
+        for key, text in chunks[c]:
             if key not in made:
                 status = "missing_text" if text is None else "empty"
                 records.append({"key": key, "text": text or "", "rewrites": {s: [] for s in sources}, "status": status, "fallbacks": 0})
@@ -1018,6 +1078,14 @@ def parse_args(argv=None):
     p.add_argument("--max-retries", type=int, default=2, help="new draws for a rejected rewrite before falling back to the original")
     p.add_argument("--max-caption-words", type=int, default=64, help="longer captions are cut to this in the prompt (the record keeps the full text)")
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
+    p.add_argument(
+        "--seed-mode",
+        choices=["per-sample", "per-chunk"],
+        default="per-sample",
+        help="vllm: per-sample gives every request its own seed, so a rewrite is the same whatever the split, "
+        "batch or resume; per-chunk sends none (vLLM's faster batched sampler, seeded once per engine): "
+        "reproducible only by the same command on the same shards (see bench/bench_rewrite.py)",
+    )
     p.add_argument("--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
@@ -1063,6 +1131,8 @@ def main(argv=None):
                 "max_new_tokens": args.max_new_tokens, "k": args.k, "n": args.n,
                 "max_retries": args.max_retries,
                 "stop": ["\n"]}
+    if args.engine == "vllm":  # per-chunk rewrites differ from per-sample ones: a resume must not mix them
+        sampling["seed_mode"] = args.seed_mode
     style = None if args.engine == "eda" else args.prompt_style  # eda has no prompt: the flag changes nothing
     template = None
     if style:

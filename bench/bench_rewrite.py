@@ -119,7 +119,69 @@ def bench_engine(name, model, prompts, seeds, args):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         engine = rewrite.TextEngine("vllm", model, 0.9, 0.95, 77, enforce_eager=True)
     print(f"  {name}: engine ready in {time.perf_counter() - start:.1f}s", flush=True)
-    return run_arms(engine, name, prompts, seeds, args)
+    rows = run_arms(engine, name, prompts, seeds, args)
+    if name == "vllm":
+        rows += stage_arms(engine, args)
+    return rows
+
+
+def bare_generate(engine, prompts, seeds):
+    """vLLM's LLM.generate alone, with the stage's sampling parameters: the ceiling for 02 end to end."""
+    from vllm import SamplingParams
+
+    params = []
+    for seed in seeds:
+        params.append(SamplingParams(n=1, temperature=0.9, top_p=0.95, max_tokens=77, seed=seed, stop=["\n"]))
+    engine.llm.generate(prompts, params, use_tqdm=False)
+
+
+def stage_arms(engine, args):
+    """02 end to end (read, prompt, generate, check, retry, write) against a bare LLM.generate over the same
+    first-attempt prompts, both with per-request seeds and with none (--seed-mode per-chunk), in one process on one
+    engine, alternating in --rounds slices of the toy captions (one meta-pair source: one prompt per caption)."""
+    import tempfile
+
+    pools = rewrite.load_meta_pairs(args.pairs, ["human"])
+    captions, counts = [], Counter()
+    for shard in rewrite.list_inputs([os.path.join(args.toy, "shards")], (".tar",)):
+        for key, text in rewrite.read_samples(shard, counts):
+            if text and text.strip() and len(captions) < args.prompts:
+                captions.append((key, text))
+    work = tempfile.mkdtemp(prefix="bench_rewrite_")
+    rewrite.TextEngine = lambda *a, **k: engine  # the stage builds no second engine
+    seconds, made = Counter(), Counter()
+    for r in range(-1, args.rounds):  # round -1 warms up
+        lo, hi = (0, 8) if r < 0 else (len(captions) * r // args.rounds, len(captions) * (r + 1) // args.rounds)
+        part = os.path.join(work, f"r{r + 1}.jsonl")
+        with open(part, "w") as f:
+            for key, text in captions[lo:hi]:
+                f.write(json.dumps({"key": key, "text": text}) + "\n")
+        prompts, seeds = [], []
+        for key, text in captions[lo:hi]:
+            caption = " ".join(rewrite.one_line(text).split()[:64])
+            rng = random.Random(rewrite.sample_seed(0, f"r{r + 1}", key, "human", 0, -1))
+            prompts.append(rewrite.build_prompt(caption, rewrite.draw_examples(pools["human"], 3, rng), "laclip"))
+            seeds.append(rng.getrandbits(63))
+        for mode in ("per-sample", "per-chunk"):
+            arms = {f"02 end-to-end, {mode} seeds": None, f"bare LLM.generate, {mode} seeds": None}
+            for arm in arms:
+                engine.llm.reset_prefix_cache()
+                start = time.perf_counter()
+                if arm.startswith("02"):
+                    rewrite.main(["--engine", "vllm", "--input", part, "--meta-pairs", args.pairs, "--sources", "human",
+                                  "--out-dir", os.path.join(work, f"{mode}-{r + 1}"), "--seed-mode", mode])
+                else:
+                    bare_generate(engine, prompts, seeds if mode == "per-sample" else [None] * len(seeds))
+                if r >= 0:
+                    seconds[arm] += time.perf_counter() - start
+                    made[arm] += hi - lo
+    rows = []
+    for arm in seconds:
+        rows.append({"engine": "vllm", "arm": arm, "prompts": made[arm], "seconds": round(seconds[arm], 3),
+                     "rewrites_per_s": round(made[arm] / seconds[arm], 2), "tokens_per_s": 0,
+                     "tokens_per_rewrite": 0, "batch_size": made[arm] // args.rounds})
+        print(f"  vllm {arm}: {made[arm]} captions in {seconds[arm]:.1f}s", flush=True)
+    return rows
 
 
 def vllm_elsewhere(args):
@@ -149,6 +211,14 @@ def ratio_lines(rows):
             b, o = arms["batched"], arms["one-at-a-time"]
             lines.append(f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x (goal >= 8x); "
                          f"tokens/s {b['tokens_per_s'] / o['tokens_per_s']:.1f}x")
+        rate = {r["arm"]: r["rewrites_per_s"] for r in rows if r["engine"] == name}
+        for mode in ("per-sample", "per-chunk"):
+            stage, bare = rate.get(f"02 end-to-end, {mode} seeds"), rate.get(f"bare LLM.generate, {mode} seeds")
+            if stage and bare:
+                lines.append(f"{name}: 02 end-to-end / bare LLM.generate, {mode} seeds = {stage / bare:.2f}x (goal >= 0.9)")
+        seeded, unseeded = rate.get("bare LLM.generate, per-sample seeds"), rate.get("bare LLM.generate, per-chunk seeds")
+        if seeded and unseeded:
+            lines.append(f"{name}: per-request seeds cost: bare generate with / without = {seeded / unseeded:.2f}x")
     return lines
 
 
@@ -184,6 +254,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.toy = os.path.abspath(args.toy)
     model, pairs = ensure_toy(args.toy)
+    args.pairs = pairs
     prompts, seeds = build_prompts(args.toy, pairs, args.prompts)
     if args.only:
         print(MARKER + json.dumps(bench_engine("vllm", model, prompts, seeds, args)), flush=True)
