@@ -12,10 +12,13 @@ Arms, on the same loaded engine and the same torch thread count, each warmed up 
   hf    one-at-a-time the same engine with batch_size=1, on an evenly spread subset (--baseline-prompts)
   vllm  batched       TextEngine("vllm", enforce_eager=True).generate(prompts), all of a round in one call
   vllm  one-at-a-time one generate call per prompt
+  vllm  02 end-to-end  02_rewrite.main on --stage-prompts captions (a JSONL per round), --seed-mode per-sample and
+                       per-chunk, each against a bare LLM.generate over the same first-attempt prompts
 The arms alternate in --rounds slices (on a shared machine the load swings tenfold; --rounds 1 runs each
 arm in one go). A load average above 0.5 at the start is printed as a warning under the table.
 Prints a table (engine, arm, prompts, seconds, rewrites/s, tokens/s) and per engine
-`<engine>: batched / one-at-a-time = X.Yx (goal >= 8x)`. Rates are per second, so arms that ran on
+`<engine>: batched / one-at-a-time = X.Yx (goal >= 8x)`; for vLLM also `02 end-to-end / bare LLM.generate`
+(goal >= 0.9) per seed mode, and what per-request seeds cost (bare generate with / without). Rates are per second, so arms that ran on
 different numbers of prompts compare. Tokens are the returned completions re-tokenized (the stop
 line end included): stop strings make lengths vary, so both rates are shown.
 """
@@ -136,16 +139,19 @@ def bare_generate(engine, prompts, seeds):
 
 
 def stage_arms(engine, args):
-    """02 end to end (read, prompt, generate, check, retry, write) against a bare LLM.generate over the same
-    first-attempt prompts, both with per-request seeds and with none (--seed-mode per-chunk), in one process on one
-    engine, alternating in --rounds slices of the toy captions (one meta-pair source: one prompt per caption)."""
+    """02 end to end (read, prompt, generate, check, write) against a bare LLM.generate over the same first-attempt
+    prompts, both with per-request seeds and with none (--seed-mode per-chunk), in one process on one engine,
+    alternating in --rounds slices of --stage-prompts toy captions (one meta-pair source: one prompt per caption).
+    02 runs with --max-retries --stage-retries (default 0): it then generates exactly the bare arm's prompts, so the
+    ratio is 02's own cost (the tiny toy model's rewrites are rejected often; retries are more generation, not
+    overhead)."""
     import tempfile
 
     pools = rewrite.load_meta_pairs(args.pairs, ["human"])
     captions, counts = [], Counter()
     for shard in rewrite.list_inputs([os.path.join(args.toy, "shards")], (".tar",)):
         for key, text in rewrite.read_samples(shard, counts):
-            if text and text.strip() and len(captions) < args.prompts:
+            if text and text.strip() and len(captions) < args.stage_prompts:
                 captions.append((key, text))
     work = tempfile.mkdtemp(prefix="bench_rewrite_")
     rewrite.TextEngine = lambda *a, **k: engine  # the stage builds no second engine
@@ -169,7 +175,8 @@ def stage_arms(engine, args):
                 start = time.perf_counter()
                 if arm.startswith("02"):
                     rewrite.main(["--engine", "vllm", "--input", part, "--meta-pairs", args.pairs, "--sources", "human",
-                                  "--out-dir", os.path.join(work, f"{mode}-{r + 1}"), "--seed-mode", mode])
+                                  "--out-dir", os.path.join(work, f"{mode}-{r + 1}"), "--seed-mode", mode,
+                                  "--max-retries", str(args.stage_retries)])
                 else:
                     bare_generate(engine, prompts, seeds if mode == "per-sample" else [None] * len(seeds))
                 if r >= 0:
@@ -187,6 +194,7 @@ def stage_arms(engine, args):
 def vllm_elsewhere(args):
     """Rows from this script re-run in .venv-vllm with --only vllm, or a reason it could not run."""
     cmd = [VLLM_PYTHON, os.path.abspath(__file__), "--only", "vllm", "--toy", args.toy, "--prompts", str(args.prompts),
+           "--stage-prompts", str(args.stage_prompts), "--stage-retries", str(args.stage_retries),
            "--baseline-prompts", str(args.baseline_prompts), "--rounds", str(args.rounds), "--threads", str(args.threads)]
     print(f"vllm: not importable here, running {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -245,6 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="hf batch size in the batched arm (02's default)")
     p.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="engines to measure")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for every arm")
+    p.add_argument("--stage-prompts", type=int, default=1024, help="captions in the 02 end-to-end vs bare generate arms")
+    p.add_argument("--stage-retries", type=int, default=0, help="02's --max-retries in its end-to-end arm")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--only", choices=["vllm"], default=None, help="internal: the vLLM part alone, result printed as JSON")
     return p.parse_args(argv)
