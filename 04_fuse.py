@@ -55,6 +55,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -735,41 +736,77 @@ def read_vecs(path, counts):
     return vecs
 
 
-def fuse_llm(engine, items, args, shard, counts, budget, bos):
-    """items: [(key, alt, vec)] -> {key: (fused or None, cut?)}; a rejected answer is drawn again with a new
-    seed. An answer that was only a preamble line ("Here is the caption:") is continued instead: its retry
-    prompt ends with that line, so the model writes the caption it announced."""
-    out, prompts = {}, {}
-    for key, alt, vec in items:
-        prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
-        counts["truncated"] += cut
-        if prompt is None:
-            counts["prompt_too_long"] += 1
-            out[key] = (None, cut)
-        else:
-            prompts[key] = (prompt, used, vec, cut)
-    todo, lead = list(prompts), {}
-    for attempt in range(args.max_retries + 1):
-        batch = [prompts[k][0] + lead.get(k, "") for k in todo]
-        seeds = [sample_seed(args.seed, shard, key, attempt) for key in todo]
-        texts = engine.generate(batch, seeds, n=1, stop=STOP)
-        again = []
-        for key, (completion,) in zip(todo, texts):
-            _, used, vec, cut = prompts[key]
-            fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
-            if fused is None:
-                counts[f"rejected_{why}"] += 1
-                again.append(key)
-                if why == "preamble" and key not in lead:
-                    lead[key] = completion.strip() + "\n"
-            elif why:  # cut_loop / cut_long: kept, and counted
-                counts[why] += 1
-            out[key] = (fused, cut)
-        counts["retries"] += len(again) if attempt < args.max_retries else 0
-        todo = again
-        if not todo:
-            break
-    return out
+def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
+    """Yields (chunk index, {key: (fused or None, cut?)}) as each chunk of [(key, alt, vec)] is settled.
+
+    A rejected answer is drawn again with a new seed, at most --max-retries times. An answer that was only a
+    preamble line ("Here is the caption:") is continued instead: its retry prompt ends with that line, so the model
+    writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the retries known
+    by then) is queued on a thread before the last answers are checked, so retries travel with later prompts.
+    With transformers each call waits for the last one, chunk by chunk (its batches seed per batch)."""
+    overlap = args.engine == "vllm"
+    out, prompts, lead, attempt_of, chunk_of, unsettled = {}, {}, {}, {}, {}, {}
+    retries, next_chunk, in_flight = [], 0, None
+    with ThreadPoolExecutor(1) as pool:
+        while True:
+            keys = []
+            if overlap or in_flight is None:
+                keys, retries = retries, []
+                if next_chunk < len(item_lists) and (overlap or not keys):
+                    unsettled[next_chunk] = 0
+                    for key, alt, vec in item_lists[next_chunk]:
+                        chunk_of[key] = next_chunk
+                        prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
+                        counts["truncated"] += cut
+                        if prompt is None:
+                            counts["prompt_too_long"] += 1
+                            out[key] = (None, cut)
+                            continue
+                        prompts[key] = (prompt, used, vec, cut)
+                        attempt_of[key] = 0
+                        unsettled[next_chunk] += 1
+                        keys.append(key)
+                    next_chunk += 1
+            submitted = None
+            if keys:
+                batch = [prompts[key][0] + lead.get(key, "") for key in keys]
+                seeds = [sample_seed(args.seed, shard, key, attempt_of[key]) for key in keys]
+                submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
+            if in_flight is not None:
+                done_keys, future = in_flight
+                for key, (completion,) in zip(done_keys, future.result()):
+                    _, used, vec, cut = prompts[key]
+                    fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
+                    if fused is None:
+                        counts[f"rejected_{why}"] += 1
+                        if why == "preamble" and key not in lead:
+                            lead[key] = completion.strip() + "\n"
+                        if attempt_of[key] < args.max_retries:
+                            counts["retries"] += 1
+                            attempt_of[key] += 1
+                            retries.append(key)
+                            continue
+                    elif why:  # cut_loop / cut_long: kept, and counted
+                        counts[why] += 1
+                    out[key] = (fused, cut)
+                    unsettled[chunk_of[key]] -= 1
+                for c in [c for c, left in unsettled.items() if left == 0]:
+                    del unsettled[c]
+                    yield c, settled_chunk(item_lists[c], out, prompts)
+            in_flight = submitted
+            if in_flight is None and not retries and next_chunk == len(item_lists):
+                break
+        for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
+            yield c, settled_chunk(item_lists[c], out, prompts)
+
+
+def settled_chunk(items, out, prompts):
+    """A settled chunk's results, taken out of the running state (memory stays bounded by the chunks in flight)."""
+    made = {}
+    for key, _, _ in items:
+        made[key] = out.pop(key)
+        prompts.pop(key, None)
+    return made
 
 
 def fuse_record(key, alt, vec, made):
@@ -806,11 +843,13 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None):
     if counts["vec_without_sample"]:
         print(f"WARNING {name}: {counts['vec_without_sample']} VeC keys are not in {path}")
     todo = [key for key in texts if key not in done]
+    chunks, item_lists = [], []
     for begin in range(0, len(todo), args.chunk_size):
         chunk = todo[begin:begin + args.chunk_size]
-        items = [(key, *texts[key]) for key in chunk if all(texts[key])]
-        made = fuse_llm(engine, items, args, name, counts, budget, bos)
-        records = [fuse_record(key, *texts[key], made) for key in chunk]
+        chunks.append(chunk)
+        item_lists.append([(key, *texts[key]) for key in chunk if all(texts[key])])
+    for c, made in fuse_llm(engine, item_lists, args, name, counts, budget, bos):
+        records = [fuse_record(key, *texts[key], made) for key in chunks[c]]
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
         done.update((r["key"], r) for r in records)

@@ -133,7 +133,8 @@ def test_preamble_answer_is_continued_not_dropped(tmp_path):
 
     args = fu.parse_args(["--max-retries", "1"])
     counts = Counter()
-    made = fu.fuse_llm(Preamble(), [("k1", "Acme kite", "a red kite on sand")], args, "s", counts, 512, "")
+    ((chunk, made),) = fu.fuse_llm(Preamble(), [[("k1", "Acme kite", "a red kite on sand")]], args, "s", counts, 512, "")
+    assert chunk == 0
     assert made == {"k1": ("A red kite over the sand at Acme beach.", False)}
     assert prompts[1] == prompts[0] + "Here is the caption:\n"
     assert counts["rejected_preamble"] == 1 and counts["retries"] == 1

@@ -1,5 +1,6 @@
 """02_rewrite: parsing and fallbacks, prompts, engines (hf, eda), bad input, kill -9 + resume."""
 import io
+import hashlib
 import json
 import os
 import signal
@@ -444,3 +445,47 @@ def test_torchrun_two_ranks_split_the_shards(toy, tmp_path):
     assert set(read_out(out)) == tar_keys(toy / "shards")
     assert "worker 0/2 claims shards as it goes (its own 1 first" in result.stdout
     assert "worker 1/2" not in result.stdout  # print0: rank 0 only
+
+
+class SeededEcho:
+    """A test double for the engine's contract: each completion a function of (prompt, seed, sample index) alone,
+    as vLLM's per-request seeds make it; every third one empty (rejected, so retried)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        self.calls.append(len(prompts))
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            texts = []
+            for i in range(n):
+                h = int(hashlib.sha256(f"{prompt}|{seed}|{i}".encode()).hexdigest(), 16)
+                caption = prompt.rsplit("\n", 1)[-1].split("=>")[0].split()
+                texts.append("" if h % 3 == 0 else f"{caption[0]} seen as number {h % 997}.")
+            out.append(texts)
+        return out
+
+
+def test_fed_vllm_pipeline_gives_what_chunk_by_chunk_calls_give(tmp_path):
+    """vLLM's path queues the next chunk (with the retries known by then) before checking the last answers; the
+    rewrites, counts and chunk contents equal the chunk-by-chunk path's, with fewer calls."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": "human", "input": f"thing {i} here", "output": f"A thing {i}."})
+                             + "\n" for i in range(6)))
+    pools = rw.load_meta_pairs(str(pairs), None)
+    item_lists = [[(f"{c}-{i}", f"caption {c} {i} words") for i in range(7)] for c in range(4)] + [[]]
+    results = {}
+    for engine_kind in ("hf", "vllm"):
+        args = rw.parse_args(["--engine", engine_kind, "--n", "2", "--max-retries", "2"])
+        engine, counts = SeededEcho(), Counter()
+        settled = dict(rw.rewrite_llm(engine, item_lists, pools, args, "s", counts))
+        assert sorted(settled) == list(range(5))
+        for c, items in enumerate(item_lists):
+            assert sorted(settled[c]) == sorted(key for key, _ in items)
+        results[engine_kind] = (settled, counts, engine.calls)
+    (hf, hf_counts, hf_calls), (vllm, vllm_counts, vllm_calls) = results["hf"], results["vllm"]
+    assert vllm == hf and vllm_counts == hf_counts and hf_counts["retries"] > 0
+    exhausted = [r for made in hf.values() for slots in made.values() for r in slots["human"] if r is None]
+    assert exhausted  # slots that failed every draw are None (the AltText fills them later)
+    assert len(vllm_calls) < len(hf_calls)  # retries went out with later chunks, not as calls of their own
