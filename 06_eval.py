@@ -6,8 +6,10 @@ classes), mean per-class recall; Recall@1/5/10 both ways, every caption its own 
 the image's captions is in the top k. Candidates tied exactly with the best positive share their places (the expected
 hit over tie orders), so no data order changes a number and a collapsed model scores chance. Linear probe: multinomial
 logistic regression (L-BFGS, L2 weight lambda) on normalised frozen image features; of 17 lambdas (1e2..1e-6) the best
-on a held-out fifth of train, refit on all of it (k-shot: on the k per class). CRA, LLM2CLIP's caption retrieval accuracy
-(text only): of each image with two captions or more, the first retrieves the second among every image's second; top-1.
+on a held-out fifth of train, refit on all of it (k-shot: on the k per class). Full-batch float64 L-BFGS up to 2^26
+train samples x (dim + classes); above, e.g. ImageNet-1k, mini-batches in float32 on the device (--probe-solver).
+CRA, LLM2CLIP's caption retrieval accuracy (text only): of each image with two captions or more, the first retrieves
+the second among every image's second; top-1.
 
 Reads:  --model NAME --pretrained CKPT|TAG  open_clip; a 05_train.py checkpoint ({"state_dict", "epoch", "step", ...},
             torch.load weights_only=True) finds its config <dir of CKPT>/<NAME>.json itself (or --model-config); an LLM2CLIP one
@@ -49,6 +51,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import tarfile
@@ -358,8 +361,8 @@ def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
     return dict(zip(names, hits)), {**tie_note(t2i, names[:len(ks)]), **tie_note(i2t, names[len(ks):])}
 
 
-def with_bias(x, device="cpu"):
-    return torch.cat([x.double(), x.new_ones(len(x), 1, dtype=torch.float64)], 1).to(device)
+def with_bias(x, device="cpu", dtype=torch.float64):
+    return torch.cat([x.to(dtype), x.new_ones(len(x), 1, dtype=dtype)], 1).to(device)
 
 
 def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
@@ -383,6 +386,69 @@ def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
     return w.detach()
 
 
+def fit_logistic_minibatch(
+    x, y, idx, n_classes, lam, init=None, steps=None, seed=0, batch_size=4096, epochs=10, lr=0.1
+):
+    """The objective of fit_logistic on rows `idx` of x, minimised on mini-batches in float32 where x lies
+    (the GPU when there is one): memory is x itself plus a batch's logits and W's optimiser state, whatever
+    the number of samples. `epochs` passes over the rows, 500 steps at least (or `steps`), the learning rate
+    on a cosine to zero so that the last steps average the batch noise out. x: normalised features without a
+    bias column; returns W with the bias in the last row, as fit_logistic does."""
+    w = (init.clone() if init is not None else x.new_zeros(x.shape[1] + 1, n_classes)).requires_grad_(True)
+    if lam >= 1e-2:
+        # well conditioned (curvature between lam and 1 + lam on normalised features): gradient steps of
+        # 1/(1 + lam) shrink with the gradient, so they find the small W of strong regularisation, where
+        # Adam's steps of about lr each stay far off its direction (tested)
+        lr = 1 / (1 + lam)
+        opt = torch.optim.SGD([w], lr=lr, momentum=0.9, nesterov=True)
+    else:  # ill conditioned: Adam's per-coordinate scaling gets near the optimum in a few epochs
+        opt = torch.optim.Adam([w], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    total = steps or max(500, epochs * -(-len(idx) // batch_size))
+    step = 0
+    while step < total:
+        order = idx[torch.randperm(len(idx), generator=g).to(idx.device)]
+        for start in range(0, len(order), batch_size):
+            if step == total:
+                break
+            rows = order[start : start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(x[rows] @ w[:-1] + w[-1], y[rows]) + lam / 2 * w[:-1].pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    return w.detach()
+
+
+# above this many elements in (train samples) x (dim + classes), "auto" trains the probe on mini-batches: the
+# full-batch L-BFGS holds a few float64 arrays of that size (~2 GB here; ~30 GB for ImageNet-1k's 1.28M x 512)
+LBFGS_MAX_ELEMENTS = 2**26
+
+
+def probe_solver(solver, n, dim, n_classes):
+    if solver != "auto":
+        return solver
+    return "lbfgs" if n * (dim + 1 + n_classes) <= LBFGS_MAX_ELEMENTS else "minibatch"
+
+
+def fit_probe(solver, x, y, idx, n_classes, lam, init, device, steps, seed):
+    """W (bias in the last row) for rows `idx` of x by either solver; minibatch wants x, y on `device`."""
+    if solver == "lbfgs":
+        return fit_logistic(with_bias(x[idx], device), y[idx].to(device), n_classes, lam, init, steps or 500)
+    return fit_logistic_minibatch(x, y, idx.to(device), n_classes, lam, init, steps, seed)
+
+
+def predict(x, idx, w, device, chunk=8192):
+    """Predicted classes of rows `idx` of x, a chunk at a time: never every row's logits at once."""
+    out = [torch.zeros(0, dtype=torch.long)]
+    for start in range(0, len(idx), chunk):
+        rows = x[idx[start : start + chunk].to(x.device)]
+        out.append((with_bias(rows, device, w.dtype) @ w).argmax(1).cpu())
+    return torch.cat(out)
+
+
 def stratified_split(y, fraction, seed):
     """(rest, part): `fraction` of every class goes to `part` (one at least, where a class has two or more)."""
     g, rest, part = torch.Generator().manual_seed(seed), [], []
@@ -390,30 +456,55 @@ def stratified_split(y, fraction, seed):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
-        part, rest = part + idx[:n].tolist(), rest + idx[n:].tolist()
+        part.extend(idx[:n].tolist())  # extend, not +: a new list per class is quadratic at ImageNet's size
+        rest.extend(idx[n:].tolist())
     return torch.tensor(sorted(rest), dtype=torch.long), torch.tensor(sorted(part), dtype=torch.long)
 
 
-def linear_probe(x, y, test_x, test_y, n_classes, k_shot=0, seed=0, device="cpu",
-                 grid=tuple(10.0 ** (e / 2) for e in range(4, -13, -1))):
-    """Features and labels on the CPU; the fits run on `device`."""
+def linear_probe(
+    x,
+    y,
+    test_x,
+    test_y,
+    n_classes,
+    k_shot=0,
+    seed=0,
+    device="cpu",
+    grid=tuple(10.0 ** (e / 2) for e in range(4, -13, -1)),
+    solver="auto",
+    steps=None,
+):
+    """Features and labels on the CPU; the fits run on `device`. solver: lbfgs (full batch, float64),
+    minibatch (float32, memory bounded by the features) or auto (by size, LBFGS_MAX_ELEMENTS); steps:
+    iterations per fit instead of the solver's own (for measurements)."""
     fit, val = stratified_split(y, 0.2, seed)
     if k_shot:  # k per class from what the held-out part left
         g, picks = torch.Generator().manual_seed(seed), [fit[y[fit] == c] for c in torch.unique(y)]
         if min(len(p) for p in picks) < k_shot:
             raise SystemExit(f"--probe-k-shot {k_shot}: a class has {min(len(p) for p in picks)} training images besides the held-out ones")
         fit = torch.cat([p[torch.randperm(len(p), generator=g)[:k_shot]] for p in picks])
+    final = fit if k_shot else torch.cat([fit, val])  # as CLIP_benchmark: k-shot trains on the k only
+    solver = probe_solver(solver, len(final), x.shape[1], n_classes)
+    xs, ys = x, y  # what the fits read
+    if solver == "minibatch":  # moved once, in float32; on the CPU already float32, this is no copy
+        xs, ys = x.to(device, torch.float32), y.to(device)
     best, w = (-1.0, None), None
     for lam in grid:  # strong to weak: each fit starts from the previous answer
-        w = fit_logistic(with_bias(x[fit], device), y[fit].to(device), n_classes, lam, w)
-        acc = ((with_bias(x[val], device) @ w).argmax(1).cpu() == y[val]).float().mean().item() if len(val) else 0.0
+        w = fit_probe(solver, xs, ys, fit, n_classes, lam, w, device, steps, seed)
+        acc = (predict(xs, val, w, device) == y[val]).float().mean().item() if len(val) else 0.0
         best = max(best, (acc, lam))  # at equal accuracy the larger lambda, the more regularised model
-    final = fit if k_shot else torch.cat([fit, val])  # as CLIP_benchmark: k-shot trains on the k only
-    w = fit_logistic(with_bias(x[final], device), y[final].to(device), n_classes, best[1])
-    hits = hits_at(with_bias(test_x, device), w.T, test_y.to(device), torch.arange(n_classes, device=device), (1, 5)).cpu()
+    w = fit_probe(solver, xs, ys, final, n_classes, best[1], None, device, steps, seed)
+    test = with_bias(test_x, device, w.dtype)
+    hits = hits_at(test, w.T, test_y.to(device), torch.arange(n_classes, device=device), (1, 5)).cpu()
     metrics, ties = classification_metrics(hits, test_y, n_classes, "lp_")
-    return metrics, {"lambda": best[1], "val_acc1": best[0], "k_shot": k_shot, "ties": ties,
-                     "n": {"train": len(final), "val": len(val), "test": len(test_y)}}
+    return metrics, {
+        "lambda": best[1],
+        "val_acc1": best[0],
+        "k_shot": k_shot,
+        "ties": ties,
+        "solver": solver,
+        "n": {"train": len(final), "val": len(val), "test": len(test_y)},
+    }
 
 
 def label_and_path(spec):
@@ -643,7 +734,9 @@ def run_linear_probe(model, transform, tokenizer, path, args, counts):
         train, test = stratified_split(y, 0.5, args.seed)
         x, y, test_x, test_y = x[train], y[train], x[test], y[test]
     warn_empty_classes(names, test_y, f"{path} (probe test)", counts)
-    metrics, extra = linear_probe(x, y, test_x, test_y, len(names), args.probe_k_shot, args.seed, args.device)
+    metrics, extra = linear_probe(
+        x, y, test_x, test_y, len(names), args.probe_k_shot, args.seed, args.device, solver=args.probe_solver
+    )
     return metrics, {**extra, "n": {**extra["n"], "classes": len(names)}}
 
 
@@ -795,6 +888,13 @@ def parse_args(argv=None):
     p.add_argument("--cra", nargs="*", default=["toy/eval/retrieval"], help="[LABEL=]caption sets as for --retrieval (images unread)")
     p.add_argument("--probe-test", default=None, help="labelled test set of the probe (default: a stratified half of the train set)")
     p.add_argument("--probe-k-shot", type=int, default=0, help="train the probe on k images per class (0 = all)")
+    p.add_argument(
+        "--probe-solver",
+        choices=["auto", "lbfgs", "minibatch"],
+        default="auto",
+        help="lbfgs: full batch, float64 (memory ~ samples x classes); minibatch: batches of 4096, float32 "
+        "(memory ~ the features); auto: lbfgs up to 2^26 train samples x (dim + classes)",
+    )
     p.add_argument("--results", default="toy/eval/results.jsonl", help="results JSONL, appended to; the table goes to <results>.md")
     p.add_argument("--overwrite", action="store_true", help="measure (name, task, dataset) rows already in --results again")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (texts: 5x)")

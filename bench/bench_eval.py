@@ -19,6 +19,11 @@ exact score tie decided (identical captions of two images tie exactly: CLIP_benc
 order's pick, 06 the average over tie orders); exit status 1 otherwise. Then per task `CLIP_benchmark / 06_eval = X.Yx`
 (above 1: 06 is faster).
 CLIP_benchmark's linear probe asserts device == 'cuda', so on CPU only 06's probe is run and shown.
+
+    python bench/bench_eval.py --probe-memory 100000   # the probe's peak memory only, both solvers
+
+measures (Linux: VmHWM) what 06's linear probe adds at peak to N x 512 random normalised features with 1000
+classes, against a formula of its arrays, and states the formula at ImageNet-1k's 1,281,167 x 512.
 """
 import argparse
 import io
@@ -150,10 +155,42 @@ main()
 print({marker!r} + json.dumps({{"seconds": time.perf_counter() - start, "metrics": json.load(open({output!r}))["metrics"]}}))
 """
 
+RUN_PROBE = """
+import importlib, json, sys, time, torch
+torch.set_num_threads({threads})
+sys.path.insert(0, {root!r})
+ev = importlib.import_module("06_eval")
 
-def run(code):
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn({n}, {dim}, generator=g)
+x /= x.norm(dim=1, keepdim=True)  # in place: the features are held once, as 06's encode_images holds them
+y = torch.randint(0, {classes}, ({n},), generator=g)
+test_x = torch.randn({n_test}, {dim}, generator=g)
+test_x /= test_x.norm(dim=1, keepdim=True)
+test_y = torch.randint(0, {classes}, ({n_test},), generator=g)
+# a small probe first: torch's first backward and optimiser step page in some 300 MB of library code, once
+w = slice(0, 2000)
+ev.linear_probe(x[w], y[w], test_x[w], test_y[w], {classes}, grid=(1,), solver={solver!r}, steps=1)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to what is held now: features and all
+held = status("VmRSS:")
+start = time.perf_counter()
+_, extra = ev.linear_probe(x, y, test_x, test_y, {classes}, grid=(1e-4,), solver={solver!r}, steps={steps})
+seconds = time.perf_counter() - start
+result = {{"held": held, "peak": status("VmHWM:"), "seconds": seconds, "features": x.numel() * 4}}
+print({marker!r} + json.dumps({{**result, "solver": extra["solver"]}}))
+"""
+
+
+def run(code, python=VENV_PY):
     start = time.perf_counter()
-    proc = subprocess.run([VENV_PY, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode or not lines:
         raise SystemExit(f"run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -182,6 +219,48 @@ def bench_task(task, data, ckpt, config, args):
                    "same_every_run": all(r["metrics"] == rs[0]["metrics"] for r in rs)} for tool, rs in rows.items()}
 
 
+def probe_bytes(solver, n, dim, classes, n_test, batch=4096, chunk=8192):
+    """Bytes the probe holds beyond the features (4 n dim), by 06's code. minibatch: index and label vectors
+    of 8 bytes (fit + val, the refit's, a permutation and its order: ~5 n), W with its gradient and two
+    optimiser states, a batch of rows and 3 of logits, a validation chunk of rows and logits, the test rows.
+    lbfgs: the fit rows copied (4 n dim), made float64 with a bias column, ~3 float64 logit-sized arrays."""
+    if solver == "minibatch":
+        vectors = 5 * 8 * n
+        weights = 4 * 4 * (dim + 1) * classes
+        batches = 4 * batch * (dim + 3 * classes) + 4 * chunk * (dim + 1 + classes)
+        return vectors + weights + batches + 4 * n_test * (dim + 1)
+    return 4 * n * dim + 8 * n * (dim + 1) + 3 * 8 * n * classes
+
+
+def probe_memory(args):
+    """Peak memory of 06's linear probe beyond the features it is given, measured (one lambda and the refit, a
+    few steps per fit: memory does not depend on steps) and estimated at ImageNet-1k's 1,281,167 x 512."""
+    n, dim, classes, n_test, imagenet = args.probe_memory, 512, 1000, 10000, 1281167
+    print(f"linear probe memory: {n} x {dim} float32 features, {classes} classes, {n_test} test, CPU")
+    for solver in ("minibatch", "lbfgs"):
+        code = RUN_PROBE.format(
+            threads=args.threads,
+            root=ROOT,
+            marker=MARKER,
+            n=n,
+            dim=dim,
+            classes=classes,
+            n_test=n_test,
+            solver=solver,
+            steps=3,
+        )
+        r = run(code, sys.executable)
+        added = (r["peak"] - r["held"]) / 2**20
+        formula = probe_bytes(solver, n, dim, classes, n_test) / 2**20
+        at_imagenet = (4 * imagenet * dim + probe_bytes(solver, imagenet, dim, classes, 50000)) / 2**30
+        features = r["features"] / 2**20
+        print(
+            f"  {solver:<9}: features {features:.0f} MiB, the probe added {added:.0f} MiB at peak "
+            f"(formula {formula:.0f} MiB; {r['seconds']:.0f}s)"
+        )
+        print(f"  {solver:<9}: at {imagenet:,} x {dim}, 50k test: features + formula = {at_imagenet:.1f} GiB")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--toy", default=os.path.join(OUT, "toy-eval"), help="toy data folder (built when missing)")
@@ -194,11 +273,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both tools")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool and task (best is reported)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--probe-memory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure the linear probe's peak memory on N random 512-d features, 1000 classes (both "
+        "solvers, CPU), and estimate it at ImageNet-1k's size",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.probe_memory:
+        return probe_memory(args)
     toy = os.path.abspath(args.toy)
     ensure_toy(toy, args)
     ckpt = os.path.abspath(args.pretrained) if args.pretrained else ensure_checkpoint(toy, os.path.join(OUT, "ckpt-alt"), args.train_steps)

@@ -198,6 +198,72 @@ def test_linear_probe_split_lambda_and_k_shot():
     assert sorted(rest.tolist() + part.tolist()) == list(range(120)) and Counter(y[part].tolist()) == {c: 6 for c in range(4)}
 
 
+def probe_objective(x, y, w, lam):
+    xb = ev.with_bias(x)
+    return (F.cross_entropy(xb @ w.double(), y) + lam / 2 * w[:-1].double().pow(2).sum()).item()
+
+
+def test_minibatch_probe_comes_close_to_lbfgs():
+    """The mini-batch solver (float32) on the L-BFGS objective: within 1% of its optimum, pointing the same
+    way (at a strong lambda too, where W is tiny), and the whole probe (lambda sweep, refit) within a point of
+    L-BFGS's accuracy; on a separable set 100%."""
+    x, y = clusters(300, n_classes=10, dim=16, noise=2.0)
+    test = torch.arange(len(y)) % 3 == 0  # a third of each class: the same class means
+    x, y, test_x, test_y = x[~test], y[~test], x[test], y[test]
+    idx = torch.arange(len(y))
+    for lam in (1e-3, 100.0):
+        exact = ev.fit_logistic(ev.with_bias(x), y, 10, lam)
+        mini = ev.fit_logistic_minibatch(x, y, idx, 10, lam)
+        assert mini.dtype == torch.float32 and mini.shape == exact.shape
+        assert probe_objective(x, y, mini, lam) <= 1.01 * probe_objective(x, y, exact, lam)
+        assert F.cosine_similarity(mini.double().flatten(), exact.flatten(), dim=0) > 0.99
+    lbfgs, _ = ev.linear_probe(x, y, test_x, test_y, 10, solver="lbfgs")
+    minibatch, extra = ev.linear_probe(x, y, test_x, test_y, 10, solver="minibatch")
+    assert extra["solver"] == "minibatch" and abs(minibatch["lp_acc1"] - lbfgs["lp_acc1"]) <= 0.01
+    x, y = clusters(40)
+    test = torch.arange(len(y)) % 4 == 0
+    m, extra = ev.linear_probe(x[~test], y[~test], x[test], y[test], 4, solver="minibatch")
+    assert m["lp_acc1"] == 1.0 and extra["lambda"] == 100.0  # all tie on validation: the strongest lambda's W
+
+
+def test_auto_solver_switches_by_size():
+    assert ev.probe_solver("auto", 50_000, 512, 100) == "lbfgs"  # CIFAR-100's train set
+    assert ev.probe_solver("auto", 1_281_167, 512, 1000) == "minibatch"  # ImageNet-1k's
+    assert ev.probe_solver("lbfgs", 1_281_167, 512, 1000) == "lbfgs"
+    x, y = clusters(30)
+    assert ev.linear_probe(x, y, *clusters(10, seed=1), 4)[1]["solver"] == "lbfgs"  # small sets: as before
+
+
+def largest_matrices(solver, n_per_class):
+    """The most elements of any 2-d tensor an op makes in a probe on n_per_class x 10 samples of 16 dims."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    x, y = clusters(n_per_class, n_classes=10, dim=16)
+    test_x, test_y = clusters(10, n_classes=10, dim=16, seed=1)
+    with Largest():
+        ev.linear_probe(x, y, test_x, test_y, 10, grid=(1e-2, 1e-4), solver=solver, steps=3)
+    return Largest.most
+
+
+def test_minibatch_probe_memory_does_not_grow_with_samples():
+    """Besides the features and an index or label per sample, the mini-batch probe makes nothing that grows
+    with the number of samples: its largest matrix is a batch's, a chunk's or W's at 50k and 200k samples
+    alike (here a validation chunk of 8192 rows with their bias column). L-BFGS's grows with them."""
+    bound = max(4096 * 17, 8192 * 17, 17 * 10)  # a batch of rows or of logits, a chunk of rows, W
+    assert largest_matrices("minibatch", 5000) == largest_matrices("minibatch", 20000) == bound
+    assert largest_matrices("lbfgs", 20000) >= 4 * largest_matrices("lbfgs", 5000) > bound
+
+
 # ---- end to end on the toy eval sets with toy checkpoints ----
 
 def train_toy_checkpoint(toy, out, steps, seed):
