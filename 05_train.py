@@ -537,14 +537,32 @@ def count_samples(shard):
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Reader g = rank * workers + worker takes positions [g*N/R, (g+1)*N/R) of the epoch's shard order (and on, cyclically,
-    to pad) and yields `chunks` chunks of `chunk` samples; `consumed` {reader: samples drawn} resumes it mid-epoch."""
+    to pad) and yields `chunks` chunks of `chunk` samples; `consumed` {reader: samples drawn} resumes it mid-epoch.
+    With `end_epoch`, it then goes on with epochs epoch + 1 ... end_epoch - 1 (`chunks_per_epoch` each, from their
+    start): one DataLoader's workers serve the whole run, so no epoch waits for new workers to start and fill."""
 
-    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer, synonyms=None):
+    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer, synonyms=None,
+                 end_epoch=None, chunks_per_epoch=None):
         self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = shards, args, epoch, consumed, chunks, chunk
         (self.transform, self.view_transform), self.tokenizer = transforms, tokenizer
         self.synonyms = synonyms  # WordNet's, for EDA's synonym replacement
-        self.order = sorted((i for i in range(len(shards)) if counts[i]), key=lambda i: random.Random(f"{args.seed}|{epoch}|{i}").random())
-        self.starts = list(itertools.accumulate([counts[i] for i in self.order], initial=0))
+        self.counts = counts
+        self.end_epoch = epoch + 1 if end_epoch is None else end_epoch
+        self.chunks_per_epoch = chunks if chunks_per_epoch is None else chunks_per_epoch
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch):
+        """The epoch's shard order (a seeded shuffle) and where each shard starts in it."""
+        keys = {i: random.Random(f"{self.args.seed}|{epoch}|{i}").random() for i in range(len(self.shards))}
+        self.order = sorted((i for i in range(len(self.shards)) if self.counts[i]), key=keys.__getitem__)
+        self.starts = list(itertools.accumulate([self.counts[i] for i in self.order], initial=0))
+
+    def __iter__(self):
+        epoch, consumed, chunks = self.epoch, self.consumed, self.chunks
+        while epoch < self.end_epoch:
+            self.set_epoch(epoch)
+            yield from self.epoch_chunks(epoch, consumed, chunks)
+            epoch, consumed, chunks = epoch + 1, {}, self.chunks_per_epoch
 
     def inputs(self, start, below, done, counts):
         """(i, raw sample) for i = below, below + 1, ... at position start + i, cyclically, except `done` (None: fewer than counted)."""
@@ -588,11 +606,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         torch.default_generator.manual_seed(rnd.getrandbits(63))
         return key, self.transform(img), texts, valid, [self.view_transform(img) for _ in view_texts], view_texts
 
-    def __iter__(self):
+    def epoch_chunks(self, epoch, consumed, chunks):
         info, (rank, world, _), k = torch.utils.data.get_worker_info(), dist_env(), max(1, self.args.workers)
         g, total, block = rank * k + (info.id if info else 0), self.starts[-1], max(1, self.args.shuffle_buffer)
         start, end = g * total // (world * k), (g + 1) * total // (world * k)
-        seed, drawn, left, n = f"{self.args.seed}|{self.epoch}|{g}", self.consumed.get(g, 0), self.chunks, end - start
+        seed, drawn, left, n = f"{self.args.seed}|{epoch}|{g}", consumed.get(g, 0), chunks, end - start
         rng = random.Random(seed)  # the run shuffled in blocks (bounded memory), then the padding in order
         order = itertools.chain((i for b in range(0, n, block) for i in rng.sample(range(b, min(n, b + block)), min(n, b + block) - b)),
                                 itertools.count(n))
@@ -952,6 +970,17 @@ def link_to(source, path):
     os.replace(tmp, path)
 
 
+def adamw(groups, args):
+    """AdamW with its fused kernel, on GPUs and on CPUs (one kernel for all tensors: on CPU ~7x faster per step than
+    the per-tensor loop, a tenth of a toy step); the loop where this torch build lacks the kernel."""
+    options = {"lr": args.lr, "betas": tuple(args.betas), "eps": args.eps, "weight_decay": args.wd}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, ValueError) as e:
+        print0(f"05_train: fused AdamW unavailable ({e}); the per-tensor loop instead")
+        return torch.optim.AdamW(groups, **options)
+
+
 def learning_rate(step, args, warmup, total):
     """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
     cosine from --lr down to --min-lr at the last step."""
@@ -1182,8 +1211,7 @@ def main(argv=None):
             p.requires_grad_(n.startswith(("visual.", "logit_")))
     trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(device)
     trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
-    opt = torch.optim.AdamW(param_groups(trainee, args), lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                            weight_decay=args.wd, fused=cuda or None)
+    opt = adamw(param_groups(trainee, args), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
@@ -1245,10 +1273,12 @@ def main(argv=None):
             return encode([t for g in groups for t in g]).view(len(groups), len(groups[0]), -1)
 
     writer = CheckpointWriter(args.out_dir)
+    # one stream for the rest of the run: its workers go from one epoch into the next without a restart
+    stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
+                         transforms, tokenizer, synonyms, end_epoch=args.epochs, chunks_per_epoch=steps_per_epoch * args.accum_steps)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda))
+    positions = dict(consumed)
     while step < stop:
-        stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
-                             transforms, tokenizer, synonyms)
-        batches, positions = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)), dict(consumed)
         while in_epoch < steps_per_epoch and step < stop:
             lr = learning_rate(step, args, warmup, total_steps)
             for group in opt.param_groups:  # each group's own peak lr (vision, layer decay, adapter) on one schedule
@@ -1311,6 +1341,7 @@ def main(argv=None):
                     writer.save(checkpoint, ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end)
         if in_epoch == steps_per_epoch:
             skipped, epoch, in_epoch, consumed, reader_counts = last["skipped"], epoch + 1, 0, {}, {}
+            positions = {}
     writer.wait()
     bar.close()
     print0(f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
