@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
+# 09's caption browser is checked in headless Chromium: installed here when we can (root + apt), else that test skips
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1 \
+    || echo "test: could not install chromium; tests/test_browse.py's browser test is skipped"
+fi
 .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
 if bash runs/setup_vllm_cpu.sh > .venv-vllm.log 2>&1; then
   echo "== vLLM (CPU backend) tests =="

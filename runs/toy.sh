@@ -30,3 +30,4 @@ $PY 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip
 $PY 06_eval.py --text-tower toy/models/minilm --name MiniLM
 $PY 06_eval.py --text-tower toy/cc_minilm/model --name MiniLM-CC
 $PY 06_eval.py --name LLM2CLIP --pretrained toy/train/llm2clip/latest.pt
+$PY 09_browse.py

@@ -44,6 +44,8 @@ def test_toy_run_sheet_end_to_end(tmp_path):
     for run in ("alt", "laclip", "laclip_mt"):
         assert (toy / "train" / run / "latest.pt").exists() and (toy / "train" / run / "toy-clip.json").exists()
     table = open(toy / "eval/results.md").read()
+    browse = json.load(open(toy / "browse.html.stats.json"))
+    assert browse["cards"] == browse["keys_with_image"] == 32 and browse["counts"].get("missing_sidecar", 0) == 0
     assert all(name in table for name in ("AltText", "LaCLIP", "LaCLIP-MT", "VeCLIP"))
     for stage_out, field in (("vec", "vec"), ("fused", "fused")):
         records = [json.loads(line) for line in open(toy / stage_out / "00000.jsonl")]
