@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
+# optional packages (parquet tables): their tests skip without them
+.venv/bin/pip install -q -r requirements-optional.txt 2>/dev/null || echo "test: optional packages not installed; their tests skip"
 # 09's caption browser is checked in headless Chromium: installed here when we can (root + apt), else that test skips
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive

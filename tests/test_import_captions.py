@@ -1,0 +1,161 @@
+"""10_import_captions: tables joined to the shards by url, key, caption or path stem; every key once, the rest counted."""
+import csv
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from conftest import stage
+
+im = stage("10_import_captions")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("import")
+    stage("00_toy_data").main(["--out", str(root), "--num-shards", "2", "--samples-per-shard", "12", "--image-size", "32",
+                               "--skip-models", "--eval-per-class", "1", "--retrieval-images", "2", "--coco-images", "2"])
+    samples = []  # (shard, key, url, AltText)
+    for name in ("00000", "00001"):
+        for key, members in im.iter_tar(str(root / f"shards/{name}.tar"), {"txt", "json"}, Counter()):
+            meta = json.loads(members["json"])
+            samples.append((name, key, meta["url"], " ".join(members["txt"].decode().split())))
+    return root, samples
+
+
+def records(out):
+    got = {}
+    for name in ("00000", "00001"):
+        for line in open(out / f"{name}.jsonl"):
+            r = json.loads(line)
+            assert r["key"] not in got
+            got[r["key"]] = r
+    return got
+
+
+def test_csv_joined_by_url_every_key_once_and_the_rest_counted(toy, tmp_path):
+    root, samples = toy
+    table = tmp_path / "recap.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "re_caption"])
+        for i, (_, key, url, _) in enumerate(samples):
+            if i % 5 != 0:  # every fifth sample has no row
+                w.writerow([url, f"a recaption of {key}"])
+        w.writerow(["http://elsewhere.invalid/1.jpg", "a row for no sample"])
+        w.writerow(["", "a row without a url"])
+    out = tmp_path / "out"
+    stats = im.main(["--input", str(root / "shards"), "--table", str(table), "--join", "url", "--captions", "re_caption",
+                     "--out-dir", str(out)])
+    got = records(out)
+    assert sorted(got) == sorted(key for _, key, _, _ in samples)
+    for i, (_, key, _, alt) in enumerate(samples):
+        expect = [] if i % 5 == 0 else [f"a recaption of {key}"]
+        assert got[key]["rewrites"] == {"re_caption": expect} and got[key]["text"] == alt
+        assert got[key]["status"] == ("no_caption" if i % 5 == 0 else "ok")
+    summary = json.load(open(out / "_import.json"))
+    assert summary["counts"]["rows_matched"] == len(samples) - len(samples[::5])
+    assert summary["counts"]["rows_unmatched"] == 1 and summary["counts"]["rows_without_join_value"] == 1
+    assert sum(s["ok"] for s in stats) == summary["samples_with_captions"] == len(samples) - len(samples[::5])
+    again = im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption",
+                     "--out-dir", str(out)])
+    assert again == []  # done shards are skipped
+
+
+def test_nested_jsonl_by_key_with_lists_and_tsv(toy, tmp_path):
+    root, samples = toy
+    table = tmp_path / "dreamlip.jsonl"
+    with open(table, "w") as f:
+        for _, key, _, _ in samples[:6]:
+            row = {"id": key, "captions": {"long": f"a long caption of {key}", "short": [f"short {key} one", f"short {key} two"]}}
+            f.write(json.dumps(row) + "\n")
+        f.write("not json\n")
+    out = tmp_path / "out"
+    im.main(["--input", str(root / "shards"), "--table", str(table), "--join", "key", "--join-column", "id",
+             "--captions", "captions.long", "captions.short", "--out-dir", str(out)])
+    got = records(out)
+    key = samples[0][1]
+    assert got[key]["rewrites"] == {"captions.long": [f"a long caption of {key}"],
+                                    "captions.short": [f"short {key} one", f"short {key} two"]}
+    assert sum(r["status"] == "ok" for r in got.values()) == 6
+    assert json.load(open(out / "_import.json"))["counts"]["bad_json"] == 1
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("key\tvecap\n" + "".join(f"{key}\tvecap of {key}\n" for _, key, _, _ in samples[-3:]))
+    im.main(["--input", str(root / "shards"), "--table", str(tsv), "--join", "key", "--captions", "vecap",
+             "--out-dir", str(tmp_path / "tsv")])
+    assert sum(r["status"] == "ok" for r in records(tmp_path / "tsv").values()) == 3
+
+
+def write_laclip(tmp_path, samples, stems=False):
+    csv_path = tmp_path / "cc3m_original.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])  # a header: skipped, as LaCLIP's loader skips it
+        for _, key, _, alt in samples:
+            w.writerow([f"training/{key if stems else 'x' + key}.jpg", alt])
+        w.writerow(["training/unknown.jpg", "a caption no sample has"])
+    for source in ("chatgpt", "bard"):
+        lines = [f"{source} rewrite of {key}" for _, key, _, _ in samples] + [f"{source} rewrite of nothing"]
+        (tmp_path / f"cc3m_{source}.txt").write_text("\n".join(lines) + "\n")
+    return ["--laclip-csv", str(csv_path), "--laclip-texts", f"chatgpt={tmp_path / 'cc3m_chatgpt.txt'}",
+            f"bard={tmp_path / 'cc3m_bard.txt'}"]
+
+
+def test_laclip_release_joined_by_caption_and_by_path_stem(toy, tmp_path):
+    root, samples = toy
+    out = tmp_path / "by_caption"
+    im.main(["--input", str(root / "shards"), *write_laclip(tmp_path, samples), "--out-dir", str(out)])
+    got, alts = records(out), Counter(alt for _, _, _, alt in samples)
+    for _, key, _, alt in samples:
+        chatgpt = got[key]["rewrites"]["chatgpt"]
+        assert f"chatgpt rewrite of {key}" in chatgpt
+        assert len(chatgpt) == alts[alt]  # a sample shares the rewrites of every image with its AltText
+    summary = json.load(open(out / "_import.json"))["counts"]
+    assert summary["laclip_image_rows"] == len(samples) + 1 and summary["rows_unmatched"] == 1
+    out = tmp_path / "by_stem"
+    im.main(["--input", str(root / "shards"), *write_laclip(tmp_path, samples, stems=True), "--join", "path-stem",
+             "--out-dir", str(out)])
+    got = records(out)
+    assert all(got[key]["rewrites"] == {"chatgpt": [f"chatgpt rewrite of {key}"], "bard": [f"bard rewrite of {key}"]}
+               for _, key, _, _ in samples)
+
+
+def test_misaligned_laclip_files_and_bad_arguments_stop(toy, tmp_path):
+    root, samples = toy
+    argv = write_laclip(tmp_path, samples)
+    (tmp_path / "cc3m_bard.txt").write_text("only one line\n")
+    with pytest.raises(SystemExit, match="bard: ends at line 1"):
+        im.main(["--input", str(root / "shards"), *argv, "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="one of them"):
+        im.main(["--input", str(root / "shards"), "--out-dir", str(tmp_path / "y")])
+    table = tmp_path / "t.csv"
+    table.write_text("url,caption\n")
+    with pytest.raises(SystemExit, match="no column 're_caption'"):
+        im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption",
+                 "--out-dir", str(tmp_path / "z")])
+
+
+def test_parquet_when_pyarrow_is_there(toy, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    root, samples = toy
+    rows = {"url": [url for _, _, url, _ in samples], "re_caption": [f"recap {key}" for _, key, _, _ in samples]}
+    pq.write_table(pa.table(rows), tmp_path / "recap.parquet")
+    im.main(["--input", str(root / "shards"), "--table", str(tmp_path / "recap.parquet"), "--captions", "re_caption",
+             "--out-dir", str(tmp_path / "out")])
+    assert all(r["status"] == "ok" for r in records(tmp_path / "out").values())
+
+
+def test_05_trains_on_imported_captions(toy, tmp_path):
+    root, samples = toy
+    table = tmp_path / "recap.csv"
+    table.write_text("url,re_caption\n" + "".join(f"{url},a recaption of {key}\n" for _, key, url, _ in samples))
+    out = tmp_path / "imported"
+    im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption", "--out-dir", str(out)])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = stage("05_train").main(["--input", str(root / "shards"), "--model", str(root / "models/toy-clip.json"),
+                                     "--texts", str(out), "--text-mode", "uniform", "--batch-size", "8", "--workers", "0",
+                                     "--epochs", "1", "--out-dir", str(tmp_path / "train")])
+    assert result["step"] == 3 and result["skipped"] == 0
