@@ -41,6 +41,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -166,6 +167,41 @@ def run_config(args, **extra):
     return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
 # ---- end common
+
+
+# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
+    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# ---- end progress
 
 
 # ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
@@ -678,6 +714,16 @@ def caption_chunk(engine, items, args, shard):
     return [records[key] for key, _ in items]
 
 
+def samples_in(path):
+    """The shard's sample count from img2dataset's <shard>_stats.json, for the progress line; None without one."""
+    stats = path[:-4] + "_stats.json"
+    try:
+        with open(stats) as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
@@ -710,12 +756,16 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
 
     todo = chunks()
     ahead = decode(next(todo, []))
+    progress = Progress(samples_in(path), name, unit="images", every=args.progress_every)
+    progress.update(resumed)
     while ahead:
         current, ahead = ahead, decode(next(todo, []))  # the next chunk decodes in threads while this one generates
         records = caption_chunk(engine, current, args, name)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, tag, records)
         done.update((r["key"], r) for r in records)
+        progress.update(len(records))
+    progress.close()
     records = [done[k] for k in order]
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
@@ -777,6 +827,8 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     return p.parse_args(argv)
 
 

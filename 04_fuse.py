@@ -50,6 +50,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -170,6 +171,41 @@ def run_config(args, **extra):
     return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
 # ---- end common
+
+
+# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
+    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# ---- end progress
 
 
 # ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
@@ -848,11 +884,14 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None):
         chunk = todo[begin:begin + args.chunk_size]
         chunks.append(chunk)
         item_lists.append([(key, *texts[key]) for key in chunk if all(texts[key])])
+    progress = Progress(len(todo), name, every=args.progress_every)
     for c, made in fuse_llm(engine, item_lists, args, name, counts, budget, bos):
         records = [fuse_record(key, *texts[key], made) for key in chunks[c]]
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
         done.update((r["key"], r) for r in records)
+        progress.update(len(records))
+    progress.close()
     records = [done[k] for k in texts]
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
@@ -913,6 +952,8 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     return p.parse_args(argv)
 
 

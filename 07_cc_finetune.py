@@ -159,6 +159,7 @@ def run_config(args, **extra):
 # ---- end common
 
 
+
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
 # How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
 # cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets

@@ -174,3 +174,10 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
     path.write_bytes(b"")
     counts = Counter()
     assert list(c.iter_tar(str(path), {"txt"}, counts)) == [] and counts["tar_error"] == 1
+
+
+def test_progress_block_identical_where_used():
+    users = [s for s in STAGES if "# ---- progress (" in open(os.path.join(REPO, s)).read()]
+    assert {"03_visual_concepts.py", "04_fuse.py"} <= set(users)
+    copies = {s: block(s, "# ---- progress (", "# ---- end progress") for s in users}
+    assert len(set(copies.values())) == 1

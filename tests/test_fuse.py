@@ -345,3 +345,36 @@ def test_help_without_vllm_or_torch():
     result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "04_fuse.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--max-prompt-tokens" in result.stdout
     assert "vllm" not in result.stderr and "torch" not in result.stderr.split() and "transformers" not in result.stderr
+
+
+def test_progress_goes_to_a_log_file_as_plain_lines(toy, tmp_path):
+    """Output to a file (a SLURM log): periodic plain progress lines with rate and ETA, no bar's carriage returns."""
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, os.path.join(REPO, "03_visual_concepts.py"), "--input", str(toy / "shards/00000.tar"),
+           "--out-dir", str(tmp_path / "vec"), "--model", str(toy / "models/tiny-llava"), "--max-new-tokens", "4",
+           "--chunk-size", "4", "--progress-every", "0"]
+    with open(log, "w") as f:
+        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert result.returncode == 0, text[-2000:]
+    total = json.load(open(tmp_path / "vec/00000.stats.json"))["in"]
+    lines = [line for line in text.splitlines() if line.startswith("00000: ") and " images, " in line]
+    assert f"00000: 4/{total} images, " in text and f"00000: {total}/{total} images, " in text and "ETA" in lines[0]
+    assert "\r" not in text
+
+
+def test_progress_is_a_bar_on_a_terminal_and_silent_off_rank_0(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = fu.Progress(10, "00007", every=0)
+    progress.update(4)
+    progress.close()
+    out = capsys.readouterr()
+    assert progress.bar is not None and out.out == "" and "00007" in out.err  # tqdm draws on stderr
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    progress = fu.Progress(10, "00007", every=0)
+    progress.update(4)
+    assert capsys.readouterr().out.startswith("00007: 4/10 samples, ")
+    monkeypatch.setattr(fu, "dist_env", lambda: (1, 2, 1))
+    progress = fu.Progress(10, "00007", every=0)
+    progress.update(4)
+    assert capsys.readouterr().out == ""  # other ranks stay quiet
