@@ -652,6 +652,60 @@ def trim_answer(text, max_words):
     return text, None
 # ---- end text checks
 
+# ---- caption scores (kept identical in 02, 04; tests/test_common.py checks) ----
+class CaptionScorer:
+    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings (--score-model, a
+    sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that describes something else
+    (a hallucination) scores low; 05 --min-score drops such captions without rewriting the data."""
+
+    def __init__(self, path, batch_size=256):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch, self.batch_size = torch, batch_size
+        self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+
+    def embed(self, texts):
+        parts = []
+        for begin in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[begin:begin + self.batch_size], padding=True, truncation=True, max_length=128,
+                                   return_tensors="pt").to(self.device)
+            with self.torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            parts.append(self.torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return self.torch.cat(parts)
+
+    def scores(self, pairs):
+        """[(AltText, caption)] -> [cosine, 4 decimals]; each distinct text embedded once."""
+        if not pairs:
+            return []
+        texts = sorted({t for pair in pairs for t in pair})
+        row = {t: i for i, t in enumerate(texts)}
+        emb = self.embed(texts)
+        out = []
+        for alt, caption in pairs:
+            out.append(round(float(emb[row[alt]] @ emb[row[caption]]), 4))
+        return out
+
+
+def score_summary(values, below=(0.2, 0.3, 0.5)):
+    """A shard's scores in a few numbers: count, mean, the 10/50/90% quantiles and the share under each threshold."""
+    if not values:
+        return {"n": 0}
+    ranked = sorted(values)
+    summary = {"n": len(ranked), "mean": round(sum(ranked) / len(ranked), 4)}
+    for q in (10, 50, 90):
+        summary[f"p{q}"] = ranked[min(len(ranked) - 1, len(ranked) * q // 100)]
+    for threshold in below:
+        summary[f"below_{threshold}"] = round(sum(v < threshold for v in ranked) / len(ranked), 4)
+    return summary
+# ---- end caption scores
+
+
 FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache then computes the instructions once
     "Write one caption for an image from two descriptions of it. The web text comes from the page the image was "
     "found on and may name specific people, places, brands or products; the visual description was written by "
@@ -855,7 +909,20 @@ def fuse_record(key, alt, vec, made):
     return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
 
 
-def process_shard(path, engine, args, tag, budget, bos, claim=None):
+def add_scores(records, texts, scorer):
+    """records[i]["scores"]: the fused caption's cosine to its AltText (a fallback that is the AltText itself is not
+    scored: there is nothing to compare)."""
+    pairs, scored = [], []
+    for r in records:
+        alt = texts[r["key"]][0]
+        if alt and r["fused"] and r["fused"] != alt:
+            pairs.append((alt, r["fused"]))
+            scored.append(r)
+    for r, score in zip(scored, scorer.scores(pairs)):
+        r["scores"] = score
+
+
+def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     vec_path = os.path.join(args.vec_dir, name + ".jsonl")
     with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
@@ -887,6 +954,8 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None):
     progress = Progress(len(todo), name, every=args.progress_every)
     for c, made in fuse_llm(engine, item_lists, args, name, counts, budget, bos):
         records = [fuse_record(key, *texts[key], made) for key in chunks[c]]
+        if scorer is not None:
+            add_scores(records, texts, scorer)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
         done.update((r["key"], r) for r in records)
@@ -900,6 +969,9 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None):
              **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
              "counts": {k: v for k, v in counts.items() if v}, "seconds": round(time.time() - start, 2),
              "engine": args.engine, "model": args.model, "prompt_hash": tag, "vec_stats_sha256": vec_stats_sha}
+    if scorer is not None:
+        stats["scores"] = score_summary([r["scores"] for r in records if "scores" in r])
+        stats["score_model"] = args.score_model
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     if os.path.exists(partial_path):
         os.remove(partial_path)
@@ -952,6 +1024,9 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument("--score-model", default=None,
+                   help="a sentence encoder (e.g. toy/models/minilm): each fused caption gets its cosine to the AltText "
+                   "as \"scores\", summarised in stats; 05 --min-score filters on it (off by default)")
     p.add_argument("--progress-every", type=float, default=60.0,
                    help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     return p.parse_args(argv)
@@ -983,6 +1058,8 @@ def main(argv=None):
                 "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "prompt_template": FUSION_PROMPT,
                   "refusals": args.refusals}
+    if args.score_model:  # a resume must not mix scored and unscored records
+        provenance["score_model"] = args.score_model
     tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
     if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
@@ -995,12 +1072,13 @@ def main(argv=None):
                             args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
                             args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
         budget, bos = context_budget(engine, args.max_prompt_tokens, args.max_new_tokens), template_bos(engine)
+        scorer = CaptionScorer(args.score_model) if args.score_model else None
         shards = take_shards(
             inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite, not_ready
         )
         for path, claim in shards:
             try:
-                stats.append(process_shard(path, engine, args, tag, budget, bos, claim))
+                stats.append(process_shard(path, engine, args, tag, budget, bos, claim, scorer))
             except ClaimLost as e:
                 print(f"WARNING {e}", flush=True)
             finally:

@@ -181,3 +181,10 @@ def test_progress_block_identical_where_used():
     assert {"03_visual_concepts.py", "04_fuse.py"} <= set(users)
     copies = {s: block(s, "# ---- progress (", "# ---- end progress") for s in users}
     assert len(set(copies.values())) == 1
+
+
+def test_caption_scores_block_identical_where_used():
+    users = [s for s in STAGES if "# ---- caption scores (" in open(os.path.join(REPO, s)).read()]
+    assert {"04_fuse.py"} <= set(users)
+    copies = {s: block(s, "# ---- caption scores (", "# ---- end caption scores") for s in users}
+    assert len(set(copies.values())) == 1

