@@ -173,6 +173,41 @@ def run_config(args, **extra):
 # ---- end common
 
 
+# ---- progress (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
+    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# ---- end progress
+
+
 # ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
 def worker_slot(shard_id=None, num_shards=None):
     """(worker, total) of this process: SLURM array task x torchrun rank."""
@@ -618,6 +653,60 @@ def trim_answer(text, max_words):
     return text, None
 # ---- end text checks
 
+# ---- caption scores (kept identical in 02, 04; tests/test_common.py checks) ----
+class CaptionScorer:
+    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings (--score-model, a
+    sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that describes something else
+    (a hallucination) scores low; 05 --min-score drops such captions without rewriting the data."""
+
+    def __init__(self, path, batch_size=256):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch, self.batch_size = torch, batch_size
+        self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+
+    def embed(self, texts):
+        parts = []
+        for begin in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[begin:begin + self.batch_size], padding=True, truncation=True, max_length=128,
+                                   return_tensors="pt").to(self.device)
+            with self.torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            parts.append(self.torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return self.torch.cat(parts)
+
+    def scores(self, pairs):
+        """[(AltText, caption)] -> [cosine, 4 decimals]; each distinct text embedded once."""
+        if not pairs:
+            return []
+        texts = sorted({t for pair in pairs for t in pair})
+        row = {t: i for i, t in enumerate(texts)}
+        emb = self.embed(texts)
+        out = []
+        for alt, caption in pairs:
+            out.append(round(float(emb[row[alt]] @ emb[row[caption]]), 4))
+        return out
+
+
+def score_summary(values, below=(0.2, 0.3, 0.5)):
+    """A shard's scores in a few numbers: count, mean, the 10/50/90% quantiles and the share under each threshold."""
+    if not values:
+        return {"n": 0}
+    ranked = sorted(values)
+    summary = {"n": len(ranked), "mean": round(sum(ranked) / len(ranked), 4)}
+    for q in (10, 50, 90):
+        summary[f"p{q}"] = ranked[min(len(ranked) - 1, len(ranked) * q // 100)]
+    for threshold in below:
+        summary[f"below_{threshold}"] = round(sum(v < threshold for v in ranked) / len(ranked), 4)
+    return summary
+# ---- end caption scores
+
+
 
 INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
 LACLIP_INSTRUCTION = "write image captions differently,"
@@ -996,7 +1085,25 @@ def caption_items(chunk, args, counts):
     return items
 
 
-def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
+def add_scores(records, sources, scorer):
+    """records[i]["scores"] = {source: [cosine of each rewrite to the AltText]}; a slot that fell back to the AltText
+    gets None (nothing to compare)."""
+    pairs, slots = [], []
+    for r in records:
+        if not r["rewrites"] or r["status"] in ("empty", "missing_text"):
+            continue
+        caption = one_line(r["text"])
+        r["scores"] = {s: [None] * len(r["rewrites"][s]) for s in sources}
+        for s in sources:
+            for j, text in enumerate(r["rewrites"][s]):
+                if norm(text) != norm(caption):
+                    pairs.append((caption, text))
+                    slots.append((r, s, j))
+    for (r, s, j), score in zip(slots, scorer.scores(pairs)):
+        r["scores"][s][j] = score
+
+
+def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=None):
     name, start, counts = shard_name(path), time.time(), Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
     done = read_partial(partial_path, tag)
@@ -1017,6 +1124,7 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
         settled = rewrite_eda_chunks(synonyms, item_lists, args, name, counts)
     else:
         settled = rewrite_llm(engine, item_lists, pools, args, name, counts)
+    progress = Progress(len(todo), name, every=args.progress_every)
     for c, made in settled:
         records = []
         for key, text in chunks[c]:
@@ -1028,9 +1136,13 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
             slots = {s: [r if r else caption for r in made[key][s]] for s in sources}
             fallbacks = sum(r is None or norm(r) == norm(caption) for s in sources for r in made[key][s])
             records.append({"key": key, "text": text, "rewrites": slots, "status": "fallback" if fallbacks else "ok", "fallbacks": fallbacks})
+        if scorer is not None:
+            add_scores(records, sources, scorer)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, tag, records)
         done.update((r["key"], r) for r in records)
+        progress.update(len(records))
+    progress.close()
     records = [done[k] for k in order]
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
@@ -1042,6 +1154,10 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None):
              "seconds": round(time.time() - start, 2), "engine": args.engine,
              "model": None if args.engine == "eda" else args.model, "prompt_hash": tag,
              "prompt_style": None if args.engine == "eda" else args.prompt_style}
+    if scorer is not None:
+        values = [v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None]
+        stats["scores"] = score_summary(values)
+        stats["score_model"] = args.score_model
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     os.remove(partial_path)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -1112,6 +1228,11 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument("--score-model", default=None,
+                   help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
+                   "\"scores\", summarised in stats; 05 --min-score filters on it (off by default)")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     return p.parse_args(argv)
 
 
@@ -1140,6 +1261,8 @@ def main(argv=None):
     provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools),
                   "prompt_style": style, "prompt_template": template,
                   "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest() if pools else None}
+    if args.score_model:  # a resume must not mix scored and unscored records
+        provenance["score_model"] = args.score_model
     tag = hashlib.sha256(json.dumps([provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
     if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
@@ -1155,11 +1278,12 @@ def main(argv=None):
         engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
                             args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
                             args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
+    scorer = CaptionScorer(args.score_model) if args.score_model else None
     stats = []
     shards = take_shards(inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)
     for path, claim in shards:
         try:
-            stats.append(process_shard(path, engine, pools, synonyms, args, tag, claim))
+            stats.append(process_shard(path, engine, pools, synonyms, args, tag, claim, scorer))
         except ClaimLost as e:
             print(f"WARNING {e}", flush=True)
         finally:

