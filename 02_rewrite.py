@@ -1231,13 +1231,41 @@ def parse_args(argv=None):
     p.add_argument("--score-model", default=None,
                    help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
                    "\"scores\", summarised in stats; 05 --min-score filters on it (off by default)")
+    p.add_argument("--rescore", action="store_true",
+                   help="only score the finished shards in --out-dir with --score-model (rewrites made without it)")
     p.add_argument("--progress-every", type=float, default=60.0,
                    help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     return p.parse_args(argv)
 
 
+def rescore(args):
+    """--rescore: score the rewrites of finished shards in --out-dir with --score-model, in place (the records and
+    the stats are rewritten atomically), without generating anything; shards already scored by that model are skipped."""
+    if not args.score_model:
+        raise SystemExit("--rescore needs --score-model")
+    scorer, done = None, []
+    for stats_path in sorted(glob.glob(os.path.join(args.out_dir, "*.stats.json"))):
+        with open(stats_path) as f:
+            stats = json.load(f)
+        if stats.get("score_model") == args.score_model and not args.overwrite:
+            continue
+        path = stats_path[: -len(".stats.json")] + ".jsonl"
+        records = list(iter_jsonl(path, Counter()))
+        scorer = scorer or CaptionScorer(args.score_model)
+        add_scores(records, stats["sources"], scorer)
+        values = [v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None]
+        stats.update(scores=score_summary(values), score_model=args.score_model)
+        write_jsonl(path, records)
+        write_json(stats_path, stats)  # last, as when the shard was made
+        print(f"{stats['shard']}: {len(values)} rewrites scored, mean {stats['scores'].get('mean')}", flush=True)
+        done.append(stats)
+    return done
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.rescore:
+        return rescore(args)
     worker, total = worker_slot(args.shard_id, args.num_shards)
     inputs = list_inputs(args.input, (".tar", ".jsonl"))
     if not inputs:

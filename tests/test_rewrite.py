@@ -514,3 +514,11 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
             assert abs(score - scorer.scores([(r["text"], text)])[0]) < 1e-3
     assert stats["scores"]["n"] == sum(s is not None for r in records.values() for s in r["scores"]["eda"]) > 0
     assert records["k0"]["scores"]["eda"][0] > 0.5  # an EDA edit of an 6-word caption keeps most of its meaning
+    # rewrites made without scores get them afterwards, in place, the same numbers
+    plain = tmp_path / "plain"
+    rw.main(["--engine", "eda", "--input", str(source), "--out-dir", str(plain)])
+    assert all("scores" not in json.loads(line) for line in open(plain / "in.jsonl"))
+    (rescored,) = rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)])
+    again = {r["key"]: r for r in map(json.loads, open(plain / "in.jsonl"))}
+    assert again == records and rescored["scores"] == stats["scores"]
+    assert rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []  # already scored
