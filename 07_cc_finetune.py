@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tarfile
 import time
 import zlib
@@ -158,6 +159,40 @@ def run_config(args, **extra):
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
 # ---- end common
 
+
+# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
+    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# ---- end progress
 
 
 # ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
@@ -515,6 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
     p.add_argument("--save-every", type=int, default=50, help="steps between latest.pt saves")
+    p.add_argument("--progress-every", type=float, default=60.0,
+                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
     p.add_argument("--seed", type=int, default=0, help="seed for pair sampling and held-out split")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
     return p.parse_args(argv)
@@ -574,6 +611,8 @@ def main(argv=None):
     print0(f"CRA before: {cra_before:.4f} on {len(held_pairs)} held-out pairs")
     ddp_params = [p for p in params if p.requires_grad]
     start = time.time()
+    progress = Progress(args.steps, "07_cc_finetune", unit="steps", every=args.progress_every)
+    progress.update(step)
     while step < args.steps:
         model.train()
         step_lr = lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
@@ -593,14 +632,19 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(ddp_params, 1.0)
         opt.step()
         step += 1
+        progress.update(1)
         if rank == 0 and (step % 10 == 0 or step == args.steps):
-            eta = (time.time() - start) / max(1, step) * (args.steps - step)
-            print0(f"step {step}/{args.steps} loss {loss.item():.4f} lr {step_lr:.2e} eta {eta:.0f}s")
+            line = f"step {step}/{args.steps} loss {loss.item():.4f} lr {step_lr:.2e}"
+            if progress.bar is not None:  # a line above the bar, not through it
+                progress.bar.write(line)
+            else:
+                print(line, flush=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "lr": step_lr}) + "\n")
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             state = {k: v for k, v in model.state_dict().items() if k in trainable or "lora_" in k}
             save_atomic_torch({"step": step, "trainable": state, "optimizer": opt.state_dict()}, latest)
+    progress.close()
     cra_after = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
     print0(f"CRA after:  {cra_after:.4f} (before {cra_before:.4f})")
     if rank == 0:

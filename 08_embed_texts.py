@@ -152,7 +152,7 @@ def run_config(args, **extra):
 # ---- end common
 
 
-# ---- progress (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
 class Progress:
     """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
     SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""

@@ -178,7 +178,7 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
 
 def test_progress_block_identical_where_used():
     users = [s for s in STAGES if "# ---- progress (" in open(os.path.join(REPO, s)).read()]
-    assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "08_embed_texts.py"} <= set(users)
+    assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "07_cc_finetune.py", "08_embed_texts.py"} <= set(users)
     copies = {s: block(s, "# ---- progress (", "# ---- end progress") for s in users}
     assert len(set(copies.values())) == 1
 
