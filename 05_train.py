@@ -494,12 +494,39 @@ def sample_texts(alt, synthetic, args, rnd, synonyms=None):
     return main, valid, views
 
 
-def load_texts(shard, dirs, counts):
-    """key -> synthetic captions of one shard from every --texts folder: 02's rewrites (all sources), 04's fused."""
+def scored_texts(record):
+    """(caption, score or None) of a sidecar record: every rewrite slot of every source, then the fused caption; the
+    score is what 02/04 --score-model wrote ("scores": {source: [per slot]} or one number for the fused caption)."""
+    scores = record.get("scores")
+    pairs = []
+    for source, texts in (record.get("rewrites") or {}).items():
+        if not isinstance(texts, list):
+            continue
+        slot_scores = scores.get(source) if isinstance(scores, dict) else None
+        for j, text in enumerate(texts):
+            score = None
+            if isinstance(slot_scores, list) and j < len(slot_scores):
+                score = slot_scores[j]
+            pairs.append((text, score))
+    pairs.append((record.get("fused"), scores if isinstance(scores, (int, float)) else None))
+    return pairs
+
+
+def load_texts(shard, dirs, counts, min_score=None):
+    """key -> synthetic captions of one shard from every --texts folder: 02's rewrites (all sources), 04's fused.
+    With min_score, a caption scored below it is left out (counted as low_score); unscored captions stay."""
     out = defaultdict(list)
-    for r in (r for d in dirs for r in iter_jsonl(os.path.join(d, shard_name(shard) + ".jsonl"), counts) if isinstance(r, dict)):
-        texts = [t for v in (r.get("rewrites") or {}).values() if isinstance(v, list) for t in v] + [r.get("fused")]
-        out[str(r.get("key"))] += [" ".join(t.split()) for t in texts if isinstance(t, str) and t.strip()]
+    for folder in dirs:
+        for record in iter_jsonl(os.path.join(folder, shard_name(shard) + ".jsonl"), counts):
+            if not isinstance(record, dict):
+                continue
+            for text, score in scored_texts(record):
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                if min_score is not None and isinstance(score, (int, float)) and score < min_score:
+                    counts["low_score"] += 1
+                    continue
+                out[str(record.get("key"))].append(" ".join(text.split()))
     return out
 
 
@@ -516,7 +543,7 @@ def uncached_share(shards, args, counts):
     missing, total = 0, 0
     for shard in shards:
         rows, _ = load_cache(shard, args.text_cache, counts)
-        synthetic = load_texts(shard, args.texts, counts) if args.text_mode != "original" else {}
+        synthetic = load_texts(shard, args.texts, counts, args.min_score) if args.text_mode != "original" else {}
         for key, members in iter_tar(shard, {"txt"}, counts):
             alt = " ".join(decode_text(members.get("txt") or b"", counts).split())
             picks = [alt] if alt else []
@@ -571,7 +598,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             j = bisect.bisect_right(self.starts, pos) - 1
             n, shard, skip = self.starts[j + 1] - pos, self.shards[self.order[j]], max(0, below - i)
             if n > skip:  # shards wholly drawn before a resume stay shut
-                synthetic, cache = load_texts(shard, self.args.texts, counts), self.args.text_cache and load_cache(shard, self.args.text_cache, counts)
+                synthetic, cache = load_texts(shard, self.args.texts, counts, self.args.min_score), self.args.text_cache and load_cache(shard, self.args.text_cache, counts)
                 items = ((key, m[next(e for e in IMAGE_EXTS if e in m)], " ".join(decode_text(m.get("txt") or b"", counts).split()),
                           synthetic.get(key), cache and (cache[0].get(key, {}), cache[1]))
                          for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts) if any(e in m for e in IMAGE_EXTS))
@@ -981,6 +1008,35 @@ def adamw(groups, args):
         return torch.optim.AdamW(groups, **options)
 
 
+def plot_log(folder):
+    """training.png beside log.jsonl: loss, learning rate and samples/s over the steps (matplotlib, optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("05_train: no training.png (pip install matplotlib for the curves)")
+        return None
+    records = [r for r in iter_jsonl(os.path.join(folder, "log.jsonl"), Counter()) if "loss" in r]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, label in zip(axes, ("loss", "lr", "samples_per_s"), ("loss", "learning rate", "samples/s")):
+        ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.abspath(folder)))
+    fig.tight_layout()
+    path = os.path.join(folder, "training.png")
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
 def learning_rate(step, args, warmup, total):
     """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
     cosine from --lr down to --min-lr at the last step."""
@@ -991,11 +1047,11 @@ def learning_rate(step, args, warmup, total):
     return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def count_texts(shard, dirs):
+def count_texts(shard, dirs, min_score=None):
     """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x n, plus
     04's fused caption); images with fewer distinct texts fill the rest with slots that do not count."""
     counts, most = Counter(), 0
-    for texts in load_texts(shard, dirs, counts).values():
+    for texts in load_texts(shard, dirs, counts, min_score).values():
         most = max(most, len(texts))
     return 1 + most
 
@@ -1079,6 +1135,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
     p.add_argument("--texts", nargs="+", action="extend", default=[], help="sidecar folders from 02/04, joined by key (repeatable)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="leave out synthetic captions whose score (02/04 --score-model: cosine to the AltText) is below "
+                   "this; unscored captions stay")
     p.add_argument("--out-dir", default="toy/train/alt", help="checkpoints, model config, log.jsonl")
     p.add_argument("--model", default="toy/models/toy-clip.json", help="open_clip model name, or a JSON config file")
     p.add_argument("--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)")
@@ -1188,7 +1247,7 @@ def main(argv=None):
     else:
         warmup = int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
     if args.all_texts:
-        args.texts_per_image = count_texts(shards[0], args.texts)
+        args.texts_per_image = count_texts(shards[0], args.texts, args.min_score)
     if args.text_cache and rank == 0:  # say at the start, not only as a running count, what the cache lacks
         missing, total = uncached_share(shards[:args.cache_check_shards], args, Counter())
         share = missing / max(1, total)
@@ -1197,6 +1256,13 @@ def main(argv=None):
         if share > args.max_uncached:
             print0(f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
                    f"folders (and --input) as this training?")
+    if args.min_score is not None and args.texts and rank == 0:  # what the filter takes away, said at the start
+        counts_before = Counter()
+        kept = sum(len(v) for s in shards[:args.cache_check_shards] for v in load_texts(s, args.texts, counts_before, args.min_score).values())
+        dropped = counts_before["low_score"]
+        print0(f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
+               f"{min(len(shards), args.cache_check_shards)} shard(s) score below it and are left out "
+               f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay")
     synonyms = None
     if (args.aug_views or args.eda_prob) and args.eda_weights[1] > 0:  # EDA's synonym replacement reads WordNet
         synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
@@ -1344,6 +1410,8 @@ def main(argv=None):
             positions = {}
     writer.wait()
     bar.close()
+    if rank == 0:
+        plot_log(args.out_dir)
     print0(f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
            f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}")
     if world > 1:

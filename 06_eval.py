@@ -54,6 +54,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tarfile
 import time
 import zlib
@@ -642,7 +643,7 @@ def encode_images(model, transform, items, args, what, counts):
     loader = torch.utils.data.DataLoader(Images(items, transform), batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=args.device.startswith("cuda"))
     embs, kept, bad = [], [], []
-    for idx, x, failed in tqdm(loader, desc=f"{what} images", disable=dist_env()[0] != 0, leave=False):
+    for idx, x, failed in tqdm(loader, desc=f"{what} images", disable=dist_env()[0] != 0 or not sys.stderr.isatty(), leave=False):
         bad += failed
         if x is not None:
             with autocast(args):
@@ -662,7 +663,7 @@ def encode_texts(model, tokenizer, texts, args, what):
     """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is encoded
     once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's ~5 captions per image."""
     unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
-    for start in tqdm(range(0, len(unique), size), desc=what, disable=dist_env()[0] != 0, leave=False):
+    for start in tqdm(range(0, len(unique), size), desc=what, disable=dist_env()[0] != 0 or not sys.stderr.isatty(), leave=False):
         with autocast(args):
             tokens = tokenizer(unique[start:start + size])
             tokens = tokens.to(args.device) if torch.is_tensor(tokens) else tokens  # a text tower tokenizes inside encode_text
@@ -867,6 +868,41 @@ def markdown_table(records):
     return "\n".join(lines) + "\n"
 
 
+def plot_results(records, path):
+    """The results as bar charts beside results.md: one panel per (task, data set), its first metric, a bar per model
+    (matplotlib, optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("06_eval: no results chart (pip install matplotlib for it)")
+        return None
+    panels = sorted(dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0]))
+    names = list(dict.fromkeys(n for n, _, _ in records))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(names) + 1.6), squeeze=False)
+    for ax, (task, dataset) in zip(axes[0], panels):
+        key, label = TABLE[task][0]
+        values = []
+        for name in names:
+            metric = records.get((name, task, dataset), {}).get("metrics", {}).get(key)
+            values.append(0.0 if metric is None else 100 * metric)
+        ax.barh(range(len(names)), values, color="tab:blue")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{dataset} {label}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)")
@@ -959,6 +995,8 @@ def main(argv=None):
                    + (f" skipped: {record['counts']}" if record["counts"] else ""))
     table = markdown_table(read_results(args.results))
     atomic_write(os.path.splitext(args.results)[0] + ".md", table)
+    if dist_env()[0] == 0:
+        plot_results(read_results(args.results), os.path.splitext(args.results)[0] + ".png")
     print0("\n" + table)
     return new
 

@@ -610,7 +610,6 @@ def main(argv=None):
     cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
     print0(f"CRA before: {cra_before:.4f} on {len(held_pairs)} held-out pairs")
     ddp_params = [p for p in params if p.requires_grad]
-    start = time.time()
     progress = Progress(args.steps, "07_cc_finetune", unit="steps", every=args.progress_every)
     progress.update(step)
     while step < args.steps:

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import socket
-import sys
 import tarfile
 import time
 import zlib
@@ -275,7 +274,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #f4f4f4; col
 header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc; padding: 8px 12px; z-index: 1; }
 header label { margin-right: 14px; }
 #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 10px; padding: 10px; }
-.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; display: flex; gap: 8px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; display: flex; gap: 8px;
+        overflow-wrap: anywhere; min-width: 0; }
 .card img { width: 128px; height: 128px; object-fit: contain; background: #eee; flex: none; }
 .card .noimg { width: 128px; height: 128px; background: #fdd; flex: none; display: flex; align-items: center;
                justify-content: center; }
@@ -396,8 +396,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
     p.add_argument("--texts", nargs="*", default=None,
-                   help="sidecar folders from 02/04 (default: toy/rewrites and toy/fused when they exist)")
-    p.add_argument("--vec-dir", default=None, help="03's output folder (default: toy/vec when it exists)")
+                   help="sidecar folders from 02/04 (default, for the toy's shards only: toy/rewrites and toy/fused)")
+    p.add_argument("--vec-dir", default=None, help="03's output folder (default, for the toy's shards only: toy/vec)")
     p.add_argument("--sample", type=int, default=200, help="keys shown, drawn at random over every shard")
     p.add_argument("--seed", type=int, default=0, help="the draw of keys")
     p.add_argument("--thumb-size", type=int, default=192, help="longer side of the inlined thumbnails (pixels)")
@@ -409,9 +409,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     start, counts = time.time(), Counter()
+    toy = args.input == ["toy/shards"]  # the toy's sidecars are the defaults only for the toy's shards
     if args.texts is None:
-        args.texts = [d for d in ("toy/rewrites", "toy/fused") if os.path.isdir(d)]
-    if args.vec_dir is None and os.path.isdir("toy/vec"):
+        args.texts = [d for d in ("toy/rewrites", "toy/fused") if toy and os.path.isdir(d)]
+    if args.vec_dir is None and toy and os.path.isdir("toy/vec"):
         args.vec_dir = "toy/vec"
     for folder in args.texts + ([args.vec_dir] if args.vec_dir else []):
         if not os.path.isdir(folder):

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import tarfile
 import time
 import zlib

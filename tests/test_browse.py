@@ -1,6 +1,5 @@
 """09_browse: one self-contained page, every caption joined by key, filters and sorts; checked in headless Chromium."""
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -549,3 +549,14 @@ def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
     assert rows[0]["text_tower"] == str(toy / "models/minilm")  # the override is recorded
     with pytest.raises(SystemExit, match="no LLM2CLIP checkpoint"):  # a plain CLIP checkpoint has no adapter to put on a tower
         ev.load_model(ev.parse_args(["--pretrained", str(ckpts["alt"]), "--text-tower", str(toy / "models/minilm")]))
+
+
+def test_results_chart_beside_the_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = {("CLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.2}}, ("LaCLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.3}},
+               ("CLIP", "cra", "toy"): {"metrics": {"cra": 0.5}}}
+    path = ev.plot_results(records, str(tmp_path / "results.png"))
+    from PIL import Image
+
+    with Image.open(path) as png:
+        assert png.format == "PNG" and len(png.convert("RGB").getcolors(1 << 20)) > 20

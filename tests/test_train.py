@@ -1,5 +1,6 @@
 """05_train: torchrun = one process, kill + rerun = uninterrupted, text modes, LaCLIP-MT/clip-rocket losses, open_clip loads the checkpoint."""
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -373,8 +374,12 @@ def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):
     lines = len(log_records(tmp_path / "alt"))
     again = tr.main(base(data, tmp_path / "alt", *model))
     assert again["step"] == 16 and len(log_records(tmp_path / "alt")) == lines
-    assert sorted(os.listdir(tmp_path / "alt")) == ["_config.json", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_4.pt",
-                                                   "latest.pt", "log.jsonl", "toy-clip.json"]
+    plot = ["training.png"] if importlib.util.find_spec("matplotlib") else []  # the curves, when matplotlib is there
+    assert sorted(os.listdir(tmp_path / "alt")) == sorted(["_config.json", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt",
+                                                           "epoch_4.pt", "latest.pt", "log.jsonl", "toy-clip.json"] + plot)
+    if plot:
+        with Image.open(tmp_path / "alt/training.png") as png:
+            assert png.format == "PNG" and png.size[0] > 800 and len(png.convert("RGB").getcolors(1 << 20)) > 20
 
 
 def test_bad_arguments_are_refused(data, tmp_path):
@@ -583,3 +588,19 @@ def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
     assert math.isclose(lr_of[id(named["clip.visual.conv1.weight"])][0], 2e-5 * 0.5 ** 4)
     assert lr_of[id(named["adapter.proj.weight"])] == (3e-4, 0.1) and lr_of[id(named["adapter.proj.bias"])] == (3e-4, 0.0)
     assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == (1e-5, 0.5)  # the rest: --lr, --wd
+
+
+def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):
+    """02/04 --score-model scores in the sidecars: --min-score drops the captions under it, keeps unscored ones."""
+    folder = tmp_path / "scored"
+    folder.mkdir()
+    records = [{"key": "a", "text": "alt a", "rewrites": {"s1": ["good one", "bad one"], "s2": ["no score"]},
+                "scores": {"s1": [0.8, 0.1]}},
+               {"key": "b", "fused": "a fused caption", "scores": 0.25},
+               {"key": "c", "fused": "a fused caption scored well", "scores": 0.9}]
+    tr.write_jsonl(str(folder / "00000.jsonl"), records)
+    counts = Counter()
+    kept = tr.load_texts("x/00000.tar", [str(folder)], counts, min_score=0.3)
+    assert kept == {"a": ["good one", "no score"], "c": ["a fused caption scored well"]} and counts["low_score"] == 2
+    everything = tr.load_texts("x/00000.tar", [str(folder)], Counter())
+    assert everything["a"] == ["good one", "bad one", "no score"] and everything["b"] == ["a fused caption"]
