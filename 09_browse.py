@@ -234,7 +234,8 @@ def captions_of(key, sidecars):
             for j, text in enumerate(texts):
                 label = source if len(texts) == 1 else f"{source} {j + 1}"
                 slot_status = status
-                if status == "fallback":  # 02 fills a failed slot with the AltText: only those slots fell back
+                # 02 fills a failed slot with the AltText: only those slots fell back
+                if status == "fallback":
                     slot_status = "fallback" if " ".join(str(text).lower().split()) == alt else "ok"
                 out.append((label, text, slot_status, scores.get(label)))
     return out
@@ -259,9 +260,17 @@ def build_cards(by_shard, sidecar_dirs, vec_dir, side, counts):
             for label, text, status, score in captions_of(key, sidecars):
                 captions.append({"label": label, "text": text or "", "status": status, "score": score})
             scores = [c["score"] for c in captions if c["score"] is not None]
-            cards.append({"key": key, "shard": shard_name(shard), "image": thumbnail(members[ext], side, counts),
-                          "alt": alt, "captions": captions, "statuses": sorted({c["status"] for c in captions if c["status"]}),
-                          "worst": min(scores) if scores else None})
+            cards.append(
+                {
+                    "key": key,
+                    "shard": shard_name(shard),
+                    "image": thumbnail(members[ext], side, counts),
+                    "alt": alt,
+                    "captions": captions,
+                    "statuses": sorted({c["status"] for c in captions if c["status"]}),
+                    "worst": min(scores) if scores else None,
+                }
+            )
         if wanted:  # in the first pass, not in the second: the shard changed meanwhile
             counts["key_vanished"] += len(wanted)
     return cards
@@ -393,14 +402,26 @@ def render(cards, title):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
-    p.add_argument("--texts", nargs="*", default=None,
-                   help="sidecar folders from 02/04 (default, for the toy's shards only: toy/rewrites and toy/fused)")
-    p.add_argument("--vec-dir", default=None, help="03's output folder (default, for the toy's shards only: toy/vec)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs"
+    )
+    p.add_argument(
+        "--texts",
+        nargs="*",
+        default=None,
+        help="sidecar folders from 02/04 (default, for the toy's shards only: toy/rewrites and toy/fused)",
+    )
+    p.add_argument(
+        "--vec-dir", default=None, help="03's output folder (default, for the toy's shards only: toy/vec)"
+    )
     p.add_argument("--sample", type=int, default=200, help="keys shown, drawn at random over every shard")
     p.add_argument("--seed", type=int, default=0, help="the draw of keys")
-    p.add_argument("--thumb-size", type=int, default=192, help="longer side of the inlined thumbnails (pixels)")
+    p.add_argument(
+        "--thumb-size", type=int, default=192, help="longer side of the inlined thumbnails (pixels)"
+    )
     p.add_argument("--title", default=None, help="page title (default: the input)")
     p.add_argument("--out", default="toy/browse.html", help="the HTML page to write")
     return p.parse_args(argv)
@@ -425,12 +446,24 @@ def main(argv=None):
     title = args.title or f"captions of {' '.join(args.input)}"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write(args.out, render(cards, title))
-    stats = {"cards": len(cards), "keys_with_image": seen, "shards": len(shards), "shards_read": len(by_shard),
-             "texts": args.texts, "vec_dir": args.vec_dir, "counts": dict(counts), "bytes": os.path.getsize(args.out),
-             "seconds": round(time.time() - start, 2), **run_config(args)}
+    stats = {
+        "cards": len(cards),
+        "keys_with_image": seen,
+        "shards": len(shards),
+        "shards_read": len(by_shard),
+        "texts": args.texts,
+        "vec_dir": args.vec_dir,
+        "counts": dict(counts),
+        "bytes": os.path.getsize(args.out),
+        "seconds": round(time.time() - start, 2),
+        **run_config(args),
+    }
     write_json(args.out + ".stats.json", stats)
-    print(f"09_browse: {len(cards)} of {seen} samples -> {args.out} ({stats['bytes'] / 1e6:.1f} MB, "
-          f"{stats['seconds']:.1f}s)" + (f" ({dict(counts)})" if counts else ""), flush=True)
+    print(
+        f"09_browse: {len(cards)} of {seen} samples -> {args.out} ({stats['bytes'] / 1e6:.1f} MB, "
+        f"{stats['seconds']:.1f}s)" + (f" ({dict(counts)})" if counts else ""),
+        flush=True,
+    )
     return stats
 
 

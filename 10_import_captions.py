@@ -270,7 +270,9 @@ def join_laclip(csv_path, texts, join, index, counts, found):
             for source, handle in files.items():
                 line = handle.readline()
                 if not line:
-                    raise SystemExit(f"--laclip-texts {source}: ends at line {lines_read}, before {csv_path} does")
+                    raise SystemExit(
+                        f"--laclip-texts {source}: ends at line {lines_read}, before {csv_path} does"
+                    )
                 rewrites[source] = clean(line)
             lines_read += 1
             value = os.path.splitext(os.path.basename(row[0]))[0] if join == "path-stem" else clean(row[1])
@@ -301,15 +303,35 @@ def sha256_of(path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="img2dataset tars: files, folders or globs")
-    p.add_argument("--table", nargs="*", default=[], help="caption tables: .csv, .tsv, .jsonl/.json, .parquet (globs too)")
-    p.add_argument("--join", choices=["key", "url", "caption", "path-stem"], default=None,
-                   help="what joins a row to a sample (default: url for --table, caption for --laclip-csv)")
-    p.add_argument("--join-column", default=None, help="the table's column holding it (default: key, url or caption)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input", nargs="+", default=["toy/shards"], help="img2dataset tars: files, folders or globs"
+    )
+    p.add_argument(
+        "--table",
+        nargs="*",
+        default=[],
+        help="caption tables: .csv, .tsv, .jsonl/.json, .parquet (globs too)",
+    )
+    p.add_argument(
+        "--join",
+        choices=["key", "url", "caption", "path-stem"],
+        default=None,
+        help="what joins a row to a sample (default: url for --table, caption for --laclip-csv)",
+    )
+    p.add_argument(
+        "--join-column", default=None, help="the table's column holding it (default: key, url or caption)"
+    )
     p.add_argument("--captions", nargs="*", default=[], help="caption columns of --table, one source each")
     p.add_argument("--laclip-csv", default=None, help="LaCLIP's <dataset>_original.csv (image path, caption)")
-    p.add_argument("--laclip-texts", nargs="*", default=[], help="SOURCE=FILE: LaCLIP's rewrite files, aligned to the CSV")
+    p.add_argument(
+        "--laclip-texts",
+        nargs="*",
+        default=[],
+        help="SOURCE=FILE: LaCLIP's rewrite files, aligned to the CSV",
+    )
     p.add_argument("--out-dir", default="toy/imported", help="folder for <shard>.jsonl sidecars (05 --texts)")
     p.add_argument("--overwrite", action="store_true", help="redo shards already imported")
     return p.parse_args(argv)
@@ -332,8 +354,15 @@ def main(argv=None):
     if not shards:
         raise SystemExit(f"no .tar shards in {args.input}")
     os.makedirs(args.out_dir, exist_ok=True)
-    todo = [s for s in shards if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(s) + ".stats.json"))]
-    print(f"10_import_captions: {len(shards)} shards, {len(shards) - len(todo)} already done; joining on {join}", flush=True)
+    todo = [
+        s
+        for s in shards
+        if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(s) + ".stats.json"))
+    ]
+    print(
+        f"10_import_captions: {len(shards)} shards, {len(shards) - len(todo)} already done; joining on {join}",
+        flush=True,
+    )
     if not todo:
         return []
     index, samples = index_shards(todo, join, counts)
@@ -343,7 +372,9 @@ def main(argv=None):
         join_tables(tables, args.join_column or join, sources, index, counts, found)
     else:
         sources = [item.partition("=")[0] for item in args.laclip_texts]
-        counts["laclip_image_rows"] = join_laclip(args.laclip_csv, args.laclip_texts, join, index, counts, found)
+        counts["laclip_image_rows"] = join_laclip(
+            args.laclip_csv, args.laclip_texts, join, index, counts, found
+        )
     all_stats = []
     for shard in todo:
         records, shard_counts = [], Counter()
@@ -354,23 +385,48 @@ def main(argv=None):
             shard_counts["ok" if has_caption else "no_caption"] += 1
             for source in sources:
                 shard_counts[f"captions_{source}"] += len(rewrites[source])
-            records.append({"key": key, "text": alt, "rewrites": rewrites, "status": "ok" if has_caption else "no_caption"})
+            records.append(
+                {
+                    "key": key,
+                    "text": alt,
+                    "rewrites": rewrites,
+                    "status": "ok" if has_caption else "no_caption",
+                }
+            )
         name = shard_name(shard)
         write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-        stats = {"shard": name, "input": os.path.abspath(shard), "in": len(records), "sources": sources, "join": join,
-                 **dict(shard_counts)}
+        stats = {
+            "shard": name,
+            "input": os.path.abspath(shard),
+            "in": len(records),
+            "sources": sources,
+            "join": join,
+            **dict(shard_counts),
+        }
         write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
         all_stats.append(stats)
-        print(f"{name}: {shard_counts['ok']}/{len(records)} samples got captions, {shard_counts['no_caption']} none",
-              flush=True)
+        print(
+            f"{name}: {shard_counts['ok']}/{len(records)} samples got captions, {shard_counts['no_caption']} none",
+            flush=True,
+        )
     table_files = tables or [args.laclip_csv] + [item.partition("=")[2] for item in args.laclip_texts]
-    summary = {"shards": len(todo), "samples": sum(s["in"] for s in all_stats),
-               "samples_with_captions": sum(s.get("ok", 0) for s in all_stats), "counts": dict(counts),
-               "tables": {path: sha256_of(path) for path in table_files}, "seconds": round(time.time() - start, 2)}
-    write_json(os.path.join(args.out_dir, "_import.json"), run_config(args, join=join, sources=sources, **summary))
-    print(f"10_import_captions: {summary['samples_with_captions']}/{summary['samples']} samples got captions; "
-          f"{counts['rows_matched']} rows matched, {counts['rows_unmatched']} unmatched, "
-          f"{counts['rows_without_join_value']} without a {join} ({summary['seconds']:.1f}s)", flush=True)
+    summary = {
+        "shards": len(todo),
+        "samples": sum(s["in"] for s in all_stats),
+        "samples_with_captions": sum(s.get("ok", 0) for s in all_stats),
+        "counts": dict(counts),
+        "tables": {path: sha256_of(path) for path in table_files},
+        "seconds": round(time.time() - start, 2),
+    }
+    write_json(
+        os.path.join(args.out_dir, "_import.json"), run_config(args, join=join, sources=sources, **summary)
+    )
+    print(
+        f"10_import_captions: {summary['samples_with_captions']}/{summary['samples']} samples got captions; "
+        f"{counts['rows_matched']} rows matched, {counts['rows_unmatched']} unmatched, "
+        f"{counts['rows_without_join_value']} without a {join} ({summary['seconds']:.1f}s)",
+        flush=True,
+    )
     return all_stats
 
 
