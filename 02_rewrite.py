@@ -41,6 +41,7 @@ shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken
 --assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record with one rewrite per source.
 """
+
 import argparse
 import glob
 import hashlib
@@ -57,6 +58,7 @@ import zlib
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -118,8 +120,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -127,7 +133,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -168,8 +176,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -205,6 +221,8 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
 # ---- end progress
 
 
@@ -507,6 +525,8 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
     yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
+
+
 # ---- end shard work
 
 
@@ -515,32 +535,69 @@ class TextEngine:
     """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
     call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
 
-    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
-                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
+    def __init__(
+        self,
+        kind,
+        model,
+        temperature=0.9,
+        top_p=0.95,
+        max_new_tokens=77,
+        batch_size=16,
+        tensor_parallel_size=1,
+        dtype="auto",
+        max_model_len=None,
+        gpu_memory_utilization=0.9,
+        enforce_eager=False,
+        trust_remote_code=False,
+        repetition_penalty=1.0,
+    ):
         self.kind, self.model_id, self._stops = kind, model, {}
         self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = (
+            temperature,
+            top_p,
+            max_new_tokens,
+            batch_size,
+        )
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
             import torch
             from vllm import LLM
+
             # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
             cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=True, enforce_eager=enforce_eager,
-                           trust_remote_code=trust_remote_code, **cpu)
+            self.llm = LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=True,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                **cpu,
+            )
             self.tokenizer = self.llm.get_tokenizer()
         elif kind == "hf":
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"  # torchrun: one GPU per rank
-            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+
+            self.device = (
+                f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+            )  # torchrun: one GPU per rank
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, padding_side="left", trust_remote_code=trust_remote_code
+            )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device != "cpu" else torch.float32)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            torch_dtype = (
+                getattr(torch, dtype)
+                if dtype != "auto"
+                else (torch.bfloat16 if self.device != "cpu" else torch.float32)
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
             self.model.to(self.device).eval()
         else:
             raise ValueError(f"unknown engine {kind!r}")
@@ -553,17 +610,31 @@ class TextEngine:
         if world > 1:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             gpus = visible.split(",") if visible else [str(i) for i in range(64)]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp : (local_rank + 1) * tp])
+            for name in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GROUP_RANK",
+                "ROLE_RANK",
+                "ROLE_WORLD_SIZE",
+                "TORCHELASTIC_RUN_ID",
+            ):
                 os.environ.pop(name, None)
 
     def chat_prompt(self, user_text, system=None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user_text}
+        ]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            return text[len(bos):] if bos and text.startswith(bos) else text  # both engines add BOS when encoding
+            return (
+                text[len(bos) :] if bos and text.startswith(bos) else text
+            )  # both engines add BOS when encoding
         return f"{system + chr(10) if system else ''}{user_text}\n"
 
     def count_tokens(self, text):
@@ -574,32 +645,59 @@ class TextEngine:
             return []
         if self.kind == "vllm":
             from vllm import SamplingParams
+
             greedy = self.temperature <= 0
-            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
-                                     repetition_penalty=self.repetition_penalty) for s in seeds]
+            params = [
+                SamplingParams(
+                    n=n,
+                    temperature=max(self.temperature, 0.0),
+                    top_p=1.0 if greedy else self.top_p,
+                    max_tokens=self.max_new_tokens,
+                    seed=s,
+                    stop=stop,
+                    repetition_penalty=self.repetition_penalty,
+                )
+                for s in seeds
+            ]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
         from transformers import StoppingCriteriaList, StopStringCriteria
-        if stop and tuple(stop) not in self._stops:  # built once: transformers' own cache misses for some tokenizers
+
+        if (
+            stop and tuple(stop) not in self._stops
+        ):  # built once: transformers' own cache misses for some tokenizers
             self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
         results = [None] * len(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            idx = order[start : start + self.batch_size]
+            torch.manual_seed(
+                hash(tuple(seeds[i] for i in idx)) % (2**63)
+            )  # one stream per batch: seeds cannot be per row here
             enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            sampling = (
+                dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+                if self.temperature > 0
+                else dict(do_sample=False)
+            )
             with torch.inference_mode():
-                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
-                                          repetition_penalty=self.repetition_penalty,
-                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = self.model.generate(
+                    **enc,
+                    **sampling,
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=n,
+                    repetition_penalty=self.repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=self._stops.get(tuple(stop or ())),
+                )
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for j, i in enumerate(idx):
-                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+                results[i] = texts[j * n : (j + 1) * n]  # rows come grouped per prompt
         return results
+
+
 # ---- end text engine
 
 
@@ -616,7 +714,7 @@ def looping(text, n=3, most=2):
     """True when some run of n words comes back more than `most` times: a small model caught in a loop
     ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
     words = norm(text).split()
-    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    runs = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(runs) and max(runs.values()) > most
 
 
@@ -651,7 +749,10 @@ def trim_answer(text, max_words):
     if cut and cut != text and not looping(cut):
         return cut, how
     return text, None
+
+
 # ---- end text checks
+
 
 # ---- caption scores (kept identical in 02, 04; tests/test_common.py checks) ----
 class CaptionScorer:
@@ -671,8 +772,13 @@ class CaptionScorer:
     def embed(self, texts):
         parts = []
         for begin in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[begin:begin + self.batch_size], padding=True, truncation=True, max_length=128,
-                                   return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                texts[begin : begin + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            ).to(self.device)
             with self.torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -704,11 +810,14 @@ def score_summary(values, below=(0.2, 0.3, 0.5)):
     for threshold in below:
         summary[f"below_{threshold}"] = round(sum(v < threshold for v in ranked) / len(ranked), 4)
     return summary
+
+
 # ---- end caption scores
 
 
-
-INSTRUCTION = "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+INSTRUCTION = (
+    "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+)
 LACLIP_INSTRUCTION = "write image captions differently,"
 # LaCLIP's released prompt is a triple-quoted string written inside a loop body, so each of its lines after
 # the first carries 12 spaces of source indentation; LLaMA saw those spaces, and a reproduction keeps them.
@@ -820,7 +929,10 @@ def read_samples(path, counts):
     """(key, text or None) in shard order; a key seen twice keeps its first text."""
     seen = set()
     if path.endswith(".tar"):
-        items = ((k, None if m.get("txt") is None else decode_text(m["txt"], counts)) for k, m in iter_tar(path, {"txt"}, counts))
+        items = (
+            (k, None if m.get("txt") is None else decode_text(m["txt"], counts))
+            for k, m in iter_tar(path, {"txt"}, counts)
+        )
     else:
         items = jsonl_samples(path, counts)
     for key, text in items:
@@ -842,8 +954,13 @@ def llm_request(slots, attempt, pools, args, shard):
     seed = rng.getrandbits(63)
     if args.engine == "vllm" and args.seed_mode == "per-chunk":
         seed = None  # no per-request generator: vLLM's batched sampling path, its engine seed
-    return {"prompt": build_prompt(caption, examples, args.prompt_style), "seed": seed, "examples": examples,
-            "slots": slots, "attempt": attempt}
+    return {
+        "prompt": build_prompt(caption, examples, args.prompt_style),
+        "seed": seed,
+        "examples": examples,
+        "slots": slots,
+        "attempt": attempt,
+    }
 
 
 def generate_requests(engine, requests):
@@ -891,12 +1008,16 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
                 for request, texts in zip(done_requests, future.result()):
                     for slot, text in zip(request["slots"], texts):
                         key, caption, s, j = slot
-                        rewrite, why = parse_rewrite(text, caption, request["examples"], args.min_words, args.max_words)
+                        rewrite, why = parse_rewrite(
+                            text, caption, request["examples"], args.min_words, args.max_words
+                        )
                         if rewrite is None:
                             counts[f"rejected_{why}"] += 1
                             if request["attempt"] < args.max_retries:
                                 counts["retries"] += 1
-                                retries.append(llm_request([slot], request["attempt"] + 1, pools, args, shard))
+                                retries.append(
+                                    llm_request([slot], request["attempt"] + 1, pools, args, shard)
+                                )
                                 continue
                         elif why:  # cut_loop / cut_long: kept, and counted
                             counts[why] += 1
@@ -919,31 +1040,48 @@ def rewrite_eda_chunks(synonyms, item_lists, args, shard, counts):
 
 # ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
 # NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
-STOP_WORDS = set("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+STOP_WORDS = set(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
 him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
 that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
 because as until while of at by for with about against between into through during before after above below to from up
 down in out on off over under again further then once here there when where why how all any both each few more most other
 some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
 aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
-mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split())
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+)
 
 
 def find_wordnet(explicit):
     """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
-    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"),
-                  os.path.join(sys.prefix, "nltk_data"), os.path.join(sys.prefix, "share", "nltk_data"),
-                  "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
-    candidates = [explicit, os.environ.get("WNSEARCHDIR", ""), "/usr/share/wordnet", "/usr/local/WordNet-3.0/dict"]
+    nltk_roots = [
+        os.environ.get("NLTK_DATA", ""),
+        os.path.expanduser("~/nltk_data"),
+        os.path.join(sys.prefix, "nltk_data"),
+        os.path.join(sys.prefix, "share", "nltk_data"),
+        "/usr/share/nltk_data",
+        "/usr/local/share/nltk_data",
+    ]
+    candidates = [
+        explicit,
+        os.environ.get("WNSEARCHDIR", ""),
+        "/usr/share/wordnet",
+        "/usr/local/WordNet-3.0/dict",
+    ]
     for root in nltk_roots:
         if root:
-            candidates += [os.path.join(root, "corpora", "wordnet"), os.path.join(root, "corpora", "wordnet.zip")]
+            candidates += [
+                os.path.join(root, "corpora", "wordnet"),
+                os.path.join(root, "corpora", "wordnet.zip"),
+            ]
     for c in candidates:
         if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
             return c
-    raise SystemExit("EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
-                     "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
-                     "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv).")
+    raise SystemExit(
+        "EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
+        "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
+        "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv)."
+    )
 
 
 def load_synonyms(location):
@@ -1033,6 +1171,8 @@ def drop_stop_words(text):
     """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
     kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
     return " ".join(kept) or text
+
+
 # ---- end eda
 
 
@@ -1079,7 +1219,7 @@ def caption_items(chunk, args, counts):
         caption = one_line(text or "")
         if len(caption.split()) > args.max_caption_words:
             counts["truncated"] += 1
-            caption = " ".join(caption.split()[:args.max_caption_words])
+            caption = " ".join(caption.split()[: args.max_caption_words])
         if caption:
             items.append((key, caption))
     return items
@@ -1117,7 +1257,7 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=N
     sources = ["eda"] if args.engine == "eda" else list(pools)
     chunks, item_lists = [], []
     for begin in range(0, len(todo), args.chunk_size):
-        chunk = todo[begin:begin + args.chunk_size]
+        chunk = todo[begin : begin + args.chunk_size]
         chunks.append(chunk)
         item_lists.append(caption_items(chunk, args, counts))
     if args.engine == "eda":
@@ -1130,12 +1270,28 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=N
         for key, text in chunks[c]:
             if key not in made:
                 status = "missing_text" if text is None else "empty"
-                records.append({"key": key, "text": text or "", "rewrites": {s: [] for s in sources}, "status": status, "fallbacks": 0})
+                records.append(
+                    {
+                        "key": key,
+                        "text": text or "",
+                        "rewrites": {s: [] for s in sources},
+                        "status": status,
+                        "fallbacks": 0,
+                    }
+                )
                 continue
             caption = one_line(text)
             slots = {s: [r if r else caption for r in made[key][s]] for s in sources}
             fallbacks = sum(r is None or norm(r) == norm(caption) for s in sources for r in made[key][s])
-            records.append({"key": key, "text": text, "rewrites": slots, "status": "fallback" if fallbacks else "ok", "fallbacks": fallbacks})
+            records.append(
+                {
+                    "key": key,
+                    "text": text,
+                    "rewrites": slots,
+                    "status": "fallback" if fallbacks else "ok",
+                    "fallbacks": fallbacks,
+                }
+            )
         if scorer is not None:
             add_scores(records, sources, scorer)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
@@ -1147,32 +1303,62 @@ def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=N
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
     status = Counter(r["status"] for r in records)
-    stats = {"shard": name, "input": os.path.abspath(path), "in": len(records), "ok": status["ok"],
-             "fallback": status["fallback"], "failed": status["empty"] + status["missing_text"],
-             "empty": status["empty"], "missing_text": status["missing_text"],
-             "fallback_slots": sum(r["fallbacks"] for r in records), "sources": sources, "counts": dict(counts),
-             "seconds": round(time.time() - start, 2), "engine": args.engine,
-             "model": None if args.engine == "eda" else args.model, "prompt_hash": tag,
-             "prompt_style": None if args.engine == "eda" else args.prompt_style}
+    stats = {
+        "shard": name,
+        "input": os.path.abspath(path),
+        "in": len(records),
+        "ok": status["ok"],
+        "fallback": status["fallback"],
+        "failed": status["empty"] + status["missing_text"],
+        "empty": status["empty"],
+        "missing_text": status["missing_text"],
+        "fallback_slots": sum(r["fallbacks"] for r in records),
+        "sources": sources,
+        "counts": dict(counts),
+        "seconds": round(time.time() - start, 2),
+        "engine": args.engine,
+        "model": None if args.engine == "eda" else args.model,
+        "prompt_hash": tag,
+        "prompt_style": None if args.engine == "eda" else args.prompt_style,
+    }
     if scorer is not None:
-        values = [v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None]
+        values = [
+            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
+        ]
         stats["scores"] = score_summary(values)
         stats["score_model"] = args.score_model
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     os.remove(partial_path)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(f"{name}: {stats['ok']}/{stats['in']} ok, {stats['fallback']} fallback, {stats['failed']} failed, "
-          f"{stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""), flush=True)
+    print(
+        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['fallback']} fallback, {stats['failed']} failed, "
+        f"{stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""),
+        flush=True,
+    )
     return stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards, folders or globs")
     p.add_argument("--meta-pairs", default="toy/meta_pairs.jsonl", help="meta input=>output pairs from 01")
-    p.add_argument("--sources", nargs="*", default=None, help="meta-pair sources to rewrite with (default: all in the file)")
-    p.add_argument("--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json")
-    p.add_argument("--engine", choices=["vllm", "hf", "eda"], default="hf", help="vllm on GPUs, hf (transformers) anywhere, eda needs no model")
+    p.add_argument(
+        "--sources",
+        nargs="*",
+        default=None,
+        help="meta-pair sources to rewrite with (default: all in the file)",
+    )
+    p.add_argument(
+        "--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "hf", "eda"],
+        default="hf",
+        help="vllm on GPUs, hf (transformers) anywhere, eda needs no model",
+    )
     p.add_argument("--model", default="toy/models/tiny-llama", help="causal LM (hub id or local folder)")
     p.add_argument("--k", type=int, default=3, help="in-context examples per prompt (LaCLIP: 3)")
     p.add_argument(
@@ -1186,13 +1372,27 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
     p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
     p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
-    p.add_argument("--max-retries", type=int, default=2, help="new draws for a rejected rewrite before falling back to the original")
-    p.add_argument("--max-caption-words", type=int, default=64, help="longer captions are cut to this in the prompt (the record keeps the full text)")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="new draws for a rejected rewrite before falling back to the original",
+    )
+    p.add_argument(
+        "--max-caption-words",
+        type=int,
+        default=64,
+        help="longer captions are cut to this in the prompt (the record keeps the full text)",
+    )
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
     p.add_argument(
         "--seed-mode",
@@ -1202,17 +1402,38 @@ def parse_args(argv=None):
         "batch or resume; per-chunk sends none (vLLM's faster batched sampler, seeded once per engine): "
         "reproducible only by the same command on the same shards (see bench/bench_rewrite.py)",
     )
-    p.add_argument("--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
-    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
-    p.add_argument("--wordnet-dir", default=None, help="WordNet database folder for --engine eda (found automatically if installed)")
-    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--wordnet-dir",
+        default=None,
+        help="WordNet database folder for --engine eda (found automatically if installed)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument(
         "--assign",
         choices=["claim", "stride"],
@@ -1228,13 +1449,23 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    p.add_argument("--score-model", default=None,
-                   help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
-                   "\"scores\", summarised in stats; 05 --min-score filters on it (off by default)")
-    p.add_argument("--rescore", action="store_true",
-                   help="only score the finished shards in --out-dir with --score-model (rewrites made without it)")
-    p.add_argument("--progress-every", type=float, default=60.0,
-                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
+    p.add_argument(
+        "--score-model",
+        default=None,
+        help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
+        '"scores", summarised in stats; 05 --min-score filters on it (off by default)',
+    )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="only score the finished shards in --out-dir with --score-model (rewrites made without it)",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
     return p.parse_args(argv)
 
 
@@ -1253,11 +1484,15 @@ def rescore(args):
         records = list(iter_jsonl(path, Counter()))
         scorer = scorer or CaptionScorer(args.score_model)
         add_scores(records, stats["sources"], scorer)
-        values = [v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None]
+        values = [
+            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
+        ]
         stats.update(scores=score_summary(values), score_model=args.score_model)
         write_jsonl(path, records)
         write_json(stats_path, stats)  # last, as when the shard was made
-        print(f"{stats['shard']}: {len(values)} rewrites scored, mean {stats['scores'].get('mean')}", flush=True)
+        print(
+            f"{stats['shard']}: {len(values)} rewrites scored, mean {stats['scores'].get('mean')}", flush=True
+        )
         done.append(stats)
     return done
 
@@ -1275,25 +1510,46 @@ def main(argv=None):
     print0(f"02_rewrite: {len(inputs)} shards, {line}")
     warn_idle_workers(len(inputs), worker, total)
     pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
-    sampling = {"temperature": args.temperature, "top_p": args.top_p,
-                "repetition_penalty": args.repetition_penalty,
-                "max_new_tokens": args.max_new_tokens, "k": args.k, "n": args.n,
-                "max_retries": args.max_retries,
-                "stop": ["\n"]}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "k": args.k,
+        "n": args.n,
+        "max_retries": args.max_retries,
+        "stop": ["\n"],
+    }
     if args.engine == "vllm":  # per-chunk rewrites differ from per-sample ones: a resume must not mix them
         sampling["seed_mode"] = args.seed_mode
     style = None if args.engine == "eda" else args.prompt_style  # eda has no prompt: the flag changes nothing
     template = None
     if style:
         template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")], style)
-    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "sources": sorted(pools),
-                  "prompt_style": style, "prompt_template": template,
-                  "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest() if pools else None}
+    provenance = {
+        "engine": args.engine,
+        "model": args.model,
+        "sampling": sampling,
+        "sources": sorted(pools),
+        "prompt_style": style,
+        "prompt_template": template,
+        "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest()
+        if pools
+        else None,
+    }
     if args.score_model:  # a resume must not mix scored and unscored records
         provenance["score_model"] = args.score_model
-    tag = hashlib.sha256(json.dumps([provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(
+        json.dumps(
+            [provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
-    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+    if (
+        os.path.exists(config_path)
+        and json.load(open(config_path)).get("prompt_hash") != tag
+        and len(todo) < len(mine)
+    ):
         print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
     if worker == 0:
         write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
@@ -1303,9 +1559,21 @@ def main(argv=None):
     if args.engine == "eda":
         synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
     else:
-        engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
-                            args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                            args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
+        engine = TextEngine(
+            args.engine,
+            args.model,
+            args.temperature,
+            args.top_p,
+            args.max_new_tokens,
+            args.batch_size,
+            args.tensor_parallel_size,
+            args.dtype,
+            args.max_model_len,
+            args.gpu_memory_utilization,
+            args.enforce_eager,
+            args.trust_remote_code,
+            args.repetition_penalty,
+        )
     scorer = CaptionScorer(args.score_model) if args.score_model else None
     stats = []
     shards = take_shards(inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)

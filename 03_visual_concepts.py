@@ -34,6 +34,7 @@ shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken
 --assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record (the tiny random LLaVA's VeCs are gibberish).
 """
+
 import argparse
 import glob
 import hashlib
@@ -52,7 +53,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # above ~179 megapixels it is an error, counted
+warnings.filterwarnings(
+    "ignore", category=Image.DecompressionBombWarning
+)  # above ~179 megapixels it is an error, counted
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -114,8 +118,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -123,7 +131,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -164,8 +174,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -201,6 +219,8 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
 # ---- end progress
 
 
@@ -503,11 +523,20 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
     yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
+
+
 # ---- end shard work
 
 VECLIP_QUESTION = "Describe the image concisely, less than 20 words."
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SAFE_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # web bytes never reach Pillow's EPS (Ghostscript) & co
+SAFE_FORMATS = [
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "TIFF",
+]  # web bytes never reach Pillow's EPS (Ghostscript) & co
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation mean (LLaVA-1.5's vision tower)
 
 
@@ -518,9 +547,19 @@ def own_gpus(tp):
     if world > 1:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(64)]
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp : (local_rank + 1) * tp])
+        for name in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "GROUP_RANK",
+            "ROLE_RANK",
+            "ROLE_WORLD_SIZE",
+            "TORCHELASTIC_RUN_ID",
+        ):
             os.environ.pop(name, None)
 
 
@@ -534,7 +573,7 @@ def vlm_prompt(processor, question):
         prompt = f"USER: <image>\n{question}\nASSISTANT:"
     tok = getattr(processor, "tokenizer", processor)
     if tok.bos_token and prompt.startswith(tok.bos_token) and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
-        prompt = prompt[len(tok.bos_token):]
+        prompt = prompt[len(tok.bos_token) :]
     return prompt
 
 
@@ -542,10 +581,24 @@ class VisionEngine:
     """`generate(images, seeds)` -> one answer per PIL image to the same prompt. vLLM on GPUs (all images of a
     chunk in one call, a seed per request); transformers elsewhere (left-padded batches through the processor)."""
 
-    def __init__(self, kind, model, question, temperature=0.0, top_p=1.0, max_new_tokens=48, batch_size=32,
-                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False):
+    def __init__(
+        self,
+        kind,
+        model,
+        question,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=48,
+        batch_size=32,
+        tensor_parallel_size=1,
+        dtype="auto",
+        max_model_len=None,
+        gpu_memory_utilization=0.9,
+        enforce_eager=False,
+        trust_remote_code=False,
+    ):
         from transformers import AutoProcessor
+
         self.kind, self.model_id, self.batch_size = kind, model, batch_size
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -554,17 +607,33 @@ class VisionEngine:
             own_gpus(tensor_parallel_size)
             import torch
             from vllm import LLM
+
             cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,
-                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                           trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1}, **cpu)
+            self.llm = LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                limit_mm_per_prompt={"image": 1},
+                **cpu,
+            )
         elif kind == "hf":
             import torch
-            from transformers import AutoModelForImageTextToText  # LlavaForConditionalGeneration for LLaVA checkpoints
+            from transformers import (
+                AutoModelForImageTextToText,
+            )  # LlavaForConditionalGeneration for LLaVA checkpoints
+
             gpus = torch.cuda.device_count()
             self.device = f"cuda:{dist_env()[2] % gpus}" if gpus else "cpu"
-            self.dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=self.dtype, trust_remote_code=trust_remote_code)
+            self.dtype = (
+                getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
+            )
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
             self.model.to(self.device).eval()
             tok = self.processor.tokenizer
             tok.padding_side = "left"
@@ -579,21 +648,42 @@ class VisionEngine:
         greedy = self.temperature <= 0
         if self.kind == "vllm":
             from vllm import SamplingParams
-            params = [SamplingParams(temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s) for s in seeds]
+
+            params = [
+                SamplingParams(
+                    temperature=max(self.temperature, 0.0),
+                    top_p=1.0 if greedy else self.top_p,
+                    max_tokens=self.max_new_tokens,
+                    seed=s,
+                )
+                for s in seeds
+            ]
             requests = [{"prompt": self.prompt, "multi_modal_data": {"image": im}} for im in images]
             return [out.outputs[0].text for out in self.llm.generate(requests, params, use_tqdm=False)]
         import torch
+
         texts, tok = [], self.processor.tokenizer
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        sampling = (
+            dict(do_sample=False)
+            if greedy
+            else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        )
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            torch.manual_seed(hash(tuple(seeds[start:start + self.batch_size])) % (2 ** 63))  # one stream per batch
-            enc = self.processor(images=batch, text=[self.prompt] * len(batch), return_tensors="pt", padding=True)
+            batch = images[start : start + self.batch_size]
+            torch.manual_seed(
+                hash(tuple(seeds[start : start + self.batch_size])) % (2**63)
+            )  # one stream per batch
+            enc = self.processor(
+                images=batch, text=[self.prompt] * len(batch), return_tensors="pt", padding=True
+            )
             enc = enc.to(self.device, dtype=self.dtype)  # the dtype applies to pixel values only
             with torch.inference_mode():
-                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
-            texts += self.processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = self.model.generate(
+                    **enc, **sampling, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id
+                )
+            texts += self.processor.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
         return texts
 
 
@@ -645,7 +735,9 @@ def load_image(raw, max_side, pad_color=None):
         return img, None
     except Image.DecompressionBombError:
         return None, "image_too_large"
-    except Exception:  # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
+    except (
+        Exception
+    ):  # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
         return None, "image_corrupt"
 
 
@@ -678,12 +770,16 @@ def generate_isolating(engine, images, seeds, errors):
         return []
     try:
         return engine.generate(images, seeds)
-    except Exception as e:  # what a bad image raises depends on the model's processor; systematic errors re-raise below
+    except (
+        Exception
+    ) as e:  # what a bad image raises depends on the model's processor; systematic errors re-raise below
         if len(images) == 1:
             errors.append(e)
             return [None]
         mid = len(images) // 2
-        return generate_isolating(engine, images[:mid], seeds[:mid], errors) + generate_isolating(engine, images[mid:], seeds[mid:], errors)
+        return generate_isolating(engine, images[:mid], seeds[:mid], errors) + generate_isolating(
+            engine, images[mid:], seeds[mid:], errors
+        )
 
 
 def caption_chunk(engine, items, args, shard):
@@ -702,10 +798,16 @@ def caption_chunk(engine, items, args, shard):
     errors = []
     texts = generate_isolating(engine, images, seeds, errors)
     if len(images) > 1 and len(errors) == len(images):
-        raise RuntimeError(f"{shard}: the model failed on every image of a chunk, which is no bad-sample problem") from errors[-1]
+        raise RuntimeError(
+            f"{shard}: the model failed on every image of a chunk, which is no bad-sample problem"
+        ) from errors[-1]
     for key, text in zip(keys, texts):
         if text is None:
-            print(f"WARNING {shard}: the model failed on image {key}: {type(errors[0]).__name__}: {errors[0]}"[:300])
+            print(
+                f"WARNING {shard}: the model failed on image {key}: {type(errors[0]).__name__}: {errors[0]}"[
+                    :300
+                ]
+            )
             errors.pop(0)
             records[key] = {"key": key, "vec": None, "status": "failed_image", "error": "model_error"}
         else:
@@ -759,7 +861,10 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     progress = Progress(samples_in(path), name, unit="images", every=args.progress_every)
     progress.update(resumed)
     while ahead:
-        current, ahead = ahead, decode(next(todo, []))  # the next chunk decodes in threads while this one generates
+        current, ahead = (
+            ahead,
+            decode(next(todo, [])),
+        )  # the next chunk decodes in threads while this one generates
         records = caption_chunk(engine, current, args, name)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, tag, records)
@@ -770,48 +875,100 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
     status, seconds = Counter(r["status"] for r in records), time.time() - start
-    counts.update(r["error"] for r in records if "error" in r)  # from the records, so a resumed shard counts them all
-    stats = {"shard": name, "input": os.path.abspath(path), "in": len(records), "ok": status["ok"], "empty": status["empty"],
-             "failed": status["failed_image"] + status["missing_image"], "failed_image": status["failed_image"],
-             "missing_image": status["missing_image"], "counts": dict(counts), "seconds": round(seconds, 2),
-             "images_per_s": round((len(records) - resumed) / max(seconds, 1e-9), 2), "engine": args.engine,
-             "model": args.model, "prompt": engine.prompt, "prompt_hash": tag,
-             "image_aspect": args.image_aspect, "pad_color": None if pad_color is None else list(pad_color)}
+    counts.update(
+        r["error"] for r in records if "error" in r
+    )  # from the records, so a resumed shard counts them all
+    stats = {
+        "shard": name,
+        "input": os.path.abspath(path),
+        "in": len(records),
+        "ok": status["ok"],
+        "empty": status["empty"],
+        "failed": status["failed_image"] + status["missing_image"],
+        "failed_image": status["failed_image"],
+        "missing_image": status["missing_image"],
+        "counts": dict(counts),
+        "seconds": round(seconds, 2),
+        "images_per_s": round((len(records) - resumed) / max(seconds, 1e-9), 2),
+        "engine": args.engine,
+        "model": args.model,
+        "prompt": engine.prompt,
+        "prompt_hash": tag,
+        "image_aspect": args.image_aspect,
+        "pad_color": None if pad_color is None else list(pad_color),
+    }
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     if os.path.exists(partial_path):
         os.remove(partial_path)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(f"{name}: {stats['ok']}/{stats['in']} ok, {stats['empty']} empty, {stats['failed']} failed, {stats['seconds']:.1f}s "
-          f"({stats['images_per_s']:.1f} img/s)" + (f" ({extra})" if extra else ""), flush=True)
+    print(
+        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['empty']} empty, {stats['failed']} failed, {stats['seconds']:.1f}s "
+        f"({stats['images_per_s']:.1f} img/s)" + (f" ({extra})" if extra else ""),
+        flush=True,
+    )
     return stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards, folders or globs")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input", nargs="+", default=["toy/shards"], help="webdataset tar shards, folders or globs"
+    )
     p.add_argument("--out-dir", default="toy/vec", help="folder for <shard>.jsonl and <shard>.stats.json")
-    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere")
-    p.add_argument("--model", default="toy/models/tiny-llava", help="LLaVA-style VLM (hub id or local folder)")
+    p.add_argument(
+        "--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere"
+    )
+    p.add_argument(
+        "--model", default="toy/models/tiny-llava", help="LLaVA-style VLM (hub id or local folder)"
+    )
     p.add_argument("--prompt", default=VECLIP_QUESTION, help="the question asked about every image")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (when --temperature > 0)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per caption")
-    p.add_argument("--max-image-side", type=int, default=1024, help="larger images are shrunk to this before the processor")
-    p.add_argument("--image-aspect", choices=["pad", "crop"], default="pad",
-                   help="pad: centre a non-square image on a square of the processor's mean colour "
-                   "(LLaVA-1.5's own preprocessing); crop: leave it to the llava-hf processor's center crop")
+    p.add_argument(
+        "--max-image-side",
+        type=int,
+        default=1024,
+        help="larger images are shrunk to this before the processor",
+    )
+    p.add_argument(
+        "--image-aspect",
+        choices=["pad", "crop"],
+        default="pad",
+        help="pad: centre a non-square image on a square of the processor's mean colour "
+        "(LLaVA-1.5's own preprocessing); crop: leave it to the llava-hf processor's center crop",
+    )
     p.add_argument("--seed", type=int, default=0, help="base of every per-image seed (when sampling)")
-    p.add_argument("--chunk-size", type=int, default=512, help="images per generate call; progress is saved after each")
+    p.add_argument(
+        "--chunk-size", type=int, default=512, help="images per generate call; progress is saved after each"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (hf engine)")
-    p.add_argument("--decode-workers", type=int, default=4, help="threads that decode the next chunk's images")
+    p.add_argument(
+        "--decode-workers", type=int, default=4, help="threads that decode the next chunk's images"
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
-    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument(
         "--assign",
         choices=["claim", "stride"],
@@ -827,8 +984,12 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    p.add_argument("--progress-every", type=float, default=60.0,
-                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
     return p.parse_args(argv)
 
 
@@ -843,19 +1004,41 @@ def main(argv=None):
     print0(f"03_visual_concepts: {len(inputs)} shards, {line}")
     warn_idle_workers(len(inputs), worker, total)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
-    provenance = {"engine": args.engine, "model": args.model, "question": args.prompt, "sampling": sampling,
-                  "max_image_side": args.max_image_side, "image_aspect": args.image_aspect}
+    provenance = {
+        "engine": args.engine,
+        "model": args.model,
+        "question": args.prompt,
+        "sampling": sampling,
+        "max_image_side": args.max_image_side,
+        "image_aspect": args.image_aspect,
+    }
     tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
-    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+    if (
+        os.path.exists(config_path)
+        and json.load(open(config_path)).get("prompt_hash") != tag
+        and len(todo) < len(mine)
+    ):
         print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
     if worker == 0:
         write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
     if not todo:
         return []
-    engine = VisionEngine(args.engine, args.model, args.prompt, args.temperature, args.top_p, args.max_new_tokens,
-                          args.batch_size, args.tensor_parallel_size, args.dtype, args.max_model_len,
-                          args.gpu_memory_utilization, args.enforce_eager, args.trust_remote_code)
+    engine = VisionEngine(
+        args.engine,
+        args.model,
+        args.prompt,
+        args.temperature,
+        args.top_p,
+        args.max_new_tokens,
+        args.batch_size,
+        args.tensor_parallel_size,
+        args.dtype,
+        args.max_model_len,
+        args.gpu_memory_utilization,
+        args.enforce_eager,
+        args.trust_remote_code,
+    )
     pad_color = None
     if args.image_aspect == "pad":
         pad_color = pad_color_of(processor_mean(engine.processor))

@@ -43,6 +43,7 @@ shards nobody holds, and a dead or silent one's shard (--claim-timeout) is taken
 --assign stride gives worker w of W exactly sorted(shards)[w::W], as before.
 On the toy data every key of every shard gets one record (the tiny random LLM's fusions are gibberish).
 """
+
 import argparse
 import glob
 import hashlib
@@ -57,6 +58,7 @@ import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -118,8 +120,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -127,7 +133,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -168,8 +176,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -205,6 +221,8 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
 # ---- end progress
 
 
@@ -507,39 +525,79 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
     yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
+
+
 # ---- end shard work
+
 
 # ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
 class TextEngine:
     """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
     call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
 
-    def __init__(self, kind, model, temperature=0.9, top_p=0.95, max_new_tokens=77, batch_size=16,
-                 tensor_parallel_size=1, dtype="auto", max_model_len=None, gpu_memory_utilization=0.9,
-                 enforce_eager=False, trust_remote_code=False, repetition_penalty=1.0):
+    def __init__(
+        self,
+        kind,
+        model,
+        temperature=0.9,
+        top_p=0.95,
+        max_new_tokens=77,
+        batch_size=16,
+        tensor_parallel_size=1,
+        dtype="auto",
+        max_model_len=None,
+        gpu_memory_utilization=0.9,
+        enforce_eager=False,
+        trust_remote_code=False,
+        repetition_penalty=1.0,
+    ):
         self.kind, self.model_id, self._stops = kind, model, {}
         self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = temperature, top_p, max_new_tokens, batch_size
+        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = (
+            temperature,
+            top_p,
+            max_new_tokens,
+            batch_size,
+        )
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
             import torch
             from vllm import LLM
+
             # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
             cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-            self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=True, enforce_eager=enforce_eager,
-                           trust_remote_code=trust_remote_code, **cpu)
+            self.llm = LLM(
+                model=model,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=True,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                **cpu,
+            )
             self.tokenizer = self.llm.get_tokenizer()
         elif kind == "hf":
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            self.device = f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"  # torchrun: one GPU per rank
-            self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left", trust_remote_code=trust_remote_code)
+
+            self.device = (
+                f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
+            )  # torchrun: one GPU per rank
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, padding_side="left", trust_remote_code=trust_remote_code
+            )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if self.device != "cpu" else torch.float32)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            torch_dtype = (
+                getattr(torch, dtype)
+                if dtype != "auto"
+                else (torch.bfloat16 if self.device != "cpu" else torch.float32)
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
             self.model.to(self.device).eval()
         else:
             raise ValueError(f"unknown engine {kind!r}")
@@ -552,17 +610,31 @@ class TextEngine:
         if world > 1:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             gpus = visible.split(",") if visible else [str(i) for i in range(64)]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp:(local_rank + 1) * tp])
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[local_rank * tp : (local_rank + 1) * tp])
+            for name in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GROUP_RANK",
+                "ROLE_RANK",
+                "ROLE_WORLD_SIZE",
+                "TORCHELASTIC_RUN_ID",
+            ):
                 os.environ.pop(name, None)
 
     def chat_prompt(self, user_text, system=None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user_text}
+        ]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            return text[len(bos):] if bos and text.startswith(bos) else text  # both engines add BOS when encoding
+            return (
+                text[len(bos) :] if bos and text.startswith(bos) else text
+            )  # both engines add BOS when encoding
         return f"{system + chr(10) if system else ''}{user_text}\n"
 
     def count_tokens(self, text):
@@ -573,32 +645,59 @@ class TextEngine:
             return []
         if self.kind == "vllm":
             from vllm import SamplingParams
+
             greedy = self.temperature <= 0
-            params = [SamplingParams(n=n, temperature=max(self.temperature, 0.0), top_p=1.0 if greedy else self.top_p,
-                                     max_tokens=self.max_new_tokens, seed=s, stop=stop,
-                                     repetition_penalty=self.repetition_penalty) for s in seeds]
+            params = [
+                SamplingParams(
+                    n=n,
+                    temperature=max(self.temperature, 0.0),
+                    top_p=1.0 if greedy else self.top_p,
+                    max_tokens=self.max_new_tokens,
+                    seed=s,
+                    stop=stop,
+                    repetition_penalty=self.repetition_penalty,
+                )
+                for s in seeds
+            ]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [[c.text for c in out.outputs] for out in outputs]
         import torch
         from transformers import StoppingCriteriaList, StopStringCriteria
-        if stop and tuple(stop) not in self._stops:  # built once: transformers' own cache misses for some tokenizers
+
+        if (
+            stop and tuple(stop) not in self._stops
+        ):  # built once: transformers' own cache misses for some tokenizers
             self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
         results = [None] * len(prompts)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            torch.manual_seed(hash(tuple(seeds[i] for i in idx)) % (2 ** 63))  # one stream per batch: seeds cannot be per row here
+            idx = order[start : start + self.batch_size]
+            torch.manual_seed(
+                hash(tuple(seeds[i] for i in idx)) % (2**63)
+            )  # one stream per batch: seeds cannot be per row here
             enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else dict(do_sample=False)
+            sampling = (
+                dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+                if self.temperature > 0
+                else dict(do_sample=False)
+            )
             with torch.inference_mode():
-                out = self.model.generate(**enc, **sampling, max_new_tokens=self.max_new_tokens, num_return_sequences=n,
-                                          repetition_penalty=self.repetition_penalty,
-                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=self._stops.get(tuple(stop or ())))
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = self.model.generate(
+                    **enc,
+                    **sampling,
+                    max_new_tokens=self.max_new_tokens,
+                    num_return_sequences=n,
+                    repetition_penalty=self.repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=self._stops.get(tuple(stop or ())),
+                )
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for j, i in enumerate(idx):
-                results[i] = texts[j * n:(j + 1) * n]  # rows come grouped per prompt
+                results[i] = texts[j * n : (j + 1) * n]  # rows come grouped per prompt
         return results
+
+
 # ---- end text engine
 
 
@@ -615,7 +714,7 @@ def looping(text, n=3, most=2):
     """True when some run of n words comes back more than `most` times: a small model caught in a loop
     ("funky funky funky ...", "a red set, a blue set, a red set, a red set ...")."""
     words = norm(text).split()
-    runs = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    runs = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(runs) and max(runs.values()) > most
 
 
@@ -650,7 +749,10 @@ def trim_answer(text, max_words):
     if cut and cut != text and not looping(cut):
         return cut, how
     return text, None
+
+
 # ---- end text checks
+
 
 # ---- caption scores (kept identical in 02, 04; tests/test_common.py checks) ----
 class CaptionScorer:
@@ -670,8 +772,13 @@ class CaptionScorer:
     def embed(self, texts):
         parts = []
         for begin in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[begin:begin + self.batch_size], padding=True, truncation=True, max_length=128,
-                                   return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                texts[begin : begin + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            ).to(self.device)
             with self.torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -703,6 +810,8 @@ def score_summary(values, below=(0.2, 0.3, 0.5)):
     for threshold in below:
         summary[f"below_{threshold}"] = round(sum(v < threshold for v in ranked) / len(ranked), 4)
     return summary
+
+
 # ---- end caption scores
 
 
@@ -712,13 +821,24 @@ FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache th
     "someone looking at the image. Keep the specific names, places, brands, products and numbers of the web text "
     "and add the objects, colours, counts and setting of the visual description. State nothing that neither of "
     "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
-    "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}")
+    "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}"
+)
 PRICE = re.compile(r"[$€£¥]\s?\d|\d\s?(\$|€|£|usd|eur|gbp)\b", re.I)
-STOP = ["\n"]  # the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
-REFUSALS = ["I'm sorry", "I am sorry", "I apologize", "As an AI", "as a language model", "I cannot", "I can't",
-            "I am unable", "I'm unable", "I'm not able to"]
-
-
+STOP = [
+    "\n"
+]  # the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
+REFUSALS = [
+    "I'm sorry",
+    "I am sorry",
+    "I apologize",
+    "As an AI",
+    "as a language model",
+    "I cannot",
+    "I can't",
+    "I am unable",
+    "I'm unable",
+    "I'm not able to",
+]
 
 
 def sample_seed(*parts):
@@ -740,7 +860,7 @@ def template_bos(engine):
 
 def fusion_prompt(engine, alt, vec, max_words, bos):
     prompt = engine.chat_prompt(FUSION_PROMPT.format(alt=alt, vec=vec, max_words=max_words))
-    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+    return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
 
 def context_budget(engine, max_prompt_tokens, max_new_tokens):
@@ -763,7 +883,7 @@ def fit_prompt(engine, alt, vec, max_words, budget, bos):
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(alt[:mid]) else (lo, mid - 1)
-    cut = alt[:lo] if alt[lo:lo + 1].isspace() or " " not in alt[:lo] else alt[:lo].rsplit(" ", 1)[0]
+    cut = alt[:lo] if alt[lo : lo + 1].isspace() or " " not in alt[:lo] else alt[:lo].rsplit(" ", 1)[0]
     cut = cut.strip()
     return (fusion_prompt(engine, cut, vec, max_words, bos) if cut else None), cut, True
 
@@ -803,10 +923,16 @@ def read_samples(path, counts):
     """(key, AltText or None) in shard order; a repeated key keeps its first text."""
     seen = set()
     if path.endswith(".tar"):
-        items = ((k, decode_text(m["txt"], counts) if m.get("txt") is not None else None) for k, m in iter_tar(path, {"txt"}, counts))
+        items = (
+            (k, decode_text(m["txt"], counts) if m.get("txt") is not None else None)
+            for k, m in iter_tar(path, {"txt"}, counts)
+        )
     else:
-        items = ((str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
-                 for r in iter_jsonl(path, counts) if isinstance(r, dict) and "key" in r)
+        items = (
+            (str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
+            for r in iter_jsonl(path, counts)
+            if isinstance(r, dict) and "key" in r
+        )
     for key, text in items:
         if key in seen:
             counts["duplicate_key"] += 1
@@ -903,7 +1029,11 @@ def fuse_record(key, alt, vec, made):
     """The one record of a key; `made` holds the LLM's (fused, cut?) for keys that had both texts."""
     if key in made:
         fused, cut = made[key]
-        return {"key": key, "fused": fused or vec, "status": ("truncated" if cut else "ok") if fused else "fallback_vec"}
+        return {
+            "key": key,
+            "fused": fused or vec,
+            "status": ("truncated" if cut else "ok") if fused else "fallback_vec",
+        }
     if vec:
         return {"key": key, "fused": vec, "status": "fallback_vec"}
     return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
@@ -928,7 +1058,9 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
     with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
         vec_stats_sha = hashlib.sha256(f.read()).hexdigest()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
-    done = read_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}")  # progress made against an older 03 run is void
+    done = read_partial(
+        partial_path, f"{tag}-{vec_stats_sha[:16]}"
+    )  # progress made against an older 03 run is void
     if done:
         print(f"{name}: resuming, {len(done)} samples already fused")
     vecs, texts = read_vecs(vec_path, counts), {}
@@ -937,7 +1069,9 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
         if not alt:
             counts["missing_text" if text is None else "empty_text"] += 1
         if not vec:
-            counts["missing_vec" if key not in vecs else "vec_null"] += 1  # vec_null: 03 failed on the image or got no answer
+            counts["missing_vec" if key not in vecs else "vec_null"] += (
+                1  # vec_null: 03 failed on the image or got no answer
+            )
         elif refusal(vec, args.refusals):
             counts["vec_refusal"] += 1
             vec = ""
@@ -948,7 +1082,7 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
     todo = [key for key in texts if key not in done]
     chunks, item_lists = [], []
     for begin in range(0, len(todo), args.chunk_size):
-        chunk = todo[begin:begin + args.chunk_size]
+        chunk = todo[begin : begin + args.chunk_size]
         chunks.append(chunk)
         item_lists.append([(key, *texts[key]) for key in chunk if all(texts[key])])
     progress = Progress(len(todo), name, every=args.progress_every)
@@ -965,10 +1099,19 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
     status = Counter(r["status"] for r in records)
-    stats = {"shard": name, "input": os.path.abspath(path), "vec": os.path.abspath(vec_path), "in": len(records),
-             **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
-             "counts": {k: v for k, v in counts.items() if v}, "seconds": round(time.time() - start, 2),
-             "engine": args.engine, "model": args.model, "prompt_hash": tag, "vec_stats_sha256": vec_stats_sha}
+    stats = {
+        "shard": name,
+        "input": os.path.abspath(path),
+        "vec": os.path.abspath(vec_path),
+        "in": len(records),
+        **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
+        "counts": {k: v for k, v in counts.items() if v},
+        "seconds": round(time.time() - start, 2),
+        "engine": args.engine,
+        "model": args.model,
+        "prompt_hash": tag,
+        "vec_stats_sha256": vec_stats_sha,
+    }
     if scorer is not None:
         stats["scores"] = score_summary([r["scores"] for r in records if "scores" in r])
         stats["score_model"] = args.score_model
@@ -976,39 +1119,90 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
     if os.path.exists(partial_path):
         os.remove(partial_path)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(stats["counts"].items()))
-    print(f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
-          f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, {stats['fallback_alt']} alt), "
-          f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""), flush=True)
+    print(
+        f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
+        f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, {stats['fallback_alt']} alt), "
+        f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""),
+        flush=True,
+    )
     return stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards with the AltText, folders or globs")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=["toy/shards"],
+        help="tar/JSONL shards with the AltText, folders or globs",
+    )
     p.add_argument("--vec-dir", default="toy/vec", help="03's output folder (<shard>.jsonl with {key, vec})")
     p.add_argument("--out-dir", default="toy/fused", help="folder for <shard>.jsonl and <shard>.stats.json")
-    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere")
-    p.add_argument("--model", default="toy/models/tiny-llama", help="instruction-tuned causal LM (hub id or local folder)")
-    p.add_argument("--max-words", type=int, default=40, help="the fused caption's word limit (asked for, and enforced)")
+    p.add_argument(
+        "--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere"
+    )
+    p.add_argument(
+        "--model",
+        default="toy/models/tiny-llama",
+        help="instruction-tuned causal LM (hub id or local folder)",
+    )
+    p.add_argument(
+        "--max-words", type=int, default=40, help="the fused caption's word limit (asked for, and enforced)"
+    )
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts get their AltText cut")
-    p.add_argument("--refusals", nargs="*", default=REFUSALS, help="answers containing one of these (case-blind) are refusals; give none to turn the check off")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)")
+    p.add_argument(
+        "--refusals",
+        nargs="*",
+        default=REFUSALS,
+        help="answers containing one of these (case-blind) are refusals; give none to turn the check off",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)"
+    )
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages repeated tokens (1 = off, the papers' setting)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
-    p.add_argument("--max-retries", type=int, default=1, help="new draws for a rejected answer before falling back to the VeC")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=1,
+        help="new draws for a rejected answer before falling back to the VeC",
+    )
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
-    p.add_argument("--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
     p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
-    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
-    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument(
         "--assign",
         choices=["claim", "stride"],
@@ -1024,11 +1218,18 @@ def parse_args(argv=None):
         help="seconds without a heartbeat after which another worker takes a claimed shard over",
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    p.add_argument("--score-model", default=None,
-                   help="a sentence encoder (e.g. toy/models/minilm): each fused caption gets its cosine to the AltText "
-                   "as \"scores\", summarised in stats; 05 --min-score filters on it (off by default)")
-    p.add_argument("--progress-every", type=float, default=60.0,
-                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
+    p.add_argument(
+        "--score-model",
+        default=None,
+        help="a sentence encoder (e.g. toy/models/minilm): each fused caption gets its cosine to the AltText "
+        'as "scores", summarised in stats; 05 --min-score filters on it (off by default)',
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
     return p.parse_args(argv)
 
 
@@ -1040,7 +1241,9 @@ def main(argv=None):
         raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
     names = Counter(shard_name(p) for p in inputs)
     if max(names.values()) > 1:
-        raise SystemExit(f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide")
+        raise SystemExit(
+            f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
     mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
     print0(f"04_fuse: {len(inputs)} shards, {line}")
@@ -1050,28 +1253,60 @@ def main(argv=None):
     own = set(my_shards(inputs, worker, total))
     waiting = [p for p in todo if p in not_ready and p in own]  # reported (failing a task) once: by its owner
     for p in waiting:
-        print(f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}")
+        print(
+            f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}"
+        )
     todo = [p for p in todo if p not in not_ready]
-    sampling = {"temperature": args.temperature, "top_p": args.top_p,
-                "repetition_penalty": args.repetition_penalty,
-                "max_new_tokens": args.max_new_tokens, "max_retries": args.max_retries, "stop": STOP,
-                "max_words": args.max_words, "max_prompt_tokens": args.max_prompt_tokens}
-    provenance = {"engine": args.engine, "model": args.model, "sampling": sampling, "prompt_template": FUSION_PROMPT,
-                  "refusals": args.refusals}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "max_retries": args.max_retries,
+        "stop": STOP,
+        "max_words": args.max_words,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    }
+    provenance = {
+        "engine": args.engine,
+        "model": args.model,
+        "sampling": sampling,
+        "prompt_template": FUSION_PROMPT,
+        "refusals": args.refusals,
+    }
     if args.score_model:  # a resume must not mix scored and unscored records
         provenance["score_model"] = args.score_model
     tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")
-    if os.path.exists(config_path) and json.load(open(config_path)).get("prompt_hash") != tag and len(todo) < len(mine):
+    if (
+        os.path.exists(config_path)
+        and json.load(open(config_path)).get("prompt_hash") != tag
+        and len(todo) < len(mine)
+    ):
         print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
     if worker == 0:
         write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
     stats = []
     if todo:
-        engine = TextEngine(args.engine, args.model, args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
-                            args.tensor_parallel_size, args.dtype, args.max_model_len, args.gpu_memory_utilization,
-                            args.enforce_eager, args.trust_remote_code, args.repetition_penalty)
-        budget, bos = context_budget(engine, args.max_prompt_tokens, args.max_new_tokens), template_bos(engine)
+        engine = TextEngine(
+            args.engine,
+            args.model,
+            args.temperature,
+            args.top_p,
+            args.max_new_tokens,
+            args.batch_size,
+            args.tensor_parallel_size,
+            args.dtype,
+            args.max_model_len,
+            args.gpu_memory_utilization,
+            args.enforce_eager,
+            args.trust_remote_code,
+            args.repetition_penalty,
+        )
+        budget, bos = (
+            context_budget(engine, args.max_prompt_tokens, args.max_new_tokens),
+            template_bos(engine),
+        )
         scorer = CaptionScorer(args.score_model) if args.score_model else None
         shards = take_shards(
             inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite, not_ready
@@ -1084,8 +1319,10 @@ def main(argv=None):
             finally:
                 end_claim(claim)
     if waiting:
-        raise SystemExit(f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
-                         f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, then this again")
+        raise SystemExit(
+            f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
+            f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, then this again"
+        )
     return stats
 
 

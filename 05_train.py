@@ -37,6 +37,7 @@ clip-rocket, CC3M:  --model configs/rocket-R50-text6.json --aug-views 2 --stopwo
 SLURM, 4 nodes x 8 GPUs:  srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \
             --rdzv-endpoint "$(scontrol show hostnames | head -1):29500" 05_train.py <the same flags>
 """
+
 import argparse
 import bisect
 import contextlib
@@ -64,6 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -125,8 +127,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -134,7 +140,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -175,8 +183,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -190,9 +206,19 @@ def run_config(args, **extra):
 #   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
-                "pool_tokens": "all", "padding_side": "right"}
-TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+TOWER_TEMPLATES = {
+    "plain": "{text}",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+}
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -205,7 +231,11 @@ def tower_settings(path):
         with open(config_file) as f:
             config = json.load(f)
         architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in ("llama", "mistral", "qwen2"):
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
             settings["max_length"] = 512
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
@@ -229,8 +259,11 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
     if not os.path.isdir(path):
-        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -245,14 +278,18 @@ def tower_batch(tokenizer, texts, recipe):
         tail += tokenizer.eos_token or ""
     tokenizer.padding_side = recipe["padding_side"]
     wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
     pool = batch["attention_mask"].clone()
-    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+    if (
+        recipe["pool_tokens"] == "text"
+    ):  # the last n real tokens: the text and what follows it in the template
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
             pool[i] = 0
-            pool[i, real[max(0, len(real) - n):]] = 1
+            pool[i, real[max(0, len(real) - n) :]] = 1
     return batch, pool
 
 
@@ -261,16 +298,22 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     import inspect
 
     import torch
+
     batch, pool = tower_batch(tokenizer, texts, recipe)
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
-    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # positions count from each text's first token
+    if (
+        recipe["attention"] == "bidirectional"
+    ):  # every token sees every real token: a 4-d additive mask, used as given
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min)
+            blocked, torch.finfo(dtype).min
+        )
     hidden = model(**inputs).last_hidden_state
     if recipe["pooling"] == "mean":
         weight = pool.unsqueeze(-1).to(hidden.dtype)
@@ -279,6 +322,8 @@ def tower_encode(model, tokenizer, texts, recipe, device):
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
         emb = hidden[torch.arange(hidden.shape[0], device=device), last]
     return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
 # ---- end text tower
 
 
@@ -289,9 +334,23 @@ class Adapter(nn.Module):
 
     def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
         super().__init__()
-        self.config = {"dim": dim, "out_dim": out_dim, "layers": layers, "expansion": expansion, "dropout": dropout}
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
-                                                  nn.Linear(expansion * dim, dim)) for _ in range(layers))
+        self.config = {
+            "dim": dim,
+            "out_dim": out_dim,
+            "layers": layers,
+            "expansion": expansion,
+            "dropout": dropout,
+        }
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, expansion * dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(expansion * dim, dim),
+            )
+            for _ in range(layers)
+        )
         self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
 
     def forward(self, x):
@@ -299,36 +358,55 @@ class Adapter(nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return self.proj(self.norm(x))
+
+
 # ---- end adapter
 
 
 # ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
 # NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
-STOP_WORDS = set("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+STOP_WORDS = set(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
 him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
 that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
 because as until while of at by for with about against between into through during before after above below to from up
 down in out on off over under again further then once here there when where why how all any both each few more most other
 some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
 aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
-mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split())
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+)
 
 
 def find_wordnet(explicit):
     """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
-    nltk_roots = [os.environ.get("NLTK_DATA", ""), os.path.expanduser("~/nltk_data"),
-                  os.path.join(sys.prefix, "nltk_data"), os.path.join(sys.prefix, "share", "nltk_data"),
-                  "/usr/share/nltk_data", "/usr/local/share/nltk_data"]
-    candidates = [explicit, os.environ.get("WNSEARCHDIR", ""), "/usr/share/wordnet", "/usr/local/WordNet-3.0/dict"]
+    nltk_roots = [
+        os.environ.get("NLTK_DATA", ""),
+        os.path.expanduser("~/nltk_data"),
+        os.path.join(sys.prefix, "nltk_data"),
+        os.path.join(sys.prefix, "share", "nltk_data"),
+        "/usr/share/nltk_data",
+        "/usr/local/share/nltk_data",
+    ]
+    candidates = [
+        explicit,
+        os.environ.get("WNSEARCHDIR", ""),
+        "/usr/share/wordnet",
+        "/usr/local/WordNet-3.0/dict",
+    ]
     for root in nltk_roots:
         if root:
-            candidates += [os.path.join(root, "corpora", "wordnet"), os.path.join(root, "corpora", "wordnet.zip")]
+            candidates += [
+                os.path.join(root, "corpora", "wordnet"),
+                os.path.join(root, "corpora", "wordnet.zip"),
+            ]
     for c in candidates:
         if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
             return c
-    raise SystemExit("EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
-                     "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
-                     "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv).")
+    raise SystemExit(
+        "EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
+        "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
+        "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv)."
+    )
 
 
 def load_synonyms(location):
@@ -418,6 +496,8 @@ def drop_stop_words(text):
     """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
     kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
     return " ".join(kept) or text
+
+
 # ---- end eda
 
 
@@ -487,10 +567,14 @@ def sample_texts(alt, synthetic, args, rnd, synonyms=None):
         main, valid = [pick(args.text_mode)], [True]
     main = [weak(t) for t in main]
     if args.eda_prob:
-        main = [eda_edit(t, args.eda_weights, synonyms, rnd) if rnd.random() < args.eda_prob else t for t in main]
+        main = [
+            eda_edit(t, args.eda_weights, synonyms, rnd) if rnd.random() < args.eda_prob else t for t in main
+        ]
     views = []
     for _ in range(args.aug_views):
-        views.append(eda_edit(weak(pick(args.text_mode.replace("multi", "uniform"))), args.eda_weights, synonyms, rnd))
+        views.append(
+            eda_edit(weak(pick(args.text_mode.replace("multi", "uniform"))), args.eda_weights, synonyms, rnd)
+        )
     return main, valid, views
 
 
@@ -533,8 +617,11 @@ def load_texts(shard, dirs, counts, min_score=None):
 def load_cache(shard, folder, counts):
     """08's cache of one shard: key -> {text (whitespace-normalised, as read here): row}, and the embeddings, memory-mapped."""
     path = os.path.join(folder, shard_name(shard))
-    rows = {str(r["key"]): {" ".join(t.split()): r["row"] + i for i, t in enumerate(r["texts"])}
-            for r in iter_jsonl(path + ".jsonl", counts) if isinstance(r, dict) and "key" in r}
+    rows = {
+        str(r["key"]): {" ".join(t.split()): r["row"] + i for i, t in enumerate(r["texts"])}
+        for r in iter_jsonl(path + ".jsonl", counts)
+        if isinstance(r, dict) and "key" in r
+    }
     return rows, np.load(path + ".emb.npy", mmap_mode="r")
 
 
@@ -543,7 +630,9 @@ def uncached_share(shards, args, counts):
     missing, total = 0, 0
     for shard in shards:
         rows, _ = load_cache(shard, args.text_cache, counts)
-        synthetic = load_texts(shard, args.texts, counts, args.min_score) if args.text_mode != "original" else {}
+        synthetic = (
+            load_texts(shard, args.texts, counts, args.min_score) if args.text_mode != "original" else {}
+        )
         for key, members in iter_tar(shard, {"txt"}, counts):
             alt = " ".join(decode_text(members.get("txt") or b"", counts).split())
             picks = [alt] if alt else []
@@ -568,9 +657,29 @@ class ShardStream(torch.utils.data.IterableDataset):
     With `end_epoch`, it then goes on with epochs epoch + 1 ... end_epoch - 1 (`chunks_per_epoch` each, from their
     start): one DataLoader's workers serve the whole run, so no epoch waits for new workers to start and fill."""
 
-    def __init__(self, shards, counts, args, epoch, consumed, chunks, chunk, transforms, tokenizer, synonyms=None,
-                 end_epoch=None, chunks_per_epoch=None):
-        self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = shards, args, epoch, consumed, chunks, chunk
+    def __init__(
+        self,
+        shards,
+        counts,
+        args,
+        epoch,
+        consumed,
+        chunks,
+        chunk,
+        transforms,
+        tokenizer,
+        synonyms=None,
+        end_epoch=None,
+        chunks_per_epoch=None,
+    ):
+        self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = (
+            shards,
+            args,
+            epoch,
+            consumed,
+            chunks,
+            chunk,
+        )
         (self.transform, self.view_transform), self.tokenizer = transforms, tokenizer
         self.synonyms = synonyms  # WordNet's, for EDA's synonym replacement
         self.counts = counts
@@ -598,11 +707,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             j = bisect.bisect_right(self.starts, pos) - 1
             n, shard, skip = self.starts[j + 1] - pos, self.shards[self.order[j]], max(0, below - i)
             if n > skip:  # shards wholly drawn before a resume stay shut
-                synthetic, cache = load_texts(shard, self.args.texts, counts, self.args.min_score), self.args.text_cache and load_cache(shard, self.args.text_cache, counts)
-                items = ((key, m[next(e for e in IMAGE_EXTS if e in m)], " ".join(decode_text(m.get("txt") or b"", counts).split()),
-                          synthetic.get(key), cache and (cache[0].get(key, {}), cache[1]))
-                         for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts) if any(e in m for e in IMAGE_EXTS))
-                items = itertools.chain(itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None))
+                synthetic, cache = (
+                    load_texts(shard, self.args.texts, counts, self.args.min_score),
+                    self.args.text_cache and load_cache(shard, self.args.text_cache, counts),
+                )
+                items = (
+                    (
+                        key,
+                        m[next(e for e in IMAGE_EXTS if e in m)],
+                        " ".join(decode_text(m.get("txt") or b"", counts).split()),
+                        synthetic.get(key),
+                        cache and (cache[0].get(key, {}), cache[1]),
+                    )
+                    for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts)
+                    if any(e in m for e in IMAGE_EXTS)
+                )
+                items = itertools.chain(
+                    itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None)
+                )
                 yield from ((x, item) for x, item in zip(range(i + skip, i + n), items) if x not in done)
             i, pos = i + n, self.starts[j + 1] % self.starts[-1]
 
@@ -615,7 +737,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 img = im.convert("RGB")
-        except Exception:  # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
+        except (
+            Exception
+        ):  # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
             counts["bad_image"] += 1
             return None
         texts, valid, view_texts = sample_texts(alt, synthetic or [], self.args, rnd, self.synonyms)
@@ -631,18 +755,39 @@ class ShardStream(torch.utils.data.IterableDataset):
         # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU seeding
         # with a captured stack trace per call, a quarter of a worker's time on small images
         torch.default_generator.manual_seed(rnd.getrandbits(63))
-        return key, self.transform(img), texts, valid, [self.view_transform(img) for _ in view_texts], view_texts
+        return (
+            key,
+            self.transform(img),
+            texts,
+            valid,
+            [self.view_transform(img) for _ in view_texts],
+            view_texts,
+        )
 
     def epoch_chunks(self, epoch, consumed, chunks):
         info, (rank, world, _), k = torch.utils.data.get_worker_info(), dist_env(), max(1, self.args.workers)
-        g, total, block = rank * k + (info.id if info else 0), self.starts[-1], max(1, self.args.shuffle_buffer)
+        g, total, block = (
+            rank * k + (info.id if info else 0),
+            self.starts[-1],
+            max(1, self.args.shuffle_buffer),
+        )
         start, end = g * total // (world * k), (g + 1) * total // (world * k)
         seed, drawn, left, n = f"{self.args.seed}|{epoch}|{g}", consumed.get(g, 0), chunks, end - start
         rng = random.Random(seed)  # the run shuffled in blocks (bounded memory), then the padding in order
-        order = itertools.chain((i for b in range(0, n, block) for i in rng.sample(range(b, min(n, b + block)), min(n, b + block) - b)),
-                                itertools.count(n))
-        below = drawn // block * block if drawn < n else drawn  # a resume: all below were drawn, and `done` of the block above
-        done = {i for i in itertools.islice(order, drawn) if i >= below}  # `order` goes on after the drawn ones
+        order = itertools.chain(
+            (
+                i
+                for b in range(0, n, block)
+                for i in rng.sample(range(b, min(n, b + block)), min(n, b + block) - b)
+            ),
+            itertools.count(n),
+        )
+        below = (
+            drawn // block * block if drawn < n else drawn
+        )  # a resume: all below were drawn, and `done` of the block above
+        done = {
+            i for i in itertools.islice(order, drawn) if i >= below
+        }  # `order` goes on after the drawn ones
         counts, pending, made, streak, inputs = Counter(), {}, [], 0, None
         while left:
             idx, inputs = next(order), inputs or self.inputs(start, below, done, counts)
@@ -656,14 +801,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             made += [sample] if sample else []
             if len(made) == self.chunk:
                 keys, images, texts, valid, views, view_texts = zip(*made)
-                tokens = lambda ts: (torch.stack(ts) if self.args.text_cache else list(ts) if self.args.text_tower else  # live tower: encoded
-                                     self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1))  # in main
-                chunk = {"key": list(keys), "image": torch.stack(images), "text": tokens(texts), "reader": g, "consumed": drawn,
-                         "counts": dict(counts)}
+                tokens = lambda ts: (
+                    torch.stack(ts)
+                    if self.args.text_cache
+                    else list(ts)
+                    if self.args.text_tower
+                    # live tower: encoded
+                    else self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1)
+                )  # in main
+                chunk = {
+                    "key": list(keys),
+                    "image": torch.stack(images),
+                    "text": tokens(texts),
+                    "reader": g,
+                    "consumed": drawn,
+                    "counts": dict(counts),
+                }
                 if self.args.text_mode == "multi":
                     chunk["text_mask"] = torch.tensor(valid, dtype=torch.bool)
                 if self.args.aug_views:
-                    chunk.update(views=torch.stack([torch.stack(v) for v in views]), view_text=tokens(view_texts))
+                    chunk.update(
+                        views=torch.stack([torch.stack(v) for v in views]), view_text=tokens(view_texts)
+                    )
                 yield chunk
                 made, left = [], left - 1
 
@@ -724,7 +883,9 @@ class Trainee(nn.Module):
             with torch.no_grad():  # the backbone widths, from one tiny forward pass in eval mode
                 was_training = clip.training
                 clip.eval()
-                image_dim = self.image_features(torch.zeros(2, 3, image_size, image_size, device=device)).shape[-1]
+                image_dim = self.image_features(
+                    torch.zeros(2, 3, image_size, image_size, device=device)
+                ).shape[-1]
                 if adapter is None:
                     tokens = torch.zeros(2, clip.context_length, dtype=torch.long, device=device)
                     text_dim = self.text_features(tokens).shape[-1]
@@ -736,7 +897,9 @@ class Trainee(nn.Module):
             self.head_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             for tower, found in (("image", self.image_projection), ("text", self.text_projection)):
                 if found is None:
-                    print0(f"note: no separate {tower} projection found: the {tower} head reads the projected features")
+                    print0(
+                        f"note: no separate {tower} projection found: the {tower} head reads the projected features"
+                    )
         blocks = getattr(getattr(getattr(clip, "text", clip), "transformer", None), "resblocks", None)
         if text_dropout and blocks is None:
             raise SystemExit("--text-dropout needs an open_clip text transformer (resblocks)")
@@ -746,15 +909,22 @@ class Trainee(nn.Module):
 
     @staticmethod
     def mlp(in_dim, hidden, out_dim):
-        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                             nn.Linear(hidden, out_dim))
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        )
 
     def dropout_hook(self, p):
         def hook(module, inputs):
             if self.dropping:
                 return (F.dropout(inputs[0], p, True), *inputs[1:])
             return None
+
         return hook
 
     def encode_text(self, tokens):
@@ -778,14 +948,19 @@ class Trainee(nn.Module):
 
     def forward(self, image, text, views=None, view_text=None, text_mask=None):
         b, m = text.shape[:2]
-        out = {"image": F.normalize(self.clip.encode_image(image), dim=-1),
-               "text": F.normalize(self.encode_text(text.flatten(0, 1)), dim=-1).view(b, m, -1),
-               "scale": self.clip.logit_scale.exp(), "bias": self.clip.logit_bias}
+        out = {
+            "image": F.normalize(self.clip.encode_image(image), dim=-1),
+            "text": F.normalize(self.encode_text(text.flatten(0, 1)), dim=-1).view(b, m, -1),
+            "scale": self.clip.logit_scale.exp(),
+            "bias": self.clip.logit_bias,
+        }
         if text_mask is not None:
             out["text_mask"] = text_mask
         if views is not None:
             n = views.shape[1]
-            out["views"] = F.normalize(self.image_head(self.image_features(views.flatten(0, 1))), dim=-1).view(b, n, -1)
+            out["views"] = F.normalize(
+                self.image_head(self.image_features(views.flatten(0, 1))), dim=-1
+            ).view(b, n, -1)
             self.dropping = True
             try:
                 view_text_features = self.text_features(view_text.flatten(0, 1))
@@ -900,7 +1075,7 @@ def vision_layer(name, blocks):
     block i, blocks + 1 for what follows the blocks (ln_post, proj). None: not a ViT tower parameter."""
     if not name.startswith("clip.visual."):
         return None
-    rest = name[len("clip.visual."):]
+    rest = name[len("clip.visual.") :]
     if rest.startswith("transformer.resblocks."):
         return int(rest.split(".")[2]) + 1
     if rest.startswith(("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")):
@@ -957,7 +1132,9 @@ class CheckpointWriter:
 
     def save(self, state, names):
         self.wait()
-        self.thread = threading.Thread(target=self.write, args=(snapshot(state), names), name="checkpoint-writer")
+        self.thread = threading.Thread(
+            target=self.write, args=(snapshot(state), names), name="checkpoint-writer"
+        )
         self.thread.start()
 
     def write(self, state, names):
@@ -1060,22 +1237,38 @@ def build_model(args, device):
     """(open_clip model, name, its config, (main, strong view) transforms, tokenizer)."""
     import open_clip
     from torchvision import transforms as T
+
     name = os.path.basename(args.model)[:-5] if args.model.endswith(".json") else args.model
     if args.model.endswith(".json"):  # a custom config, registered under its file stem as open_clip does
         open_clip.add_model_config(args.model)
-    cfg = open_clip.get_model_config(name) or sys.exit(f"unknown model {name!r}: give an open_clip name or a JSON config file")
-    siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if args.loss == "siglip" and "init_logit_bias" not in cfg else {}
-    clip, transform, _ = open_clip.create_model_and_transforms(name, pretrained=args.pretrained, device=device,
-                                                               aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip)
-    if args.grad_checkpointing:  # but a text block recomputed in backward would miss the dropout flag: then that tower runs whole
+    cfg = open_clip.get_model_config(name) or sys.exit(
+        f"unknown model {name!r}: give an open_clip name or a JSON config file"
+    )
+    siglip = (
+        {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+        if args.loss == "siglip" and "init_logit_bias" not in cfg
+        else {}
+    )
+    clip, transform, _ = open_clip.create_model_and_transforms(
+        name, pretrained=args.pretrained, device=device, aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip
+    )
+    if (
+        args.grad_checkpointing
+    ):  # but a text block recomputed in backward would miss the dropout flag: then that tower runs whole
         clip.set_grad_checkpointing(True)
         getattr(clip, "text", clip).transformer.grad_checkpointing = not args.text_dropout
     pp = clip.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
-    strong = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                        T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
-                        T.RandomHorizontalFlip(), T.PILToTensor()])
+    strong = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+    )
     return clip, name, {**cfg, **siglip}, (uint8_output(transform), strong), open_clip.get_tokenizer(name)
 
 
@@ -1115,104 +1308,275 @@ def frozen_tower(args, device, amp):
             dim = json.load(f)["dim"]
         cached_tower = config["args"]["model"]
         if path and os.path.abspath(path) != os.path.abspath(cached_tower):
-            raise SystemExit(f"--text-cache {args.text_cache} was made by the tower {cached_tower}, not --text-tower {path}: "
-                             "embeddings of two towers cannot be mixed (re-run 08 with this tower)")
+            raise SystemExit(
+                f"--text-cache {args.text_cache} was made by the tower {cached_tower}, not --text-tower {path}: "
+                "embeddings of two towers cannot be mixed (re-run 08 with this tower)"
+            )
         path = path or cached_tower
         recipe = config.get("recipe") or tower_settings(path)
     else:
-        model, tokenizer, recipe = load_text_tower(path, device, str(amp or torch.float32)[6:], args.trust_remote_code)
+        model, tokenizer, recipe = load_text_tower(
+            path, device, str(amp or torch.float32)[6:], args.trust_remote_code
+        )
         model.eval().requires_grad_(False)
         dim = model.config.hidden_size
 
         def encode(texts):
             return tower_encode(model, tokenizer, texts, recipe, device).float()
-    record = {"path": os.path.abspath(path) if os.path.isdir(path) else path, "dim": dim, **recipe,
-              "cache": args.text_cache and os.path.abspath(args.text_cache)}
+
+    record = {
+        "path": os.path.abspath(path) if os.path.isdir(path) else path,
+        "dim": dim,
+        **recipe,
+        "cache": args.text_cache and os.path.abspath(args.text_cache),
+    }
     return encode, record, model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs")
-    p.add_argument("--texts", nargs="+", action="extend", default=[], help="sidecar folders from 02/04, joined by key (repeatable)")
-    p.add_argument("--min-score", type=float, default=None,
-                   help="leave out synthetic captions whose score (02/04 --score-model: cosine to the AltText) is below "
-                   "this; unscored captions stay")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input", nargs="+", default=["toy/shards"], help="webdataset tar shards: files, folders or globs"
+    )
+    p.add_argument(
+        "--texts",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="sidecar folders from 02/04, joined by key (repeatable)",
+    )
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="leave out synthetic captions whose score (02/04 --score-model: cosine to the AltText) is below "
+        "this; unscored captions stay",
+    )
     p.add_argument("--out-dir", default="toy/train/alt", help="checkpoints, model config, log.jsonl")
-    p.add_argument("--model", default="toy/models/toy-clip.json", help="open_clip model name, or a JSON config file")
-    p.add_argument("--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)")
-    p.add_argument("--text-mode", choices=["original", "uniform", "mix", "multi"], default="original", help="the caption(s) of each image")
+    p.add_argument(
+        "--model", default="toy/models/toy-clip.json", help="open_clip model name, or a JSON config file"
+    )
+    p.add_argument(
+        "--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)"
+    )
+    p.add_argument(
+        "--text-mode",
+        choices=["original", "uniform", "mix", "multi"],
+        default="original",
+        help="the caption(s) of each image",
+    )
     p.add_argument("--p-synthetic", type=float, default=0.5, help="mix: probability of a synthetic caption")
-    p.add_argument("--texts-per-image", default="2",
-                   help="multi: texts per image (M), or 'all': the AltText and every distinct synthetic caption")
-    p.add_argument("--eda-prob", type=float, default=0.0,
-                   help="EDA baseline: probability of an EDA edit of the main text (clip-rocket: 0, views get EDA)")
-    p.add_argument("--eda-weights", type=float, nargs=4, default=[0.0, 0.4, 0.4, 0.2],
-                   metavar=("NONE", "SYNONYM", "SWAP", "DELETE"),
-                   help="weights of the EDA edit drawn per text (clip-rocket's defaults); synonyms from WordNet")
-    p.add_argument("--wordnet-dir", default=None, help="WordNet database for EDA's synonyms (found if installed)")
-    p.add_argument("--stopword-drop", type=float, default=0.0,
-                   help="probability of dropping a text's stop words, every text (clip-rocket: 0.8)")
-    p.add_argument("--text-tower", default=None, help="LLM2CLIP: frozen text tower, hf:PATH (07's <out>/model or any HF encoder)")
-    p.add_argument("--text-cache", default=None, help="LLM2CLIP: 08's embedding cache, read instead of running --text-tower")
-    p.add_argument("--cache-check-shards", type=int, default=1,
-                   help="LLM2CLIP: shards whose texts are checked against the cache at start")
-    p.add_argument("--max-uncached", type=float, default=0.01, help="LLM2CLIP: warn past this share of uncached texts")
-    p.add_argument("--adapter-layers", type=int, default=4, help="LLM2CLIP: residual MLP blocks of the adapter")
-    p.add_argument("--adapter-expansion", type=int, default=2, help="LLM2CLIP: hidden width of those blocks, times the tower's")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
-    p.add_argument("--aug-views", type=int, default=0, help="clip-rocket: strongly augmented views (and texts) per image")
-    p.add_argument("--crop-scale", type=float, default=0.5,
-                   help="smallest random-resized-crop area of the main view (LaCLIP and clip-rocket: 0.5)")
+    p.add_argument(
+        "--texts-per-image",
+        default="2",
+        help="multi: texts per image (M), or 'all': the AltText and every distinct synthetic caption",
+    )
+    p.add_argument(
+        "--eda-prob",
+        type=float,
+        default=0.0,
+        help="EDA baseline: probability of an EDA edit of the main text (clip-rocket: 0, views get EDA)",
+    )
+    p.add_argument(
+        "--eda-weights",
+        type=float,
+        nargs=4,
+        default=[0.0, 0.4, 0.4, 0.2],
+        metavar=("NONE", "SYNONYM", "SWAP", "DELETE"),
+        help="weights of the EDA edit drawn per text (clip-rocket's defaults); synonyms from WordNet",
+    )
+    p.add_argument(
+        "--wordnet-dir", default=None, help="WordNet database for EDA's synonyms (found if installed)"
+    )
+    p.add_argument(
+        "--stopword-drop",
+        type=float,
+        default=0.0,
+        help="probability of dropping a text's stop words, every text (clip-rocket: 0.8)",
+    )
+    p.add_argument(
+        "--text-tower",
+        default=None,
+        help="LLM2CLIP: frozen text tower, hf:PATH (07's <out>/model or any HF encoder)",
+    )
+    p.add_argument(
+        "--text-cache",
+        default=None,
+        help="LLM2CLIP: 08's embedding cache, read instead of running --text-tower",
+    )
+    p.add_argument(
+        "--cache-check-shards",
+        type=int,
+        default=1,
+        help="LLM2CLIP: shards whose texts are checked against the cache at start",
+    )
+    p.add_argument(
+        "--max-uncached", type=float, default=0.01, help="LLM2CLIP: warn past this share of uncached texts"
+    )
+    p.add_argument(
+        "--adapter-layers", type=int, default=4, help="LLM2CLIP: residual MLP blocks of the adapter"
+    )
+    p.add_argument(
+        "--adapter-expansion",
+        type=int,
+        default=2,
+        help="LLM2CLIP: hidden width of those blocks, times the tower's",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the --text-tower folder (off for safety)",
+    )
+    p.add_argument(
+        "--aug-views", type=int, default=0, help="clip-rocket: strongly augmented views (and texts) per image"
+    )
+    p.add_argument(
+        "--crop-scale",
+        type=float,
+        default=0.5,
+        help="smallest random-resized-crop area of the main view (LaCLIP and clip-rocket: 0.5)",
+    )
     p.add_argument("--head-dim", type=int, default=4096, help="clip-rocket: hidden width of the MLP heads")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="clip-rocket: label smoothing of the view/text logits")
-    p.add_argument("--text-dropout", type=float, default=0.0, help="clip-rocket: dropout in the text blocks for the view texts")
-    p.add_argument("--loss", choices=["clip", "siglip"], default="clip", help="open_clip ClipLoss or SigLipLoss for the main pairs")
-    p.add_argument("--local-loss", action=argparse.BooleanOptionalAction, default=True, help="ClipLoss: local rows x gathered columns")
-    p.add_argument("--gather-with-grad", action=argparse.BooleanOptionalAction, default=True, help="ClipLoss: backward through the gather")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.1,
+        help="clip-rocket: label smoothing of the view/text logits",
+    )
+    p.add_argument(
+        "--text-dropout",
+        type=float,
+        default=0.0,
+        help="clip-rocket: dropout in the text blocks for the view texts",
+    )
+    p.add_argument(
+        "--loss",
+        choices=["clip", "siglip"],
+        default="clip",
+        help="open_clip ClipLoss or SigLipLoss for the main pairs",
+    )
+    p.add_argument(
+        "--local-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ClipLoss: local rows x gathered columns",
+    )
+    p.add_argument(
+        "--gather-with-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ClipLoss: backward through the gather",
+    )
     p.add_argument("--epochs", type=int, default=4, help="passes over the data")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the schedule still spans --epochs)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per process and micro-step (a multiple of --workers)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps (the schedule still spans --epochs)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="samples per process and micro-step (a multiple of --workers)",
+    )
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--accum-batch", choices=["full", "micro"], default="full",
-                   help="full: the micro-batches form one contrastive batch (open_clip's --accum-freq: a batch of "
-                        "accum-steps x batch-size per process); micro: each is its own contrastive batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (LaCLIP: 1e-3; clip-rocket: 3e-3)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="the cosine schedule's floor (LaCLIP, clip-rocket: 1e-5)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup from --warmup-start-lr, in epochs")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="warmup in steps (or a fraction of all steps if < 1); overrides --warmup-epochs")
-    p.add_argument("--warmup-start-lr", type=float, default=1e-6, help="learning rate of the first warmup step")
-    p.add_argument("--wd", type=float, default=0.5,
-                   help="AdamW weight decay, none on biases, norms, gains and logit scales (LaCLIP: 0.5)")
+    p.add_argument(
+        "--accum-batch",
+        choices=["full", "micro"],
+        default="full",
+        help="full: the micro-batches form one contrastive batch (open_clip's --accum-freq: a batch of "
+        "accum-steps x batch-size per process); micro: each is its own contrastive batch",
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate (LaCLIP: 1e-3; clip-rocket: 3e-3)"
+    )
+    p.add_argument(
+        "--min-lr", type=float, default=1e-5, help="the cosine schedule's floor (LaCLIP, clip-rocket: 1e-5)"
+    )
+    p.add_argument(
+        "--warmup-epochs", type=float, default=1.0, help="linear warmup from --warmup-start-lr, in epochs"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warmup in steps (or a fraction of all steps if < 1); overrides --warmup-epochs",
+    )
+    p.add_argument(
+        "--warmup-start-lr", type=float, default=1e-6, help="learning rate of the first warmup step"
+    )
+    p.add_argument(
+        "--wd",
+        type=float,
+        default=0.5,
+        help="AdamW weight decay, none on biases, norms, gains and logit scales (LaCLIP: 0.5)",
+    )
     p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.98], help="AdamW betas")
     p.add_argument("--visual-lr", type=float, default=None, help="peak lr of the image tower (default --lr)")
-    p.add_argument("--visual-wd", type=float, default=None, help="weight decay of the image tower (default --wd)")
-    p.add_argument("--visual-ld", type=float, default=1.0,
-                   help="layer-wise lr decay of a ViT image tower (LLM2CLIP: 0.85): block i of L at ld^(L - i)")
-    p.add_argument("--adapter-lr", type=float, default=None, help="LLM2CLIP: peak lr of the adapter (default --lr)")
-    p.add_argument("--adapter-wd", type=float, default=None, help="LLM2CLIP: weight decay of the adapter (default --wd)")
+    p.add_argument(
+        "--visual-wd", type=float, default=None, help="weight decay of the image tower (default --wd)"
+    )
+    p.add_argument(
+        "--visual-ld",
+        type=float,
+        default=1.0,
+        help="layer-wise lr decay of a ViT image tower (LLM2CLIP: 0.85): block i of L at ld^(L - i)",
+    )
+    p.add_argument(
+        "--adapter-lr", type=float, default=None, help="LLM2CLIP: peak lr of the adapter (default --lr)"
+    )
+    p.add_argument(
+        "--adapter-wd", type=float, default=None, help="LLM2CLIP: weight decay of the adapter (default --wd)"
+    )
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (LaCLIP, clip-rocket: 1e-8)")
     p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm to this")
-    p.add_argument("--precision", choices=["amp_bf16", "amp_fp16", "fp32"], default="amp_bf16", help="autocast on GPUs; CPU is fp32")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument(
+        "--precision",
+        choices=["amp_bf16", "amp_fp16", "fp32"],
+        default="amp_bf16",
+        help="autocast on GPUs; CPU is fp32",
+    )
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (data readers) per process")
-    p.add_argument("--shuffle-buffer", type=int, default=2000, help="each reader shuffles its samples in blocks of this many (>= 1)")
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=2000,
+        help="each reader shuffles its samples in blocks of this many (>= 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
     p.add_argument("--log-every", type=int, default=10, help="log a line every N steps")
-    p.add_argument("--save-every", type=int, default=500, help="write latest.pt every N steps (and at each epoch end)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: <out-dir>/latest.pt if there)")
-    p.add_argument("--report-to", choices=["none", "wandb", "tensorboard"], default="none", help="also log there (imported only then)")
+    p.add_argument(
+        "--save-every", type=int, default=500, help="write latest.pt every N steps (and at each epoch end)"
+    )
+    p.add_argument(
+        "--resume", default=None, help="checkpoint to resume from (default: <out-dir>/latest.pt if there)"
+    )
+    p.add_argument(
+        "--report-to",
+        choices=["none", "wandb", "tensorboard"],
+        default="none",
+        help="also log there (imported only then)",
+    )
     args = p.parse_args(argv)
     if args.batch_size % max(1, args.workers):
-        p.error("--batch-size must be a multiple of --workers: each worker makes an equal part of every batch")
+        p.error(
+            "--batch-size must be a multiple of --workers: each worker makes an equal part of every batch"
+        )
     if args.texts_per_image != "all" and not args.texts_per_image.isdigit():
         p.error("--texts-per-image is a number or 'all'")
     args.all_texts = args.texts_per_image == "all"
     args.texts_per_image = 0 if args.all_texts else int(args.texts_per_image)  # 'all': counted in main()
     if args.text_cache and (args.eda_prob or args.stopword_drop or args.aug_views):
-        p.error("--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so need a live --text-tower")
+        p.error(
+            "--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so need a live --text-tower"
+        )
     if (args.text_cache or args.text_tower) and args.text_dropout:
         p.error("--text-dropout acts inside CLIP's text tower, which a frozen --text-tower replaces")
     args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
@@ -1222,23 +1586,41 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args, t0, (rank, world, local_rank), cuda = parse_args(argv), time.time(), dist_env(), torch.cuda.is_available()
+    args, t0, (rank, world, local_rank), cuda = (
+        parse_args(argv),
+        time.time(),
+        dist_env(),
+        torch.cuda.is_available(),
+    )
     device, k = torch.device(f"cuda:{local_rank}" if cuda else "cpu"), max(1, args.workers)
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # leave the DataLoader workers their cores: spinning OpenMP threads crawl
+    if (
+        not cuda and "OMP_NUM_THREADS" not in os.environ
+    ):  # leave the DataLoader workers their cores: spinning OpenMP threads crawl
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - args.workers))
     os.makedirs(args.out_dir, exist_ok=True)
     shards = [os.path.abspath(p) for p in list_inputs(args.input, (".tar",))]
-    missing = [f for d, e in [(d, ".jsonl") for d in args.texts] + [(args.text_cache, ".stats.json")] * bool(args.text_cache) for s in shards
-               if not os.path.exists(f := f"{d}/{shard_name(s)}{e}")]
-    counts, amp = [count_samples(s) for s in shards], {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision) if cuda else None
+    missing = [
+        f
+        for d, e in [(d, ".jsonl") for d in args.texts]
+        + [(args.text_cache, ".stats.json")] * bool(args.text_cache)
+        for s in shards
+        if not os.path.exists(f := f"{d}/{shard_name(s)}{e}")
+    ]
+    counts, amp = (
+        [count_samples(s) for s in shards],
+        {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision) if cuda else None,
+    )
     if missing or not sum(counts):
-        raise SystemExit(f"{missing[0]} is missing (run 02/04, and 08 for --text-cache, on every shard)" if missing else
-                         f"no image samples in {args.input}")
+        raise SystemExit(
+            f"{missing[0]} is missing (run 02/04, and 08 for --text-cache, on every shard)"
+            if missing
+            else f"no image samples in {args.input}"
+        )
     steps_per_epoch = math.ceil(sum(counts) / (world * args.batch_size * args.accum_steps))
     total_steps = args.epochs * steps_per_epoch
     stop = min(total_steps, args.max_steps or total_steps)
@@ -1249,77 +1631,159 @@ def main(argv=None):
     if args.all_texts:
         args.texts_per_image = count_texts(shards[0], args.texts, args.min_score)
     if args.text_cache and rank == 0:  # say at the start, not only as a running count, what the cache lacks
-        missing, total = uncached_share(shards[:args.cache_check_shards], args, Counter())
+        missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
         share = missing / max(1, total)
-        print0(f"05_train: text cache: {missing} of {total} pickable texts in the first {min(len(shards), args.cache_check_shards)} "
-               f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped")
+        print0(
+            f"05_train: text cache: {missing} of {total} pickable texts in the first {min(len(shards), args.cache_check_shards)} "
+            f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped"
+        )
         if share > args.max_uncached:
-            print0(f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
-                   f"folders (and --input) as this training?")
-    if args.min_score is not None and args.texts and rank == 0:  # what the filter takes away, said at the start
+            print0(
+                f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
+                f"folders (and --input) as this training?"
+            )
+    if (
+        args.min_score is not None and args.texts and rank == 0
+    ):  # what the filter takes away, said at the start
         counts_before = Counter()
-        kept = sum(len(v) for s in shards[:args.cache_check_shards] for v in load_texts(s, args.texts, counts_before, args.min_score).values())
+        kept = sum(
+            len(v)
+            for s in shards[: args.cache_check_shards]
+            for v in load_texts(s, args.texts, counts_before, args.min_score).values()
+        )
         dropped = counts_before["low_score"]
-        print0(f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
-               f"{min(len(shards), args.cache_check_shards)} shard(s) score below it and are left out "
-               f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay")
+        print0(
+            f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
+            f"{min(len(shards), args.cache_check_shards)} shard(s) score below it and are left out "
+            f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
+        )
     synonyms = None
-    if (args.aug_views or args.eda_prob) and args.eda_weights[1] > 0:  # EDA's synonym replacement reads WordNet
+    if (args.aug_views or args.eda_prob) and args.eda_weights[
+        1
+    ] > 0:  # EDA's synonym replacement reads WordNet
         synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
     encode, tower, adapter, tower_model = None, None, None, None
-    if args.text_tower or args.text_cache:  # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
+    if (
+        args.text_tower or args.text_cache
+    ):  # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
         encode, tower, tower_model = frozen_tower(args, device, amp)
         torch.manual_seed(args.seed + 1)  # the adapter's init does not depend on whether a tower was loaded
         adapter = Adapter(tower["dim"], cfg["embed_dim"], args.adapter_layers, args.adapter_expansion)
         for n, p in clip.named_parameters():
             p.requires_grad_(n.startswith(("visual.", "logit_")))
-    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(device)
-    trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee  # heads: global batch statistics
+    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(
+        device
+    )
+    trainee = (
+        nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee
+    )  # heads: global batch statistics
     opt = adamw(param_groups(trainee, args), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ("text_tower" in ckpt) != (adapter is not None):
-            raise SystemExit(f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run")
-        trainee.load_state_dict({**{"clip." + key: v for key, v in ckpt["state_dict"].items()}, **ckpt.get("extra_state_dict", {})})
+            raise SystemExit(
+                f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run"
+            )
+        trainee.load_state_dict(
+            {
+                **{"clip." + key: v for key, v in ckpt["state_dict"].items()},
+                **ckpt.get("extra_state_dict", {}),
+            }
+        )
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # saved by a disabled scaler (CPU, bf16): empty
+        scaler.load_state_dict(
+            ckpt["scaler"] or scaler.state_dict()
+        )  # saved by a disabled scaler (CPU, bf16): empty
         step, epoch, data = ckpt["step"], ckpt["epoch"], ckpt["data"]
-        changed = [a for a in ("model", "batch_size", "workers", "accum_steps", "text_mode", "seed", "text_tower", "text_cache")
-                   if ckpt["args"].get(a) != vars(args)[a]]
-        print0(f"resuming from {path} at step {step}, epoch {epoch}" + (f"; changed since: {changed}" if changed else ""))
-    in_epoch, consumed, skipped = data.get("step_in_epoch", 0), data.get("consumed", {}), data.get("skipped", 0) if rank == 0 else 0
-    if in_epoch and data.get("readers") != world * k:  # another number of readers: the rest of the epoch is split anew, roughly
+        changed = [
+            a
+            for a in (
+                "model",
+                "batch_size",
+                "workers",
+                "accum_steps",
+                "text_mode",
+                "seed",
+                "text_tower",
+                "text_cache",
+            )
+            if ckpt["args"].get(a) != vars(args)[a]
+        ]
+        print0(
+            f"resuming from {path} at step {step}, epoch {epoch}"
+            + (f"; changed since: {changed}" if changed else "")
+        )
+    in_epoch, consumed, skipped = (
+        data.get("step_in_epoch", 0),
+        data.get("consumed", {}),
+        data.get("skipped", 0) if rank == 0 else 0,
+    )
+    if (
+        in_epoch and data.get("readers") != world * k
+    ):  # another number of readers: the rest of the epoch is split anew, roughly
         consumed = {g: in_epoch * args.accum_steps * args.batch_size // k for g in range(world * k)}
     if rank == 0:
-        write_json(os.path.join(args.out_dir, name + ".json"), cfg)  # beside the checkpoints, for open_clip.add_model_config
-        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, model_name=name, world=world, samples=sum(counts)))
-    model = trainee if world == 1 else nn.parallel.DistributedDataParallel(trainee, device_ids=[local_rank] if cuda else None)
+        write_json(
+            os.path.join(args.out_dir, name + ".json"), cfg
+        )  # beside the checkpoints, for open_clip.add_model_config
+        write_json(
+            os.path.join(args.out_dir, "_config.json"),
+            run_config(args, model_name=name, world=world, samples=sum(counts)),
+        )
+    model = (
+        trainee
+        if world == 1
+        else nn.parallel.DistributedDataParallel(trainee, device_ids=[local_rank] if cuda else None)
+    )
     model = torch.compile(model) if args.compile else model
     from open_clip.loss import ClipLoss, SigLipLoss
-    clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=rank, world_size=world)
+
+    clip_loss = ClipLoss(
+        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, rank=rank, world_size=world
+    )
     siglip_loss = SigLipLoss(rank=rank, world_size=world) if args.loss == "siglip" else None
     contrastive_batch = world * args.batch_size * (args.accum_steps if args.accum_batch == "full" else 1)
-    print0(f"05_train: {name}, {len(shards)} shards, {sum(counts)} samples, {world} x {k} readers, global batch "
-           f"{world * args.batch_size * args.accum_steps} (contrastive batch {contrastive_batch}), {steps_per_epoch} "
-           f"steps/epoch, {total_steps} steps, warmup {warmup}, {amp or 'fp32'}, on {device}")
+    print0(
+        f"05_train: {name}, {len(shards)} shards, {sum(counts)} samples, {world} x {k} readers, global batch "
+        f"{world * args.batch_size * args.accum_steps} (contrastive batch {contrastive_batch}), {steps_per_epoch} "
+        f"steps/epoch, {total_steps} steps, warmup {warmup}, {amp or 'fp32'}, on {device}"
+    )
     if args.text_mode == "multi":
-        print0(f"05_train: {args.texts_per_image} texts per image" + (" (all: AltText + every distinct synthetic caption)"
-                                                                      if args.all_texts else ""))
+        print0(
+            f"05_train: {args.texts_per_image} texts per image"
+            + (" (all: AltText + every distinct synthetic caption)" if args.all_texts else "")
+        )
     report = None
     if rank == 0 and args.report_to == "wandb":
         import wandb
-        report = wandb.init(project="recap-clip", dir=args.out_dir, config=vars(args), resume="allow",
-                            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12]).log
+
+        report = wandb.init(
+            project="recap-clip",
+            dir=args.out_dir,
+            config=vars(args),
+            resume="allow",
+            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12],
+        ).log
     elif rank == 0 and args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        report = lambda rec, w=SummaryWriter(os.path.join(args.out_dir, "tensorboard")): [w.add_scalar(key, v, rec["step"]) for key, v in rec.items()]
+
+        report = lambda rec, w=SummaryWriter(os.path.join(args.out_dir, "tensorboard")): [
+            w.add_scalar(key, v, rec["step"]) for key, v in rec.items()
+        ]
     from tqdm import tqdm
+
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
-    loss_sum, window, last, first, reader_counts = torch.zeros((), device=device), (time.time(), step), {}, None, {}
+    loss_sum, window, last, first, reader_counts = (
+        torch.zeros((), device=device),
+        (time.time(), step),
+        {},
+        None,
+        {},
+    )
 
     def loss_of(out):
         return total_loss(out, clip_loss, siglip_loss, args.label_smoothing)
@@ -1330,7 +1794,9 @@ def main(argv=None):
     mean = torch.tensor(clip.visual.preprocess_cfg["mean"], device=device).view(-1, 1, 1)
     std = torch.tensor(clip.visual.preprocess_cfg["std"], device=device).view(-1, 1, 1)
 
-    def join(parts):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
+    def join(
+        parts,
+    ):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
         if torch.is_tensor(parts[0]):
             # each chunk is pinned by the DataLoader: copied as it is (asynchronously), joined on the device
             return torch.cat([part.to(device, non_blocking=True) for part in parts])
@@ -1340,14 +1806,30 @@ def main(argv=None):
 
     writer = CheckpointWriter(args.out_dir)
     # one stream for the rest of the run: its workers go from one epoch into the next without a restart
-    stream = ShardStream(shards, counts, args, epoch, consumed, (steps_per_epoch - in_epoch) * args.accum_steps, args.batch_size // k,
-                         transforms, tokenizer, synonyms, end_epoch=args.epochs, chunks_per_epoch=steps_per_epoch * args.accum_steps)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda))
+    stream = ShardStream(
+        shards,
+        counts,
+        args,
+        epoch,
+        consumed,
+        (steps_per_epoch - in_epoch) * args.accum_steps,
+        args.batch_size // k,
+        transforms,
+        tokenizer,
+        synonyms,
+        end_epoch=args.epochs,
+        chunks_per_epoch=steps_per_epoch * args.accum_steps,
+    )
+    batches = iter(
+        torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)
+    )
     positions = dict(consumed)
     while step < stop:
         while in_epoch < steps_per_epoch and step < stop:
             lr = learning_rate(step, args, warmup, total_steps)
-            for group in opt.param_groups:  # each group's own peak lr (vision, layer decay, adapter) on one schedule
+            for (
+                group
+            ) in opt.param_groups:  # each group's own peak lr (vision, layer decay, adapter) on one schedule
                 group["lr"] = lr * group["base_lr"] / args.lr if args.lr else 0.0
             micro_batches = []
             for _ in range(args.accum_steps):
@@ -1364,31 +1846,55 @@ def main(argv=None):
                 micro_batches.append(batch)
             # dropout and the like: a function of the step (and micro-batch) alone
             seeds = [args.seed * 1_000_003 + step * 1_009 + rank + 7_919 * i for i in range(args.accum_steps)]
-            loss_sum += forward_backward(model, micro_batches, loss_of, scaler, autocast, seeds,
-                                         full=args.accum_batch == "full", no_sync=model.no_sync if world > 1 else None)
+            loss_sum += forward_backward(
+                model,
+                micro_batches,
+                loss_of,
+                scaler,
+                autocast,
+                seeds,
+                full=args.accum_batch == "full",
+                no_sync=model.no_sync if world > 1 else None,
+            )
             if args.grad_clip_norm:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(trainee.parameters(), args.grad_clip_norm)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            for scale in [s for s in (trainee.clip.logit_scale, getattr(trainee, "head_logit_scale", None)) if s is not None]:
+            for scale in [
+                s
+                for s in (trainee.clip.logit_scale, getattr(trainee, "head_logit_scale", None))
+                if s is not None
+            ]:
                 scale.data.clamp_(0, math.log(100))
             step, in_epoch, epoch_end = step + 1, in_epoch + 1, in_epoch + 1 == steps_per_epoch
             bar.update(1)
             if step % args.log_every == 0 or step in (1, stop) or epoch_end:
-                stats = torch.tensor([loss_sum.item(), sum(c.get(s, 0) for c in reader_counts.values() for s in SKIPPED)], device=device)
+                stats = torch.tensor(
+                    [loss_sum.item(), sum(c.get(s, 0) for c in reader_counts.values() for s in SKIPPED)],
+                    device=device,
+                )
                 if world > 1:
                     dist.all_reduce(stats)
                 seconds, n = time.time() - window[0], step - window[1]
-                last = {"step": step, "epoch": round(epoch + in_epoch / steps_per_epoch, 4), "loss": stats[0].item() / world / n, "lr": lr,
-                        "logit_scale": trainee.clip.logit_scale.exp().item(), "skipped": skipped + int(stats[1]),
-                        "samples_per_s": round(n * world * args.batch_size * args.accum_steps / seconds, 1), "seconds": round(time.time() - t0, 1)}
+                last = {
+                    "step": step,
+                    "epoch": round(epoch + in_epoch / steps_per_epoch, 4),
+                    "loss": stats[0].item() / world / n,
+                    "lr": lr,
+                    "logit_scale": trainee.clip.logit_scale.exp().item(),
+                    "skipped": skipped + int(stats[1]),
+                    "samples_per_s": round(n * world * args.batch_size * args.accum_steps / seconds, 1),
+                    "seconds": round(time.time() - t0, 1),
+                }
                 first, window = first or last["loss"], (time.time(), step)
                 loss_sum.zero_()
                 if rank == 0:
-                    (print if bar.disable else bar.write)(f"step {step}/{stop} loss {last['loss']:.4f} lr {lr:.2e} {last['samples_per_s']:.0f} "
-                                                          f"samples/s skipped {last['skipped']} ETA {(stop - step) * seconds / n / 60:.1f} min")
+                    (print if bar.disable else bar.write)(
+                        f"step {step}/{stop} loss {last['loss']:.4f} lr {lr:.2e} {last['samples_per_s']:.0f} "
+                        f"samples/s skipped {last['skipped']} ETA {(stop - step) * seconds / n / 60:.1f} min"
+                    )
                     with open(os.path.join(args.out_dir, "log.jsonl"), "a") as log:
                         log.write(json.dumps(last) + "\n")
                     if report:
@@ -1399,11 +1905,25 @@ def main(argv=None):
                     dist.all_gather_object(parts, positions)
                 if rank == 0:
                     state = trainee.state_dict()
-                    checkpoint = {"epoch": epoch + epoch_end, "step": step, "model_name": name, "args": vars(args), "optimizer": opt.state_dict(),
-                                  "scaler": scaler.state_dict(), **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}), "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
-                                  "extra_state_dict": {key: v for key, v in state.items() if not key.startswith("clip.")},
-                                  "data": {"step_in_epoch": 0 if epoch_end else in_epoch, "readers": world * k, "skipped": last.get("skipped", skipped),
-                                           "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()}}}
+                    checkpoint = {
+                        "epoch": epoch + epoch_end,
+                        "step": step,
+                        "model_name": name,
+                        "args": vars(args),
+                        "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}),
+                        "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
+                        "extra_state_dict": {
+                            key: v for key, v in state.items() if not key.startswith("clip.")
+                        },
+                        "data": {
+                            "step_in_epoch": 0 if epoch_end else in_epoch,
+                            "readers": world * k,
+                            "skipped": last.get("skipped", skipped),
+                            "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()},
+                        },
+                    }
                     writer.save(checkpoint, ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end)
         if in_epoch == steps_per_epoch:
             skipped, epoch, in_epoch, consumed, reader_counts = last["skipped"], epoch + 1, 0, {}, {}
@@ -1412,11 +1932,21 @@ def main(argv=None):
     bar.close()
     if rank == 0:
         plot_log(args.out_dir)
-    print0(f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
-           f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}")
+    print0(
+        f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
+        f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}"
+    )
     if world > 1:
         dist.destroy_process_group()
-    return {**last, "step": step, "epoch": epoch, "first_loss": first, "model": trainee.clip, "adapter": adapter, "tower": tower_model}
+    return {
+        **last,
+        "step": step,
+        "epoch": epoch,
+        "first_loss": first,
+        "model": trainee.clip,
+        "adapter": adapter,
+        "tower": tower_model,
+    }
 
 
 if __name__ == "__main__":

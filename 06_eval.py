@@ -44,6 +44,7 @@ A flag with no value turns its task off. A row already in --results for the same
 skipped; a changed checkpoint or --overwrite is measured again, and the newest line per (name, task, dataset) counts.
 Missing, unreadable or caption-less images and image-less classes are skipped, counted in "counts" and named in a WARNING.
 """
+
 import argparse
 import contextlib
 import fcntl
@@ -65,6 +66,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -126,8 +128,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -135,7 +141,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -176,8 +184,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -191,9 +207,19 @@ def run_config(args, **extra):
 #   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
-                "pool_tokens": "all", "padding_side": "right"}
-TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+TOWER_TEMPLATES = {
+    "plain": "{text}",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+}
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -206,7 +232,11 @@ def tower_settings(path):
         with open(config_file) as f:
             config = json.load(f)
         architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in ("llama", "mistral", "qwen2"):
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
             settings["max_length"] = 512
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
@@ -230,8 +260,11 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
     if not os.path.isdir(path):
-        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -246,14 +279,18 @@ def tower_batch(tokenizer, texts, recipe):
         tail += tokenizer.eos_token or ""
     tokenizer.padding_side = recipe["padding_side"]
     wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
     pool = batch["attention_mask"].clone()
-    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+    if (
+        recipe["pool_tokens"] == "text"
+    ):  # the last n real tokens: the text and what follows it in the template
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
             pool[i] = 0
-            pool[i, real[max(0, len(real) - n):]] = 1
+            pool[i, real[max(0, len(real) - n) :]] = 1
     return batch, pool
 
 
@@ -262,16 +299,22 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     import inspect
 
     import torch
+
     batch, pool = tower_batch(tokenizer, texts, recipe)
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
-    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # positions count from each text's first token
+    if (
+        recipe["attention"] == "bidirectional"
+    ):  # every token sees every real token: a 4-d additive mask, used as given
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min)
+            blocked, torch.finfo(dtype).min
+        )
     hidden = model(**inputs).last_hidden_state
     if recipe["pooling"] == "mean":
         weight = pool.unsqueeze(-1).to(hidden.dtype)
@@ -280,6 +323,8 @@ def tower_encode(model, tokenizer, texts, recipe, device):
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
         emb = hidden[torch.arange(hidden.shape[0], device=device), last]
     return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
 # ---- end text tower
 
 
@@ -290,9 +335,23 @@ class Adapter(nn.Module):
 
     def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
         super().__init__()
-        self.config = {"dim": dim, "out_dim": out_dim, "layers": layers, "expansion": expansion, "dropout": dropout}
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
-                                                  nn.Linear(expansion * dim, dim)) for _ in range(layers))
+        self.config = {
+            "dim": dim,
+            "out_dim": out_dim,
+            "layers": layers,
+            "expansion": expansion,
+            "dropout": dropout,
+        }
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, expansion * dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(expansion * dim, dim),
+            )
+            for _ in range(layers)
+        )
         self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
 
     def forward(self, x):
@@ -300,35 +359,55 @@ class Adapter(nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return self.proj(self.norm(x))
+
+
 # ---- end adapter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 # LaCLIP's ImageNet prompts for its CC3M/CC12M/RedCaps models (eval_zeroshot_imagenet.py in its repository): the
 # 7-prompt ensemble of OpenAI's prompt-engineering notebook, also open_clip's SIMPLE_IMAGENET_TEMPLATES.
-LACLIP_TEMPLATES = ["itap of a {c}.", "a bad photo of the {c}.", "a origami {c}.", "a photo of the large {c}.",
-                    "a {c} in a video game.", "art of the {c}.", "a photo of the small {c}."]
-TABLE = {"zeroshot": [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean recall")],
-         "retrieval": [(f"{d}_retrieval_recall@{k}", f"{arrow} R@{k}") for d, arrow in (("text", "I→T"), ("image", "T→I"))
-                       for k in (1, 5, 10)],
-         "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")], "cra": [("cra", "CRA")]}
+LACLIP_TEMPLATES = [
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
+]
+TABLE = {
+    "zeroshot": [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean recall")],
+    "retrieval": [
+        (f"{d}_retrieval_recall@{k}", f"{arrow} R@{k}")
+        for d, arrow in (("text", "I→T"), ("image", "T→I"))
+        for k in (1, 5, 10)
+    ],
+    "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")],
+    "cra": [("cra", "CRA")],
+}
 
 
 def tie_share(m, t, p):
     """Chance that a random order of t negatives and p positives puts a positive among its first m."""
     mm = torch.minimum(m.clamp(min=0), t)
-    miss = torch.exp(torch.lgamma(t + 1) - torch.lgamma(t - mm + 1) - torch.lgamma(t + p + 1) + torch.lgamma(t + p - mm + 1))
+    miss = torch.exp(
+        torch.lgamma(t + 1)
+        - torch.lgamma(t - mm + 1)
+        - torch.lgamma(t + p + 1)
+        + torch.lgamma(t + p - mm + 1)
+    )
     return torch.where(m <= 0, 0.0, torch.where(m > t, 1.0, 1 - miss))
 
 
-def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_elements=2 ** 22):
+def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_elements=2**22):
     """(queries, len(ks)): 1 where a positive candidate (same label) is among the k best, else 0. Candidates that tie
     exactly with the best positive share those places: the expected hit over the orders of the tie, which is what a
     top-k such as CLIP_benchmark's gives on average; so no data order changes a number and a collapsed model scores
     chance. A block of queries at a time, so 5k images x 25k captions never builds the whole score matrix."""
     chunk, out = max(1, max_elements // max(1, len(candidates))), []
     for start in range(0, len(queries), chunk):
-        scores = queries[start:start + chunk] @ candidates.T
-        positive = query_labels[start:start + chunk, None] == candidate_labels[None, :]
+        scores = queries[start : start + chunk] @ candidates.T
+        positive = query_labels[start : start + chunk, None] == candidate_labels[None, :]
         best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
         tied = scores == best
         above, p = (scores > best).sum(1).double(), (tied & positive).sum(1).double()
@@ -347,8 +426,11 @@ def classification_metrics(hits, targets, n_classes, prefix=""):
     images (balanced accuracy)."""
     count = torch.bincount(targets, minlength=n_classes)
     per_class = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, targets, hits[:, 0])
-    metrics = {"acc1": hits[:, 0].mean().item(), "acc5": hits[:, 1].mean().item() if n_classes >= 5 else None,
-               "mean_per_class_recall": (per_class[count > 0] / count[count > 0]).mean().item()}
+    metrics = {
+        "acc1": hits[:, 0].mean().item(),
+        "acc5": hits[:, 1].mean().item() if n_classes >= 5 else None,
+        "mean_per_class_recall": (per_class[count > 0] / count[count > 0]).mean().item(),
+    }
     metrics = {prefix + k: v for k, v in metrics.items() if v is not None}
     return metrics, tie_note(hits, list(metrics)[:-1])
 
@@ -356,10 +438,13 @@ def classification_metrics(hits, targets, n_classes, prefix=""):
 def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
     """text_image[j] = the image of caption j. Image->text is a hit if any of the image's captions is in the top k."""
     images = torch.arange(len(image_emb))
-    t2i, i2t = hits_at(text_emb, image_emb, text_image, images, ks), hits_at(image_emb, text_emb, images, text_image, ks)
+    t2i, i2t = (
+        hits_at(text_emb, image_emb, text_image, images, ks),
+        hits_at(image_emb, text_emb, images, text_image, ks),
+    )
     names = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in ks]
     hits = torch.cat([t2i.mean(0), i2t.mean(0)]).tolist()
-    return dict(zip(names, hits)), {**tie_note(t2i, names[:len(ks)]), **tie_note(i2t, names[len(ks):])}
+    return dict(zip(names, hits)), {**tie_note(t2i, names[: len(ks)]), **tie_note(i2t, names[len(ks) :])}
 
 
 def with_bias(x, device="cpu", dtype=torch.float64):
@@ -370,16 +455,21 @@ def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
     """argmin mean cross-entropy + lam/2 |W|^2 (bias free) by full-batch L-BFGS in float64. Convex: a warm start changes
     the speed, not the answer. x: features with a bias column; returns W (bias in the last row)."""
     w = (init.clone() if init is not None else x.new_zeros(x.shape[1], n_classes)).requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(x @ w, y) + lam / 2 * w[:-1].pow(2).sum()
         loss.backward()
         return loss
+
     threads = torch.get_num_threads()
-    if x.device.type == "cpu" and x.numel() * n_classes < 2 ** 22:
-        torch.set_num_threads(1)  # on a small problem thread hand-offs cost more than the arithmetic (10x on 2 cores)
+    if x.device.type == "cpu" and x.numel() * n_classes < 2**22:
+        torch.set_num_threads(
+            1
+        )  # on a small problem thread hand-offs cost more than the arithmetic (10x on 2 cores)
     try:
         opt.step(closure)
     finally:
@@ -482,7 +572,9 @@ def linear_probe(
     if k_shot:  # k per class from what the held-out part left
         g, picks = torch.Generator().manual_seed(seed), [fit[y[fit] == c] for c in torch.unique(y)]
         if min(len(p) for p in picks) < k_shot:
-            raise SystemExit(f"--probe-k-shot {k_shot}: a class has {min(len(p) for p in picks)} training images besides the held-out ones")
+            raise SystemExit(
+                f"--probe-k-shot {k_shot}: a class has {min(len(p) for p in picks)} training images besides the held-out ones"
+            )
         fit = torch.cat([p[torch.randperm(len(p), generator=g)[:k_shot]] for p in picks])
     final = fit if k_shot else torch.cat([fit, val])  # as CLIP_benchmark: k-shot trains on the k only
     solver = probe_solver(solver, len(final), x.shape[1], n_classes)
@@ -525,7 +617,11 @@ def read_lines(path):
 
 def wds_samples(path, split, field, counts):
     """(image bytes, `field` bytes) per sample of the .tar shards in path (or path/split); None if there are none."""
-    tars = sorted(glob.glob(os.path.join(path, "*.tar")) or glob.glob(os.path.join(path, split, "*.tar"))) if os.path.isdir(path) else []
+    tars = (
+        sorted(glob.glob(os.path.join(path, "*.tar")) or glob.glob(os.path.join(path, split, "*.tar")))
+        if os.path.isdir(path)
+        else []
+    )
     samples = []
     for tar in tars:
         for _, s in iter_tar(tar, {field, *IMAGE_EXTS}, counts):
@@ -541,18 +637,33 @@ def read_classes(path, args, counts):
     """(images as paths or bytes, labels, class names, templates file or None) from class folders or .cls tars."""
     if not os.path.isdir(path):
         raise SystemExit(f"{path}: not a folder of class sub-folders or .tar shards")
-    beside = lambda *names: next((p for d in (path, os.path.dirname(os.path.normpath(path))) for n in names
-                                  for p in [os.path.join(d, n)] if os.path.isfile(p)), None)
+    beside = lambda *names: next(
+        (
+            p
+            for d in (path, os.path.dirname(os.path.normpath(path)))
+            for n in names
+            for p in [os.path.join(d, n)]
+            if os.path.isfile(p)
+        ),
+        None,
+    )
     if args.classnames == "imagenet":
         import open_clip
+
         names = list(open_clip.IMAGENET_CLASSNAMES)
     else:
-        names = read_lines(args.classnames or beside("classnames.txt")) if args.classnames or beside("classnames.txt") else None
+        names = (
+            read_lines(args.classnames or beside("classnames.txt"))
+            if args.classnames or beside("classnames.txt")
+            else None
+        )
     samples, items, labels = wds_samples(path, args.split, "cls", counts), [], []
     if samples is not None:
         items, labels = [image for image, _ in samples], [int(cls) for _, cls in samples]
         if names is None or max(labels, default=0) >= len(names):
-            raise SystemExit(f"{path}: .tar shards need a classnames.txt beside them with a line for every .cls label")
+            raise SystemExit(
+                f"{path}: .tar shards need a classnames.txt beside them with a line for every .cls label"
+            )
     else:
         folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         names = names or folders
@@ -563,8 +674,10 @@ def read_classes(path, args, counts):
         elif len(folders) == len(names):  # e.g. ImageNet's wnid folders: the i-th sorted folder is class i
             index = {f: i for i, f in enumerate(folders)}
         else:
-            raise SystemExit(f"{path}: {len(folders)} class folders but {len(names)} class names, and the folders are not "
-                             f"named as the classes: give one folder per class name (empty is fine), in classnames.txt order")
+            raise SystemExit(
+                f"{path}: {len(folders)} class folders but {len(names)} class names, and the folders are not "
+                f"named as the classes: give one folder per class name (empty is fine), in classnames.txt order"
+            )
         for f in folders:
             files = sorted(os.listdir(os.path.join(path, f)))
             images = [n for n in files if n.rpartition(".")[2].lower() in IMAGE_EXTS]
@@ -573,25 +686,40 @@ def read_classes(path, args, counts):
             labels += [index[f]] * len(images)
     if not items:
         raise SystemExit(f"{path}: no images found")
-    return items, torch.tensor(labels, dtype=torch.long), names, beside("templates.txt", "zeroshot_classification_templates.txt")
+    return (
+        items,
+        torch.tensor(labels, dtype=torch.long),
+        names,
+        beside("templates.txt", "zeroshot_classification_templates.txt"),
+    )
 
 
 def read_retrieval(path, args, counts, need_images=True):
     """[(image path or bytes, [captions])] from wds tars, JSONL, a JSON list or Karpathy's JSON."""
     samples = wds_samples(path, args.split, "txt", counts)
     if samples is not None:
-        return [(image, [c for c in decode_text(txt, counts).splitlines() if c.strip()]) for image, txt in samples]
+        return [
+            (image, [c for c in decode_text(txt, counts).splitlines() if c.strip()]) for image, txt in samples
+        ]
     path = os.path.join(path, "captions.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such retrieval file (JSONL, JSON, or a folder with captions.jsonl or .tar shards)")
+        raise SystemExit(
+            f"{path}: no such retrieval file (JSONL, JSON, or a folder with captions.jsonl or .tar shards)"
+        )
     if path.endswith(".jsonl"):
         records = list(iter_jsonl(path, counts))
     else:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
         if isinstance(records, dict):  # Karpathy's dataset_coco.json / dataset_flickr30k.json
-            records = [{"image": os.path.join(r.get("filepath", ""), r["filename"]), "captions": [s["raw"] for s in r["sentences"]]}
-                       for r in records["images"] if r["split"] == args.split]
+            records = [
+                {
+                    "image": os.path.join(r.get("filepath", ""), r["filename"]),
+                    "captions": [s["raw"] for s in r["sentences"]],
+                }
+                for r in records["images"]
+                if r["split"] == args.split
+            ]
     root, pairs, missing = args.image_root or os.path.dirname(os.path.abspath(path)), [], []
     for r in records:
         captions = r.get("captions", r.get("caption")) or []
@@ -605,9 +733,13 @@ def read_retrieval(path, args, counts, need_images=True):
         else:
             pairs.append((image, captions))
     if missing:
-        print0(f"WARNING {path}: {len(missing)} image files not found (e.g. {missing[0]}); skipped with their captions")
+        print0(
+            f"WARNING {path}: {len(missing)} image files not found (e.g. {missing[0]}); skipped with their captions"
+        )
     if not pairs:
-        raise SystemExit(f"{path}: no image with captions and an existing file; image paths are taken relative to {root} (--image-root)")
+        raise SystemExit(
+            f"{path}: no image with captions and an existing file; image paths are taken relative to {root} (--image-root)"
+        )
     return pairs
 
 
@@ -620,34 +752,58 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            with Image.open(io.BytesIO(self.items[i]) if isinstance(self.items[i], bytes) else self.items[i]) as img:
+            with Image.open(
+                io.BytesIO(self.items[i]) if isinstance(self.items[i], bytes) else self.items[i]
+            ) as img:
                 return i, self.transform(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image, truncated, corrupt
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ):  # not an image, truncated, corrupt
             return i, None
 
 
 def collate(batch):
     good = [(i, x) for i, x in batch if x is not None]
-    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, [i for i, x in batch if x is None]
+    return (
+        [i for i, _ in good],
+        torch.stack([x for _, x in good]) if good else None,
+        [i for i, x in batch if x is None],
+    )
 
 
 def autocast(args):
     if args.precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16)
+    return torch.autocast(
+        args.device.split(":")[0], dtype=torch.bfloat16 if args.precision == "amp_bf16" else torch.float16
+    )
 
 
 @torch.no_grad()
 def encode_images(model, transform, items, args, what, counts):
     """Normalised embeddings of the readable images and their indices; unreadable ones are counted and named."""
-    loader = torch.utils.data.DataLoader(Images(items, transform), batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=args.device.startswith("cuda"))
+    loader = torch.utils.data.DataLoader(
+        Images(items, transform),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate,
+        pin_memory=args.device.startswith("cuda"),
+    )
     embs, kept, bad = [], [], []
-    for idx, x, failed in tqdm(loader, desc=f"{what} images", disable=dist_env()[0] != 0 or not sys.stderr.isatty(), leave=False):
+    for idx, x, failed in tqdm(
+        loader, desc=f"{what} images", disable=dist_env()[0] != 0 or not sys.stderr.isatty(), leave=False
+    ):
         bad += failed
         if x is not None:
             with autocast(args):
-                embs.append(F.normalize(model.encode_image(x.to(args.device, non_blocking=True)).float(), dim=-1).cpu())
+                embs.append(
+                    F.normalize(
+                        model.encode_image(x.to(args.device, non_blocking=True)).float(), dim=-1
+                    ).cpu()
+                )
             kept += idx
     if bad:
         counts["unreadable_image"] += len(bad)
@@ -663,10 +819,17 @@ def encode_texts(model, tokenizer, texts, args, what):
     """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is encoded
     once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's ~5 captions per image."""
     unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
-    for start in tqdm(range(0, len(unique), size), desc=what, disable=dist_env()[0] != 0 or not sys.stderr.isatty(), leave=False):
+    for start in tqdm(
+        range(0, len(unique), size),
+        desc=what,
+        disable=dist_env()[0] != 0 or not sys.stderr.isatty(),
+        leave=False,
+    ):
         with autocast(args):
-            tokens = tokenizer(unique[start:start + size])
-            tokens = tokens.to(args.device) if torch.is_tensor(tokens) else tokens  # a text tower tokenizes inside encode_text
+            tokens = tokenizer(unique[start : start + size])
+            tokens = (
+                tokens.to(args.device) if torch.is_tensor(tokens) else tokens
+            )  # a text tower tokenizes inside encode_text
             embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     index = {t: i for i, t in enumerate(unique)}
     return torch.cat(embs)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
@@ -674,6 +837,7 @@ def encode_texts(model, tokenizer, texts, args, what):
 
 def pick_templates(choice, found):
     import open_clip
+
     if choice == "openai" or choice == "auto" and not found:
         return [t("{c}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES], "openai"
     if choice == "laclip":
@@ -687,7 +851,9 @@ def pick_templates(choice, found):
 
 def class_embeddings(model, tokenizer, names, templates, args):
     """Per class: the normalised mean of its prompts' normalised embeddings."""
-    emb = encode_texts(model, tokenizer, [t.replace("{c}", c) for c in names for t in templates], args, "class prompts")
+    emb = encode_texts(
+        model, tokenizer, [t.replace("{c}", c) for c in names for t in templates], args, "class prompts"
+    )
     return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
@@ -695,8 +861,10 @@ def warn_empty_classes(names, labels, what, counts):
     empty = [n for i, n in enumerate(names) if not (labels == i).any()]
     if empty:
         counts["classes_without_images"] = len(empty)
-        print0(f"WARNING {what}: {len(empty)} of {len(names)} classes have no readable images ({', '.join(empty[:5])}): they "
-               f"stay candidates, and mean per-class recall averages over the other {len(names) - len(empty)}")
+        print0(
+            f"WARNING {what}: {len(empty)} of {len(names)} classes have no readable images ({', '.join(empty[:5])}): they "
+            f"stay candidates, and mean per-class recall averages over the other {len(names) - len(empty)}"
+        )
 
 
 def run_zeroshot(model, transform, tokenizer, path, args, counts):
@@ -706,9 +874,15 @@ def run_zeroshot(model, transform, tokenizer, path, args, counts):
     emb, kept = encode_images(model, transform, items, args, path, counts)
     labels = labels[kept]
     warn_empty_classes(names, labels, path, counts)
-    metrics, ties = classification_metrics(hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5)), labels, len(names))
-    return metrics, {"n": {"images": len(kept), "classes": len(names)}, "templates": template_name,
-                     "n_templates": len(templates), "ties": ties}
+    metrics, ties = classification_metrics(
+        hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5)), labels, len(names)
+    )
+    return metrics, {
+        "n": {"images": len(kept), "classes": len(names)},
+        "templates": template_name,
+        "n_templates": len(templates),
+        "ties": ties,
+    }
 
 
 def run_retrieval(model, transform, tokenizer, path, args, counts):
@@ -716,8 +890,12 @@ def run_retrieval(model, transform, tokenizer, path, args, counts):
     image_emb, kept = encode_images(model, transform, [p for p, _ in pairs], args, path, counts)
     pairs = [pairs[i] for i in kept.tolist()]
     texts = [c for _, captions in pairs for c in captions]
-    text_image = torch.tensor([i for i, (_, captions) in enumerate(pairs) for _ in captions], dtype=torch.long)
-    metrics, ties = retrieval_metrics(image_emb, encode_texts(model, tokenizer, texts, args, "captions"), text_image)
+    text_image = torch.tensor(
+        [i for i, (_, captions) in enumerate(pairs) for _ in captions], dtype=torch.long
+    )
+    metrics, ties = retrieval_metrics(
+        image_emb, encode_texts(model, tokenizer, texts, args, "captions"), text_image
+    )
     return metrics, {"n": {"images": len(pairs), "captions": len(texts)}, "ties": ties}
 
 
@@ -748,7 +926,10 @@ def run_cra(model, transform, tokenizer, path, args, counts):
     counts["image_with_one_caption"] += len(groups) - len(pairs)
     if not pairs:
         raise SystemExit(f"{path}: CRA needs images with two captions or more")
-    emb, ids = encode_texts(model, tokenizer, [c for pair in pairs for c in pair], args, "captions"), torch.arange(len(pairs))
+    emb, ids = (
+        encode_texts(model, tokenizer, [c for pair in pairs for c in pair], args, "captions"),
+        torch.arange(len(pairs)),
+    )
     hits = hits_at(emb[0::2], emb[1::2], ids, ids, (1,))
     return {"cra": hits[:, 0].mean().item()}, {"n": {"images": len(pairs)}, "ties": tie_note(hits, ["cra"])}
 
@@ -766,7 +947,9 @@ class TextTowerCLIP(nn.Module):
         return self.clip.encode_image(x)
 
     def encode_text(self, texts):
-        with torch.autocast(torch.device(self.device).type, enabled=False):  # in its own dtype: a bf16 LLM can overflow fp16
+        with torch.autocast(
+            torch.device(self.device).type, enabled=False
+        ):  # in its own dtype: a bf16 LLM can overflow fp16
             emb = tower_encode(self.tower, self.tokenizer, texts, self.recipe, self.device)
         return emb if self.adapter is None else self.adapter(emb)
 
@@ -775,17 +958,33 @@ def attach_text_tower(clip, meta, args):
     """(TextTowerCLIP, {"text_tower": path}): the tower from --text-tower or the checkpoint's record, its adapter loaded strictly."""
     cfg = meta.get("text_tower") if isinstance(meta, dict) else None
     if clip is not None and not cfg:
-        raise SystemExit(f"--text-tower: {args.pretrained} is no LLM2CLIP checkpoint (no 'text_tower' record), it has no adapter")
+        raise SystemExit(
+            f"--text-tower: {args.pretrained} is no LLM2CLIP checkpoint (no 'text_tower' record), it has no adapter"
+        )
     path = args.text_tower or cfg.get("path")
     if not path or not os.path.isdir(path):
-        raise SystemExit(f"text tower {path}: no such folder; pass --text-tower PATH, the encoder folder the checkpoint was trained with")
-    tower, tokenizer, settings = load_text_tower(path, args.device, args.text_tower_dtype, args.trust_remote_code)
+        raise SystemExit(
+            f"text tower {path}: no such folder; pass --text-tower PATH, the encoder folder the checkpoint was trained with"
+        )
+    tower, tokenizer, settings = load_text_tower(
+        path, args.device, args.text_tower_dtype, args.trust_remote_code
+    )
     adapter = None
     if cfg:
         adapter = Adapter(**cfg["adapter"])
-        adapter.load_state_dict({k[len("adapter."):]: v for k, v in meta.get("extra_state_dict", {}).items() if k.startswith("adapter.")})
-        if getattr(tower.config, "hidden_size", adapter.config["dim"]) != adapter.config["dim"]:  # a wrong --text-tower
-            raise SystemExit(f"text tower {path}: width {tower.config.hidden_size}, but the adapter was trained on {adapter.config['dim']}")
+        adapter.load_state_dict(
+            {
+                k[len("adapter.") :]: v
+                for k, v in meta.get("extra_state_dict", {}).items()
+                if k.startswith("adapter.")
+            }
+        )
+        if (
+            getattr(tower.config, "hidden_size", adapter.config["dim"]) != adapter.config["dim"]
+        ):  # a wrong --text-tower
+            raise SystemExit(
+                f"text tower {path}: width {tower.config.hidden_size}, but the adapter was trained on {adapter.config['dim']}"
+            )
     recipe = dict(settings)
     for key in RECIPE_KEYS:  # as trained: the checkpoint's record of how the tower embedded its texts
         if key in (cfg or {}):
@@ -797,31 +996,41 @@ def attach_text_tower(clip, meta, args):
 def load_model(args):
     """open_clip model, eval transform, tokenizer, and what identifies the weights; LLM2CLIP checkpoints get their text tower."""
     import open_clip
+
     if not args.pretrained:  # text-only: the raw tower; strings go straight to its encode_text
         model, weights = attach_text_tower(None, None, args)
         return model, None, list, weights
     ckpt = args.pretrained if os.path.isfile(args.pretrained) else None
-    config = args.model_config or (os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json") if ckpt else None)
+    config = args.model_config or (
+        os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json") if ckpt else None
+    )
     if config and os.path.isfile(config):
         if os.path.splitext(os.path.basename(config))[0] != args.model:
-            raise SystemExit(f"{config}: open_clip names a config by its file stem, which must be --model {args.model}")
+            raise SystemExit(
+                f"{config}: open_clip names a config by its file stem, which must be --model {args.model}"
+            )
         open_clip.add_model_config(config)
     elif args.model_config:
         raise SystemExit(f"--model-config {config}: no such file")
     if args.model not in open_clip.list_models() and not args.model.startswith("hf-hub:"):
-        raise SystemExit(f"--model {args.model}: not an open_clip model, and no {config or '<NAME>.json'} config "
-                         f"(05_train.py writes it beside its checkpoints; or pass --model-config)")
+        raise SystemExit(
+            f"--model {args.model}: not an open_clip model, and no {config or '<NAME>.json'} config "
+            f"(05_train.py writes it beside its checkpoints; or pass --model-config)"
+        )
     meta = {}
     if ckpt and not ckpt.endswith((".safetensors", ".npz", ".npy")):  # open_clip reads those without pickle
         try:
             meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise SystemExit(f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
-                             f"checkpoint must hold only tensors and plain Python values (store args as a dict)")
+            raise SystemExit(
+                f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
+                f"checkpoint must hold only tensors and plain Python values (store args as a dict)"
+            )
     if args.pretrained == "none":
         print0("WARNING --pretrained none: random weights (a chance-level row)")
-    model, _, transform = open_clip.create_model_and_transforms(args.model, device=args.device,
-                                                                pretrained=None if args.pretrained == "none" else args.pretrained)
+    model, _, transform = open_clip.create_model_and_transforms(
+        args.model, device=args.device, pretrained=None if args.pretrained == "none" else args.pretrained
+    )
     weights = {"model": args.model, **{k: meta.get(k) for k in ("epoch", "step") if isinstance(meta, dict)}}
     if args.text_tower or isinstance(meta, dict) and "text_tower" in meta:
         model, tower = attach_text_tower(model, meta, args)
@@ -832,7 +1041,10 @@ def load_model(args):
 def weights_id(pretrained):
     """What a row was measured on: the path or tag and, for a file, its size and mtime (a retrained checkpoint differs)."""
     stat = os.stat(pretrained) if os.path.isfile(pretrained) else None
-    return {"pretrained": pretrained, **({"checkpoint_bytes": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)} if stat else {})}
+    return {
+        "pretrained": pretrained,
+        **({"checkpoint_bytes": stat.st_size, "checkpoint_mtime": int(stat.st_mtime)} if stat else {}),
+    }
 
 
 def tower_id(path):
@@ -859,12 +1071,18 @@ def append_result(path, record):
 
 def markdown_table(records):
     """A row per name, a column per (dataset, metric), tasks in TABLE's order; percentages, – where not measured."""
-    columns = sorted(dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0]))
+    columns = sorted(
+        dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0])
+    )
     header = ["model"] + [f"{d} {label}" for t, d in columns for _, label in TABLE[t]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in dict.fromkeys(n for n, _, _ in records):
-        cells = [records.get((name, t, d), {}).get("metrics", {}).get(k) for t, d in columns for k, _ in TABLE[t]]
-        lines.append("| " + " | ".join([str(name)] + ["–" if v is None else f"{100 * v:.1f}" for v in cells]) + " |")
+        cells = [
+            records.get((name, t, d), {}).get("metrics", {}).get(k) for t, d in columns for k, _ in TABLE[t]
+        ]
+        lines.append(
+            "| " + " | ".join([str(name)] + ["–" if v is None else f"{100 * v:.1f}" for v in cells]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -879,11 +1097,15 @@ def plot_results(records, path):
     except ImportError:
         print0("06_eval: no results chart (pip install matplotlib for it)")
         return None
-    panels = sorted(dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0]))
+    panels = sorted(
+        dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0])
+    )
     names = list(dict.fromkeys(n for n, _, _ in records))
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(names) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(names) + 1.6), squeeze=False
+    )
     for ax, (task, dataset) in zip(axes[0], panels):
         key, label = TABLE[task][0]
         values = []
@@ -904,26 +1126,93 @@ def plot_results(records, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)")
-    p.add_argument("--pretrained", default=None, help="checkpoint (05_train.py's latest.pt, epoch_N.pt), open_clip tag, or none (random)")
-    p.add_argument("--text-tower", default=None, help="[hf:]encoder folder: replaces an LLM2CLIP checkpoint's; without --pretrained, "
-                                                      "CRA alone on the raw tower")
-    p.add_argument("--text-tower-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the text tower weights; None: bfloat16 on cuda, float32 on CPU")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the --text-tower folder (off for safety)")
-    p.add_argument("--model-config", default=None, help="model config JSON (default: <dir of the checkpoint>/<model>.json, if there)")
-    p.add_argument("--name", default=None, help="row label (default: the checkpoint's folder, +/epoch_N if not latest.pt; else model/tag)")
-    p.add_argument("--zeroshot", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]class folders or wds tars")
-    p.add_argument("--classnames", default=None, help="class names file, or imagenet (open_clip's 1000); default: the data's classnames.txt")
-    p.add_argument("--templates", default="auto", help="openai (80), laclip (7), a file with {c}; auto: the data's templates.txt, else openai")
-    p.add_argument("--retrieval", nargs="*", default=["toy/eval/retrieval"], help="[LABEL=]JSONL, JSON, folder or wds tars")
-    p.add_argument("--image-root", default=None, help="retrieval image paths are relative to this (default: the annotation file's folder)")
-    p.add_argument("--split", default="test", help="Karpathy JSON split; the wds sub-folder read when a folder holds no .tar")
-    p.add_argument("--linear-probe", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]labelled train set, as for --zeroshot")
-    p.add_argument("--cra", nargs="*", default=["toy/eval/retrieval"], help="[LABEL=]caption sets as for --retrieval (images unread)")
-    p.add_argument("--probe-test", default=None, help="labelled test set of the probe (default: a stratified half of the train set)")
-    p.add_argument("--probe-k-shot", type=int, default=0, help="train the probe on k images per class (0 = all)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)"
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="checkpoint (05_train.py's latest.pt, epoch_N.pt), open_clip tag, or none (random)",
+    )
+    p.add_argument(
+        "--text-tower",
+        default=None,
+        help="[hf:]encoder folder: replaces an LLM2CLIP checkpoint's; without --pretrained, "
+        "CRA alone on the raw tower",
+    )
+    p.add_argument(
+        "--text-tower-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype of the text tower weights; None: bfloat16 on cuda, float32 on CPU",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the --text-tower folder (off for safety)",
+    )
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="model config JSON (default: <dir of the checkpoint>/<model>.json, if there)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="row label (default: the checkpoint's folder, +/epoch_N if not latest.pt; else model/tag)",
+    )
+    p.add_argument(
+        "--zeroshot", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]class folders or wds tars"
+    )
+    p.add_argument(
+        "--classnames",
+        default=None,
+        help="class names file, or imagenet (open_clip's 1000); default: the data's classnames.txt",
+    )
+    p.add_argument(
+        "--templates",
+        default="auto",
+        help="openai (80), laclip (7), a file with {c}; auto: the data's templates.txt, else openai",
+    )
+    p.add_argument(
+        "--retrieval",
+        nargs="*",
+        default=["toy/eval/retrieval"],
+        help="[LABEL=]JSONL, JSON, folder or wds tars",
+    )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="retrieval image paths are relative to this (default: the annotation file's folder)",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        help="Karpathy JSON split; the wds sub-folder read when a folder holds no .tar",
+    )
+    p.add_argument(
+        "--linear-probe",
+        nargs="*",
+        default=["toy/eval/zeroshot"],
+        help="[LABEL=]labelled train set, as for --zeroshot",
+    )
+    p.add_argument(
+        "--cra",
+        nargs="*",
+        default=["toy/eval/retrieval"],
+        help="[LABEL=]caption sets as for --retrieval (images unread)",
+    )
+    p.add_argument(
+        "--probe-test",
+        default=None,
+        help="labelled test set of the probe (default: a stratified half of the train set)",
+    )
+    p.add_argument(
+        "--probe-k-shot", type=int, default=0, help="train the probe on k images per class (0 = all)"
+    )
     p.add_argument(
         "--probe-solver",
         choices=["auto", "lbfgs", "minibatch"],
@@ -931,25 +1220,52 @@ def parse_args(argv=None):
         help="lbfgs: full batch, float64 (memory ~ samples x classes); minibatch: batches of 4096, float32 "
         "(memory ~ the features); auto: lbfgs up to 2^26 train samples x (dim + classes)",
     )
-    p.add_argument("--results", default="toy/eval/results.jsonl", help="results JSONL, appended to; the table goes to <results>.md")
-    p.add_argument("--overwrite", action="store_true", help="measure (name, task, dataset) rows already in --results again")
+    p.add_argument(
+        "--results",
+        default="toy/eval/results.jsonl",
+        help="results JSONL, appended to; the table goes to <results>.md",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="measure (name, task, dataset) rows already in --results again",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (texts: 5x)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes decoding images")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader processes decoding images",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--precision", choices=["auto", "fp32", "amp", "amp_bf16"], default="auto",
-                   help="auto: amp (fp16 autocast, as CLIP_benchmark) on GPU, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "amp", "amp_bf16"],
+        default="auto",
+        help="auto: amp (fp16 autocast, as CLIP_benchmark) on GPU, fp32 on CPU",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's splits and k-shot picks")
     args = p.parse_args(argv)
     if not (args.pretrained or args.text_tower):
         p.error("give --pretrained CKPT|TAG, or --text-tower PATH alone for the text-only benchmark (CRA)")
-    args.precision = ("amp" if args.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
-    args.text_tower_dtype = args.text_tower_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.precision = (
+        ("amp" if args.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+    )
+    args.text_tower_dtype = args.text_tower_dtype or (
+        "bfloat16" if args.device.startswith("cuda") else "float32"
+    )
     args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
-    if not args.pretrained:  # a tower has no image side: the text-only benchmark alone; toy/cc_minilm/model -> text:cc_minilm
+    if (
+        not args.pretrained
+    ):  # a tower has no image side: the text-only benchmark alone; toy/cc_minilm/model -> text:cc_minilm
         args.zeroshot = args.retrieval = args.linear_probe = []
         parts = os.path.normpath(os.path.abspath(args.text_tower)).split(os.sep)
-        args.name = args.name or "text:" + (parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1])
-    if args.name is None and os.path.isfile(args.pretrained):  # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
+        args.name = args.name or "text:" + (
+            parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+        )
+    if args.name is None and os.path.isfile(
+        args.pretrained
+    ):  # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
         run = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained)))
         stem = os.path.splitext(os.path.basename(args.pretrained))[0]
         args.name = run if stem == "latest" else f"{run}/{stem}"
@@ -959,40 +1275,77 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    tasks = [(task, *label_and_path(spec)) for task, specs in (("zeroshot", args.zeroshot), ("retrieval", args.retrieval),
-                                                               ("linear_probe", args.linear_probe), ("cra", args.cra)) for spec in specs]
+    tasks = [
+        (task, *label_and_path(spec))
+        for task, specs in (
+            ("zeroshot", args.zeroshot),
+            ("retrieval", args.retrieval),
+            ("linear_probe", args.linear_probe),
+            ("cra", args.cra),
+        )
+        for spec in specs
+    ]
     shot = f" {args.probe_k_shot}-shot" if args.probe_k_shot else ""  # a k-shot probe is its own column
     tasks = [(task, label + shot if task == "linear_probe" else label, path) for task, label, path in tasks]
     # the tower is part of what was measured: a row from another --text-tower is measured again
     have = read_results(args.results)
-    ident = {**(weights_id(args.pretrained) if args.pretrained else {}), **(tower_id(args.text_tower) if args.text_tower else {})}
+    ident = {
+        **(weights_id(args.pretrained) if args.pretrained else {}),
+        **(tower_id(args.text_tower) if args.text_tower else {}),
+    }
     old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
-    todo = [t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())]
+    todo = [
+        t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())
+    ]
     for t in tasks:
         if t not in todo:
-            print0(f"{args.name} {t[0]} {t[1]}: already in {args.results}, skipped (--overwrite measures again)")
+            print0(
+                f"{args.name} {t[0]} {t[1]}: already in {args.results}, skipped (--overwrite measures again)"
+            )
         elif old[t] and not args.overwrite:
-            print0(f"{args.name} {t[0]} {t[1]}: its row was measured on other weights ({old[t].get('pretrained')}, or that "
-                   f"file changed since): measuring again")
+            print0(
+                f"{args.name} {t[0]} {t[1]}: its row was measured on other weights ({old[t].get('pretrained')}, or that "
+                f"file changed since): measuring again"
+            )
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     new = []
     if todo:
         model, transform, tokenizer, weights = load_model(args)
         with open(os.path.abspath(__file__), "rb") as f:
             script_sha = hashlib.sha256(f.read()).hexdigest()
-        run = {"zeroshot": run_zeroshot, "retrieval": run_retrieval, "linear_probe": run_linear_probe, "cra": run_cra}
+        run = {
+            "zeroshot": run_zeroshot,
+            "retrieval": run_retrieval,
+            "linear_probe": run_linear_probe,
+            "cra": run_cra,
+        }
         for task, label, path in todo:
             start, counts = time.time(), Counter()
             metrics, extra = run[task](model, transform, tokenizer, path, args, counts)
-            record = {"name": args.name, "task": task, "dataset": label, "metrics": metrics, **extra,
-                      "counts": {k: v for k, v in counts.items() if v}, "path": os.path.abspath(path), **weights, **ident,
-                      "precision": args.precision, "device": args.device, "seconds": round(time.time() - start, 2),
-                      "script_sha256": script_sha, "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record = {
+                "name": args.name,
+                "task": task,
+                "dataset": label,
+                "metrics": metrics,
+                **extra,
+                "counts": {k: v for k, v in counts.items() if v},
+                "path": os.path.abspath(path),
+                **weights,
+                **ident,
+                "precision": args.precision,
+                "device": args.device,
+                "seconds": round(time.time() - start, 2),
+                "script_sha256": script_sha,
+                "host": socket.gethostname(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             append_result(args.results, record)
             new.append(record)
             shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
-            print0(f"{args.name} {task} {label}: {shown} ({record['n']}, {record['seconds']:.1f}s)"
-                   + (f" skipped: {record['counts']}" if record["counts"] else ""))
+            print0(
+                f"{args.name} {task} {label}: {shown} ({record['n']}, {record['seconds']:.1f}s)"
+                + (f" skipped: {record['counts']}" if record["counts"] else "")
+            )
     table = markdown_table(read_results(args.results))
     atomic_write(os.path.splitext(args.results)[0] + ".md", table)
     if dist_env()[0] == 0:

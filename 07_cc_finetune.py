@@ -27,6 +27,7 @@ One GPU, an 8B LLM with LoRA:
 SLURM:   srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 07_cc_finetune.py ...
 Re-running the same command resumes from latest.pt.
 """
+
 import argparse
 import glob
 import hashlib
@@ -44,6 +45,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -105,8 +107,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -114,7 +120,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -155,8 +163,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -192,6 +208,8 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
 # ---- end progress
 
 
@@ -205,9 +223,19 @@ class Progress:
 #   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
-                "pool_tokens": "all", "padding_side": "right"}
-TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+TOWER_TEMPLATES = {
+    "plain": "{text}",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+}
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -220,7 +248,11 @@ def tower_settings(path):
         with open(config_file) as f:
             config = json.load(f)
         architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in ("llama", "mistral", "qwen2"):
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
             settings["max_length"] = 512
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
@@ -244,8 +276,11 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
     if not os.path.isdir(path):
-        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -260,14 +295,18 @@ def tower_batch(tokenizer, texts, recipe):
         tail += tokenizer.eos_token or ""
     tokenizer.padding_side = recipe["padding_side"]
     wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
     pool = batch["attention_mask"].clone()
-    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+    if (
+        recipe["pool_tokens"] == "text"
+    ):  # the last n real tokens: the text and what follows it in the template
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
             pool[i] = 0
-            pool[i, real[max(0, len(real) - n):]] = 1
+            pool[i, real[max(0, len(real) - n) :]] = 1
     return batch, pool
 
 
@@ -276,16 +315,22 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     import inspect
 
     import torch
+
     batch, pool = tower_batch(tokenizer, texts, recipe)
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
-    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # positions count from each text's first token
+    if (
+        recipe["attention"] == "bidirectional"
+    ):  # every token sees every real token: a 4-d additive mask, used as given
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min)
+            blocked, torch.finfo(dtype).min
+        )
     hidden = model(**inputs).last_hidden_state
     if recipe["pooling"] == "mean":
         weight = pool.unsqueeze(-1).to(hidden.dtype)
@@ -294,6 +339,8 @@ def tower_encode(model, tokenizer, texts, recipe, device):
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
         emb = hidden[torch.arange(hidden.shape[0], device=device), last]
     return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
 # ---- end text tower
 
 
@@ -424,7 +471,9 @@ class LoRALinear(torch.nn.Module):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         # float32 on the base's device, whatever the base's dtype: AdamW steps on bf16 weights would round small updates away
-        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        self.lora_a = torch.nn.Parameter(
+            torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
+        )
         self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
 
     def forward(self, x):
@@ -436,7 +485,18 @@ class LoRALinear(torch.nn.Module):
 
 
 # LLM2Vec's LoRA targets for Llama, Mistral, Gemma and Qwen2 (attention and MLP projections); BERT-style names too
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key", "value")
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "query",
+    "key",
+    "value",
+)
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 
@@ -468,7 +528,10 @@ def swap_linears(model, make):
 
 def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     model.requires_grad_(False)
-    swap_linears(model, lambda n, c: LoRALinear(c, rank, alpha) if isinstance(c, torch.nn.Linear) and n in targets else None)
+    swap_linears(
+        model,
+        lambda n, c: LoRALinear(c, rank, alpha) if isinstance(c, torch.nn.Linear) and n in targets else None,
+    )
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
@@ -480,6 +543,7 @@ def gather_with_grad(x, world):
     if world == 1:
         return x
     import torch.distributed.nn
+
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
 
 
@@ -494,10 +558,18 @@ def info_nce(a, b, temperature):
 def caption_retrieval_accuracy(model, tokenizer, pairs, recipe, device, batch_size=256):
     """CRA: share of first captions whose nearest second caption (cosine) is their own sample's."""
     model.eval()
-    a = torch.cat([tower_encode(model, tokenizer, [p[0] for p in pairs[i:i + batch_size]], recipe, device).float()
-                   for i in range(0, len(pairs), batch_size)])
-    b = torch.cat([tower_encode(model, tokenizer, [p[1] for p in pairs[i:i + batch_size]], recipe, device).float()
-                   for i in range(0, len(pairs), batch_size)])
+    a = torch.cat(
+        [
+            tower_encode(model, tokenizer, [p[0] for p in pairs[i : i + batch_size]], recipe, device).float()
+            for i in range(0, len(pairs), batch_size)
+        ]
+    )
+    b = torch.cat(
+        [
+            tower_encode(model, tokenizer, [p[1] for p in pairs[i : i + batch_size]], recipe, device).float()
+            for i in range(0, len(pairs), batch_size)
+        ]
+    )
     return (a @ b.t()).argmax(1).eq(torch.arange(len(pairs), device=a.device)).float().mean().item()
 
 
@@ -517,30 +589,73 @@ def save_atomic_torch(obj, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--texts", nargs="+", default=["toy/coco/annotations/captions_train2017.json"], help="sidecar folders, caption JSONL or COCO captions JSON")
-    p.add_argument("--model", default="toy/models/minilm", help="text encoder or LLM (local folder or hub id)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--texts",
+        nargs="+",
+        default=["toy/coco/annotations/captions_train2017.json"],
+        help="sidecar folders, caption JSONL or COCO captions JSON",
+    )
+    p.add_argument(
+        "--model", default="toy/models/minilm", help="text encoder or LLM (local folder or hub id)"
+    )
     p.add_argument("--out-dir", default="toy/cc_minilm", help="output folder")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch of positive pairs (split over ranks)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 with LoRA, LLM2CLIP's; else 5e-5)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="global batch of positive pairs (split over ranks)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default 2e-4 with LoRA, LLM2CLIP's; else 5e-5)",
+    )
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps, then cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature (LLM2CLIP: 0.02)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per caption (default 512 for LLMs, LLM2CLIP's; else 64)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per caption (default 512 for LLMs, LLM2CLIP's; else 64)",
+    )
     # the rest of the recipe (see the text tower block); unset: the starting model's, or LLM2Vec's for decoder LLMs
-    p.add_argument("--attention", choices=["model", "bidirectional", "causal"], default=None,
-                   help="decoder LLMs: bidirectional (LLM2Vec, the default) or causal")
-    p.add_argument("--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector")
-    p.add_argument("--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header")
-    p.add_argument("--pool-tokens", choices=["all", "text"], default=None,
-                   help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)")
-    p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left (decoder default)")
+    p.add_argument(
+        "--attention",
+        choices=["model", "bidirectional", "causal"],
+        default=None,
+        help="decoder LLMs: bidirectional (LLM2Vec, the default) or causal",
+    )
+    p.add_argument(
+        "--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector"
+    )
+    p.add_argument(
+        "--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header"
+    )
+    p.add_argument(
+        "--pool-tokens",
+        choices=["all", "text"],
+        default=None,
+        help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)",
+    )
+    p.add_argument(
+        "--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left (decoder default)"
+    )
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning; LLM2CLIP: 16)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank, LLM2Vec's)")
-    p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS),
-                   help="Linear layer names that get LoRA (LLM2Vec's: attention and MLP projections)")
-    p.add_argument("--holdout", type=int, default=100, help="samples kept out of training for CRA (at most a quarter)")
+    p.add_argument(
+        "--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank, LLM2Vec's)"
+    )
+    p.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=list(LORA_TARGETS),
+        help="Linear layer names that get LoRA (LLM2Vec's: attention and MLP projections)",
+    )
+    p.add_argument(
+        "--holdout", type=int, default=100, help="samples kept out of training for CRA (at most a quarter)"
+    )
     p.add_argument(
         "--shuffle-buffer",
         type=int,
@@ -550,10 +665,18 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", help="model dtype (bfloat16 on GPUs for big models)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory on big models")
     p.add_argument("--save-every", type=int, default=50, help="steps between latest.pt saves")
-    p.add_argument("--progress-every", type=float, default=60.0,
-                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for pair sampling and held-out split")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
     return p.parse_args(argv)
 
 
@@ -581,7 +704,9 @@ def main(argv=None):
     recipe = training_recipe(model, args)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 5e-5)
     print0(f"07_cc_finetune: recipe {recipe}")
-    if args.grad_checkpointing:  # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and
+    if (
+        args.grad_checkpointing
+    ):  # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and
         # reentrant checkpointing (transformers' default before 5) would then cut the graph: backward() would fail
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
@@ -592,9 +717,16 @@ def main(argv=None):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
     os.makedirs(args.out_dir, exist_ok=True)
-    latest, log_path, step = os.path.join(args.out_dir, "latest.pt"), os.path.join(args.out_dir, "log.jsonl"), 0
+    latest, log_path, step = (
+        os.path.join(args.out_dir, "latest.pt"),
+        os.path.join(args.out_dir, "log.jsonl"),
+        0,
+    )
     if os.path.exists(latest):
         state = torch.load(latest, map_location=device, weights_only=True)
         model.load_state_dict(state["trainable"], strict=False)
@@ -606,7 +738,10 @@ def main(argv=None):
             stream.batch(args.batch_size)
         print0(f"replayed the sample stream of {step} steps in {time.time() - replay:.1f}s")
     elif rank == 0:
-        write_json(os.path.join(args.out_dir, "_config.json"), run_config(args, trainable_params=sum(p.numel() for p in params)))
+        write_json(
+            os.path.join(args.out_dir, "_config.json"),
+            run_config(args, trainable_params=sum(p.numel() for p in params)),
+        )
     cra_before = caption_retrieval_accuracy(model, tokenizer, held_pairs, recipe, device)
     print0(f"CRA before: {cra_before:.4f} on {len(held_pairs)} held-out pairs")
     ddp_params = [p for p in params if p.requires_grad]
@@ -614,7 +749,11 @@ def main(argv=None):
     progress.update(step)
     while step < args.steps:
         model.train()
-        step_lr = lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
+        step_lr = (
+            lr
+            * min(1.0, (step + 1) / max(1, args.warmup))
+            * (0.5 * (1 + math.cos(math.pi * step / args.steps)) if step >= args.warmup else 1.0)
+        )
         for group in opt.param_groups:
             group["lr"] = step_lr
         pairs = draw_pairs(stream.batch(args.batch_size), step, args.seed, rank, world)
@@ -623,7 +762,9 @@ def main(argv=None):
         loss = info_nce(a.float(), b.float(), args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:  # the loss is identical on every rank; average the local gradients by hand (no DDP wrapper needed)
+        if (
+            world > 1
+        ):  # the loss is identical on every rank; average the local gradients by hand (no DDP wrapper needed)
             for p in ddp_params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
@@ -649,15 +790,32 @@ def main(argv=None):
     if rank == 0:
         if args.lora_rank:
             merge_lora(model)
-        final, tmp = os.path.join(args.out_dir, "model"), os.path.join(args.out_dir, f"model.tmp.{os.getpid()}")
+        final, tmp = (
+            os.path.join(args.out_dir, "model"),
+            os.path.join(args.out_dir, f"model.tmp.{os.getpid()}"),
+        )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, "llm2clip_text.json"), {**recipe, "base_model": args.model, "cc_steps": step,
-                                                            "temperature": args.temperature})
-        shutil.rmtree(final, ignore_errors=True)  # a crash here is mended by re-running: latest.pt holds the weights
+        write_json(
+            os.path.join(tmp, "llm2clip_text.json"),
+            {**recipe, "base_model": args.model, "cc_steps": step, "temperature": args.temperature},
+        )
+        shutil.rmtree(
+            final, ignore_errors=True
+        )  # a crash here is mended by re-running: latest.pt holds the weights
         os.replace(tmp, final)
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, "cra_before": cra_before, "cra_after": cra_after, "held_out": len(held_pairs)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "cra_before": cra_before,
+                        "cra_after": cra_after,
+                        "held_out": len(held_pairs),
+                    }
+                )
+                + "\n"
+            )
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"cra_before": cra_before, "cra_after": cra_after, "step": step}

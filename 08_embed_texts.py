@@ -21,6 +21,7 @@ The unit of resume is a shard (written at once, atomically); re-running skips fi
 Workers claim shards as they go (<out-dir>/<shard>.claim), so a fast worker takes the shards nobody
 holds and a dead or silent one's is taken over (--claim-timeout); --assign stride: sorted(shards)[w::W].
 """
+
 import argparse
 import glob
 import hashlib
@@ -36,6 +37,7 @@ import zlib
 from collections import Counter, defaultdict
 
 import numpy as np
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -97,8 +99,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -106,7 +112,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -147,8 +155,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 
@@ -184,6 +200,8 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
 # ---- end progress
 
 
@@ -486,6 +504,8 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
     yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
     yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
+
+
 # ---- end shard work
 
 
@@ -499,9 +519,19 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
 #   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {"pooling": "mean", "normalize": True, "max_length": 77, "attention": "model", "template": "{text}",
-                "pool_tokens": "all", "padding_side": "right"}
-TOWER_TEMPLATES = {"plain": "{text}", "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"}
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+TOWER_TEMPLATES = {
+    "plain": "{text}",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+}
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -514,7 +544,11 @@ def tower_settings(path):
         with open(config_file) as f:
             config = json.load(f)
         architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in ("llama", "mistral", "qwen2"):
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
             settings["max_length"] = 512
     if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
@@ -538,8 +572,11 @@ def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
     """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
+
     if not os.path.isdir(path):
-        raise SystemExit(f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)")
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -554,14 +591,18 @@ def tower_batch(tokenizer, texts, recipe):
         tail += tokenizer.eos_token or ""
     tokenizer.padding_side = recipe["padding_side"]
     wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt")
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
     pool = batch["attention_mask"].clone()
-    if recipe["pool_tokens"] == "text":  # the last n real tokens: the text and what follows it in the template
+    if (
+        recipe["pool_tokens"] == "text"
+    ):  # the last n real tokens: the text and what follows it in the template
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
             pool[i] = 0
-            pool[i, real[max(0, len(real) - n):]] = 1
+            pool[i, real[max(0, len(real) - n) :]] = 1
     return batch, pool
 
 
@@ -570,16 +611,22 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     import inspect
 
     import torch
+
     batch, pool = tower_batch(tokenizer, texts, recipe)
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count from each text's first token
-    if recipe["attention"] == "bidirectional":  # every token sees every real token: a 4-d additive mask, used as given
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
+            min=0
+        )  # positions count from each text's first token
+    if (
+        recipe["attention"] == "bidirectional"
+    ):  # every token sees every real token: a 4-d additive mask, used as given
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min)
+            blocked, torch.finfo(dtype).min
+        )
     hidden = model(**inputs).last_hidden_state
     if recipe["pooling"] == "mean":
         weight = pool.unsqueeze(-1).to(hidden.dtype)
@@ -588,6 +635,8 @@ def tower_encode(model, tokenizer, texts, recipe, device):
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
         emb = hidden[torch.arange(hidden.shape[0], device=device), last]
     return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
 # ---- end text tower
 
 
@@ -605,7 +654,11 @@ def shard_texts(paths, counts):
     merged = {}
     for path in paths:
         tar = path.endswith(".tar") and iter_tar(path, {"txt"}, counts)
-        for r in ({"key": k, "text": decode_text(m["txt"] or b"", counts) if "txt" in m else None} for k, m in tar) if tar else iter_jsonl(path, counts):
+        for r in (
+            ({"key": k, "text": decode_text(m["txt"] or b"", counts) if "txt" in m else None} for k, m in tar)
+            if tar
+            else iter_jsonl(path, counts)
+        ):
             if not isinstance(r, dict) or "key" not in r:
                 counts["no_key"] += 1
                 continue
@@ -615,12 +668,13 @@ def shard_texts(paths, counts):
 
 def encode_all(model, tokenizer, texts, args, device, settings, name=""):
     import torch
+
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
     out = np.zeros((len(texts), model.config.hidden_size), dtype=args.store_dtype)
     progress = Progress(len(texts), name, unit="texts", every=args.progress_every)
     with torch.inference_mode():
         for start in range(0, len(order), args.batch_size):
-            idx = order[start:start + args.batch_size]
+            idx = order[start : start + args.batch_size]
             emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings, device)
             out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
             progress.update(len(idx))
@@ -642,29 +696,76 @@ def process_shard(name, paths, model, tokenizer, settings, device, args, claim=N
     check_claim(claim)  # a worker that took the shard over writes its files, not us
     atomic_write(os.path.join(args.out_dir, name + ".emb.npy"), buf.getvalue())
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-    stats = {"shard": name, "in": len(records), "texts": len(flat), "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
-             "dtype": args.store_dtype, "counts": dict(counts), "seconds": round(time.time() - start, 2),
-             "model": args.model, "recipe": settings, "sources": [os.path.abspath(p) for p in paths]}
+    stats = {
+        "shard": name,
+        "in": len(records),
+        "texts": len(flat),
+        "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
+        "dtype": args.store_dtype,
+        "counts": dict(counts),
+        "seconds": round(time.time() - start, 2),
+        "model": args.model,
+        "recipe": settings,
+        "sources": [os.path.abspath(p) for p in paths],
+    }
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
-    print(f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
-          + (f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})" if any(counts.values()) else ""), flush=True)
+    print(
+        f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
+        + (
+            f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})"
+            if any(counts.values())
+            else ""
+        ),
+        flush=True,
+    )
     return stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", nargs="*", default=["toy/shards"], help="webdataset tars (their <key>.txt AltTexts) or JSONL {key, text}")
-    p.add_argument("--texts", nargs="*", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)")
-    p.add_argument("--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input",
+        nargs="*",
+        default=["toy/shards"],
+        help="webdataset tars (their <key>.txt AltTexts) or JSONL {key, text}",
+    )
+    p.add_argument(
+        "--texts", nargs="*", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)"
+    )
+    p.add_argument(
+        "--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)"
+    )
     p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument("--progress-every", type=float, default=60.0,
-                   help="seconds between progress lines when output is not a terminal (a terminal gets a bar)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs for LLMs)")
-    p.add_argument("--store-dtype", choices=["float16", "float32"], default="float16", help="dtype of the cached embeddings")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder (off for safety)")
-    p.add_argument("--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--store-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="dtype of the cached embeddings",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
     p.add_argument(
         "--assign",
         choices=["claim", "stride"],
@@ -681,12 +782,24 @@ def parse_args(argv=None):
     )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
     # the tower's recipe (see the text tower block); unset: as its llm2clip_text.json says (07 writes it)
-    p.add_argument("--attention", choices=["model", "bidirectional", "causal"], default=None,
-                   help="bidirectional: a decoder LLM attends both ways (LLM2Vec, LLM2CLIP's released model)")
-    p.add_argument("--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector")
-    p.add_argument("--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header")
-    p.add_argument("--pool-tokens", choices=["all", "text"], default=None,
-                   help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)")
+    p.add_argument(
+        "--attention",
+        choices=["model", "bidirectional", "causal"],
+        default=None,
+        help="bidirectional: a decoder LLM attends both ways (LLM2Vec, LLM2CLIP's released model)",
+    )
+    p.add_argument(
+        "--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector"
+    )
+    p.add_argument(
+        "--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header"
+    )
+    p.add_argument(
+        "--pool-tokens",
+        choices=["all", "text"],
+        default=None,
+        help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)",
+    )
     p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (LLM2CLIP: 512)")
     return p.parse_args(argv)
@@ -697,8 +810,12 @@ def main(argv=None):
     worker, total = worker_slot(args.shard_id, args.num_shards)
     by_shard = defaultdict(list)
     inputs = list_inputs(args.input, (".tar", ".jsonl"))
-    if args.input and not inputs:  # else the AltTexts would be missing from the cache, and 05 would skip their samples
-        raise SystemExit(f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache sidecar texts only)")
+    if (
+        args.input and not inputs
+    ):  # else the AltTexts would be missing from the cache, and 05 would skip their samples
+        raise SystemExit(
+            f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache sidecar texts only)"
+        )
     for path in inputs + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
         by_shard[shard_name(path)].append(path)
     if not by_shard:
@@ -713,8 +830,10 @@ def main(argv=None):
             before = json.load(f)
         made_by = before.get("tower") or before["args"]["model"]
         if made_by != tower or before.get("recipe", recipe) != recipe:
-            raise SystemExit(f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
-                             f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to redo it.")
+            raise SystemExit(
+                f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
+                f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to redo it."
+            )
     _, todo, line = shards_left(list(by_shard), args.out_dir, worker, total, args.assign, args.overwrite)
     print0(f"08_embed_texts: {len(by_shard)} shards, {line}")
     warn_idle_workers(len(by_shard), worker, total)
@@ -724,6 +843,7 @@ def main(argv=None):
     if not todo:
         return []
     import torch
+
     _, _, local_rank = dist_env()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)

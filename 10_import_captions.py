@@ -28,6 +28,7 @@ LaCLIP CC3M:  python 10_import_captions.py --input cc3m/shards --laclip-csv cc3m
 One process reads the tables once for all the shards it is given: memory grows with the samples of those shards, not
 with the table. For thousands of shards, run one task per subset of --input (a glob per SLURM array task).
 """
+
 import argparse
 import csv
 import glob
@@ -39,6 +40,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter, defaultdict
+
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -100,8 +102,12 @@ def iter_tar(path, want, counts):
                     yield key, sample
                     sample = {}
                 key = k
-                sample.setdefault(ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None)
-            if path.endswith(".tar"):  # a cut at a member boundary reads as a clean end: look for the end marker
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            if path.endswith(
+                ".tar"
+            ):  # a cut at a member boundary reads as a clean end: look for the end marker
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -109,7 +115,9 @@ def iter_tar(path, want, counts):
                         raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         counts["tar_error"] += 1
-        print(f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before")
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
     if key is not None:
         yield key, sample
 
@@ -150,8 +158,16 @@ def run_config(args, **extra):
     """Provenance written once per run folder: arguments, this script's sha256, host, time."""
     with open(os.path.abspath(__file__), "rb") as f:
         script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {"args": vars(args), "script": os.path.basename(__file__), "script_sha256": script_sha,
-            "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
 # ---- end common
 
 

@@ -25,6 +25,7 @@ CLIP_benchmark's linear probe asserts device == 'cuda', so on CPU only 06's prob
 measures (Linux: VmHWM) what 06's linear probe adds at peak to N x 512 random normalised features with 1000
 classes, against a formula of its arrays, and states the formula at ImageNet-1k's 1,281,167 x 512.
 """
+
 import argparse
 import io
 import json
@@ -41,14 +42,30 @@ OUT = os.path.join(ROOT, "bench", "out")
 VENV = os.path.join(OUT, "venv-clipbench")
 VENV_PY = os.path.join(VENV, "bin", "python")
 MARKER = "BENCH_RESULT "
-METRICS = {"zeroshot": ["acc1", "acc5", "mean_per_class_recall"],
-           "retrieval": [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]}
+METRICS = {
+    "zeroshot": ["acc1", "acc5", "mean_per_class_recall"],
+    "retrieval": [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)],
+}
 
 
 def ensure_toy(toy, args):
     if not os.path.exists(os.path.join(toy, "eval", "retrieval", "captions.jsonl")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "00_toy_data.py"), "--out", toy, "--skip-models", "--num-shards", "2",
-                        "--eval-per-class", str(args.eval_per_class), "--retrieval-images", str(args.retrieval_images)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "00_toy_data.py"),
+                "--out",
+                toy,
+                "--skip-models",
+                "--num-shards",
+                "2",
+                "--eval-per-class",
+                str(args.eval_per_class),
+                "--retrieval-images",
+                str(args.retrieval_images),
+            ],
+            check=True,
+        )
 
 
 def ensure_checkpoint(toy, out, steps, seed=0):
@@ -60,6 +77,7 @@ def ensure_checkpoint(toy, out, steps, seed=0):
     import torch
     import torch.nn.functional as F
     from PIL import Image
+
     os.makedirs(out, exist_ok=True)
     shutil.copy(os.path.join(toy, "models", "toy-clip.json"), os.path.join(out, "toy-clip.json"))
     open_clip.add_model_config(os.path.join(out, "toy-clip.json"))
@@ -72,7 +90,10 @@ def ensure_checkpoint(toy, out, steps, seed=0):
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    pairs = [(preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")), s["txt"].decode()) for s in samples.values()]
+    pairs = [
+        (preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")), s["txt"].decode())
+        for s in samples.values()
+    ]
     opt, rng = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), random.Random(seed)
     start = time.time()
     for step in range(steps):
@@ -83,9 +104,20 @@ def ensure_checkpoint(toy, out, steps, seed=0):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save({"epoch": 1, "step": steps, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                "args": {"steps": steps, "lr": 1e-3, "batch_size": 128, "texts": "alt"}, "model_name": "toy-clip"}, ckpt)
-    print(f"trained toy-clip for {steps} steps on {len(pairs)} AltText pairs in {time.time() - start:.0f}s (loss {loss.item():.2f}) -> {ckpt}")
+    torch.save(
+        {
+            "epoch": 1,
+            "step": steps,
+            "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "args": {"steps": steps, "lr": 1e-3, "batch_size": 128, "texts": "alt"},
+            "model_name": "toy-clip",
+        },
+        ckpt,
+    )
+    print(
+        f"trained toy-clip for {steps} steps on {len(pairs)} AltText pairs in {time.time() - start:.0f}s (loss {loss.item():.2f}) -> {ckpt}"
+    )
     return ckpt
 
 
@@ -116,23 +148,43 @@ def toy_as_wds(toy, out, shards):
     zs, rt = os.path.join(toy, "eval", "zeroshot"), os.path.join(toy, "eval", "retrieval")
     read = lambda *parts: open(os.path.join(*parts), "rb").read()
     names = [n.strip() for n in open(os.path.join(zs, "classnames.txt")) if n.strip()]
-    samples = [{"jpg": read(zs, n, f), "cls": str(c).encode()} for c, n in enumerate(names) for f in sorted(os.listdir(os.path.join(zs, n)))]
-    meta = {"classnames.txt": "\n".join(names) + "\n", "zeroshot_classification_templates.txt": read(zs, "templates.txt").decode()}
+    samples = [
+        {"jpg": read(zs, n, f), "cls": str(c).encode()}
+        for c, n in enumerate(names)
+        for f in sorted(os.listdir(os.path.join(zs, n)))
+    ]
+    meta = {
+        "classnames.txt": "\n".join(names) + "\n",
+        "zeroshot_classification_templates.txt": read(zs, "templates.txt").decode(),
+    }
     zs_wds = write_wds(os.path.join(out, "zeroshot"), samples, meta, shards)
     records = [json.loads(line) for line in open(os.path.join(rt, "captions.jsonl"))]
     samples = [{"jpg": read(rt, r["image"]), "txt": "\n".join(r["captions"]).encode()} for r in records]
-    return zs_wds, write_wds(os.path.join(out, "retrieval"), samples, {"dataset_type.txt": "retrieval\n"}, shards)
+    return zs_wds, write_wds(
+        os.path.join(out, "retrieval"), samples, {"dataset_type.txt": "retrieval\n"}, shards
+    )
 
 
 def ensure_venv():
-    if os.path.exists(VENV_PY) and subprocess.run([VENV_PY, "-c", "import clip_benchmark, requests"], capture_output=True).returncode == 0:
+    if (
+        os.path.exists(VENV_PY)
+        and subprocess.run([VENV_PY, "-c", "import clip_benchmark, requests"], capture_output=True).returncode
+        == 0
+    ):
         return
     import torch
     import torchvision
-    pins = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+    pins = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
     print(f"making {VENV}: clip_benchmark==1.6.2 {' '.join(pins)} numpy<2.4 requests", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
-    subprocess.run([VENV_PY, "-m", "pip", "install", "-q", *pins, "numpy<2.4", "requests", "clip_benchmark==1.6.2"], check=True)
+    subprocess.run(
+        [VENV_PY, "-m", "pip", "install", "-q", *pins, "numpy<2.4", "requests", "clip_benchmark==1.6.2"],
+        check=True,
+    )
 
 
 RUN_06 = """
@@ -193,30 +245,89 @@ def run(code, python=VENV_PY):
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
     if proc.returncode or not lines:
-        raise SystemExit(f"run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {**json.loads(lines[-1][len(MARKER):]), "process_seconds": time.perf_counter() - start}
+        raise SystemExit(
+            f"run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return {**json.loads(lines[-1][len(MARKER) :]), "process_seconds": time.perf_counter() - start}
 
 
 def bench_task(task, data, ckpt, config, args):
     results = os.path.join(OUT, "eval_results.jsonl")
-    ours = ["--model", "toy-clip", "--pretrained", ckpt, "--name", "bench", "--results", results, "--overwrite",
-            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", "cpu", "--precision", "fp32",
-            "--zeroshot", *([data] if task == "zeroshot" else []), "--retrieval", *([data] if task == "retrieval" else []), "--linear-probe"]
+    ours = [
+        "--model",
+        "toy-clip",
+        "--pretrained",
+        ckpt,
+        "--name",
+        "bench",
+        "--results",
+        results,
+        "--overwrite",
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--zeroshot",
+        *([data] if task == "zeroshot" else []),
+        "--retrieval",
+        *([data] if task == "retrieval" else []),
+        "--linear-probe",
+    ]
     output = os.path.join(OUT, f"clip_benchmark_{task}.json")
-    theirs = ["eval", "--dataset", f"wds/{task}", "--dataset_root", data, "--model", "toy-clip", "--pretrained", ckpt,
-              "--task", "zeroshot_classification" if task == "zeroshot" else "zeroshot_retrieval", "--output", output,
-              "--batch_size", str(args.batch_size), "--num_workers", str(args.workers), "--no_amp", "--recall_k", "1", "5", "10", "--quiet"]
+    theirs = [
+        "eval",
+        "--dataset",
+        f"wds/{task}",
+        "--dataset_root",
+        data,
+        "--model",
+        "toy-clip",
+        "--pretrained",
+        ckpt,
+        "--task",
+        "zeroshot_classification" if task == "zeroshot" else "zeroshot_retrieval",
+        "--output",
+        output,
+        "--batch_size",
+        str(args.batch_size),
+        "--num_workers",
+        str(args.workers),
+        "--no_amp",
+        "--recall_k",
+        "1",
+        "5",
+        "10",
+        "--quiet",
+    ]
     rows = {"06_eval": [], "CLIP_benchmark": []}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
         r = run(RUN_06.format(threads=args.threads, root=ROOT, argv=ours, marker=MARKER))
-        rows["06_eval"].append({**r, "metrics": r["records"][0]["metrics"], "ties": r["records"][0].get("ties", {})})
-        rows["CLIP_benchmark"].append(run(RUN_CB.format(threads=args.threads, config=config, argv=theirs, marker=MARKER, output=output)))
-        print(f"  {task}: 06_eval {rows['06_eval'][-1]['seconds']:.2f}s, "
-              f"CLIP_benchmark {rows['CLIP_benchmark'][-1]['seconds']:.2f}s", flush=True)
-    return {tool: {"seconds": min(r["seconds"] for r in rs), "median_seconds": sorted(r["seconds"] for r in rs)[len(rs) // 2],
-                   "process_seconds": min(r["process_seconds"] for r in rs),
-                   "metrics": rs[0]["metrics"], "ties": rs[0].get("ties", {}),
-                   "same_every_run": all(r["metrics"] == rs[0]["metrics"] for r in rs)} for tool, rs in rows.items()}
+        rows["06_eval"].append(
+            {**r, "metrics": r["records"][0]["metrics"], "ties": r["records"][0].get("ties", {})}
+        )
+        rows["CLIP_benchmark"].append(
+            run(RUN_CB.format(threads=args.threads, config=config, argv=theirs, marker=MARKER, output=output))
+        )
+        print(
+            f"  {task}: 06_eval {rows['06_eval'][-1]['seconds']:.2f}s, "
+            f"CLIP_benchmark {rows['CLIP_benchmark'][-1]['seconds']:.2f}s",
+            flush=True,
+        )
+    return {
+        tool: {
+            "seconds": min(r["seconds"] for r in rs),
+            "median_seconds": sorted(r["seconds"] for r in rs)[len(rs) // 2],
+            "process_seconds": min(r["process_seconds"] for r in rs),
+            "metrics": rs[0]["metrics"],
+            "ties": rs[0].get("ties", {}),
+            "same_every_run": all(r["metrics"] == rs[0]["metrics"] for r in rs),
+        }
+        for tool, rs in rows.items()
+    }
 
 
 def probe_bytes(solver, n, dim, classes, n_test, batch=4096, chunk=8192):
@@ -262,11 +373,26 @@ def probe_memory(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", default=os.path.join(OUT, "toy-eval"), help="toy data folder (built when missing)")
-    p.add_argument("--eval-per-class", type=int, default=125, help="zero-shot images per class when building --toy")
-    p.add_argument("--retrieval-images", type=int, default=1000, help="retrieval images (5 captions each) when building --toy")
-    p.add_argument("--pretrained", default=None, help="toy-clip checkpoint with toy-clip.json beside it (default: train one)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--toy", default=os.path.join(OUT, "toy-eval"), help="toy data folder (built when missing)"
+    )
+    p.add_argument(
+        "--eval-per-class", type=int, default=125, help="zero-shot images per class when building --toy"
+    )
+    p.add_argument(
+        "--retrieval-images",
+        type=int,
+        default=1000,
+        help="retrieval images (5 captions each) when building --toy",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="toy-clip checkpoint with toy-clip.json beside it (default: train one)",
+    )
     p.add_argument("--train-steps", type=int, default=150, help="steps of the checkpoint trained here")
     p.add_argument("--batch-size", type=int, default=64, help="both tools")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, both tools")
@@ -290,17 +416,54 @@ def main(argv=None):
         return probe_memory(args)
     toy = os.path.abspath(args.toy)
     ensure_toy(toy, args)
-    ckpt = os.path.abspath(args.pretrained) if args.pretrained else ensure_checkpoint(toy, os.path.join(OUT, "ckpt-alt"), args.train_steps)
+    ckpt = (
+        os.path.abspath(args.pretrained)
+        if args.pretrained
+        else ensure_checkpoint(toy, os.path.join(OUT, "ckpt-alt"), args.train_steps)
+    )
     config = os.path.join(os.path.dirname(ckpt), "toy-clip.json")
-    zs, rt = toy_as_wds(toy, os.path.join(os.path.dirname(toy), os.path.basename(toy) + "-wds"), max(4, args.workers))
+    zs, rt = toy_as_wds(
+        toy, os.path.join(os.path.dirname(toy), os.path.basename(toy) + "-wds"), max(4, args.workers)
+    )
     ensure_venv()
-    print(f"bench_eval: {ckpt}; {args.threads} threads, batch {args.batch_size}, {args.workers} workers, best of {args.repeats}", flush=True)
-    report = {task: bench_task(task, data, ckpt, config, args) for task, data in (("zeroshot", zs), ("retrieval", rt))}
-    probe = run(RUN_06.format(threads=args.threads, root=ROOT, marker=MARKER, argv=[
-        "--model", "toy-clip", "--pretrained", ckpt, "--name", "bench", "--results", os.path.join(OUT, "eval_results.jsonl"),
-        "--overwrite", "--zeroshot", "--retrieval", "--linear-probe", zs, "--workers", str(args.workers), "--device", "cpu"]))["records"][0]
+    print(
+        f"bench_eval: {ckpt}; {args.threads} threads, batch {args.batch_size}, {args.workers} workers, best of {args.repeats}",
+        flush=True,
+    )
+    report = {
+        task: bench_task(task, data, ckpt, config, args)
+        for task, data in (("zeroshot", zs), ("retrieval", rt))
+    }
+    probe = run(
+        RUN_06.format(
+            threads=args.threads,
+            root=ROOT,
+            marker=MARKER,
+            argv=[
+                "--model",
+                "toy-clip",
+                "--pretrained",
+                ckpt,
+                "--name",
+                "bench",
+                "--results",
+                os.path.join(OUT, "eval_results.jsonl"),
+                "--overwrite",
+                "--zeroshot",
+                "--retrieval",
+                "--linear-probe",
+                zs,
+                "--workers",
+                str(args.workers),
+                "--device",
+                "cpu",
+            ],
+        )
+    )["records"][0]
     worst, verdicts = 0.0, []
-    print(f"\n{'task':<10} {'metric':<27} {'06_eval':>9} {'CLIP_benchmark':>15} {'|diff|':>8} {'tied':>6}  verdict")
+    print(
+        f"\n{'task':<10} {'metric':<27} {'06_eval':>9} {'CLIP_benchmark':>15} {'|diff|':>8} {'tied':>6}  verdict"
+    )
     for task, tools in report.items():
         for key in METRICS[task]:
             a, b = tools["06_eval"]["metrics"].get(key), tools["CLIP_benchmark"]["metrics"].get(key)
@@ -311,20 +474,37 @@ def main(argv=None):
             worst, verdicts = max(worst, diff), verdicts + [verdict]
             print(f"{task:<10} {key:<27} {a:>9.4f} {b:>15.4f} {diff:>8.1e} {tied:>6.3f}  {verdict}")
     agree = "DISAGREE" not in verdicts
-    print(f"largest difference {worst:.1e}: {'AGREE' if agree else 'DISAGREE'} ({verdicts.count('same')} of {len(verdicts)} the same; "
-          f"'tied' = share of queries an exact score tie decided, e.g. two images' identical captions)")
+    print(
+        f"largest difference {worst:.1e}: {'AGREE' if agree else 'DISAGREE'} ({verdicts.count('same')} of {len(verdicts)} the same; "
+        f"'tied' = share of queries an exact score tie decided, e.g. two images' identical captions)"
+    )
     for task, tools in report.items():
         a, b = tools["06_eval"], tools["CLIP_benchmark"]
-        print(f"{task}: 06_eval {a['seconds']:.2f}s, CLIP_benchmark {b['seconds']:.2f}s -> "
-              f"CLIP_benchmark / 06_eval = {b['seconds'] / a['seconds']:.2f}x (medians {a['median_seconds']:.2f}s vs "
-              f"{b['median_seconds']:.2f}s: {b['median_seconds'] / a['median_seconds']:.2f}x)"
-              f" (whole process incl. imports: {a['process_seconds']:.1f}s vs {b['process_seconds']:.1f}s)")
-    print("linear probe (06 only; CLIP_benchmark's needs CUDA): " + ", ".join(f"{k} {v:.4f}" for k, v in probe["metrics"].items())
-          + f", lambda {probe['lambda']:.0e}, n {probe['n']}, {probe['seconds']:.1f}s")
+        print(
+            f"{task}: 06_eval {a['seconds']:.2f}s, CLIP_benchmark {b['seconds']:.2f}s -> "
+            f"CLIP_benchmark / 06_eval = {b['seconds'] / a['seconds']:.2f}x (medians {a['median_seconds']:.2f}s vs "
+            f"{b['median_seconds']:.2f}s: {b['median_seconds'] / a['median_seconds']:.2f}x)"
+            f" (whole process incl. imports: {a['process_seconds']:.1f}s vs {b['process_seconds']:.1f}s)"
+        )
+    print(
+        "linear probe (06 only; CLIP_benchmark's needs CUDA): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in probe["metrics"].items())
+        + f", lambda {probe['lambda']:.0e}, n {probe['n']}, {probe['seconds']:.1f}s"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "checkpoint": ckpt, "report": report, "linear_probe": probe, "largest_difference": worst,
-                       "agree": agree}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "checkpoint": ckpt,
+                    "report": report,
+                    "linear_probe": probe,
+                    "largest_difference": worst,
+                    "agree": agree,
+                },
+                f,
+                indent=1,
+            )
     if not agree:
         sys.exit(1)
 

@@ -22,6 +22,7 @@ Prints a table (engine, arm, prompts, seconds, rewrites/s, tokens/s) and per eng
 different numbers of prompts compare. Tokens are the returned completions re-tokenized (the stop
 line end included): stop strings make lengths vary, so both rates are shown.
 """
+
 import argparse
 import importlib
 import importlib.util
@@ -48,8 +49,20 @@ def ensure_toy(toy):
     pairs = os.path.join(toy, "meta_pairs.jsonl")
     if not os.path.exists(pairs):
         coco = os.path.join(toy, "coco", "annotations", "captions_train2017.json")
-        subprocess.run([sys.executable, os.path.join(ROOT, "01_collect_meta_pairs.py"), "--sources", "human", "coco",
-                        "--out", pairs, "--coco-captions", coco], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "01_collect_meta_pairs.py"),
+                "--sources",
+                "human",
+                "coco",
+                "--out",
+                pairs,
+                "--coco-captions",
+                coco,
+            ],
+            check=True,
+        )
     return os.path.join(toy, "models", "tiny-llama"), pairs
 
 
@@ -84,8 +97,14 @@ def run_arms(engine, name, prompts, seeds, args):
     """The batched arm on all prompts, the one-at-a-time baseline on an evenly spread subset. The arms
     alternate in --rounds slices, so a shared machine's swings in load fall on both alike."""
     step = max(1, len(prompts) // args.baseline_prompts)
-    arms = {"one-at-a-time": (prompts[::step][:args.baseline_prompts], seeds[::step][:args.baseline_prompts], True),
-            "batched": (prompts, seeds, False)}
+    arms = {
+        "one-at-a-time": (
+            prompts[::step][: args.baseline_prompts],
+            seeds[::step][: args.baseline_prompts],
+            True,
+        ),
+        "batched": (prompts, seeds, False),
+    }
     seconds, outs = Counter(), {arm: [] for arm in arms}
     for r in range(-1, args.rounds):  # round -1 warms each arm up: other text, same shapes
         for arm, (ps, ss, single) in arms.items():
@@ -104,16 +123,25 @@ def run_arms(engine, name, prompts, seeds, args):
     rows = []
     for arm, (ps, _, single) in arms.items():
         tokens = sum(engine.count_tokens(o if o.endswith("\n") else o + "\n") for o in outs[arm])
-        rows.append({"engine": name, "arm": arm, "prompts": len(ps), "seconds": round(seconds[arm], 3),
-                     "rewrites_per_s": round(len(ps) / seconds[arm], 2), "tokens_per_s": round(tokens / seconds[arm], 1),
-                     "tokens_per_rewrite": round(tokens / len(ps), 1),
-                     "batch_size": 1 if single else (args.batch_size if name == "hf" else len(ps) // args.rounds)})
+        rows.append(
+            {
+                "engine": name,
+                "arm": arm,
+                "prompts": len(ps),
+                "seconds": round(seconds[arm], 3),
+                "rewrites_per_s": round(len(ps) / seconds[arm], 2),
+                "tokens_per_s": round(tokens / seconds[arm], 1),
+                "tokens_per_rewrite": round(tokens / len(ps), 1),
+                "batch_size": 1 if single else (args.batch_size if name == "hf" else len(ps) // args.rounds),
+            }
+        )
         print(f"  {name} {arm}: {len(ps)} prompts in {seconds[arm]:.1f}s", flush=True)
     return rows
 
 
 def bench_engine(name, model, prompts, seeds, args):
     import torch
+
     torch.set_num_threads(args.threads)  # the same for both arms; vLLM's CPU workers bind their own
     start = time.perf_counter()
     if name == "hf":
@@ -157,7 +185,9 @@ def stage_arms(engine, args):
     rewrite.TextEngine = lambda *a, **k: engine  # the stage builds no second engine
     seconds, made = Counter(), Counter()
     for r in range(-1, args.rounds):  # round -1 warms up
-        lo, hi = (0, 8) if r < 0 else (len(captions) * r // args.rounds, len(captions) * (r + 1) // args.rounds)
+        lo, hi = (
+            (0, 8) if r < 0 else (len(captions) * r // args.rounds, len(captions) * (r + 1) // args.rounds)
+        )
         part = os.path.join(work, f"r{r + 1}.jsonl")
         with open(part, "w") as f:
             for key, text in captions[lo:hi]:
@@ -166,7 +196,9 @@ def stage_arms(engine, args):
         for key, text in captions[lo:hi]:
             caption = " ".join(rewrite.one_line(text).split()[:64])
             rng = random.Random(rewrite.sample_seed(0, f"r{r + 1}", key, "human", 0, -1))
-            prompts.append(rewrite.build_prompt(caption, rewrite.draw_examples(pools["human"], 3, rng), "laclip"))
+            prompts.append(
+                rewrite.build_prompt(caption, rewrite.draw_examples(pools["human"], 3, rng), "laclip")
+            )
             seeds.append(rng.getrandbits(63))
         for mode in ("per-sample", "per-chunk"):
             arms = {f"02 end-to-end, {mode} seeds": None, f"bare LLM.generate, {mode} seeds": None}
@@ -174,9 +206,24 @@ def stage_arms(engine, args):
                 engine.llm.reset_prefix_cache()
                 start = time.perf_counter()
                 if arm.startswith("02"):
-                    rewrite.main(["--engine", "vllm", "--input", part, "--meta-pairs", args.pairs, "--sources", "human",
-                                  "--out-dir", os.path.join(work, f"{mode}-{r + 1}"), "--seed-mode", mode,
-                                  "--max-retries", str(args.stage_retries)])
+                    rewrite.main(
+                        [
+                            "--engine",
+                            "vllm",
+                            "--input",
+                            part,
+                            "--meta-pairs",
+                            args.pairs,
+                            "--sources",
+                            "human",
+                            "--out-dir",
+                            os.path.join(work, f"{mode}-{r + 1}"),
+                            "--seed-mode",
+                            mode,
+                            "--max-retries",
+                            str(args.stage_retries),
+                        ]
+                    )
                 else:
                     bare_generate(engine, prompts, seeds if mode == "per-sample" else [None] * len(seeds))
                 if r >= 0:
@@ -184,26 +231,57 @@ def stage_arms(engine, args):
                     made[arm] += hi - lo
     rows = []
     for arm in seconds:
-        rows.append({"engine": "vllm", "arm": arm, "prompts": made[arm], "seconds": round(seconds[arm], 3),
-                     "rewrites_per_s": round(made[arm] / seconds[arm], 2), "tokens_per_s": 0,
-                     "tokens_per_rewrite": 0, "batch_size": made[arm] // args.rounds})
+        rows.append(
+            {
+                "engine": "vllm",
+                "arm": arm,
+                "prompts": made[arm],
+                "seconds": round(seconds[arm], 3),
+                "rewrites_per_s": round(made[arm] / seconds[arm], 2),
+                "tokens_per_s": 0,
+                "tokens_per_rewrite": 0,
+                "batch_size": made[arm] // args.rounds,
+            }
+        )
         print(f"  vllm {arm}: {made[arm]} captions in {seconds[arm]:.1f}s", flush=True)
     return rows
 
 
 def vllm_elsewhere(args):
     """Rows from this script re-run in .venv-vllm with --only vllm, or a reason it could not run."""
-    cmd = [VLLM_PYTHON, os.path.abspath(__file__), "--only", "vllm", "--toy", args.toy, "--prompts", str(args.prompts),
-           "--stage-prompts", str(args.stage_prompts), "--stage-retries", str(args.stage_retries),
-           "--baseline-prompts", str(args.baseline_prompts), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+    cmd = [
+        VLLM_PYTHON,
+        os.path.abspath(__file__),
+        "--only",
+        "vllm",
+        "--toy",
+        args.toy,
+        "--prompts",
+        str(args.prompts),
+        "--stage-prompts",
+        str(args.stage_prompts),
+        "--stage-retries",
+        str(args.stage_retries),
+        "--baseline-prompts",
+        str(args.baseline_prompts),
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+    ]
     print(f"vllm: not importable here, running {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ},
+    )
     lines, result = [], None
     for line in proc.stdout:
         lines.append(line.rstrip())
         if line.startswith(MARKER):
-            result = json.loads(line[len(MARKER):])
+            result = json.loads(line[len(MARKER) :])
         elif line.startswith("  vllm"):
             print(line, end="", flush=True)
     if proc.wait() == 0 and result is not None:
@@ -217,16 +295,28 @@ def ratio_lines(rows):
         arms = {r["arm"]: r for r in rows if r["engine"] == name}
         if len(arms) == 2:
             b, o = arms["batched"], arms["one-at-a-time"]
-            lines.append(f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x (goal >= 8x); "
-                         f"tokens/s {b['tokens_per_s'] / o['tokens_per_s']:.1f}x")
+            lines.append(
+                f"{name}: batched / one-at-a-time = {b['rewrites_per_s'] / o['rewrites_per_s']:.1f}x (goal >= 8x); "
+                f"tokens/s {b['tokens_per_s'] / o['tokens_per_s']:.1f}x"
+            )
         rate = {r["arm"]: r["rewrites_per_s"] for r in rows if r["engine"] == name}
         for mode in ("per-sample", "per-chunk"):
-            stage, bare = rate.get(f"02 end-to-end, {mode} seeds"), rate.get(f"bare LLM.generate, {mode} seeds")
+            stage, bare = (
+                rate.get(f"02 end-to-end, {mode} seeds"),
+                rate.get(f"bare LLM.generate, {mode} seeds"),
+            )
             if stage and bare:
-                lines.append(f"{name}: 02 end-to-end / bare LLM.generate, {mode} seeds = {stage / bare:.2f}x (goal >= 0.9)")
-        seeded, unseeded = rate.get("bare LLM.generate, per-sample seeds"), rate.get("bare LLM.generate, per-chunk seeds")
+                lines.append(
+                    f"{name}: 02 end-to-end / bare LLM.generate, {mode} seeds = {stage / bare:.2f}x (goal >= 0.9)"
+                )
+        seeded, unseeded = (
+            rate.get("bare LLM.generate, per-sample seeds"),
+            rate.get("bare LLM.generate, per-chunk seeds"),
+        )
         if seeded and unseeded:
-            lines.append(f"{name}: per-request seeds cost: bare generate with / without = {seeded / unseeded:.2f}x")
+            lines.append(
+                f"{name}: per-request seeds cost: bare generate with / without = {seeded / unseeded:.2f}x"
+            )
     return lines
 
 
@@ -236,8 +326,14 @@ def print_table(rows, notes):
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print()
     for row in table:
-        print("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    print("(rates are per second of generate time, so the baseline's smaller subset compares with the full set)")
+        print(
+            "  ".join(
+                cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
+    print(
+        "(rates are per second of generate time, so the baseline's smaller subset compares with the full set)"
+    )
     for line in ratio_lines(rows):
         print(line)
     for name, why in notes.items():
@@ -245,18 +341,38 @@ def print_table(rows, notes):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", default=os.path.join(ROOT, "bench", "out", "toy"), help="toy data folder (built when missing)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--toy",
+        default=os.path.join(ROOT, "bench", "out", "toy"),
+        help="toy data folder (built when missing)",
+    )
     p.add_argument("--prompts", type=int, default=256, help="prompts in the batched arm")
-    p.add_argument("--baseline-prompts", type=int, default=32, help="prompts in the one-at-a-time arm (evenly spread)")
-    p.add_argument("--rounds", type=int, default=4, help="the arms alternate in this many slices (load swings)")
-    p.add_argument("--batch-size", type=int, default=32, help="hf batch size in the batched arm (02's default)")
-    p.add_argument("--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="engines to measure")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for every arm")
-    p.add_argument("--stage-prompts", type=int, default=1024, help="captions in the 02 end-to-end vs bare generate arms")
+    p.add_argument(
+        "--baseline-prompts", type=int, default=32, help="prompts in the one-at-a-time arm (evenly spread)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=4, help="the arms alternate in this many slices (load swings)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="hf batch size in the batched arm (02's default)"
+    )
+    p.add_argument(
+        "--engines", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="engines to measure"
+    )
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for every arm"
+    )
+    p.add_argument(
+        "--stage-prompts", type=int, default=1024, help="captions in the 02 end-to-end vs bare generate arms"
+    )
     p.add_argument("--stage-retries", type=int, default=0, help="02's --max-retries in its end-to-end arm")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--only", choices=["vllm"], default=None, help="internal: the vLLM part alone, result printed as JSON")
+    p.add_argument(
+        "--only", choices=["vllm"], default=None, help="internal: the vLLM part alone, result printed as JSON"
+    )
     return p.parse_args(argv)
 
 
@@ -269,12 +385,17 @@ def main(argv=None):
     if args.only:
         print(MARKER + json.dumps(bench_engine("vllm", model, prompts, seeds, args)), flush=True)
         return
-    print(f"bench_rewrite: {len(prompts)} LaCLIP prompts from {args.toy}, {args.threads} threads, "
-          f"hf batch size {args.batch_size}, one-at-a-time on {min(args.baseline_prompts, len(prompts))}", flush=True)
+    print(
+        f"bench_rewrite: {len(prompts)} LaCLIP prompts from {args.toy}, {args.threads} threads, "
+        f"hf batch size {args.batch_size}, one-at-a-time on {min(args.baseline_prompts, len(prompts))}",
+        flush=True,
+    )
     rows, notes = [], {}
     load = os.getloadavg()[0]
     if load > 0.5:  # other jobs steal the cores (and stall multi-threaded kernels): timings do not compare
-        notes["WARNING"] = f"load average {load:.1f} on {os.cpu_count()} cores before starting: the machine was busy"
+        notes["WARNING"] = (
+            f"load average {load:.1f} on {os.cpu_count()} cores before starting: the machine was busy"
+        )
         print(notes["WARNING"], flush=True)
     if "hf" in args.engines:
         rows += bench_engine("hf", model, prompts, seeds, args)
@@ -291,7 +412,9 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "ratios": ratio_lines(rows), "notes": notes}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "rows": rows, "ratios": ratio_lines(rows), "notes": notes}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

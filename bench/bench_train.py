@@ -19,6 +19,7 @@ open_clip_train needs webdataset 0.2.86 (1.0.x crashes it: KeyError 'fname'), pa
 in its own venv (--openclip-venv), made here with pip when missing, with this venv's torch, torchvision and open_clip
 versions. It has no flag for a custom model config: a two-line wrapper registers toy-clip.json, then calls its main().
 """
+
 import argparse
 import json
 import os
@@ -36,7 +37,9 @@ WRAPPER = "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); from 
 
 def ensure_toy(toy):
     if not os.path.exists(os.path.join(toy, "shards", "00003_stats.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "00_toy_data.py"), "--out", toy, "--skip-models"], check=True)
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "00_toy_data.py"), "--out", toy, "--skip-models"], check=True
+        )
     return os.path.join(toy, "shards"), os.path.join(toy, "models", "toy-clip.json")
 
 
@@ -48,8 +51,16 @@ def ensure_openclip_venv(venv):
     import open_clip
     import torch
     import torchvision
-    versions = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-                f"open_clip_torch=={open_clip.__version__}", "webdataset==0.2.86", "braceexpand", "pandas", "fsspec"]
+
+    versions = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"open_clip_torch=={open_clip.__version__}",
+        "webdataset==0.2.86",
+        "braceexpand",
+        "pandas",
+        "fsspec",
+    ]
     print(f"creating {venv}: pip install {' '.join(versions)}", flush=True)
     subprocess.run(["python3", "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *versions], check=True)
@@ -80,7 +91,9 @@ def tree_pss_kib(pid):
 
 
 def cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant: the trainer and its DataLoader workers
+    usage = resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )  # every waited-for descendant: the trainer and its DataLoader workers
     return usage.ru_utime + usage.ru_stime
 
 
@@ -94,22 +107,94 @@ def timed(cmd, env, log_path):
             time.sleep(0.1)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if proc.returncode:
-        raise SystemExit(f"{cmd[0]} ... failed ({proc.returncode}); see {log_path}:\n" + open(log_path).read()[-3000:])
+        raise SystemExit(
+            f"{cmd[0]} ... failed ({proc.returncode}); see {log_path}:\n" + open(log_path).read()[-3000:]
+        )
     return seconds, cpu, peak / 1024
 
 
 def commands(arm, epochs, args, shards, config, work, openclip_python):
     if arm == "05_train":
-        return [sys.executable, os.path.join(ROOT, "05_train.py"), "--input", shards, "--model", config, "--out-dir", work,
-                "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--lr", "1e-3",
-                "--wd", "0.2", "--eps", "1e-6", "--crop-scale", "0.9", "--warmup", "20", "--seed", "0", "--precision", "fp32",
-                "--log-every", "10", "--save-every", "100000"]
-    return [openclip_python, "-c", WRAPPER, config, "--train-data", os.path.join(shards, "{00000..00003}.tar"),
-            "--dataset-type", "webdataset", "--train-num-samples", str(args.samples), "--model", "toy-clip",
-            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--lr", "1e-3",
-            "--wd", "0.2", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--warmup", "20", "--seed", "0",
-            "--precision", "fp32", "--log-every-n-steps", "10", "--logs", os.path.dirname(work), "--name", os.path.basename(work),
-            "--save-frequency", "1", "--report-to", ""]
+        return [
+            sys.executable,
+            os.path.join(ROOT, "05_train.py"),
+            "--input",
+            shards,
+            "--model",
+            config,
+            "--out-dir",
+            work,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--lr",
+            "1e-3",
+            "--wd",
+            "0.2",
+            "--eps",
+            "1e-6",
+            "--crop-scale",
+            "0.9",
+            "--warmup",
+            "20",
+            "--seed",
+            "0",
+            "--precision",
+            "fp32",
+            "--log-every",
+            "10",
+            "--save-every",
+            "100000",
+        ]
+    return [
+        openclip_python,
+        "-c",
+        WRAPPER,
+        config,
+        "--train-data",
+        os.path.join(shards, "{00000..00003}.tar"),
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(args.samples),
+        "--model",
+        "toy-clip",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--lr",
+        "1e-3",
+        "--wd",
+        "0.2",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--warmup",
+        "20",
+        "--seed",
+        "0",
+        "--precision",
+        "fp32",
+        "--log-every-n-steps",
+        "10",
+        "--logs",
+        os.path.dirname(work),
+        "--name",
+        os.path.basename(work),
+        "--save-frequency",
+        "1",
+        "--report-to",
+        "",
+    ]
 
 
 def steady_rates(result, epochs):
@@ -120,27 +205,55 @@ def steady_rates(result, epochs):
         a, b = result[arm, e1], result[arm, e2]
         steady[arm] = (b["samples"] - a["samples"]) / (b["seconds"] - a["seconds"])
         per_cpu[arm] = (b["samples"] - a["samples"]) / (b["cpu_seconds"] - a["cpu_seconds"])
-    return {"steady": steady, "per_cpu": per_cpu, "ratio": steady["05_train"] / steady["open_clip_train"],
-            "cpu_ratio": per_cpu["05_train"] / per_cpu["open_clip_train"]}
+    return {
+        "steady": steady,
+        "per_cpu": per_cpu,
+        "ratio": steady["05_train"] / steady["open_clip_train"],
+        "cpu_ratio": per_cpu["05_train"] / per_cpu["open_clip_train"],
+    }
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", default=os.path.join(OUT, "toy"), help="toy data folder (built by 00_toy_data.py --skip-models if missing)")
-    p.add_argument("--openclip-venv", default=os.path.join(OUT, "venv-openclip"), help="virtualenv with open_clip_train + webdataset 0.2.86")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--toy",
+        default=os.path.join(OUT, "toy"),
+        help="toy data folder (built by 00_toy_data.py --skip-models if missing)",
+    )
+    p.add_argument(
+        "--openclip-venv",
+        default=os.path.join(OUT, "venv-openclip"),
+        help="virtualenv with open_clip_train + webdataset 0.2.86",
+    )
     p.add_argument("--epochs", type=int, nargs=2, default=[1, 3], help="the two run lengths (E1 < E2)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of both trainers")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both trainers")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of both trainers (OMP_NUM_THREADS; 2 cores and 2 workers: 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of both trainers (OMP_NUM_THREADS; 2 cores and 2 workers: 1)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the ratios are their medians")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     shards, config = ensure_toy(args.toy)
-    args.samples = sum(json.load(open(os.path.join(shards, f)))["successes"] for f in os.listdir(shards) if f.endswith("_stats.json"))
+    args.samples = sum(
+        json.load(open(os.path.join(shards, f)))["successes"]
+        for f in os.listdir(shards)
+        if f.endswith("_stats.json")
+    )
     openclip_python = ensure_openclip_venv(args.openclip_venv)
     e1, e2 = args.epochs
     load = os.getloadavg()[0]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        PYTHONWARNINGS="ignore",
+    )
     runs, rounds = [], []
     for repeat in range(args.repeats):  # rounds interleaved: drifting machine load hits both arms alike
         result = {}
@@ -151,18 +264,33 @@ def main(argv=None):
                 os.makedirs(os.path.dirname(work), exist_ok=True)
                 cmd = commands(arm, epochs, args, shards, config, work, openclip_python)
                 seconds, cpu, peak = timed(cmd, env, work + ".log")
-                run = {"round": repeat, "arm": arm, "epochs": epochs, "samples": epochs * args.samples,
-                       "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-                       "samples_per_s": round(epochs * args.samples / seconds, 1), "peak_pss_mib": round(peak)}
+                run = {
+                    "round": repeat,
+                    "arm": arm,
+                    "epochs": epochs,
+                    "samples": epochs * args.samples,
+                    "seconds": round(seconds, 2),
+                    "cpu_seconds": round(cpu, 2),
+                    "samples_per_s": round(epochs * args.samples / seconds, 1),
+                    "peak_pss_mib": round(peak),
+                }
                 runs.append(run)
                 result[arm, epochs] = run
-                print(f"round {repeat + 1}: {arm:16s} {epochs} epoch(s): {seconds:7.1f}s wall, {cpu:7.1f}s CPU, "
-                      f"peak PSS {peak:6.0f} MiB", flush=True)
+                print(
+                    f"round {repeat + 1}: {arm:16s} {epochs} epoch(s): {seconds:7.1f}s wall, {cpu:7.1f}s CPU, "
+                    f"peak PSS {peak:6.0f} MiB",
+                    flush=True,
+                )
         rounds.append(steady_rates(result, args.epochs))
-        print(f"round {repeat + 1}: 05_train / open_clip_train steady {rounds[-1]['ratio']:.2f}x, "
-              f"per CPU-second {rounds[-1]['cpu_ratio']:.2f}x", flush=True)
-    print(f"\n{'trainer':16s} {'steady samples/s':>17s} {'samples per CPU-s':>18s} {'peak PSS MiB':>13s}  (medians of "
-          f"{args.repeats} rounds)")
+        print(
+            f"round {repeat + 1}: 05_train / open_clip_train steady {rounds[-1]['ratio']:.2f}x, "
+            f"per CPU-second {rounds[-1]['cpu_ratio']:.2f}x",
+            flush=True,
+        )
+    print(
+        f"\n{'trainer':16s} {'steady samples/s':>17s} {'samples per CPU-s':>18s} {'peak PSS MiB':>13s}  (medians of "
+        f"{args.repeats} rounds)"
+    )
     steady, per_cpu, peaks = {}, {}, {}
     for arm in ("05_train", "open_clip_train"):
         steady[arm] = statistics.median(r["steady"][arm] for r in rounds)
@@ -172,15 +300,28 @@ def main(argv=None):
     ratio = statistics.median(r["ratio"] for r in rounds)
     cpu_ratio = statistics.median(r["cpu_ratio"] for r in rounds)
     memory_ratio = peaks["05_train"] / peaks["open_clip_train"]
-    print(f"\n05_train / open_clip_train steady samples/s = {ratio:.2f}x (goal >= 1.10); per CPU-second "
-          f"{cpu_ratio:.2f}x (goal >= 1.10); peak memory {memory_ratio:.2f}x (goal <= 1.0); medians of "
-          f"{args.repeats} interleaved rounds; batch {args.batch_size}, {args.workers} workers, {args.threads} "
-          f"threads, {args.samples} samples/epoch, epochs {e1} and {e2}, load average before {load:.2f}")
+    print(
+        f"\n05_train / open_clip_train steady samples/s = {ratio:.2f}x (goal >= 1.10); per CPU-second "
+        f"{cpu_ratio:.2f}x (goal >= 1.10); peak memory {memory_ratio:.2f}x (goal <= 1.0); medians of "
+        f"{args.repeats} interleaved rounds; batch {args.batch_size}, {args.workers} workers, {args.threads} "
+        f"threads, {args.samples} samples/epoch, epochs {e1} and {e2}, load average before {load:.2f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "rounds": rounds, "steady_samples_per_s": steady, "samples_per_cpu_s": per_cpu,
-                       "ratio": ratio, "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio, "args": vars(args)}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "runs": runs,
+                    "rounds": rounds,
+                    "steady_samples_per_s": steady,
+                    "samples_per_cpu_s": per_cpu,
+                    "ratio": ratio,
+                    "cpu_ratio": cpu_ratio,
+                    "memory_ratio": memory_ratio,
+                    "args": vars(args),
+                },
+                f,
+                indent=1,
+            )
     return ratio
 
 

@@ -14,6 +14,7 @@ Prints a table (arm, images, seconds, images/s, tokens/s, tokens/image) and
 the returned captions re-tokenized: the tiny random LLaVA rarely stops early, so both arms decode about as many
 tokens per image and the images/s ratio is a fair one.
 """
+
 import argparse
 import importlib
 import json
@@ -59,26 +60,54 @@ def timed(engine, images, one_at_a_time):
 def run_arms(engine, images, n_baseline, batch_size):
     step = max(1, len(images) // n_baseline)
     rows, tok = [], engine.processor.tokenizer
-    for arm, subset, single in (("one-at-a-time", images[::step][:n_baseline], True), ("batched", images, False)):
+    for arm, subset, single in (
+        ("one-at-a-time", images[::step][:n_baseline], True),
+        ("batched", images, False),
+    ):
         engine.batch_size = 1 if single else batch_size
-        timed(engine, subset[:1 if single else batch_size], single)  # warm-up: the same shapes
+        timed(engine, subset[: 1 if single else batch_size], single)  # warm-up: the same shapes
         seconds, outs = timed(engine, subset, single)
         tokens = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs)
-        rows.append({"arm": arm, "images": len(subset), "seconds": round(seconds, 3),
-                     "images_per_s": round(len(subset) / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-                     "tokens_per_image": round(tokens / len(subset), 1), "batch_size": engine.batch_size})
+        rows.append(
+            {
+                "arm": arm,
+                "images": len(subset),
+                "seconds": round(seconds, 3),
+                "images_per_s": round(len(subset) / seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "tokens_per_image": round(tokens / len(subset), 1),
+                "batch_size": engine.batch_size,
+            }
+        )
         print(f"  hf {arm}: {len(subset)} images in {seconds:.1f}s", flush=True)
     return rows
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--toy", default=os.path.join(ROOT, "bench", "out", "toy"), help="toy data folder (built when missing)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--toy",
+        default=os.path.join(ROOT, "bench", "out", "toy"),
+        help="toy data folder (built when missing)",
+    )
     p.add_argument("--images", type=int, default=256, help="images in the batched arm")
-    p.add_argument("--baseline-images", type=int, default=32, help="images in the one-at-a-time arm (an even spread of them)")
-    p.add_argument("--batch-size", type=int, default=32, help="hf batch size in the batched arm (03's default)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation limit per caption (03's default)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for both arms")
+    p.add_argument(
+        "--baseline-images",
+        type=int,
+        default=32,
+        help="images in the one-at-a-time arm (an even spread of them)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="hf batch size in the batched arm (03's default)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=48, help="generation limit per caption (03's default)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads, the same for both arms"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -86,23 +115,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import torch
+
     torch.set_num_threads(args.threads)
     model = ensure_toy(os.path.abspath(args.toy))
     images = load_images(os.path.abspath(args.toy), args.images, 1024)
     start = time.perf_counter()
-    engine = vec.VisionEngine("hf", model, vec.VECLIP_QUESTION, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(f"bench_vec: {len(images)} toy images, {args.threads} threads, hf batch size {args.batch_size}, "
-          f"one-at-a-time on {min(args.baseline_images, len(images))}, engine ready in {time.perf_counter() - start:.1f}s", flush=True)
+    engine = vec.VisionEngine(
+        "hf", model, vec.VECLIP_QUESTION, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
+    print(
+        f"bench_vec: {len(images)} toy images, {args.threads} threads, hf batch size {args.batch_size}, "
+        f"one-at-a-time on {min(args.baseline_images, len(images))}, engine ready in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
     rows = run_arms(engine, images, args.baseline_images, args.batch_size)
     cols = ("arm", "images", "seconds", "images_per_s", "tokens_per_s", "tokens_per_image")
     table = [[c.replace("_per_", "/") for c in cols]] + [[str(r[c]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     print()
     for row in table:
-        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        )
     one, batched = rows
-    ratio = f"hf: batched / one-at-a-time = {batched['images_per_s'] / one['images_per_s']:.1f}x images/s, " \
-            f"{batched['tokens_per_s'] / one['tokens_per_s']:.1f}x tokens/s"
+    ratio = (
+        f"hf: batched / one-at-a-time = {batched['images_per_s'] / one['images_per_s']:.1f}x images/s, "
+        f"{batched['tokens_per_s'] / one['tokens_per_s']:.1f}x tokens/s"
+    )
     print(ratio)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

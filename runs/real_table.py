@@ -5,6 +5,7 @@ Columns: zero-shot top-1 on the held-out clip-art classes and on Fashion-MNIST, 
 on the held-out clip-art titles, and the linear probe on the clip-art classes; percent. Rows keep the order
 in which their methods first appear in the results file.
 """
+
 import argparse
 import json
 import re
@@ -50,8 +51,10 @@ def cell(values):
 
 def markdown(table):
     seeds = {method: max((len(v) for v in cells.values()), default=0) for method, cells in table.items()}
-    lines = ["| method | seeds | " + " | ".join(c[3] for c in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| method | seeds | " + " | ".join(c[3] for c in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
     for method, cells in table.items():
         values = [cell(cells.get((task, dataset, metric), [])) for task, dataset, metric, _ in COLUMNS]
         lines.append(f"| {method} | {seeds[method]} | " + " | ".join(values) + " |")
@@ -59,7 +62,9 @@ def markdown(table):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("results", help="06_eval.py's results JSONL")
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
 """09_browse: one self-contained page, every caption joined by key, filters and sorts; checked in headless Chromium."""
+
 import json
 import re
 import shutil
@@ -18,8 +19,25 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def data(tmp_path_factory):
     """Two toy shards of 30, 02-style rewrites with scores (one key left out), 04's fused, 03's VeCs."""
     root = tmp_path_factory.mktemp("browse")
-    stage("00_toy_data").main(["--out", str(root), "--num-shards", "2", "--samples-per-shard", "30", "--image-size", "48",
-                               "--skip-models", "--eval-per-class", "1", "--retrieval-images", "2", "--coco-images", "2"])
+    stage("00_toy_data").main(
+        [
+            "--out",
+            str(root),
+            "--num-shards",
+            "2",
+            "--samples-per-shard",
+            "30",
+            "--image-size",
+            "48",
+            "--skip-models",
+            "--eval-per-class",
+            "1",
+            "--retrieval-images",
+            "2",
+            "--coco-images",
+            "2",
+        ]
+    )
     for folder in ("rewrites", "fused", "vec"):
         (root / folder).mkdir()
     for name in ("00000", "00001"):
@@ -29,9 +47,15 @@ def data(tmp_path_factory):
             if key.endswith("3"):
                 continue  # no sidecar record for this key: its card shows the AltText alone
             failed = i % 4 == 0
-            rewrites.append({"key": key, "text": f"alt {key}", "status": "fallback" if failed else "ok",
-                             "rewrites": {"human": [f"alt {key}" if failed else f"a rewrite of {key}"]},
-                             "scores": {"human": [round((i * 37 % 100) / 100, 2)]}})
+            rewrites.append(
+                {
+                    "key": key,
+                    "text": f"alt {key}",
+                    "status": "fallback" if failed else "ok",
+                    "rewrites": {"human": [f"alt {key}" if failed else f"a rewrite of {key}"]},
+                    "scores": {"human": [round((i * 37 % 100) / 100, 2)]},
+                }
+            )
             fused.append({"key": key, "fused": f"fused {key}", "status": "ok", "scores": 0.5})
             vecs.append({"key": key, "vec": f"vec {key}", "status": "ok"})
         br.write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites)
@@ -42,13 +66,27 @@ def data(tmp_path_factory):
 
 def page_cards(path):
     text = open(path, encoding="utf-8").read()
-    payload = re.search(r'<script id="data" type="application/json">(.*?)</script>', text, flags=re.S).group(1)
+    payload = re.search(r'<script id="data" type="application/json">(.*?)</script>', text, flags=re.S).group(
+        1
+    )
     return json.loads(payload.replace("<\\/", "</"))
 
 
 def run(data, out, *extra):
-    return br.main(["--input", str(data / "shards"), "--texts", str(data / "rewrites"), str(data / "fused"),
-                    "--vec-dir", str(data / "vec"), "--out", str(out), *extra])
+    return br.main(
+        [
+            "--input",
+            str(data / "shards"),
+            "--texts",
+            str(data / "rewrites"),
+            str(data / "fused"),
+            "--vec-dir",
+            str(data / "vec"),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_page_holds_every_caption_joined_by_key(data, tmp_path):
@@ -64,42 +102,72 @@ def test_page_holds_every_caption_joined_by_key(data, tmp_path):
             continue
         assert labels == ["VeC", "human", "fused"]
         human = card["captions"][1]
-        assert human["status"] in ("ok", "fallback") and (human["status"] == "fallback") == human["text"].startswith("alt ")
+        assert human["status"] in ("ok", "fallback") and (human["status"] == "fallback") == human[
+            "text"
+        ].startswith("alt ")
         assert card["worst"] == min(human["score"], 0.5)
-    again = page_cards(tmp_path / "b.html") if run(data, tmp_path / "b.html", "--sample", "25", "--seed", "3") else None
+    again = (
+        page_cards(tmp_path / "b.html")
+        if run(data, tmp_path / "b.html", "--sample", "25", "--seed", "3")
+        else None
+    )
     assert [c["key"] for c in again] == [c["key"] for c in cards]  # the draw is seeded
-    other = page_cards(tmp_path / "c.html") if run(data, tmp_path / "c.html", "--sample", "25", "--seed", "4") else None
+    other = (
+        page_cards(tmp_path / "c.html")
+        if run(data, tmp_path / "c.html", "--sample", "25", "--seed", "4")
+        else None
+    )
     assert {c["key"] for c in other} != {c["key"] for c in cards}
 
 
 def test_a_caption_cannot_break_out_of_the_page(data, tmp_path):
-    cards = [{"key": "1", "shard": "s", "image": None, "alt": "</script><script>alert(1)</script>", "captions": [],
-              "statuses": [], "worst": None}]
+    cards = [
+        {
+            "key": "1",
+            "shard": "s",
+            "image": None,
+            "alt": "</script><script>alert(1)</script>",
+            "captions": [],
+            "statuses": [],
+            "worst": None,
+        }
+    ]
     text = br.render(cards, "<b>title</b>")
     assert "</script><script>alert" not in text and "<b>title</b>" not in text
 
 
 def chromium(*args):
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium); .ci/run installs it when root")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium here (Debian: apt-get install chromium); .ci/run installs it when root",
+)
 def test_page_in_a_real_browser(data, tmp_path):
     run(data, tmp_path / "b.html", "--sample", "40")
     cards = page_cards(tmp_path / "b.html")
     dom = chromium("--dump-dom", f"file://{tmp_path / 'b.html'}")
     assert dom.count('class="card"') == 40 and "40 of 40 samples" in dom
     # a linked view: only fallback cards shown, worst-scored first
-    dom = chromium("--virtual-time-budget=2000", "--dump-dom", f"file://{tmp_path / 'b.html'}#status=fallback&sort=worst")
+    dom = chromium(
+        "--virtual-time-budget=2000", "--dump-dom", f"file://{tmp_path / 'b.html'}#status=fallback&sort=worst"
+    )
     fallback = [c for c in cards if "fallback" in c["statuses"]]
     assert fallback and f"{len(fallback)} of 40 samples" in dom
     visible = re.findall(r'<div class="card"><img[^>]*><div><div class="key">[^<]*/ (\d+)</div>', dom)
     assert len(visible) == len(fallback)
     scores = {c["key"]: c["worst"] for c in fallback}
     assert [scores[k] for k in visible] == sorted(scores.values())  # worst first
-    chromium("--window-size=1200,900", f"--screenshot={tmp_path / 'shot.png'}", f"file://{tmp_path / 'b.html'}")
+    chromium(
+        "--window-size=1200,900", f"--screenshot={tmp_path / 'shot.png'}", f"file://{tmp_path / 'b.html'}"
+    )
     with Image.open(tmp_path / "shot.png") as shot:
         colours = shot.convert("RGB").getcolors(maxcolors=1 << 20)
     assert shot.size == (1200, 900) and colours and len(colours) > 200  # text, thumbnails: not a blank page

@@ -1,4 +1,5 @@
 """The plumbing every stage shares: identical copies, shard partition, atomic files, resume, tar reading."""
+
 import glob
 import io
 import json
@@ -29,14 +30,21 @@ def test_common_block_identical_in_every_stage():
 
 
 def test_shard_work_block_identical_where_used():
-    users = [s for s in STAGES if re.search(r"\b(worker_slot|read_partial)\(", open(os.path.join(REPO, s)).read())]
+    users = [
+        s for s in STAGES if re.search(r"\b(worker_slot|read_partial)\(", open(os.path.join(REPO, s)).read())
+    ]
     assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "08_embed_texts.py"} <= set(users)
     copies = {s: block(s, "# ---- shard work (", "# ---- end shard work") for s in users}
     assert all(copies.values()) and len(set(copies.values())) == 1, [s for s, c in copies.items() if not c]
 
 
-@pytest.mark.parametrize("name,users", [("text tower", {"05_train.py", "06_eval.py", "07_cc_finetune.py", "08_embed_texts.py"}),
-                                        ("adapter", {"05_train.py", "06_eval.py"})])
+@pytest.mark.parametrize(
+    "name,users",
+    [
+        ("text tower", {"05_train.py", "06_eval.py", "07_cc_finetune.py", "08_embed_texts.py"}),
+        ("adapter", {"05_train.py", "06_eval.py"}),
+    ],
+)
 def test_llm2clip_blocks_identical(name, users):
     copies = {s: block(s, f"# ---- {name} (", f"# ---- end {name}") for s in STAGES}
     assert {s for s, c in copies.items() if c} == users
@@ -143,8 +151,17 @@ def make_tar(path, members):
 def test_iter_tar_groups_by_key_and_reads_only_wanted(tmp_path):
     c = stage("02_rewrite")
     path = str(tmp_path / "00000.tar")
-    make_tar(path, [("000000000.jpg", b"J0"), ("000000000.txt", b"t0"), ("000000000.json", b"{}"),
-                    ("000000001.txt", b"t1"), ("sub/000000002.txt", b"t2"), ("noext", b"x")])
+    make_tar(
+        path,
+        [
+            ("000000000.jpg", b"J0"),
+            ("000000000.txt", b"t0"),
+            ("000000000.json", b"{}"),
+            ("000000001.txt", b"t1"),
+            ("sub/000000002.txt", b"t2"),
+            ("noext", b"x"),
+        ],
+    )
     counts = Counter()
     got = list(c.iter_tar(path, {"txt"}, counts))
     assert [k for k, _ in got] == ["000000000", "000000001", "sub/000000002"]
@@ -157,12 +174,12 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
     path = tmp_path / "00000.tar"
     make_tar(str(path), [(f"{i:09d}.txt", f"caption {i}".encode()) for i in range(6)])
     raw = bytearray(path.read_bytes())
-    raw[2 * 1024:2 * 1024 + 100] = b"\xff" * 100  # third member's header is garbage
+    raw[2 * 1024 : 2 * 1024 + 100] = b"\xff" * 100  # third member's header is garbage
     path.write_bytes(bytes(raw))
     counts = Counter()
     keys = [k for k, _ in c.iter_tar(str(path), {"txt"}, counts)]
     assert keys == ["000000000", "000000001", "000000003", "000000004", "000000005"]
-    path.write_bytes(bytes(raw[:4 * 1024 + 200]))  # cut inside the fifth header
+    path.write_bytes(bytes(raw[: 4 * 1024 + 200]))  # cut inside the fifth header
     counts = Counter()
     keys = [k for k, _ in c.iter_tar(str(path), {"txt"}, counts)]
     assert keys[:2] == ["000000000", "000000001"] and counts["tar_error"] == 1
@@ -178,7 +195,13 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
 
 def test_progress_block_identical_where_used():
     users = [s for s in STAGES if "# ---- progress (" in open(os.path.join(REPO, s)).read()]
-    assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "07_cc_finetune.py", "08_embed_texts.py"} <= set(users)
+    assert {
+        "02_rewrite.py",
+        "03_visual_concepts.py",
+        "04_fuse.py",
+        "07_cc_finetune.py",
+        "08_embed_texts.py",
+    } <= set(users)
     copies = {s: block(s, "# ---- progress (", "# ---- end progress") for s in users}
     assert len(set(copies.values())) == 1
 

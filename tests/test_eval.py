@@ -1,4 +1,5 @@
 """06_eval: metric conventions on hand-built embeddings, the linear probe, toy checkpoints end to end, bad inputs."""
+
 import argparse
 import io
 import itertools
@@ -29,36 +30,54 @@ def hits_for(scores, targets, ks=(1, 5)):
 
 
 def test_classification_known_answers_ties_and_fewer_than_5_classes():
-    hits, y = hits_for([[0.9, 0.1, 0.0],   # class 0: hit
-                        [0.2, 0.8, 0.1],   # class 0: class 1 wins
-                        [0.5, 0.5, 0.0],   # class 0: tied with class 1 -> half a hit
-                        [0.1, 0.7, 0.7],   # class 1: tied with class 2 -> half a hit
-                        [0.0, 0.1, 0.3]],  # class 2: hit
-                       [0, 0, 0, 1, 2])
+    hits, y = hits_for(
+        [
+            [0.9, 0.1, 0.0],  # class 0: hit
+            [0.2, 0.8, 0.1],  # class 0: class 1 wins
+            [0.5, 0.5, 0.0],  # class 0: tied with class 1 -> half a hit
+            [0.1, 0.7, 0.7],  # class 1: tied with class 2 -> half a hit
+            [0.0, 0.1, 0.3],
+        ],  # class 2: hit
+        [0, 0, 0, 1, 2],
+    )
     assert hits[:, 0].tolist() == [1, 0, 0.5, 0.5, 1]
     m, ties = ev.classification_metrics(hits, y, 3)
     assert set(m) == {"acc1", "mean_per_class_recall"}  # no top-5 with 3 classes
     assert m["acc1"] == pytest.approx(3 / 5) and ties == {"acc1": pytest.approx(2 / 5)}
-    assert m["mean_per_class_recall"] == pytest.approx((1.5 / 3 + 0.5 + 1) / 3)  # balanced, not the plain accuracy
+    assert m["mean_per_class_recall"] == pytest.approx(
+        (1.5 / 3 + 0.5 + 1) / 3
+    )  # balanced, not the plain accuracy
 
 
 def test_top5_and_a_collapsed_model_scores_chance():
-    hits, y = hits_for([[0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # class 5 is 6th: no top-5 hit
-                        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # class 4 is 5th: a top-5 hit
-                        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]],  # class 0: top-1
-                       [5, 4, 0])
+    hits, y = hits_for(
+        [
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # class 5 is 6th: no top-5 hit
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # class 4 is 5th: a top-5 hit
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        ],  # class 0: top-1
+        [5, 4, 0],
+    )
     m, ties = ev.classification_metrics(hits, y, 6)
     assert (m["acc1"], m["acc5"], ties) == (pytest.approx(1 / 3), pytest.approx(2 / 3), {})
     hits, y = hits_for([[0.3] * 6] * 6, list(range(6)))  # every class ties: chance, whatever the index order
     m, _ = ev.classification_metrics(hits, y, 6)
-    assert (m["acc1"], m["acc5"], m["mean_per_class_recall"]) == (pytest.approx(1 / 6), pytest.approx(5 / 6), pytest.approx(1 / 6))
+    assert (m["acc1"], m["acc5"], m["mean_per_class_recall"]) == (
+        pytest.approx(1 / 6),
+        pytest.approx(5 / 6),
+        pytest.approx(1 / 6),
+    )
 
 
 def test_retrieval_known_answer_several_captions_per_image():
     # scores[i, j] = image i . caption j; captions 0,1 -> image 0, 2 -> image 1, 3,4,5 -> image 2
-    scores = torch.tensor([[0.9, 0.1, 0.95, 0.0, 0.0, 0.0],
-                           [0.2, 0.1, 0.5, 0.6, 0.1, 0.1],   # caption 1 ties image 0 and image 1
-                           [0.7, 0.0, 0.0, 0.1, 0.7, 0.7]])  # image 2: its captions 4, 5 tie caption 0 (another image's)
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.95, 0.0, 0.0, 0.0],
+            [0.2, 0.1, 0.5, 0.6, 0.1, 0.1],  # caption 1 ties image 0 and image 1
+            [0.7, 0.0, 0.0, 0.1, 0.7, 0.7],
+        ]
+    )  # image 2: its captions 4, 5 tie caption 0 (another image's)
     text_image = torch.tensor([0, 0, 1, 2, 2, 2])
     m, ties = ev.retrieval_metrics(torch.eye(3), scores.T.contiguous(), text_image)
     # image->text: image 0's best caption (0.9) is beaten by caption 2, image 1's by caption 3; image 2: two positives and
@@ -66,8 +85,13 @@ def test_retrieval_known_answer_several_captions_per_image():
     assert m["text_retrieval_recall@1"] == pytest.approx((0 + 0 + 2 / 3) / 3)
     # text->image, every caption its own query: captions 0, 4, 5 hit, 1 ties (half), 2 and 3 miss
     assert m["image_retrieval_recall@1"] == pytest.approx(3.5 / 6)
-    assert m["text_retrieval_recall@5"] == m["image_retrieval_recall@5"] == m["image_retrieval_recall@10"] == 1.0
-    assert ties == {"image_retrieval_recall@1": pytest.approx(1 / 6), "text_retrieval_recall@1": pytest.approx(1 / 3)}
+    assert (
+        m["text_retrieval_recall@5"] == m["image_retrieval_recall@5"] == m["image_retrieval_recall@10"] == 1.0
+    )
+    assert ties == {
+        "image_retrieval_recall@1": pytest.approx(1 / 6),
+        "text_retrieval_recall@1": pytest.approx(1 / 3),
+    }
 
 
 def test_ties_get_the_average_over_every_tie_order():
@@ -80,7 +104,9 @@ def test_ties_get_the_average_over_every_tie_order():
     for q in range(4):
         for j, k in enumerate((1, 2, 3)):
             top = [sorted(range(6), key=lambda c: (-scores[q, c].item(), order[c]))[:k] for order in orders]
-            assert got[q, j].item() == pytest.approx(sum(any(candidate_labels[c] == q for c in t) for t in top) / len(orders))
+            assert got[q, j].item() == pytest.approx(
+                sum(any(candidate_labels[c] == q for c in t) for t in top) / len(orders)
+            )
 
 
 def clip_benchmark_recall(scores, positive, k):
@@ -100,11 +126,15 @@ def test_retrieval_equals_clip_benchmark_and_chunking_changes_nothing():
     positive = F.one_hot(text_image, 40).bool()
     for k in (1, 5, 10):  # no ties in random floats: exactly CLIP_benchmark's numbers
         assert m[f"image_retrieval_recall@{k}"] == pytest.approx(clip_benchmark_recall(scores, positive, k))
-        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(clip_benchmark_recall(scores.T, positive.T, k))
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(
+            clip_benchmark_recall(scores.T, positive.T, k)
+        )
     assert 0 < m["image_retrieval_recall@1"] < m["image_retrieval_recall@10"] < 1 and ties == {}
     ids = torch.arange(40)
     for q, c, ql, cl in ((images, texts, ids, text_image), (texts, images, text_image, ids)):
-        assert torch.equal(ev.hits_at(q, c, ql, cl, (1, 5), max_elements=37), ev.hits_at(q, c, ql, cl, (1, 5)))
+        assert torch.equal(
+            ev.hits_at(q, c, ql, cl, (1, 5), max_elements=37), ev.hits_at(q, c, ql, cl, (1, 5))
+        )
 
 
 def test_retrieval_5k_images_25k_captions_stays_small():
@@ -122,9 +152,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, m["
 """
     # glibc keeps freed blocks by default (RSS would show its cache); a fixed mmap threshold makes RSS track live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=300, env=env
+    )
     grown_mb, r1 = out.stdout.split()
-    assert int(grown_mb) < 150, f"peak memory grew {grown_mb} MB; the full 5k x 25k score matrix alone is 500 MB"
+    assert int(grown_mb) < 150, (
+        f"peak memory grew {grown_mb} MB; the full 5k x 25k score matrix alone is 500 MB"
+    )
     assert 0 < float(r1) < 1
 
 
@@ -135,6 +169,7 @@ class Texts(list):
 
 class PromptModel:
     """encode_text returns a fixed vector per prompt, with different norms, so only the convention decides the answer."""
+
     vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 0.5], "a dog": [-3.0, 0.0], "the dog": [0.0, -0.5]}
 
     def __init__(self):
@@ -152,13 +187,22 @@ def test_class_embedding_is_normalised_mean_of_normalised_prompts():
     assert torch.allclose(got, torch.stack([expected, -expected]))
     model = PromptModel()  # a repeated text is encoded once, so its copies tie exactly
     emb = ev.encode_texts(model, Texts, ["a cat", "the cat", "a cat", "a dog", "a cat"], args, "texts")
-    assert sorted(model.seen) == ["a cat", "a dog", "the cat"] and torch.equal(emb[0], emb[4]) and emb.shape == (5, 2)
+    assert (
+        sorted(model.seen) == ["a cat", "a dog", "the cat"]
+        and torch.equal(emb[0], emb[4])
+        and emb.shape == (5, 2)
+    )
 
 
 def test_template_sets(tmp_path):
     import open_clip
+
     laclip, name = ev.pick_templates("laclip", None)
-    assert name == "laclip" and laclip == [t("{c}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES] and len(laclip) == 7
+    assert (
+        name == "laclip"
+        and laclip == [t("{c}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES]
+        and len(laclip) == 7
+    )
     openai, _ = ev.pick_templates("openai", None)
     assert len(openai) == 80 and all("{c}" in t for t in openai)
     assert ev.pick_templates("auto", None)[1] == "openai"
@@ -178,7 +222,9 @@ def test_logistic_regression_reaches_the_regularised_optimum():
     x, y = clusters(20, noise=1.0)
     xb, lam = ev.with_bias(x), 1e-2
     w = ev.fit_logistic(xb, y, 4, lam)
-    assert torch.allclose(w, ev.fit_logistic(xb, y, 4, lam, init=ev.fit_logistic(xb, y, 4, 1.0)), atol=1e-4)  # warm start: same answer
+    assert torch.allclose(
+        w, ev.fit_logistic(xb, y, 4, lam, init=ev.fit_logistic(xb, y, 4, 1.0)), atol=1e-4
+    )  # warm start: same answer
     grad = xb.T @ (torch.softmax(xb @ w, 1) - F.one_hot(y, 4).double()) / len(x)
     grad[:-1] += lam * w[:-1]  # the bias row is not penalised
     assert grad.abs().max() < 1e-5  # a stationary point of the convex objective is its optimum
@@ -195,7 +241,9 @@ def test_linear_probe_split_lambda_and_k_shot():
     with pytest.raises(SystemExit, match="a class has 24 training images"):
         ev.linear_probe(x, y, test_x, test_y, 4, k_shot=25)
     rest, part = ev.stratified_split(y, 0.2, 0)
-    assert sorted(rest.tolist() + part.tolist()) == list(range(120)) and Counter(y[part].tolist()) == {c: 6 for c in range(4)}
+    assert sorted(rest.tolist() + part.tolist()) == list(range(120)) and Counter(y[part].tolist()) == {
+        c: 6 for c in range(4)
+    }
 
 
 def probe_objective(x, y, w, lam):
@@ -266,9 +314,11 @@ def test_minibatch_probe_memory_does_not_grow_with_samples():
 
 # ---- end to end on the toy eval sets with toy checkpoints ----
 
+
 def train_toy_checkpoint(toy, out, steps, seed):
     """What 05_train.py writes: <out>/latest.pt {epoch, step, state_dict, optimizer, args, model_name} + toy-clip.json."""
     import open_clip
+
     os.makedirs(out, exist_ok=True)
     shutil.copy(toy / "models/toy-clip.json", out / "toy-clip.json")
     open_clip.add_model_config(str(out / "toy-clip.json"))
@@ -286,35 +336,72 @@ def train_toy_checkpoint(toy, out, steps, seed):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.save({"epoch": 1, "step": steps, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                "args": {"lr": 1e-3, "steps": steps}, "model_name": "toy-clip"}, out / "latest.pt")
+    torch.save(
+        {
+            "epoch": 1,
+            "step": steps,
+            "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "args": {"lr": 1e-3, "steps": steps},
+            "model_name": "toy-clip",
+        },
+        out / "latest.pt",
+    )
     return out / "latest.pt"
 
 
 @pytest.fixture(scope="module")
 def ckpts(toy, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
-    return {name: train_toy_checkpoint(toy, root / name, steps, seed) for name, steps, seed in (("alt", 8, 0), ("laclip", 4, 1))}
+    return {
+        name: train_toy_checkpoint(toy, root / name, steps, seed)
+        for name, steps, seed in (("alt", 8, 0), ("laclip", 4, 1))
+    }
 
 
 def evaluate(toy, ckpt, results, *extra):
-    return ev.main(["--model", "toy-clip", "--pretrained", str(ckpt), "--results", str(results), "--workers", "0",
-                    "--zeroshot", str(toy / "eval/zeroshot"), "--retrieval", str(toy / "eval/retrieval"),
-                    "--linear-probe", str(toy / "eval/zeroshot"), "--cra", *extra])
+    return ev.main(
+        [
+            "--model",
+            "toy-clip",
+            "--pretrained",
+            str(ckpt),
+            "--results",
+            str(results),
+            "--workers",
+            "0",
+            "--zeroshot",
+            str(toy / "eval/zeroshot"),
+            "--retrieval",
+            str(toy / "eval/retrieval"),
+            "--linear-probe",
+            str(toy / "eval/zeroshot"),
+            "--cra",
+            *extra,
+        ]
+    )
 
 
 def reference_metrics(toy, ckpt):
     """The toy benchmarks computed the plain way: one image at a time, loops, a full sort."""
     import open_clip
+
     model, _, preprocess = open_clip.create_model_and_transforms("toy-clip", pretrained=str(ckpt))
     tokenizer = open_clip.get_tokenizer("toy-clip")
-    embed_image = lambda p: F.normalize(model.encode_image(preprocess(Image.open(p).convert("RGB"))[None]), dim=-1)[0]
+    embed_image = lambda p: F.normalize(
+        model.encode_image(preprocess(Image.open(p).convert("RGB"))[None]), dim=-1
+    )[0]
     embed_text = lambda t: F.normalize(model.encode_text(tokenizer([t])), dim=-1)[0]
     zs = toy / "eval/zeroshot"
     names = (zs / "classnames.txt").read_text().split()
     templates = (zs / "templates.txt").read_text().splitlines()
     with torch.no_grad():
-        classifier = torch.stack([F.normalize(torch.stack([embed_text(t.replace("{c}", c)) for t in templates]).mean(0), dim=0) for c in names])
+        classifier = torch.stack(
+            [
+                F.normalize(torch.stack([embed_text(t.replace("{c}", c)) for t in templates]).mean(0), dim=0)
+                for c in names
+            ]
+        )
         hits, per_class = [], {c: [] for c in range(len(names))}
         for c, name in enumerate(names):
             for f in sorted(os.listdir(zs / name)):
@@ -328,45 +415,95 @@ def reference_metrics(toy, ckpt):
     def top1(scores, positive):  # a tie for first place: the positives' share of it
         first = [j for j, s in enumerate(scores) if s == max(scores)]
         return sum(positive(j) for j in first) / len(first)
+
     t2i = [top1([float(image @ t) for image in images], lambda j: j == i) for i, t in texts]
-    i2t = [top1([float(images[i] @ t) for _, t in texts], lambda j: texts[j][0] == i) for i in range(len(images))]
-    return {"acc1": sum(h for h, _ in hits) / len(hits), "acc5": sum(h for _, h in hits) / len(hits),
-            "mean_per_class_recall": sum(sum(v) / len(v) for v in per_class.values()) / len(per_class),
-            "image_retrieval_recall@1": sum(t2i) / len(t2i),
-            "text_retrieval_recall@1": sum(i2t) / len(i2t)}
+    i2t = [
+        top1([float(images[i] @ t) for _, t in texts], lambda j: texts[j][0] == i) for i in range(len(images))
+    ]
+    return {
+        "acc1": sum(h for h, _ in hits) / len(hits),
+        "acc5": sum(h for _, h in hits) / len(hits),
+        "mean_per_class_recall": sum(sum(v) / len(v) for v in per_class.values()) / len(per_class),
+        "image_retrieval_recall@1": sum(t2i) / len(t2i),
+        "text_retrieval_recall@1": sum(i2t) / len(i2t),
+    }
 
 
 def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_path):
     results = tmp_path / "results.jsonl"
     new = evaluate(toy, ckpts["alt"], results)
-    assert [(r["name"], r["task"], r["dataset"]) for r in new] == [("alt", "zeroshot", "zeroshot"), ("alt", "retrieval", "retrieval"),
-                                                                    ("alt", "linear_probe", "zeroshot")]
+    assert [(r["name"], r["task"], r["dataset"]) for r in new] == [
+        ("alt", "zeroshot", "zeroshot"),
+        ("alt", "retrieval", "retrieval"),
+        ("alt", "linear_probe", "zeroshot"),
+    ]
     zs, rt, lp = new
     ref = reference_metrics(toy, ckpts["alt"])
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         assert zs["metrics"][key] == pytest.approx(ref[key]), key
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
         assert rt["metrics"][key] == pytest.approx(ref[key]), key
-    assert zs["n"] == {"images": 16, "classes": 8} and zs["templates"].endswith("templates.txt") and zs["n_templates"] == 7
-    assert rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0  # 8 images
+    assert (
+        zs["n"] == {"images": 16, "classes": 8}
+        and zs["templates"].endswith("templates.txt")
+        and zs["n_templates"] == 7
+    )
+    assert (
+        rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0
+    )  # 8 images
     assert lp["n"]["train"] + lp["n"]["test"] == 16 and 0 <= lp["metrics"]["lp_acc1"] <= 1
-    shot = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "shot.jsonl"), "--workers", "0", "--zeroshot", "--cra",
-                    "--retrieval", "--linear-probe", str(toy / "eval/zeroshot"), "--probe-k-shot", "1"])
+    shot = ev.main(
+        [
+            "--pretrained",
+            str(ckpts["alt"]),
+            "--results",
+            str(tmp_path / "shot.jsonl"),
+            "--workers",
+            "0",
+            "--zeroshot",
+            "--cra",
+            "--retrieval",
+            "--linear-probe",
+            str(toy / "eval/zeroshot"),
+            "--probe-k-shot",
+            "1",
+        ]
+    )
     assert shot[0]["dataset"] == "zeroshot 1-shot" and shot[0]["n"]["train"] == 8 and shot[0]["k_shot"] == 1
-    assert zs["epoch"] == 1 and zs["step"] == 8 and zs["pretrained"] == str(ckpts["alt"]) and not zs["counts"] and not zs["ties"]
+    assert (
+        zs["epoch"] == 1
+        and zs["step"] == 8
+        and zs["pretrained"] == str(ckpts["alt"])
+        and not zs["counts"]
+        and not zs["ties"]
+    )
     assert [json.loads(line) for line in open(results)] == new
     before = results.read_bytes()
-    assert evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before  # already there: skipped
+    assert (
+        evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before
+    )  # already there: skipped
     os.utime(ckpts["alt"], (zs["checkpoint_mtime"] + 60,) * 2)  # as if training went on: the rows are stale
     again = evaluate(toy, ckpts["alt"], results, "--retrieval", "--linear-probe")
-    assert [r["task"] for r in again] == ["zeroshot"] and again[0]["checkpoint_mtime"] == zs["checkpoint_mtime"] + 60
+    assert [r["task"] for r in again] == ["zeroshot"] and again[0]["checkpoint_mtime"] == zs[
+        "checkpoint_mtime"
+    ] + 60
     redo = evaluate(toy, ckpts["alt"], results, "--overwrite", "--zeroshot", "--linear-probe")
     lines = [json.loads(line) for line in open(results)]
-    assert [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo  # history kept
-    assert list(ev.read_results(str(results)).values()) == [again[0], redo[0], lp]  # the newest row per key counts
-    evaluate(toy, ckpts["laclip"], results, "--name", "LaCLIP rewrites")  # a second model, a separate invocation
+    assert (
+        [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo
+    )  # history kept
+    assert list(ev.read_results(str(results)).values()) == [
+        again[0],
+        redo[0],
+        lp,
+    ]  # the newest row per key counts
+    evaluate(
+        toy, ckpts["laclip"], results, "--name", "LaCLIP rewrites"
+    )  # a second model, a separate invocation
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[0].startswith("| model | zeroshot top-1 | zeroshot top-5 | zeroshot mean recall | retrieval I→T R@1")
+    assert table[0].startswith(
+        "| model | zeroshot top-1 | zeroshot top-5 | zeroshot mean recall | retrieval I→T R@1"
+    )
     assert [row.split(" | ")[0] for row in table[2:]] == ["| alt", "| LaCLIP rewrites"]
     assert table[2].split(" | ")[1] == f"{100 * again[0]['metrics']['acc1']:.1f}"  # the newest row
 
@@ -379,16 +516,37 @@ def test_checkpoint_weights_and_config_lookup(toy, ckpts, tmp_path):
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(ckpts["alt"], lone / "latest.pt")
-    with pytest.raises(SystemExit, match="toy-clip-lone.json"):  # a name open_clip has never seen, no config beside it
+    with pytest.raises(
+        SystemExit, match="toy-clip-lone.json"
+    ):  # a name open_clip has never seen, no config beside it
         ev.load_model(ev.parse_args(["--model", "toy-clip-lone", "--pretrained", str(lone / "latest.pt")]))
     shutil.copy(toy / "models/toy-clip.json", tmp_path / "toy-clip-lone.json")
-    ev.load_model(ev.parse_args(["--model", "toy-clip-lone", "--pretrained", str(lone / "latest.pt"),
-                                 "--model-config", str(tmp_path / "toy-clip-lone.json")]))
+    ev.load_model(
+        ev.parse_args(
+            [
+                "--model",
+                "toy-clip-lone",
+                "--pretrained",
+                str(lone / "latest.pt"),
+                "--model-config",
+                str(tmp_path / "toy-clip-lone.json"),
+            ]
+        )
+    )
     ckpt = torch.load(ckpts["alt"], weights_only=True)
     ckpt["args"] = argparse.Namespace(lr=1e-3)  # a pickled object: weights_only refuses it
     torch.save(ckpt, lone / "namespace.pt")
     with pytest.raises(SystemExit, match="weights_only"):
-        ev.load_model(ev.parse_args(["--pretrained", str(lone / "namespace.pt"), "--model-config", str(toy / "models/toy-clip.json")]))
+        ev.load_model(
+            ev.parse_args(
+                [
+                    "--pretrained",
+                    str(lone / "namespace.pt"),
+                    "--model-config",
+                    str(toy / "models/toy-clip.json"),
+                ]
+            )
+        )
 
 
 def write_wds(folder, samples, meta):
@@ -408,21 +566,50 @@ def write_wds(folder, samples, meta):
 def test_clip_benchmark_wds_layout_reads_the_same(toy, ckpts, tmp_path):
     zs, rt = toy / "eval/zeroshot", toy / "eval/retrieval"
     names = (zs / "classnames.txt").read_text().split()
-    write_wds(tmp_path / "wzs", [{"jpg": (zs / n / f).read_bytes(), "cls": str(c).encode()} for c, n in enumerate(names)
-                                 for f in sorted(os.listdir(zs / n))],
-              {"classnames.txt": (zs / "classnames.txt").read_text(), "zeroshot_classification_templates.txt": (zs / "templates.txt").read_text()})
-    write_wds(tmp_path / "wrt", [{"jpg": (rt / r["image"]).read_bytes(), "txt": "\n".join(r["captions"]).encode()}
-                                 for r in map(json.loads, open(rt / "captions.jsonl"))], {"dataset_type.txt": "retrieval\n"})
+    write_wds(
+        tmp_path / "wzs",
+        [
+            {"jpg": (zs / n / f).read_bytes(), "cls": str(c).encode()}
+            for c, n in enumerate(names)
+            for f in sorted(os.listdir(zs / n))
+        ],
+        {
+            "classnames.txt": (zs / "classnames.txt").read_text(),
+            "zeroshot_classification_templates.txt": (zs / "templates.txt").read_text(),
+        },
+    )
+    write_wds(
+        tmp_path / "wrt",
+        [
+            {"jpg": (rt / r["image"]).read_bytes(), "txt": "\n".join(r["captions"]).encode()}
+            for r in map(json.loads, open(rt / "captions.jsonl"))
+        ],
+        {"dataset_type.txt": "retrieval\n"},
+    )
     plain = evaluate(toy, ckpts["alt"], tmp_path / "a.jsonl", "--linear-probe")
-    wds = evaluate(toy, ckpts["alt"], tmp_path / "b.jsonl", "--linear-probe", "--zeroshot", str(tmp_path / "wzs"),
-                   "--retrieval", str(tmp_path / "wrt"))
-    assert [r["metrics"] for r in wds] == [r["metrics"] for r in plain] and [r["n"] for r in wds] == [r["n"] for r in plain]
+    wds = evaluate(
+        toy,
+        ckpts["alt"],
+        tmp_path / "b.jsonl",
+        "--linear-probe",
+        "--zeroshot",
+        str(tmp_path / "wzs"),
+        "--retrieval",
+        str(tmp_path / "wrt"),
+    )
+    assert [r["metrics"] for r in wds] == [r["metrics"] for r in plain] and [r["n"] for r in wds] == [
+        r["n"] for r in plain
+    ]
 
 
 def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
     good = sorted((toy / "eval/retrieval/images").iterdir())
     data = tmp_path / "zs"
-    for name, files in {"circle": good[:2], "square": good[2:4], "ring": []}.items():  # ring: an empty class folder
+    for name, files in {
+        "circle": good[:2],
+        "square": good[2:4],
+        "ring": [],
+    }.items():  # ring: an empty class folder
         (data / name).mkdir(parents=True)
         for f in files:
             shutil.copy(f, data / name)
@@ -435,98 +622,218 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
     rt.mkdir()
     (rt / "broken.jpg").write_bytes(b"\x89PNG garbage")
     lines = [{"image": os.path.relpath(f, rt), "captions": ["a shape", "another shape"]} for f in good[:3]]
-    lines += [{"image": "gone.jpg", "captions": ["lost"]}, {"image": "broken.jpg", "captions": ["bad"]},
-              {"image": os.path.relpath(good[4], rt), "captions": []}]
+    lines += [
+        {"image": "gone.jpg", "captions": ["lost"]},
+        {"image": "broken.jpg", "captions": ["bad"]},
+        {"image": os.path.relpath(good[4], rt), "captions": []},
+    ]
     (rt / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    zs, rr = ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--workers", "0", "--cra",
-                      "--zeroshot", str(data), "--retrieval", str(rt / "captions.jsonl"), "--linear-probe"])
+    zs, rr = ev.main(
+        [
+            "--pretrained",
+            str(ckpts["alt"]),
+            "--results",
+            str(tmp_path / "r.jsonl"),
+            "--workers",
+            "0",
+            "--cra",
+            "--zeroshot",
+            str(data),
+            "--retrieval",
+            str(rt / "captions.jsonl"),
+            "--linear-probe",
+        ]
+    )
     out = capsys.readouterr().out
     assert zs["counts"] == {"unreadable_image": 2, "not_an_image_file": 1, "classes_without_images": 2}
     assert zs["n"] == {"images": 4, "classes": 4} and "acc5" not in zs["metrics"]
-    assert "2 of 4 classes have no readable images (ring, star)" in out and "2 unreadable images skipped" in out
+    assert (
+        "2 of 4 classes have no readable images (ring, star)" in out and "2 unreadable images skipped" in out
+    )
     assert rr["counts"] == {"missing_image_file": 1, "unreadable_image": 1, "image_without_captions": 1}
     assert rr["n"] == {"images": 3, "captions": 6} and "gone.jpg" in out
     (rt / "none.jsonl").write_text(json.dumps({"image": "gone.jpg", "captions": ["x"]}) + "\n")
     with pytest.raises(SystemExit, match="--image-root"):
-        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--linear-probe", "--cra",
-                 "--retrieval", str(rt / "none.jsonl")])
+        ev.main(
+            [
+                "--pretrained",
+                str(ckpts["alt"]),
+                "--results",
+                str(tmp_path / "r.jsonl"),
+                "--zeroshot",
+                "--linear-probe",
+                "--cra",
+                "--retrieval",
+                str(rt / "none.jsonl"),
+            ]
+        )
     (data / "classnames.txt").write_text("a\nb\n")  # 3 folders, 2 names, and the folders are not the names
     with pytest.raises(SystemExit, match="3 class folders but 2 class names"):
-        ev.main(["--pretrained", str(ckpts["alt"]), "--results", str(tmp_path / "r2.jsonl"), "--zeroshot", str(data),
-                 "--retrieval", "--linear-probe", "--cra"])
+        ev.main(
+            [
+                "--pretrained",
+                str(ckpts["alt"]),
+                "--results",
+                str(tmp_path / "r2.jsonl"),
+                "--zeroshot",
+                str(data),
+                "--retrieval",
+                "--linear-probe",
+                "--cra",
+            ]
+        )
 
 
 # ---- LLM2CLIP checkpoints and CRA ----
 
+
 def save_llm2clip(toy, out, seed, tower=None):
     """What 05_train.py --text-tower writes: an open_clip checkpoint + "text_tower" record + "adapter.*" in extra_state_dict."""
     import open_clip
+
     os.makedirs(out, exist_ok=True)
     shutil.copy(toy / "models/toy-clip.json", out / "toy-clip.json")
     open_clip.add_model_config(str(out / "toy-clip.json"))
     torch.manual_seed(seed)
     clip, adapter = open_clip.create_model("toy-clip"), ev.Adapter(384, 64, layers=1)
-    record = {"path": str(tower or toy / "models/minilm"), "cache": None, "pooling": "mean", "normalize": True, "max_length": 32,
-              "dim": 384, "adapter": adapter.config}
-    torch.save({"epoch": 1, "step": 3, "state_dict": clip.state_dict(), "args": {"text_tower": record["path"]}, "model_name": "toy-clip",
-                "extra_state_dict": {"adapter." + k: v for k, v in adapter.state_dict().items()}, "text_tower": record}, out / "latest.pt")
+    record = {
+        "path": str(tower or toy / "models/minilm"),
+        "cache": None,
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 32,
+        "dim": 384,
+        "adapter": adapter.config,
+    }
+    torch.save(
+        {
+            "epoch": 1,
+            "step": 3,
+            "state_dict": clip.state_dict(),
+            "args": {"text_tower": record["path"]},
+            "model_name": "toy-clip",
+            "extra_state_dict": {"adapter." + k: v for k, v in adapter.state_dict().items()},
+            "text_tower": record,
+        },
+        out / "latest.pt",
+    )
     return out / "latest.pt", adapter
 
 
 def test_llm2clip_checkpoint_end_to_end_through_the_adapter(toy, tmp_path):
     ckpt, adapter = save_llm2clip(toy, tmp_path / "llm2clip", seed=0)
     rows = evaluate(toy, ckpt, tmp_path / "r.jsonl", "--cra", str(toy / "eval/retrieval"))
-    assert [(r["name"], r["task"]) for r in rows] == [("llm2clip", t) for t in ("zeroshot", "retrieval", "linear_probe", "cra")]
-    assert all(r["text_tower"] == str(toy / "models/minilm") and r["epoch"] == 1 and r["step"] == 3 for r in rows)
+    assert [(r["name"], r["task"]) for r in rows] == [
+        ("llm2clip", t) for t in ("zeroshot", "retrieval", "linear_probe", "cra")
+    ]
+    assert all(
+        r["text_tower"] == str(toy / "models/minilm") and r["epoch"] == 1 and r["step"] == 3 for r in rows
+    )
     assert all(0 <= v <= 1 for r in rows for v in r["metrics"].values())
-    assert rows[1]["n"] == {"images": 8, "captions": 40} and rows[3]["n"] == {"images": 8} and set(rows[3]["metrics"]) == {"cra"}
+    assert (
+        rows[1]["n"] == {"images": 8, "captions": 40}
+        and rows[3]["n"] == {"images": 8}
+        and set(rows[3]["metrics"]) == {"cra"}
+    )
     assert "| retrieval CRA |" in (tmp_path / "r.md").read_text()
     model, _, tokenizer, _ = ev.load_model(ev.parse_args(["--pretrained", str(ckpt)]))
     tower, tower_tokenizer, _ = ev.load_text_tower(str(toy / "models/minilm"), "cpu")
     texts = ["a red circle", "two blue squares"]
     with torch.no_grad():  # the frozen tower, then the saved adapter; CLIP's own text tower is not used
-        assert torch.allclose(model.encode_text(tokenizer(texts)), adapter(ev.tower_encode(tower, tower_tokenizer, texts, {**ev.TOWER_RECIPE, "max_length": 32}, "cpu")), atol=1e-5)
+        assert torch.allclose(
+            model.encode_text(tokenizer(texts)),
+            adapter(
+                ev.tower_encode(tower, tower_tokenizer, texts, {**ev.TOWER_RECIPE, "max_length": 32}, "cpu")
+            ),
+            atol=1e-5,
+        )
     # an adapter that maps every text to one point (its bias): CRA and retrieval fall to 1 in 8, as the 8 images do
     saved = torch.load(ckpt, weights_only=True)
     saved["extra_state_dict"]["adapter.proj.weight"].zero_()
     torch.save(saved, ckpt)
-    cra, rt = evaluate(toy, ckpt, tmp_path / "collapsed.jsonl", "--zeroshot", "--linear-probe", "--cra", str(toy / "eval/retrieval"))[::-1]
-    assert cra["metrics"]["cra"] == pytest.approx(1 / 8) and rt["metrics"]["image_retrieval_recall@1"] == pytest.approx(1 / 8)
+    cra, rt = evaluate(
+        toy,
+        ckpt,
+        tmp_path / "collapsed.jsonl",
+        "--zeroshot",
+        "--linear-probe",
+        "--cra",
+        str(toy / "eval/retrieval"),
+    )[::-1]
+    assert cra["metrics"]["cra"] == pytest.approx(1 / 8) and rt["metrics"][
+        "image_retrieval_recall@1"
+    ] == pytest.approx(1 / 8)
 
 
 def write_captions(path, groups):
     """A caption set whose images do not exist: CRA never opens them."""
-    path.write_text("".join(json.dumps({"image": f"missing/{i}.jpg", "captions": c}) + "\n" for i, c in enumerate(groups)))
+    path.write_text(
+        "".join(json.dumps({"image": f"missing/{i}.jpg", "captions": c}) + "\n" for i, c in enumerate(groups))
+    )
     return str(path)
 
 
 def test_cra_known_answers_pairing_and_ties(toy, tmp_path):
     minilm = ["--text-tower", str(toy / "models/minilm"), "--results", str(tmp_path / "r.jsonl")]
-    same = write_captions(tmp_path / "same.jsonl", [["a red car", "a red car"], ["a dog on the grass", "a dog on the grass"],
-                                                     ["an old man reading", "an old man reading", "a third caption"]])
+    same = write_captions(
+        tmp_path / "same.jsonl",
+        [
+            ["a red car", "a red car"],
+            ["a dog on the grass", "a dog on the grass"],
+            ["an old man reading", "an old man reading", "a third caption"],
+        ],
+    )
     # first captions query, second captions answer: a and b hold each other's text (misses), c and d their own (hits);
     # c's third caption is not its answer, e has one caption and is left out
-    swapped = write_captions(tmp_path / "swapped.jsonl", [["a photo of a cat", "a bowl of soup"], ["a bowl of soup", "a photo of a cat"],
-                                                          ["a red bicycle", "a red bicycle", "a photo of a cat"], ["a tall tree", "a tall tree"],
-                                                          ["a lonely caption"]])
+    swapped = write_captions(
+        tmp_path / "swapped.jsonl",
+        [
+            ["a photo of a cat", "a bowl of soup"],
+            ["a bowl of soup", "a photo of a cat"],
+            ["a red bicycle", "a red bicycle", "a photo of a cat"],
+            ["a tall tree", "a tall tree"],
+            ["a lonely caption"],
+        ],
+    )
     # two images whose second captions are the same text: each query ties its answer with the other image's, half a hit
     tied = write_captions(tmp_path / "tied.jsonl", [["a red car", "a red car"], ["a blue car", "a red car"]])
     rows = ev.main(minilm + ["--cra", same, swapped, tied])
-    assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [("text:minilm", "cra", d) for d in ("same", "swapped", "tied")]
+    assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [
+        ("text:minilm", "cra", d) for d in ("same", "swapped", "tied")
+    ]
     assert rows[0]["metrics"] == {"cra": 1.0} and rows[0]["n"] == {"images": 3} and not rows[0]["counts"]
-    assert rows[1]["metrics"] == {"cra": 0.5} and rows[1]["n"] == {"images": 4} and rows[1]["counts"] == {"image_with_one_caption": 1}
+    assert (
+        rows[1]["metrics"] == {"cra": 0.5}
+        and rows[1]["n"] == {"images": 4}
+        and rows[1]["counts"] == {"image_with_one_caption": 1}
+    )
     assert rows[2]["metrics"] == {"cra": 0.5} and rows[2]["ties"] == {"cra": 1.0}
     assert rows[0]["ties"] == {} and all(r["text_tower"] == str(toy / "models/minilm") for r in rows)
 
 
 def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
     results = tmp_path / "r.jsonl"
-    args = ["--text-tower", "hf:" + str(toy / "models/minilm"), "--results", str(results), "--cra", str(toy / "eval/retrieval")]
-    rows = ev.main(args)  # --zeroshot, --retrieval, --linear-probe keep their defaults: a tower alone has no image side
+    args = [
+        "--text-tower",
+        "hf:" + str(toy / "models/minilm"),
+        "--results",
+        str(results),
+        "--cra",
+        str(toy / "eval/retrieval"),
+    ]
+    rows = ev.main(
+        args
+    )  # --zeroshot, --retrieval, --linear-probe keep their defaults: a tower alone has no image side
     assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [("text:minilm", "cra", "retrieval")]
-    assert rows[0]["text_tower"] == str(toy / "models/minilm") and rows[0]["n"] == {"images": 8} and 0 <= rows[0]["metrics"]["cra"] <= 1
+    assert (
+        rows[0]["text_tower"] == str(toy / "models/minilm")
+        and rows[0]["n"] == {"images": 8}
+        and 0 <= rows[0]["metrics"]["cra"] <= 1
+    )
     assert ev.main(args) == [] and len(results.read_text().splitlines()) == 1  # already there: skipped
-    assert ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"  # 07's <out-dir>/model
+    assert (
+        ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"
+    )  # 07's <out-dir>/model
     with pytest.raises(SystemExit):
         ev.parse_args([])  # neither --pretrained nor --text-tower
     tower = tmp_path / "tower"  # MiniLM's files, linked: a folder this test may change
@@ -543,18 +850,48 @@ def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
 def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
     ckpt, _ = save_llm2clip(toy, tmp_path / "moved", seed=0, tower=tmp_path / "gone/model")
     with pytest.raises(SystemExit, match="gone/model: no such folder; pass --text-tower"):
-        ev.main(["--pretrained", str(ckpt), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--retrieval", "--linear-probe"])
-    rows = ev.main(["--pretrained", str(ckpt), "--results", str(tmp_path / "r.jsonl"), "--zeroshot", "--retrieval", "--linear-probe",
-                    "--cra", str(toy / "eval/retrieval"), "--text-tower", str(toy / "models/minilm")])
+        ev.main(
+            [
+                "--pretrained",
+                str(ckpt),
+                "--results",
+                str(tmp_path / "r.jsonl"),
+                "--zeroshot",
+                "--retrieval",
+                "--linear-probe",
+            ]
+        )
+    rows = ev.main(
+        [
+            "--pretrained",
+            str(ckpt),
+            "--results",
+            str(tmp_path / "r.jsonl"),
+            "--zeroshot",
+            "--retrieval",
+            "--linear-probe",
+            "--cra",
+            str(toy / "eval/retrieval"),
+            "--text-tower",
+            str(toy / "models/minilm"),
+        ]
+    )
     assert rows[0]["text_tower"] == str(toy / "models/minilm")  # the override is recorded
-    with pytest.raises(SystemExit, match="no LLM2CLIP checkpoint"):  # a plain CLIP checkpoint has no adapter to put on a tower
-        ev.load_model(ev.parse_args(["--pretrained", str(ckpts["alt"]), "--text-tower", str(toy / "models/minilm")]))
+    with pytest.raises(
+        SystemExit, match="no LLM2CLIP checkpoint"
+    ):  # a plain CLIP checkpoint has no adapter to put on a tower
+        ev.load_model(
+            ev.parse_args(["--pretrained", str(ckpts["alt"]), "--text-tower", str(toy / "models/minilm")])
+        )
 
 
 def test_results_chart_beside_the_table(tmp_path):
     pytest.importorskip("matplotlib")
-    records = {("CLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.2}}, ("LaCLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.3}},
-               ("CLIP", "cra", "toy"): {"metrics": {"cra": 0.5}}}
+    records = {
+        ("CLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.2}},
+        ("LaCLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.3}},
+        ("CLIP", "cra", "toy"): {"metrics": {"cra": 0.5}},
+    }
     path = ev.plot_results(records, str(tmp_path / "results.png"))
     from PIL import Image
 

@@ -1,4 +1,5 @@
 """10_import_captions: tables joined to the shards by url, key, caption or path stem; every key once, the rest counted."""
+
 import csv
 import json
 import os
@@ -14,8 +15,25 @@ im = stage("10_import_captions")
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("import")
-    stage("00_toy_data").main(["--out", str(root), "--num-shards", "2", "--samples-per-shard", "12", "--image-size", "32",
-                               "--skip-models", "--eval-per-class", "1", "--retrieval-images", "2", "--coco-images", "2"])
+    stage("00_toy_data").main(
+        [
+            "--out",
+            str(root),
+            "--num-shards",
+            "2",
+            "--samples-per-shard",
+            "12",
+            "--image-size",
+            "32",
+            "--skip-models",
+            "--eval-per-class",
+            "1",
+            "--retrieval-images",
+            "2",
+            "--coco-images",
+            "2",
+        ]
+    )
     samples = []  # (shard, key, url, AltText)
     for name in ("00000", "00001"):
         for key, members in im.iter_tar(str(root / f"shards/{name}.tar"), {"txt", "json"}, Counter()):
@@ -46,8 +64,20 @@ def test_csv_joined_by_url_every_key_once_and_the_rest_counted(toy, tmp_path):
         w.writerow(["http://elsewhere.invalid/1.jpg", "a row for no sample"])
         w.writerow(["", "a row without a url"])
     out = tmp_path / "out"
-    stats = im.main(["--input", str(root / "shards"), "--table", str(table), "--join", "url", "--captions", "re_caption",
-                     "--out-dir", str(out)])
+    stats = im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(table),
+            "--join",
+            "url",
+            "--captions",
+            "re_caption",
+            "--out-dir",
+            str(out),
+        ]
+    )
     got = records(out)
     assert sorted(got) == sorted(key for _, key, _, _ in samples)
     for i, (_, key, _, alt) in enumerate(samples):
@@ -58,8 +88,18 @@ def test_csv_joined_by_url_every_key_once_and_the_rest_counted(toy, tmp_path):
     assert summary["counts"]["rows_matched"] == len(samples) - len(samples[::5])
     assert summary["counts"]["rows_unmatched"] == 1 and summary["counts"]["rows_without_join_value"] == 1
     assert sum(s["ok"] for s in stats) == summary["samples_with_captions"] == len(samples) - len(samples[::5])
-    again = im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption",
-                     "--out-dir", str(out)])
+    again = im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(table),
+            "--captions",
+            "re_caption",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert again == []  # done shards are skipped
 
 
@@ -68,22 +108,57 @@ def test_nested_jsonl_by_key_with_lists_and_tsv(toy, tmp_path):
     table = tmp_path / "dreamlip.jsonl"
     with open(table, "w") as f:
         for _, key, _, _ in samples[:6]:
-            row = {"id": key, "captions": {"long": f"a long caption of {key}", "short": [f"short {key} one", f"short {key} two"]}}
+            row = {
+                "id": key,
+                "captions": {
+                    "long": f"a long caption of {key}",
+                    "short": [f"short {key} one", f"short {key} two"],
+                },
+            }
             f.write(json.dumps(row) + "\n")
         f.write("not json\n")
     out = tmp_path / "out"
-    im.main(["--input", str(root / "shards"), "--table", str(table), "--join", "key", "--join-column", "id",
-             "--captions", "captions.long", "captions.short", "--out-dir", str(out)])
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(table),
+            "--join",
+            "key",
+            "--join-column",
+            "id",
+            "--captions",
+            "captions.long",
+            "captions.short",
+            "--out-dir",
+            str(out),
+        ]
+    )
     got = records(out)
     key = samples[0][1]
-    assert got[key]["rewrites"] == {"captions.long": [f"a long caption of {key}"],
-                                    "captions.short": [f"short {key} one", f"short {key} two"]}
+    assert got[key]["rewrites"] == {
+        "captions.long": [f"a long caption of {key}"],
+        "captions.short": [f"short {key} one", f"short {key} two"],
+    }
     assert sum(r["status"] == "ok" for r in got.values()) == 6
     assert json.load(open(out / "_import.json"))["counts"]["bad_json"] == 1
     tsv = tmp_path / "t.tsv"
     tsv.write_text("key\tvecap\n" + "".join(f"{key}\tvecap of {key}\n" for _, key, _, _ in samples[-3:]))
-    im.main(["--input", str(root / "shards"), "--table", str(tsv), "--join", "key", "--captions", "vecap",
-             "--out-dir", str(tmp_path / "tsv")])
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(tsv),
+            "--join",
+            "key",
+            "--captions",
+            "vecap",
+            "--out-dir",
+            str(tmp_path / "tsv"),
+        ]
+    )
     assert sum(r["status"] == "ok" for r in records(tmp_path / "tsv").values()) == 3
 
 
@@ -98,8 +173,13 @@ def write_laclip(tmp_path, samples, stems=False):
     for source in ("chatgpt", "bard"):
         lines = [f"{source} rewrite of {key}" for _, key, _, _ in samples] + [f"{source} rewrite of nothing"]
         (tmp_path / f"cc3m_{source}.txt").write_text("\n".join(lines) + "\n")
-    return ["--laclip-csv", str(csv_path), "--laclip-texts", f"chatgpt={tmp_path / 'cc3m_chatgpt.txt'}",
-            f"bard={tmp_path / 'cc3m_bard.txt'}"]
+    return [
+        "--laclip-csv",
+        str(csv_path),
+        "--laclip-texts",
+        f"chatgpt={tmp_path / 'cc3m_chatgpt.txt'}",
+        f"bard={tmp_path / 'cc3m_bard.txt'}",
+    ]
 
 
 def test_laclip_release_joined_by_caption_and_by_path_stem(toy, tmp_path):
@@ -114,11 +194,22 @@ def test_laclip_release_joined_by_caption_and_by_path_stem(toy, tmp_path):
     summary = json.load(open(out / "_import.json"))["counts"]
     assert summary["laclip_image_rows"] == len(samples) + 1 and summary["rows_unmatched"] == 1
     out = tmp_path / "by_stem"
-    im.main(["--input", str(root / "shards"), *write_laclip(tmp_path, samples, stems=True), "--join", "path-stem",
-             "--out-dir", str(out)])
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            *write_laclip(tmp_path, samples, stems=True),
+            "--join",
+            "path-stem",
+            "--out-dir",
+            str(out),
+        ]
+    )
     got = records(out)
-    assert all(got[key]["rewrites"] == {"chatgpt": [f"chatgpt rewrite of {key}"], "bard": [f"bard rewrite of {key}"]}
-               for _, key, _, _ in samples)
+    assert all(
+        got[key]["rewrites"] == {"chatgpt": [f"chatgpt rewrite of {key}"], "bard": [f"bard rewrite of {key}"]}
+        for _, key, _, _ in samples
+    )
 
 
 def test_misaligned_laclip_files_and_bad_arguments_stop(toy, tmp_path):
@@ -132,8 +223,18 @@ def test_misaligned_laclip_files_and_bad_arguments_stop(toy, tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("url,caption\n")
     with pytest.raises(SystemExit, match="no column 're_caption'"):
-        im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption",
-                 "--out-dir", str(tmp_path / "z")])
+        im.main(
+            [
+                "--input",
+                str(root / "shards"),
+                "--table",
+                str(table),
+                "--captions",
+                "re_caption",
+                "--out-dir",
+                str(tmp_path / "z"),
+            ]
+        )
 
 
 def test_parquet_when_pyarrow_is_there(toy, tmp_path):
@@ -141,21 +242,64 @@ def test_parquet_when_pyarrow_is_there(toy, tmp_path):
     import pyarrow.parquet as pq
 
     root, samples = toy
-    rows = {"url": [url for _, _, url, _ in samples], "re_caption": [f"recap {key}" for _, key, _, _ in samples]}
+    rows = {
+        "url": [url for _, _, url, _ in samples],
+        "re_caption": [f"recap {key}" for _, key, _, _ in samples],
+    }
     pq.write_table(pa.table(rows), tmp_path / "recap.parquet")
-    im.main(["--input", str(root / "shards"), "--table", str(tmp_path / "recap.parquet"), "--captions", "re_caption",
-             "--out-dir", str(tmp_path / "out")])
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(tmp_path / "recap.parquet"),
+            "--captions",
+            "re_caption",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert all(r["status"] == "ok" for r in records(tmp_path / "out").values())
 
 
 def test_05_trains_on_imported_captions(toy, tmp_path):
     root, samples = toy
     table = tmp_path / "recap.csv"
-    table.write_text("url,re_caption\n" + "".join(f"{url},a recaption of {key}\n" for _, key, url, _ in samples))
+    table.write_text(
+        "url,re_caption\n" + "".join(f"{url},a recaption of {key}\n" for _, key, url, _ in samples)
+    )
     out = tmp_path / "imported"
-    im.main(["--input", str(root / "shards"), "--table", str(table), "--captions", "re_caption", "--out-dir", str(out)])
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            str(table),
+            "--captions",
+            "re_caption",
+            "--out-dir",
+            str(out),
+        ]
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = stage("05_train").main(["--input", str(root / "shards"), "--model", str(root / "models/toy-clip.json"),
-                                     "--texts", str(out), "--text-mode", "uniform", "--batch-size", "8", "--workers", "0",
-                                     "--epochs", "1", "--out-dir", str(tmp_path / "train")])
+    result = stage("05_train").main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--model",
+            str(root / "models/toy-clip.json"),
+            "--texts",
+            str(out),
+            "--text-mode",
+            "uniform",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--epochs",
+            "1",
+            "--out-dir",
+            str(tmp_path / "train"),
+        ]
+    )
     assert result["step"] == 3 and result["skipped"] == 0

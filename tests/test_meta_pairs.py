@@ -1,4 +1,5 @@
 """01_collect_meta_pairs: every source, cleaning, counts, provenance."""
+
 import io
 import json
 import os
@@ -27,8 +28,18 @@ def test_coco_pairs_are_two_captions_of_one_image(toy, tmp_path):
     for a in coco["annotations"]:
         by_image.setdefault(a["image_id"], set()).add(" ".join(a["caption"].split()))
     out = tmp_path / "pairs.jsonl"
-    mp.main(["--sources", "coco", "--out", str(out), "--per-source", "1000",
-             "--coco-captions", str(toy / "coco/annotations/captions_train2017.json")])
+    mp.main(
+        [
+            "--sources",
+            "coco",
+            "--out",
+            str(out),
+            "--per-source",
+            "1000",
+            "--coco-captions",
+            str(toy / "coco/annotations/captions_train2017.json"),
+        ]
+    )
     pairs = read(out)
     assert len(pairs) == len(by_image)  # one record per image, every image used
     images = []
@@ -66,19 +77,42 @@ def test_coco_caption_over_max_words_left_out_of_its_list(tmp_path):
 
 def test_all_sources_with_llm_and_user_file(toy, tmp_path):
     user = tmp_path / "mine.jsonl"
-    user.write_text("\n".join([
-        json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),
-        json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),  # duplicate
-        json.dumps({"input": "same text", "output": "Same text!"}),  # identical after normalising
-        json.dumps({"input": "", "output": "nothing in"}),
-        json.dumps({"source": "web", "input": "two\ndogs", "output": "two dogs  playing\tin a park"}),
-        json.dumps({"input": "long", "output": "word " * 80}),
-        "{broken json",
-    ]) + "\n")
+    user.write_text(
+        "\n".join(
+            [
+                json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),
+                json.dumps({"input": "a cat", "output": "a small grey cat sleeping"}),  # duplicate
+                json.dumps({"input": "same text", "output": "Same text!"}),  # identical after normalising
+                json.dumps({"input": "", "output": "nothing in"}),
+                json.dumps({"source": "web", "input": "two\ndogs", "output": "two dogs  playing\tin a park"}),
+                json.dumps({"input": "long", "output": "word " * 80}),
+                "{broken json",
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "meta_pairs.jsonl"
-    pairs = mp.main(["--sources", "human", "coco", "llm", "file", "--out", str(out), "--pairs-file", str(user),
-                     "--coco-captions", str(toy / "coco/annotations/captions_train2017.json"),
-                     "--shards", str(toy / "shards"), "--llm-model", str(toy / "models/tiny-llama"), "--max-new-tokens", "24"])
+    pairs = mp.main(
+        [
+            "--sources",
+            "human",
+            "coco",
+            "llm",
+            "file",
+            "--out",
+            str(out),
+            "--pairs-file",
+            str(user),
+            "--coco-captions",
+            str(toy / "coco/annotations/captions_train2017.json"),
+            "--shards",
+            str(toy / "shards"),
+            "--llm-model",
+            str(toy / "models/tiny-llama"),
+            "--max-new-tokens",
+            "24",
+        ]
+    )
     assert read(out) == pairs
     counts = {s: sum(p["source"] == s for p in pairs) for s in ("human", "coco", "llm", "file", "web")}
     assert counts["human"] == 16 and counts["coco"] == 16 and counts["file"] == 1 and counts["web"] == 1
@@ -90,8 +124,11 @@ def test_all_sources_with_llm_and_user_file(toy, tmp_path):
     assert stats["dropped"]["file"] == {"duplicate": 1, "identical": 1, "empty": 1, "too_long": 1}
     assert stats["args"]["llm_model"].endswith("tiny-llama") and len(stats["script_sha256"]) == 64
     llm_inputs = [p["input"] for p in pairs if p["source"] == "llm"]
-    alts = {" ".join(m["txt"].decode().split()) for f in sorted((toy / "shards").glob("*.tar"))
-            for _, m in mp.iter_tar(str(f), {"txt"}, mp.Counter())}
+    alts = {
+        " ".join(m["txt"].decode().split())
+        for f in sorted((toy / "shards").glob("*.tar"))
+        for _, m in mp.iter_tar(str(f), {"txt"}, mp.Counter())
+    }
     assert set(llm_inputs) <= alts  # the llm source rewrites the user's own alt texts
     usable = sum(mp.worth_rewriting(a) for a in alts)  # the toy has fewer than the 1024 wanted: all read
     assert stats["read"] == {"llm": {"shards": 2, "shards_read": 2, "samples_read": 48, "candidates": usable}}
@@ -102,7 +139,10 @@ def write_alt_text_shards(folder, n_shards, per_shard):
     for s in range(n_shards):
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for i in range(per_shard):
-                for ext, data in (("jpg", b"\xff\xd8 not an image"), ("txt", f"a red kite number {i} of set {s}".encode())):
+                for ext, data in (
+                    ("jpg", b"\xff\xd8 not an image"),
+                    ("txt", f"a red kite number {i} of set {s}".encode()),
+                ):
                     info = tarfile.TarInfo(f"{s:05d}{i:04d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -128,28 +168,48 @@ def test_llm_source_reads_a_few_random_shards_only(tmp_path, monkeypatch):
     assert len(opened) == 24 and opened[:8] == opened[8:16] != opened[16:]
     assert draws[0] == draws[1] != draws[2] and len(set(draws[0])) == 64
     shards = {text.split()[-1] for text in draws[0]}
-    assert len(shards) > 2 and {f"{int(s):05d}" for s in shards} <= {os.path.basename(p)[:5] for p in opened[:8]}
+    assert len(shards) > 2 and {f"{int(s):05d}" for s in shards} <= {
+        os.path.basename(p)[:5] for p in opened[:8]
+    }
     assert max(int(text.split()[4]) for text in draws[0]) > 64  # not only each shard's first lines
 
 
 def test_missing_inputs_give_clear_messages(tmp_path):
     with pytest.raises(SystemExit, match="coco-captions"):
-        mp.main(["--sources", "coco", "--out", str(tmp_path / "x.jsonl"), "--coco-captions", str(tmp_path / "nope.json")])
+        mp.main(
+            [
+                "--sources",
+                "coco",
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "--coco-captions",
+                str(tmp_path / "nope.json"),
+            ]
+        )
     with pytest.raises(SystemExit, match="pairs-file"):
         mp.main(["--sources", "file", "--out", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
 
 
-@pytest.mark.parametrize("answer,expect", [
-    ("A plump pink pig stands in the mud.", "A plump pink pig stands in the mud."),
-    ("Sure! Here is the rewrite:\nA plump pink pig stands in the mud.", "A plump pink pig stands in the mud."),
-    ("Here is the rewrite:", "preamble"),
-    ("A tasty pig, a tasty pig, a tasty pig, a tasty pig", "loop"),
-    ("This pig caption was rewritten in ten words.", "meta"),
-    ("#PigLife #Farm", "format"),
-    ("A brilliant puzzle of the night sky!", "off_topic"),
-    ("A pink pig rolls in the mud. " + "It is very happy indeed and " * 5 + "more.", "A pink pig rolls in the mud."),
-])
+@pytest.mark.parametrize(
+    "answer,expect",
+    [
+        ("A plump pink pig stands in the mud.", "A plump pink pig stands in the mud."),
+        (
+            "Sure! Here is the rewrite:\nA plump pink pig stands in the mud.",
+            "A plump pink pig stands in the mud.",
+        ),
+        ("Here is the rewrite:", "preamble"),
+        ("A tasty pig, a tasty pig, a tasty pig, a tasty pig", "loop"),
+        ("This pig caption was rewritten in ten words.", "meta"),
+        ("#PigLife #Farm", "format"),
+        ("A brilliant puzzle of the night sky!", "off_topic"),
+        (
+            "A pink pig rolls in the mud. " + "It is very happy indeed and " * 5 + "more.",
+            "A pink pig rolls in the mud.",
+        ),
+    ],
+)
 def test_llm_answers_are_checked(answer, expect):
     got, why = mp.parse_llm_answer(answer, "Simple pig mammal animal", mp.LLM_MAX_WORDS)
     assert (got if got is not None else why) == expect

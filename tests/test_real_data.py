@@ -1,4 +1,5 @@
 """Tests for 00_real_data.py: shards of Debian's clip art, held-out eval sets, dedup counts, models."""
+
 import io
 import json
 import os
@@ -21,8 +22,22 @@ if not (os.path.isdir("/usr/share/openclipart/png") and os.path.isdir(FMNIST)):
     pytest.skip(f"Debian's clip art / Fashion-MNIST are not installed: {APT}", allow_module_level=True)
 
 SIDE = 96
-SMALL = ["--max-images", "300", "--zeroshot-per-class", "2", "--retrieval-images", "12", "--fmnist-per-class",
-         "3", "--samples-per-shard", "100", "--image-side", str(SIDE), "--parts", "data"]
+SMALL = [
+    "--max-images",
+    "300",
+    "--zeroshot-per-class",
+    "2",
+    "--retrieval-images",
+    "12",
+    "--fmnist-per-class",
+    "3",
+    "--samples-per-shard",
+    "100",
+    "--image-side",
+    str(SIDE),
+    "--parts",
+    "data",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +50,10 @@ def built(tmp_path_factory):
 def read_tar(path):
     with tarfile.open(path) as tar:
         # Fixed member metadata is what makes shards byte-identical across runs and machines.
-        assert all((m.mtime, m.uid, m.gid, m.uname, m.gname, m.isfile()) == (0, 0, 0, "", "", True)
-                   for m in tar.getmembers())
+        assert all(
+            (m.mtime, m.uid, m.gid, m.uname, m.gname, m.isfile()) == (0, 0, 0, "", "", True)
+            for m in tar.getmembers()
+        )
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
 
 
@@ -47,8 +64,8 @@ def samples(out):
         members = read_tar(tar_path)
         assert len(members) % 3 == 0
         for j in range(0, len(members), 3):
-            (n_jpg, jpg), (n_txt, txt), (n_json, meta) = members[j:j + 3]
-            key = n_jpg[:-len(".jpg")]
+            (n_jpg, jpg), (n_txt, txt), (n_json, meta) = members[j : j + 3]
+            key = n_jpg[: -len(".jpg")]
             assert [n_jpg, n_txt, n_json] == [f"{key}.jpg", f"{key}.txt", f"{key}.json"]
             rows.append((tar_path.stem, key, jpg, txt.decode(), json.loads(meta)))
     return rows
@@ -66,7 +83,13 @@ def test_shards_are_img2dataset_layout_with_counted_stats(built):
     keys = [key for _, key, *_ in rows]
     assert len(keys) == len(set(keys)) == manifest["train"]["images"] > 150
     assert sorted(p.name for p in (built / "shards").iterdir()) == [
-        "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "00002.tar", "00002_stats.json"]
+        "00000.tar",
+        "00000_stats.json",
+        "00001.tar",
+        "00001_stats.json",
+        "00002.tar",
+        "00002_stats.json",
+    ]
     subjects = {}
     for shard, key, jpg, txt, meta in rows:
         assert re.fullmatch(r"\d{9}", key) and key.startswith(shard)
@@ -79,7 +102,8 @@ def test_shards_are_img2dataset_layout_with_counted_stats(built):
         assert img.size == (meta["width"], meta["height"])
         # keep_ratio: the aspect ratio of the source survives the resize (up to rounding)
         assert abs(img.width / img.height - meta["original_width"] / meta["original_height"]) < 0.02 * max(
-            1, img.width / img.height)
+            1, img.width / img.height
+        )
         subjects[meta["subject"]] = subjects.get(meta["subject"], 0) + 1
     for stats_path in sorted((built / "shards").glob("*_stats.json")):
         stats = json.loads(stats_path.read_text())
@@ -131,12 +155,23 @@ def test_retrieval_captions_are_specific_titles(built):
             assert len(re.findall(r"[^\W\d_]{2,}", caption)) >= 2
 
 
-@pytest.mark.parametrize("title,ok", [
-    ("Flag of Brazil", True), ("man in chair - thinking", True), ("Grampa&#39;n Gramma", True),
-    ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)", False),
-    ("Clipart by Nicu Buculei - head1", False), ("AIGA_Symbol_Signs", False), ("gramastar", False),
-    ("1989 Chevrolet Celebrity Sedan", False), ("Arrow-left-purple", False), ("Lemon SVG theme", False),
-    ("R16 sibmission", False), ("Various Cliparts", False)])
+@pytest.mark.parametrize(
+    "title,ok",
+    [
+        ("Flag of Brazil", True),
+        ("man in chair - thinking", True),
+        ("Grampa&#39;n Gramma", True),
+        ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)", False),
+        ("Clipart by Nicu Buculei - head1", False),
+        ("AIGA_Symbol_Signs", False),
+        ("gramastar", False),
+        ("1989 Chevrolet Celebrity Sedan", False),
+        ("Arrow-left-purple", False),
+        ("Lemon SVG theme", False),
+        ("R16 sibmission", False),
+        ("Various Cliparts", False),
+    ],
+)
 def test_which_titles_name_one_picture(title, ok):
     assert real_data.names_one_picture(title) is ok
     assert real_data.names_one_picture("Pinzatrice Rollandin", ["architetto francesco rollandin"]) is False
@@ -146,8 +181,18 @@ def test_fashion_mnist_classes_and_labels(built):
     fm = built / "eval/fashion_mnist"
     classes = (fm / "classnames.txt").read_text().splitlines()
     folders = sorted(p.name for p in fm.iterdir() if p.is_dir())
-    assert classes == ["ankle boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker",
-                       "t-shirt", "trouser"]
+    assert classes == [
+        "ankle boot",
+        "bag",
+        "coat",
+        "dress",
+        "pullover",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "t-shirt",
+        "trouser",
+    ]
     assert [f.replace("_", " ") for f in folders] == classes and all(" " not in f for f in folders)
     labels = real_data.read_idx(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz"))
     assert labels.shape == (10000,)
@@ -179,7 +224,8 @@ def test_same_seed_same_bytes_and_rerun_keeps_done_outputs(built, tmp_path, caps
     assert "kept" in capsys.readouterr().out
     assert tar0.read_bytes() == b"sentinel" and tar1.read_bytes() == original
     assert (other / "eval/retrieval/captions.jsonl").read_bytes() == (
-        built / "eval/retrieval/captions.jsonl").read_bytes()
+        built / "eval/retrieval/captions.jsonl"
+    ).read_bytes()
 
 
 def png_bytes(color, mode="RGB", size=(40, 30)):
@@ -190,15 +236,17 @@ def png_bytes(color, mode="RGB", size=(40, 30)):
 
 def svg_text(title, keywords=(), creator="Some Author", description=""):
     items = "".join(f"<rdf:li>{k}</rdf:li>" for k in keywords)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:cc="http://web.resource.org/cc/" '
-            f'xmlns:dc="http://purl.org/dc/elements/1.1/" '
-            f'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            f'<metadata><rdf:RDF><cc:Work rdf:about=""><dc:title>{title}</dc:title>'
-            f'<dc:description>{description}</dc:description>'
-            f'<dc:subject><rdf:Bag>{items}</rdf:Bag></dc:subject>'
-            f'<dc:creator><cc:Agent><dc:title>{creator}</dc:title></cc:Agent></dc:creator>'
-            f'<dc:publisher><cc:Agent><dc:title>Open Clip Art Library</dc:title></cc:Agent></dc:publisher>'
-            f'</cc:Work></rdf:RDF></metadata><rect width="10" height="10"/></svg>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:cc="http://web.resource.org/cc/" '
+        f'xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        f'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<metadata><rdf:RDF><cc:Work rdf:about=""><dc:title>{title}</dc:title>'
+        f"<dc:description>{description}</dc:description>"
+        f"<dc:subject><rdf:Bag>{items}</rdf:Bag></dc:subject>"
+        f"<dc:creator><cc:Agent><dc:title>{creator}</dc:title></cc:Agent></dc:creator>"
+        f"<dc:publisher><cc:Agent><dc:title>Open Clip Art Library</dc:title></cc:Agent></dc:publisher>"
+        f'</cc:Work></rdf:RDF></metadata><rect width="10" height="10"/></svg>'
+    )
 
 
 def fake_openclipart(root):
@@ -207,8 +255,10 @@ def fake_openclipart(root):
         "animals/mammals/cat": (png_bytes("orange"), svg_text(" Cat\n", ["cat", "", "mammal"])),
         "animals/mammals/dog": (png_bytes("brown"), svg_text("Dog", ["dog"], description="A dog.")),
         "animals/mammals/big_cats/tiger": (png_bytes("yellow"), svg_text("", ["tiger"])),
-        "food/fruit/apple": (png_bytes("red"), svg_text("Red  apple on a plate", ["fruit"], "Ann Apfel",
-                                                        "A shiny red apple, on a plate")),
+        "food/fruit/apple": (
+            png_bytes("red"),
+            svg_text("Red  apple on a plate", ["fruit"], "Ann Apfel", "A shiny red apple, on a plate"),
+        ),
         "food/fruit/apple_copy": (png_bytes("red"), svg_text("Apple copy", ["fruit"])),
         "unsorted/broken": (b"\x89PNG\r\n\x1a\nnot really", svg_text("Broken")),
         "unsorted/no_svg": (png_bytes("green"), None),
@@ -236,20 +286,54 @@ def fake_openclipart(root):
 def test_fake_tree_counts_duplicates_and_bad_files_once(tmp_path):
     root, out = tmp_path / "openclipart", tmp_path / "out"
     n_files = fake_openclipart(root)
-    real_data.main(["--out", str(out), "--openclipart-dir", str(root), "--parts", "data",
-                    "--zeroshot-per-class", "1", "--retrieval-images", "1", "--fmnist-per-class", "1",
-                    "--samples-per-shard", "4", "--image-side", "32"])
+    real_data.main(
+        [
+            "--out",
+            str(out),
+            "--openclipart-dir",
+            str(root),
+            "--parts",
+            "data",
+            "--zeroshot-per-class",
+            "1",
+            "--retrieval-images",
+            "1",
+            "--fmnist-per-class",
+            "1",
+            "--samples-per-shard",
+            "4",
+            "--image-side",
+            "32",
+        ]
+    )
     data = json.loads((out / "manifest.json").read_text())["data"]
     assert data["openclipart"] == {
-        "png_files": n_files, "png_symlinks": 1, "symlink_duplicates": 1, "broken_symlinks": 0,
-        "content_duplicates": 1, "too_large": 0, "unreadable": 1, "svg_missing": 1, "svg_unparsable": 1,
-        "usable": n_files - 2, "sampled": n_files - 2}
+        "png_files": n_files,
+        "png_symlinks": 1,
+        "symlink_duplicates": 1,
+        "broken_symlinks": 0,
+        "content_duplicates": 1,
+        "too_large": 0,
+        "unreadable": 1,
+        "svg_missing": 1,
+        "svg_unparsable": 1,
+        "usable": n_files - 2,
+        "sampled": n_files - 2,
+    }
     train = {meta["source"]: (txt, meta, jpg) for _, _, jpg, txt, meta in samples(out)}
     zeroshot, retrieval = eval_sources(out)
     every = list(train) + zeroshot + retrieval
-    good = ["animals/mammals/cat", "animals/mammals/dog", "animals/mammals/big_cats/tiger",
-            "food/fruit/apple", "unsorted/no_svg", "unsorted/bad_svg", "unsorted/clear_palette",
-            "unsorted/clear_la", "top_level"]
+    good = [
+        "animals/mammals/cat",
+        "animals/mammals/dog",
+        "animals/mammals/big_cats/tiger",
+        "food/fruit/apple",
+        "unsorted/no_svg",
+        "unsorted/bad_svg",
+        "unsorted/clear_palette",
+        "unsorted/clear_la",
+        "top_level",
+    ]
     # each once: not the symlink, the byte copy or the broken PNG
     assert sorted(every) == sorted(f"png/{name}.png" for name in good)
     assert retrieval == ["png/food/fruit/apple.png"] and data["retrieval"]["candidates"] == 1  # 2-word title
@@ -257,10 +341,13 @@ def test_fake_tree_counts_duplicates_and_bad_files_once(tmp_path):
     captions = json.loads((out / "eval/retrieval/captions.jsonl").read_text())["captions"]
     assert captions == ["Red apple on a plate.", "A shiny red apple, on a plate."]
     alt = {src: txt for src, (txt, _, _) in train.items()}
-    expected = {"png/animals/mammals/cat.png": "Cat cat mammal",  # no empty keyword, no author or publisher
-                "png/animals/mammals/dog.png": "Dog dog",
-                "png/animals/mammals/big_cats/tiger.png": "tiger tiger",  # no title: the file stem
-                "png/unsorted/no_svg.png": "no_svg", "png/unsorted/bad_svg.png": "bad_svg"}
+    expected = {
+        "png/animals/mammals/cat.png": "Cat cat mammal",  # no empty keyword, no author or publisher
+        "png/animals/mammals/dog.png": "Dog dog",
+        "png/animals/mammals/big_cats/tiger.png": "tiger tiger",  # no title: the file stem
+        "png/unsorted/no_svg.png": "no_svg",
+        "png/unsorted/bad_svg.png": "bad_svg",
+    }
     for src, text in expected.items():
         assert alt.get(src, text) == text, src  # (the one held out for zero-shot is not in the shards)
     for src, (_, meta, _) in train.items():
@@ -274,12 +361,14 @@ def test_fake_tree_counts_duplicates_and_bad_files_once(tmp_path):
 
 def test_missing_packages_say_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
-        real_data.main(["--out", str(tmp_path / "out"), "--openclipart-dir", str(tmp_path / "nope"),
-                        "--parts", "data"])
+        real_data.main(
+            ["--out", str(tmp_path / "out"), "--openclipart-dir", str(tmp_path / "nope"), "--parts", "data"]
+        )
     assert APT in str(e.value) and "nope" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        real_data.main(["--out", str(tmp_path / "out"), "--fashion-mnist-dir", str(tmp_path / "nope"),
-                        "--parts", "data"])
+        real_data.main(
+            ["--out", str(tmp_path / "out"), "--fashion-mnist-dir", str(tmp_path / "nope"), "--parts", "data"]
+        )
     assert APT in str(e.value)
 
     def not_installed(name):
@@ -293,10 +382,12 @@ def test_missing_packages_say_what_to_install(tmp_path, monkeypatch):
 
 
 def test_help_does_not_import_heavy_engines():
-    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1])\n"
-            "m = importlib.import_module('00_real_data')\n"
-            "try:\n    m.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert not {'torch', 'transformers', 'open_clip'} & set(sys.modules), sys.modules")
+    code = (
+        "import importlib, sys; sys.path.insert(0, sys.argv[1])\n"
+        "m = importlib.import_module('00_real_data')\n"
+        "try:\n    m.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert not {'torch', 'transformers', 'open_clip'} & set(sys.modules), sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code, REPO], check=True, capture_output=True)
 
 

@@ -2,6 +2,7 @@
 read from openclipart's SVG metadata, noise kept, and a hand-written short visual caption per image): what a
 real model's text must satisfy in 02 (rewrites), 04 (fusion) and 01 (the llm meta-pair source).
 Slow-ish (~3 min on 2 cores): one model load per stage call, a few dozen prompts each."""
+
 import json
 import os
 from collections import Counter
@@ -53,8 +54,20 @@ def human_pairs(tmp_path_factory):
 def test_rewrites_of_real_captions(smollm2, human_pairs, tmp_path):
     rows = SAMPLE[:32]
     write_shard(tmp_path / "clipart.jsonl", rows)
-    (stats,) = rw.main(["--input", str(tmp_path / "clipart.jsonl"), "--meta-pairs", str(human_pairs),
-                        "--model", str(smollm2), "--out-dir", str(tmp_path / "rw"), "--batch-size", "16"])
+    (stats,) = rw.main(
+        [
+            "--input",
+            str(tmp_path / "clipart.jsonl"),
+            "--meta-pairs",
+            str(human_pairs),
+            "--model",
+            str(smollm2),
+            "--out-dir",
+            str(tmp_path / "rw"),
+            "--batch-size",
+            "16",
+        ]
+    )
     records = read_records(tmp_path / "rw" / "clipart.jsonl")
     assert [r["key"] for r in records] == [f"{i:09d}" for i in range(len(rows))]
     assert stats["ok"] >= 0.8 * len(rows), stats  # accepted without falling back to the AltText
@@ -68,11 +81,17 @@ def test_rewrites_of_real_captions(smollm2, human_pairs, tmp_path):
     ok = [i for i, r in enumerate(records) if r["status"] == "ok"]
     alts = [rows[i]["text"] for i in ok]
     shuffled = alts[1:] + alts[:1]  # a derangement: every rewrite meets another sample's AltText
-    emb_rw, emb_alt, emb_other = minilm_embed([rewrites[i] for i in ok]), minilm_embed(alts), minilm_embed(shuffled)
+    emb_rw, emb_alt, emb_other = (
+        minilm_embed([rewrites[i] for i in ok]),
+        minilm_embed(alts),
+        minilm_embed(shuffled),
+    )
     own = (emb_rw * emb_alt).sum(-1).mean().item()
     other = (emb_rw * emb_other).sum(-1).mean().item()
-    print(f"SmolLM2 rewrites: {stats['ok']}/{len(rows)} ok, MiniLM cosine to own AltText {own:.3f}, "
-          f"to another {other:.3f}, margin {own - other:.3f}")
+    print(
+        f"SmolLM2 rewrites: {stats['ok']}/{len(rows)} ok, MiniLM cosine to own AltText {own:.3f}, "
+        f"to another {other:.3f}, margin {own - other:.3f}"
+    )
     assert own - other > 0.25, (own, other)  # measured with seed 0: own 0.55, other 0.10, margin 0.45
 
 
@@ -86,9 +105,24 @@ def test_fusion_of_real_alt_texts(smollm2, tmp_path):
             f.write(json.dumps({"key": f"{i:09d}", "vec": r["vec"]}) + "\n")
     (vec_dir / "clipart.stats.json").write_text("{}")
     max_words = 30
-    (stats,) = fu.main(["--input", str(tmp_path / "clipart.jsonl"), "--vec-dir", str(vec_dir), "--model", str(smollm2),
-                        "--out-dir", str(tmp_path / "fused"), "--max-words", str(max_words), "--max-retries", "2",
-                        "--max-new-tokens", "64"])
+    (stats,) = fu.main(
+        [
+            "--input",
+            str(tmp_path / "clipart.jsonl"),
+            "--vec-dir",
+            str(vec_dir),
+            "--model",
+            str(smollm2),
+            "--out-dir",
+            str(tmp_path / "fused"),
+            "--max-words",
+            str(max_words),
+            "--max-retries",
+            "2",
+            "--max-new-tokens",
+            "64",
+        ]
+    )
     records = read_records(tmp_path / "fused" / "clipart.jsonl")
     assert len(records) == len(rows) and stats["in"] == len(rows)
     status = Counter(r["status"] for r in records)
@@ -112,8 +146,20 @@ def test_fusion_of_real_alt_texts(smollm2, tmp_path):
 def test_llm_meta_pairs_from_real_alt_texts(smollm2, tmp_path):
     write_shard(tmp_path / "clipart.jsonl", SAMPLE)
     out = tmp_path / "meta.jsonl"
-    pairs = mp.main(["--sources", "llm", "--shards", str(tmp_path / "clipart.jsonl"), "--llm-model", str(smollm2),
-                     "--out", str(out), "--per-source", "16"])
+    pairs = mp.main(
+        [
+            "--sources",
+            "llm",
+            "--shards",
+            str(tmp_path / "clipart.jsonl"),
+            "--llm-model",
+            str(smollm2),
+            "--out",
+            str(out),
+            "--per-source",
+            "16",
+        ]
+    )
     stats = json.load(open(tmp_path / "meta.stats.json"))
     assert len(pairs) >= 8, stats
     for p in pairs:
@@ -122,4 +168,3 @@ def test_llm_meta_pairs_from_real_alt_texts(smollm2, tmp_path):
         assert not mp.looping(p["output"]) and not mp.META.search(p["output"]), p
         assert mp.stems(p["output"]) & mp.stems(p["input"]), p
     print(f"SmolLM2 meta pairs: {len(pairs)} kept, {stats['dropped']['llm']}")
-

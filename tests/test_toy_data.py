@@ -1,4 +1,5 @@
 """Tests for 00_toy_data.py: shard layout, AltText noise, determinism, eval sets, COCO file, tiny models."""
+
 import importlib
 import io
 import json
@@ -16,8 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 toy_data = importlib.import_module("00_toy_data")
 
-SMALL = ["--num-shards", "2", "--samples-per-shard", "40", "--eval-per-class", "3", "--retrieval-images", "12",
-         "--coco-images", "6", "--image-size", "48"]
+SMALL = [
+    "--num-shards",
+    "2",
+    "--samples-per-shard",
+    "40",
+    "--eval-per-class",
+    "3",
+    "--retrieval-images",
+    "12",
+    "--coco-images",
+    "6",
+    "--image-size",
+    "48",
+]
 COLOR_WORDS = set(toy_data.COLORS)
 SHAPE_WORDS = set(toy_data.SHAPES) | set(toy_data.PLURALS.values())
 
@@ -29,8 +42,10 @@ def words(text):
 def read_tar(path):
     with tarfile.open(path) as tar:
         # Fixed member metadata is what makes shards byte-identical across runs and machines.
-        assert all((m.mtime, m.uid, m.gid, m.uname, m.gname, m.isfile()) == (0, 0, 0, "", "", True)
-                   for m in tar.getmembers())
+        assert all(
+            (m.mtime, m.uid, m.gid, m.uname, m.gname, m.isfile()) == (0, 0, 0, "", "", True)
+            for m in tar.getmembers()
+        )
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
 
 
@@ -41,8 +56,8 @@ def samples(out):
         members = read_tar(tar_path)
         assert len(members) % 3 == 0
         for j in range(0, len(members), 3):
-            (n_jpg, jpg), (n_txt, txt), (n_json, meta) = members[j:j + 3]
-            key = n_jpg[:-len(".jpg")]
+            (n_jpg, jpg), (n_txt, txt), (n_json, meta) = members[j : j + 3]
+            key = n_jpg[: -len(".jpg")]
             assert [n_jpg, n_txt, n_json] == [f"{key}.jpg", f"{key}.txt", f"{key}.json"]
             rows.append((shard, key, jpg, txt.decode(), json.loads(meta)))
     return rows
@@ -58,7 +73,11 @@ def built(tmp_path_factory):
 def test_shard_layout_and_metadata(built):
     rows = samples(built)
     assert sorted(p.name for p in (built / "shards").iterdir()) == [
-        "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]  # no *.tmp* left behind
+        "00000.tar",
+        "00000_stats.json",
+        "00001.tar",
+        "00001_stats.json",
+    ]  # no *.tmp* left behind
     keys = [key for _, key, *_ in rows]
     assert len(keys) == 80 and len(set(keys)) == 80
     for i, (shard, key, jpg, txt, meta) in enumerate(rows):
@@ -91,6 +110,7 @@ def test_alt_text_is_a_noisy_mix_that_matches_its_kind(built):
     for *_, txt, meta in samples(built):
         check_alt_text(txt, meta["alt_kind"], meta["color"], meta["shape"])
     import random
+
     rng, kinds, texts = random.Random(1), [], set()
     for _ in range(4000):
         attrs = toy_data.draw_scene(rng, 8)[1]
@@ -110,14 +130,17 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, built):
     toy_data.main(["--out", str(b), *SMALL, "--skip-models", "--num-shards", "1"])
     toy_data.main(["--out", str(c), *SMALL, "--skip-models", "--seed", "1"])
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(built) for p in built.rglob("*")
-                           if p.is_file() and "tiny-" not in str(p))
+    assert files == sorted(
+        p.relative_to(built) for p in built.rglob("*") if p.is_file() and "tiny-" not in str(p)
+    )
     for f in files:
         assert (a / f).read_bytes() == (built / f).read_bytes(), f
     # A shard depends only on (seed, shard index), not on how many shards the run makes.
     assert (b / "shards/00000.tar").read_bytes() == (a / "shards/00000.tar").read_bytes()
     assert (c / "shards/00000.tar").read_bytes() != (a / "shards/00000.tar").read_bytes()
-    assert (c / "eval/retrieval/captions.jsonl").read_bytes() != (a / "eval/retrieval/captions.jsonl").read_bytes()
+    assert (c / "eval/retrieval/captions.jsonl").read_bytes() != (
+        a / "eval/retrieval/captions.jsonl"
+    ).read_bytes()
 
 
 def test_rerun_keeps_done_outputs_and_redoes_unfinished(tmp_path, capsys):
@@ -171,9 +194,11 @@ def test_coco_captions_file(built):
 
 
 def test_help_does_not_import_heavy_engines():
-    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1]); m = importlib.import_module('00_toy_data')\n"
-            "try:\n    m.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
-            "assert not {'torch', 'transformers', 'tokenizers', 'open_clip'} & set(sys.modules), sys.modules")
+    code = (
+        "import importlib, sys; sys.path.insert(0, sys.argv[1]); m = importlib.import_module('00_toy_data')\n"
+        "try:\n    m.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert not {'torch', 'transformers', 'tokenizers', 'open_clip'} & set(sys.modules), sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, capture_output=True)
 
 
@@ -187,8 +212,12 @@ def test_tiny_llama_tokenizer_and_left_padded_generate(built):
     text = "Ünïcødé 日本語 🙂 => IMG_4821.JPG"
     ids = tok(text).input_ids
     assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == "Be brief.\nUSER: hi\nASSISTANT: hello</s>\nUSER: again\nASSISTANT:"
 
@@ -196,14 +225,17 @@ def test_tiny_llama_tokenizer_and_left_padded_generate(built):
     assert model.config.head_dim >= 32 and model.config.vocab_size == len(tok)
     prompts = ["a red circle", "two blue stars on a striped background, shot from above"]
     batch = tok(prompts, return_tensors="pt", padding=True)
-    assert (batch.input_ids[0, 0] == tok.pad_token_id) and batch.attention_mask[0, 0] == 0  # padded on the left
+    assert (batch.input_ids[0, 0] == tok.pad_token_id) and batch.attention_mask[
+        0, 0
+    ] == 0  # padded on the left
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
         alone = model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=8, do_sample=False)
-        sampled = model.generate(**batch, max_new_tokens=5, do_sample=True, top_p=0.95, temperature=0.9,
-                                 num_return_sequences=3)
+        sampled = model.generate(
+            **batch, max_new_tokens=5, do_sample=True, top_p=0.95, temperature=0.9, num_return_sequences=3
+        )
     # Left padding must not change what the shorter prompt generates.
-    assert out[0, batch.input_ids.shape[1]:].tolist() == alone[0, -8:].tolist()
+    assert out[0, batch.input_ids.shape[1] :].tolist() == alone[0, -8:].tolist()
     assert sampled.shape[0] == 6
 
 
@@ -218,14 +250,22 @@ def test_tiny_llava_processor_and_generate(built):
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
     assert prompt == "USER: <image>\nWhat is it?\nASSISTANT:"
-    images = [Image.open(p).convert("RGB") for p in sorted((built / "eval/retrieval/images").glob("*.jpg"))[:2]]
+    images = [
+        Image.open(p).convert("RGB") for p in sorted((built / "eval/retrieval/images").glob("*.jpg"))[:2]
+    ]
     images[1] = images[1].resize((70, 40))  # a non-square image must give the same token count
-    inputs = proc(images=images, text=[prompt, "USER: <image>\nDescribe the image concisely.\nASSISTANT:"],
-                  return_tensors="pt", padding=True)
+    inputs = proc(
+        images=images,
+        text=[prompt, "USER: <image>\nDescribe the image concisely.\nASSISTANT:"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=inputs["pixel_values"],
-                                         vision_feature_layer=model.config.vision_feature_layer,
-                                         vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        feats = model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     per_image = feats.pooler_output[0].shape[0] if hasattr(feats, "pooler_output") else feats.shape[1]
     assert (inputs["input_ids"] == image_id).sum(1).tolist() == [per_image, per_image] == [16, 16]

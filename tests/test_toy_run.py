@@ -1,4 +1,5 @@
 """The README's toy commands are the run sheet's, and the run sheet works from a copy of the scripts."""
+
 import json
 import os
 import re
@@ -17,8 +18,11 @@ def readme_toy_commands():
 
 def test_readme_toy_commands_are_the_run_sheet():
     sheet = open(os.path.join(REPO, "runs/toy.sh")).read()
-    ran = [line.strip().replace("$PY ", "python ").replace(" ${TOY_ARGS:-}", "")
-           for line in sheet.splitlines() if line.strip().startswith("$PY 0")]
+    ran = [
+        line.strip().replace("$PY ", "python ").replace(" ${TOY_ARGS:-}", "")
+        for line in sheet.splitlines()
+        if line.strip().startswith("$PY 0")
+    ]
     assert readme_toy_commands() == ran and len(ran) >= 4
 
 
@@ -29,9 +33,15 @@ def test_toy_run_sheet_end_to_end(tmp_path):
         if re.match(r"\d\d_.*\.py$", name):
             shutil.copy(os.path.join(REPO, name), work)
     shutil.copy(os.path.join(REPO, "runs/toy.sh"), work / "runs")
-    env = dict(os.environ, SKIP_SETUP="1", PY=sys.executable,
-               TOY_ARGS="--num-shards 2 --samples-per-shard 16 --lm-steps 20 --eval-per-class 2 --retrieval-images 8 --coco-images 10")
-    result = subprocess.run(["bash", "runs/toy.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        SKIP_SETUP="1",
+        PY=sys.executable,
+        TOY_ARGS="--num-shards 2 --samples-per-shard 16 --lm-steps 20 --eval-per-class 2 --retrieval-images 8 --coco-images 10",
+    )
+    result = subprocess.run(
+        ["bash", "runs/toy.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     toy = work / "toy"
     sources = {json.loads(line)["source"] for line in open(toy / "meta_pairs.jsonl")}
@@ -42,10 +52,14 @@ def test_toy_run_sheet_end_to_end(tmp_path):
             assert len(keys) == len(set(keys)) == 16
             assert json.load(open(toy / out / f"{shard}.stats.json"))["in"] == 16
     for run in ("alt", "laclip", "laclip_mt"):
-        assert (toy / "train" / run / "latest.pt").exists() and (toy / "train" / run / "toy-clip.json").exists()
+        assert (toy / "train" / run / "latest.pt").exists() and (
+            toy / "train" / run / "toy-clip.json"
+        ).exists()
     table = open(toy / "eval/results.md").read()
     browse = json.load(open(toy / "browse.html.stats.json"))
-    assert browse["cards"] == browse["keys_with_image"] == 32 and browse["counts"].get("missing_sidecar", 0) == 0
+    assert (
+        browse["cards"] == browse["keys_with_image"] == 32 and browse["counts"].get("missing_sidecar", 0) == 0
+    )
     assert all(name in table for name in ("AltText", "LaCLIP", "LaCLIP-MT", "VeCLIP"))
     for stage_out, field in (("vec", "vec"), ("fused", "fused")):
         records = [json.loads(line) for line in open(toy / stage_out / "00000.jsonl")]

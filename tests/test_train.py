@@ -1,4 +1,5 @@
 """05_train: torchrun = one process, kill + rerun = uninterrupted, text modes, LaCLIP-MT/clip-rocket losses, open_clip loads the checkpoint."""
+
 import contextlib
 import importlib.util
 import io
@@ -21,8 +22,11 @@ from conftest import REPO, stage
 
 tr = stage("05_train")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,28 +59,90 @@ def data(tmp_path_factory):
     """Two toy shards of 24 (from 00), a third, uneven one with a corrupt JPEG, a key with no text and a key with no
     image; sidecars in 02's format (rewrites/, one key left out) and 04's (fused/), written in reverse key order."""
     root = tmp_path_factory.mktemp("train")
-    stage("00_toy_data").main(["--out", str(root), "--num-shards", "2", "--samples-per-shard", "24", "--image-size", "32",
-                               "--skip-models", "--eval-per-class", "1", "--retrieval-images", "2", "--coco-images", "2"])
+    stage("00_toy_data").main(
+        [
+            "--out",
+            str(root),
+            "--num-shards",
+            "2",
+            "--samples-per-shard",
+            "24",
+            "--image-size",
+            "32",
+            "--skip-models",
+            "--eval-per-class",
+            "1",
+            "--retrieval-images",
+            "2",
+            "--coco-images",
+            "2",
+        ]
+    )
     with tarfile.open(root / "shards/00002.tar", "w") as tar:
-        add_members(tar, [m for i in range(5) for m in ((f"0002{i:05d}.png", jpeg((40 * i, 90, 200))), (f"0002{i:05d}.txt", f"odd caption {i}".encode()))])
-        add_members(tar, [("000200005.jpg", b"\xff\xd8 not a jpeg"), ("000200005.txt", b"a corrupt image"),
-                          ("000200006.jpg", jpeg((9, 9, 9))),  # no AltText and no sidecar: skipped, counted
-                          ("000200007.txt", b"text without an image")])  # not a sample
+        add_members(
+            tar,
+            [
+                m
+                for i in range(5)
+                for m in (
+                    (f"0002{i:05d}.png", jpeg((40 * i, 90, 200))),
+                    (f"0002{i:05d}.txt", f"odd caption {i}".encode()),
+                )
+            ],
+        )
+        add_members(
+            tar,
+            [
+                ("000200005.jpg", b"\xff\xd8 not a jpeg"),
+                ("000200005.txt", b"a corrupt image"),
+                ("000200006.jpg", jpeg((9, 9, 9))),  # no AltText and no sidecar: skipped, counted
+                ("000200007.txt", b"text without an image"),
+            ],
+        )  # not a sample
     (root / "models/tiny-clip.json").write_text(json.dumps(TINY))
     for name in ("00000", "00001", "00002"):
         keys = [k for k, m in tr.iter_tar(str(root / f"shards/{name}.tar"), set(), Counter()) if "txt" in m]
-        rewrites = [{"key": k, "text": "", "rewrites": {"b": [f"synthetic b {k}", "x"], "a": [f"synthetic a {k}"]}, "status": "ok", "fallbacks": 0}
-                    for k in keys if k != "000200004"]
+        rewrites = [
+            {
+                "key": k,
+                "text": "",
+                "rewrites": {"b": [f"synthetic b {k}", "x"], "a": [f"synthetic a {k}"]},
+                "status": "ok",
+                "fallbacks": 0,
+            }
+            for k in keys
+            if k != "000200004"
+        ]
         for folder in ("rewrites", "fused"):
             (root / folder).mkdir(exist_ok=True)
         tr.write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites[::-1])
-        tr.write_jsonl(str(root / f"fused/{name}.jsonl"), [{"key": k, "fused": f"fused caption {k}", "status": "ok"} for k in keys][::-1])
+        tr.write_jsonl(
+            str(root / f"fused/{name}.jsonl"),
+            [{"key": k, "fused": f"fused caption {k}", "status": "ok"} for k in keys][::-1],
+        )
     return root
 
 
 def base(data, out, *extra):
-    return ["--input", str(data / "shards"), "--model", str(data / "models/tiny-clip.json"), "--out-dir", str(out),
-            "--batch-size", "8", "--workers", "2", "--log-every", "1", "--epochs", "1", "--head-dim", "32", *extra]
+    return [
+        "--input",
+        str(data / "shards"),
+        "--model",
+        str(data / "models/tiny-clip.json"),
+        "--out-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--workers",
+        "2",
+        "--log-every",
+        "1",
+        "--epochs",
+        "1",
+        "--head-dim",
+        "32",
+        *extra,
+    ]
 
 
 def weights(path):
@@ -92,8 +158,17 @@ def test_torchrun_two_processes_equal_one_process(data, tmp_path):
     epoch over uneven shards (55 samples: 4 steps, the last padded), which ends on both ranks."""
     # AdamW's eps at 1e-6: at 1e-8 a parameter whose gradient is float noise moves a whole lr either way
     texts = ["--texts", str(data / "rewrites"), "--text-mode", "uniform", "--lr", "2e-3", "--eps", "1e-6"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", os.path.join(REPO, "05_train.py"),
-           *base(data, tmp_path / "ddp", "--workers", "1"), *texts]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(REPO, "05_train.py"),
+        *base(data, tmp_path / "ddp", "--workers", "1"),
+        *texts,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = tr.main(base(data, tmp_path / "one", "--batch-size", "16") + texts)
@@ -103,8 +178,15 @@ def test_torchrun_two_processes_equal_one_process(data, tmp_path):
     a, b = weights(tmp_path / "ddp/epoch_1.pt"), weights(tmp_path / "one/epoch_1.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
     # the same 16 samples a step as 2 processes x 2 micro-batches of 4, one contrastive batch: the same training
-    cmd = [*cmd[:cmd.index("--out-dir") + 1], str(tmp_path / "accum"), *cmd[cmd.index("--out-dir") + 2:],
-           "--batch-size", "4", "--accum-steps", "2"]
+    cmd = [
+        *cmd[: cmd.index("--out-dir") + 1],
+        str(tmp_path / "accum"),
+        *cmd[cmd.index("--out-dir") + 2 :],
+        "--batch-size",
+        "4",
+        "--accum-steps",
+        "2",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     accum = log_records(tmp_path / "accum")
@@ -114,8 +196,22 @@ def test_torchrun_two_processes_equal_one_process(data, tmp_path):
 
 
 def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
-    args = ["--epochs", "2", "--batch-size", "4", "--save-every", "3", "--shuffle-buffer", "10", "--texts", str(data / "rewrites"),
-            "--text-mode", "mix", "--eda-prob", "0.3"]
+    args = [
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "3",
+        "--shuffle-buffer",
+        "10",
+        "--texts",
+        str(data / "rewrites"),
+        "--text-mode",
+        "mix",
+        "--eda-prob",
+        "0.3",
+    ]
     whole = tr.main(base(data, tmp_path / "whole", *args))
     assert whole["step"] == 28  # 2 epochs x ceil(55 / 4)
     out = tmp_path / "cut"
@@ -138,7 +234,9 @@ def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
     assert f"at step {ckpt['step']}" in resumed.stdout
     a, b = weights(tmp_path / "whole/latest.pt"), weights(out / "latest.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2  # corrupt + no text, per epoch
+    assert (
+        log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2
+    )  # corrupt + no text, per epoch
 
 
 HANGING_SAVE = """
@@ -167,8 +265,13 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(da
     command resumes from it."""
     out = tmp_path / "hang"
     argv = base(data, out, "--batch-size", "4", "--save-every", "2")
-    proc = subprocess.Popen([sys.executable, "-c", HANGING_SAVE, REPO, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_SAVE, REPO, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("hanging in the save of step 4"):
@@ -183,8 +286,13 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(da
     ckpt = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 2
     assert any(".tmp." in name for name in os.listdir(out))  # the torn one, which nothing reads
-    resumed = subprocess.run([sys.executable, os.path.join(REPO, "05_train.py"), *argv], capture_output=True,
-                             text=True, timeout=300, env=ENV)
+    resumed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "05_train.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2" in resumed.stdout
     assert torch.load(out / "latest.pt", map_location="cpu", weights_only=True)["step"] == 14
@@ -192,18 +300,23 @@ def test_a_kill_during_a_background_save_leaves_the_previous_checkpoint_whole(da
     assert os.path.samefile(out / "epoch_1.pt", out / "latest.pt")
 
 
-def stream_of(data, argv, epoch=0, consumed=None, chunks=8, chunk=4, tokenizer=None, rank=0, world=1, monkeypatch=None):
+def stream_of(
+    data, argv, epoch=0, consumed=None, chunks=8, chunk=4, tokenizer=None, rank=0, world=1, monkeypatch=None
+):
     args = tr.parse_args(base(data, "unused", "--workers", "0", *argv))
     shards = [str(data / f"shards/0000{i}.tar") for i in range(3)]
     counts = [24, 24, 7]
     if monkeypatch:
         monkeypatch.setattr(tr, "dist_env", lambda: (rank, world, 0))
     identity = lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float32)
-    return tr.ShardStream(shards, counts, args, epoch, consumed or {}, chunks, chunk, (identity, identity), tokenizer)
+    return tr.ShardStream(
+        shards, counts, args, epoch, consumed or {}, chunks, chunk, (identity, identity), tokenizer
+    )
 
 
 class Recorder:
     """A tokenizer that numbers the texts it sees, so chunks can be decoded back to strings."""
+
     def __init__(self):
         self.ids = {}
 
@@ -214,19 +327,35 @@ class Recorder:
         return next(t for t, j in self.ids.items() if j == i)
 
 
-@pytest.mark.parametrize("mode,expect", [("uniform", {"alt": 0.4, "a": 0.2, "b": 0.2, "fused": 0.2}),
-                                         ("mix", {"alt": 0.625, "a": 0.125, "b": 0.125, "fused": 0.125})])
+@pytest.mark.parametrize(
+    "mode,expect",
+    [
+        ("uniform", {"alt": 0.4, "a": 0.2, "b": 0.2, "fused": 0.2}),
+        ("mix", {"alt": 0.625, "a": 0.125, "b": 0.125, "fused": 0.125}),
+    ],
+)
 def test_text_mode_frequencies_and_join_by_key(data, mode, expect):
     """Pool: AltText, 'synthetic a K', 'synthetic b K', 'x' (one word: falls back to the AltText), 'fused caption K'."""
     rec, seen = Recorder(), Counter()
     for epoch in range(40):
-        for chunk in stream_of(data, ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-mode", mode], epoch=epoch,
-                               chunks=12, tokenizer=rec):
+        for chunk in stream_of(
+            data,
+            ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-mode", mode],
+            epoch=epoch,
+            chunks=12,
+            tokenizer=rec,
+        ):
             for key, ids in zip(chunk["key"], chunk["text"]):
                 text = rec.text(ids[0, 0].item())
                 if key.startswith(("00000", "00001")):
-                    kinds = {f"synthetic a {key}": "a", f"synthetic b {key}": "b", f"fused caption {key}": "fused"}
-                    assert text in kinds or not text.startswith(("synthetic", "fused"))  # joined by key, not by line order
+                    kinds = {
+                        f"synthetic a {key}": "a",
+                        f"synthetic b {key}": "b",
+                        f"fused caption {key}": "fused",
+                    }
+                    assert text in kinds or not text.startswith(
+                        ("synthetic", "fused")
+                    )  # joined by key, not by line order
                     seen[kinds.get(text, "alt")] += 1
     total = sum(seen.values())
     assert total > 1500
@@ -240,22 +369,43 @@ def synonyms():
 
 
 def test_multi_picks_distinct_texts_views_get_eda_and_stop_words_drop(synonyms):
-    args = tr.parse_args(["--texts", "x", "--text-mode", "multi", "--texts-per-image", "3", "--aug-views", "2"])
+    args = tr.parse_args(
+        ["--texts", "x", "--text-mode", "multi", "--texts-per-image", "3", "--aug-views", "2"]
+    )
     pool, edited = ["a red circle on grey", "one red circle", "two circles here"], 0
     for seed in range(200):
         main, valid, views = tr.sample_texts(pool[0], pool[1:], args, random.Random(seed), synonyms)
         assert sorted(main) == sorted(pool) and valid == [True] * 3 and len(views) == 2
         edited += sum(v not in pool for v in views)
-    assert edited > 200  # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
+    assert (
+        edited > 200
+    )  # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
     args.texts_per_image = 5  # more than the image has: the rest repeat the AltText and do not count
-    main, valid, _ = tr.sample_texts("a red circle", ["one red circle", "A red  circle"], args, random.Random(0))
-    assert len(main) == 5 and {"a red circle", "one red circle"} == set(main) and valid == [True, True, False, False, False]
+    main, valid, _ = tr.sample_texts(
+        "a red circle", ["one red circle", "A red  circle"], args, random.Random(0)
+    )
+    assert (
+        len(main) == 5
+        and {"a red circle", "one red circle"} == set(main)
+        and valid == [True, True, False, False, False]
+    )
     args = tr.parse_args(["--texts", "x", "--text-mode", "multi", "--texts-per-image", "all"])
     args.texts_per_image = 4  # what main() counts from the sidecars
-    main, valid, _ = tr.sample_texts("alt text", ["rewrite one", "alt  TEXT", "rewrite two"], args, random.Random(3))
-    assert main == ["alt text", "rewrite one", "rewrite two", "alt text"] and valid == [True, True, True, False]
+    main, valid, _ = tr.sample_texts(
+        "alt text", ["rewrite one", "alt  TEXT", "rewrite two"], args, random.Random(3)
+    )
+    assert main == ["alt text", "rewrite one", "rewrite two", "alt text"] and valid == [
+        True,
+        True,
+        True,
+        False,
+    ]
     args = tr.parse_args(["--stopword-drop", "1.0"])
-    assert tr.sample_texts("A photo of the red circle", [], args, random.Random(0)) == (["photo red circle"], [True], [])
+    assert tr.sample_texts("A photo of the red circle", [], args, random.Random(0)) == (
+        ["photo red circle"],
+        [True],
+        [],
+    )
 
 
 def test_eda_edits_are_drawn_at_clip_rockets_weights(synonyms, monkeypatch):
@@ -263,10 +413,14 @@ def test_eda_edits_are_drawn_at_clip_rockets_weights(synonyms, monkeypatch):
     drawn = Counter()
     for op in ("synonym", "swap", "delete"):
         real = getattr(tr, f"eda_{op}")
-        monkeypatch.setattr(tr, f"eda_{op}", lambda *a, _op=op, _real=real, **k: drawn.update([_op]) or _real(*a, **k))
+        monkeypatch.setattr(
+            tr, f"eda_{op}", lambda *a, _op=op, _real=real, **k: drawn.update([_op]) or _real(*a, **k)
+        )
     args = tr.parse_args(["--texts", "x", "--text-mode", "uniform", "--aug-views", "2"])
     for seed in range(3000):
-        main, _, views = tr.sample_texts("a dog runs on the grass", ["a brown dog running"], args, random.Random(seed), synonyms)
+        main, _, views = tr.sample_texts(
+            "a dog runs on the grass", ["a brown dog running"], args, random.Random(seed), synonyms
+        )
         assert main[0] in ("a dog runs on the grass", "a brown dog running")  # no EDA on the global text
     assert sum(drawn.values()) == 6000
     for op, weight in (("synonym", 0.4), ("swap", 0.4), ("delete", 0.2)):
@@ -278,7 +432,9 @@ def test_eda_operations(synonyms):
     for _ in range(50):
         out = tr.eda_synonym(words, synonyms, rnd)
         changed = [(a, b) for a, b in zip(words, out) if a != b]
-        assert len(out) == len(words) and changed and len({a for a, _ in changed}) == 1  # one word (every occurrence)
+        assert (
+            len(out) == len(words) and changed and len({a for a, _ in changed}) == 1
+        )  # one word (every occurrence)
         assert all(b in synonyms[a] and a not in tr.STOP_WORDS for a, b in changed)
         swapped = tr.eda_swap(words, rnd)
         assert sorted(swapped) == sorted(words) and sum(a != b for a, b in zip(words, swapped)) in (0, 2)
@@ -286,7 +442,10 @@ def test_eda_operations(synonyms):
         assert 1 <= len(kept) <= len(words) and all(w in words for w in kept)
     assert tr.eda_delete(["word"], rnd) == ["word"] and tr.eda_swap(["word"], rnd) == ["word"]
     assert tr.synonyms_of("dogs", synonyms) == synonyms["dog"]  # a plural finds its singular's synonyms
-    assert tr.drop_stop_words("The cat is on the mat.") == "cat mat." and tr.drop_stop_words("the of") == "the of"
+    assert (
+        tr.drop_stop_words("The cat is on the mat.") == "cat mat."
+        and tr.drop_stop_words("the of") == "the of"
+    )
 
 
 def clip_brute(img, txt, scale, smoothing=0.0):
@@ -303,56 +462,121 @@ def clip_brute(img, txt, scale, smoothing=0.0):
 
 def test_multi_text_and_rocket_losses_equal_brute_force():
     from open_clip.loss import ClipLoss
+
     torch.manual_seed(0)
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
     b, m, n = 6, 3, 2
-    out = {"image": unit(b, 8), "text": unit(b, m, 8), "scale": torch.tensor(7.0, dtype=torch.float64), "bias": None}
+    out = {
+        "image": unit(b, 8),
+        "text": unit(b, m, 8),
+        "scale": torch.tensor(7.0, dtype=torch.float64),
+        "bias": None,
+    }
     expect = sum(clip_brute(out["image"], out["text"][:, j], 7.0) for j in range(m)) / m
     assert abs(tr.total_loss(out, ClipLoss()).item() - expect) < 1e-9
-    out.update(views=unit(b, n, 8), view_text=unit(b, n, 8), head_scale=torch.tensor(10.0, dtype=torch.float64))
-    pairs = [clip_brute(out["views"][:, i], out["view_text"][:, j], 10.0, smoothing=0.1) for i in range(n) for j in range(n)]
-    assert abs(tr.total_loss(out, ClipLoss(), smoothing=0.1).item() - (expect + n * sum(pairs) / len(pairs)) / (1 + n)) < 1e-9
+    out.update(
+        views=unit(b, n, 8), view_text=unit(b, n, 8), head_scale=torch.tensor(10.0, dtype=torch.float64)
+    )
+    pairs = [
+        clip_brute(out["views"][:, i], out["view_text"][:, j], 10.0, smoothing=0.1)
+        for i in range(n)
+        for j in range(n)
+    ]
+    assert (
+        abs(
+            tr.total_loss(out, ClipLoss(), smoothing=0.1).item()
+            - (expect + n * sum(pairs) / len(pairs)) / (1 + n)
+        )
+        < 1e-9
+    )
 
 
 def test_every_sample_once_per_epoch_equal_chunks_and_exact_resume(data, monkeypatch):
     """Three readers over 55 samples (one corrupt, one without text): each makes the same number of chunks; every good
     sample appears, the extra ones are padding; a reader restarted at a chunk's position goes on identically."""
-    good = {k for name in ("00000", "00001") for k, _ in tr.iter_tar(str(data / f"shards/{name}.tar"), set(), Counter())}
+    good = {
+        k
+        for name in ("00000", "00001")
+        for k, _ in tr.iter_tar(str(data / f"shards/{name}.tar"), set(), Counter())
+    }
     good |= {f"0002{i:05d}" for i in range(5)}
     chunks_per_reader, keys, bad = 5, Counter(), 0
     for rank in range(3):
-        chunks = list(stream_of(data, [], chunks=chunks_per_reader, rank=rank, world=3, monkeypatch=monkeypatch, tokenizer=Recorder()))
+        chunks = list(
+            stream_of(
+                data,
+                [],
+                chunks=chunks_per_reader,
+                rank=rank,
+                world=3,
+                monkeypatch=monkeypatch,
+                tokenizer=Recorder(),
+            )
+        )
         assert len(chunks) == chunks_per_reader and all(len(c["key"]) == 4 for c in chunks)
         keys.update(k for c in chunks for k in c["key"])
         bad += chunks[-1]["counts"].get("bad_image", 0) + chunks[-1]["counts"].get("no_text", 0)
         if rank == 1:
-            again = list(stream_of(data, [], consumed={1: chunks[1]["consumed"]}, chunks=3, rank=1, world=3, monkeypatch=monkeypatch, tokenizer=Recorder()))
+            again = list(
+                stream_of(
+                    data,
+                    [],
+                    consumed={1: chunks[1]["consumed"]},
+                    chunks=3,
+                    rank=1,
+                    world=3,
+                    monkeypatch=monkeypatch,
+                    tokenizer=Recorder(),
+                )
+            )
             assert [c["key"] for c in again] == [c["key"] for c in chunks[2:]]
             assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, chunks[2:]))
     assert set(keys) == good and sum(keys.values()) == 3 * 5 * 4 and bad >= 2
-    assert sum(keys.values()) - len(good) <= 3 * 4 + 2  # padding: under a chunk per reader, plus the skipped samples' stand-ins
+    assert (
+        sum(keys.values()) - len(good) <= 3 * 4 + 2
+    )  # padding: under a chunk per reader, plus the skipped samples' stand-ins
 
 
 def test_checkpoint_loads_through_open_clip_with_identical_outputs(data, tmp_path):
     out = tmp_path / "ck"
     summary = tr.main(base(data, out, "--loss", "siglip", "--aug-views", "1", "--max-steps", "2"))
     ckpt = torch.load(out / "latest.pt", weights_only=True)
-    assert {"epoch", "step", "state_dict", "optimizer", "scaler", "args", "model_name"} <= set(ckpt) and ckpt["model_name"] == "tiny-clip"
-    assert not any(k.startswith("module.") or "head" in k for k in ckpt["state_dict"]) and "head_logit_scale" in ckpt["extra_state_dict"]
+    assert {"epoch", "step", "state_dict", "optimizer", "scaler", "args", "model_name"} <= set(ckpt) and ckpt[
+        "model_name"
+    ] == "tiny-clip"
+    assert (
+        not any(k.startswith("module.") or "head" in k for k in ckpt["state_dict"])
+        and "head_logit_scale" in ckpt["extra_state_dict"]
+    )
     torch.manual_seed(1)
     inputs = {"image": torch.randn(3, 3, 32, 32), "text": torch.randint(1, 49000, (3, 16))}
     torch.save(inputs, tmp_path / "inputs.pt")
     model = summary["model"].eval()
     with torch.no_grad():
         mine = (model.encode_image(inputs["image"]), model.encode_text(inputs["text"]), model.logit_bias)
-    script = ("import sys, torch, open_clip\n"
-              "open_clip.add_model_config(sys.argv[1])\n"
-              "model = open_clip.create_model_and_transforms('tiny-clip', pretrained=sys.argv[2])[0].eval()\n"
-              "x = torch.load(sys.argv[3], weights_only=True)\n"
-              "with torch.no_grad():\n"
-              "    torch.save((model.encode_image(x['image']), model.encode_text(x['text']), model.logit_bias), sys.argv[4])\n")
-    result = subprocess.run([sys.executable, "-c", script, str(out / "tiny-clip.json"), str(out / "latest.pt"), str(tmp_path / "inputs.pt"),
-                             str(tmp_path / "theirs.pt")], capture_output=True, text=True, timeout=120, env=ENV)
+    script = (
+        "import sys, torch, open_clip\n"
+        "open_clip.add_model_config(sys.argv[1])\n"
+        "model = open_clip.create_model_and_transforms('tiny-clip', pretrained=sys.argv[2])[0].eval()\n"
+        "x = torch.load(sys.argv[3], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.save((model.encode_image(x['image']), model.encode_text(x['text']), model.logit_bias), sys.argv[4])\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(out / "tiny-clip.json"),
+            str(out / "latest.pt"),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "theirs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
@@ -362,11 +586,47 @@ def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):
     """The toy command and its variants: the loss falls; a second run of a finished command does nothing."""
     rewrites = tmp_path / "rewrites_eda"
     stage("02_rewrite").main(["--engine", "eda", "--input", str(data / "shards"), "--out-dir", str(rewrites)])
-    model = ["--model", str(data / "models/toy-clip.json"), "--epochs", "4", "--batch-size", "16", "--log-every", "4"]
-    runs = {"alt": [], "laclip": ["--texts", str(rewrites), "--text-mode", "uniform"],
-            "laclip_mt": ["--texts", str(rewrites), "--text-mode", "multi", "--texts-per-image", "2", "--batch-size", "8", "--accum-steps", "2"],
-            "rocket": ["--aug-views", "2", "--eda-prob", "0.5", "--stopword-drop", "0.8", "--text-dropout", "0.1", "--crop-scale", "0.5",
-                       "--grad-checkpointing", "--grad-clip-norm", "1.0"]}
+    model = [
+        "--model",
+        str(data / "models/toy-clip.json"),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "4",
+    ]
+    runs = {
+        "alt": [],
+        "laclip": ["--texts", str(rewrites), "--text-mode", "uniform"],
+        "laclip_mt": [
+            "--texts",
+            str(rewrites),
+            "--text-mode",
+            "multi",
+            "--texts-per-image",
+            "2",
+            "--batch-size",
+            "8",
+            "--accum-steps",
+            "2",
+        ],
+        "rocket": [
+            "--aug-views",
+            "2",
+            "--eda-prob",
+            "0.5",
+            "--stopword-drop",
+            "0.8",
+            "--text-dropout",
+            "0.1",
+            "--crop-scale",
+            "0.5",
+            "--grad-checkpointing",
+            "--grad-clip-norm",
+            "1.0",
+        ],
+    }
     for name, extra in runs.items():  # 55 samples, 16 per step: 4 steps per epoch
         summary = tr.main(base(data, tmp_path / name, *model, *extra))
         assert summary["step"] == 16 and summary["loss"] < summary["first_loss"], (name, summary)
@@ -374,12 +634,27 @@ def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):
     lines = len(log_records(tmp_path / "alt"))
     again = tr.main(base(data, tmp_path / "alt", *model))
     assert again["step"] == 16 and len(log_records(tmp_path / "alt")) == lines
-    plot = ["training.png"] if importlib.util.find_spec("matplotlib") else []  # the curves, when matplotlib is there
-    assert sorted(os.listdir(tmp_path / "alt")) == sorted(["_config.json", "epoch_1.pt", "epoch_2.pt", "epoch_3.pt",
-                                                           "epoch_4.pt", "latest.pt", "log.jsonl", "toy-clip.json"] + plot)
+    plot = (
+        ["training.png"] if importlib.util.find_spec("matplotlib") else []
+    )  # the curves, when matplotlib is there
+    assert sorted(os.listdir(tmp_path / "alt")) == sorted(
+        [
+            "_config.json",
+            "epoch_1.pt",
+            "epoch_2.pt",
+            "epoch_3.pt",
+            "epoch_4.pt",
+            "latest.pt",
+            "log.jsonl",
+            "toy-clip.json",
+        ]
+        + plot
+    )
     if plot:
         with Image.open(tmp_path / "alt/training.png") as png:
-            assert png.format == "PNG" and png.size[0] > 800 and len(png.convert("RGB").getcolors(1 << 20)) > 20
+            assert (
+                png.format == "PNG" and png.size[0] > 800 and len(png.convert("RGB").getcolors(1 << 20)) > 20
+            )
 
 
 def test_bad_arguments_are_refused(data, tmp_path):
@@ -393,7 +668,12 @@ def test_bad_arguments_are_refused(data, tmp_path):
 
 
 def test_help_does_not_import_open_clip():
-    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "05_train.py"), "--help"], capture_output=True, text=True, env=ENV)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "05_train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert result.returncode == 0 and "--text-mode" in result.stdout and "open_clip" not in result.stderr
 
 
@@ -409,14 +689,36 @@ def test_llm2clip_cache_equals_live_tower_tower_frozen_adapter_trains(data, mini
     """08's cache (float32) and the live tower give the same loss at step 1; MiniLM and CLIP's own text tower stay as they
     were, the adapter and the image tower change; the checkpoint says how to rebuild the model."""
     cache = tmp_path / "cache"
-    texts = ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-mode", "uniform", "--max-steps", "3"]
-    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", str(data / "rewrites"), str(data / "fused"),
-                                  "--model", str(minilm), "--out-dir", str(cache), "--store-dtype", "float32"])
+    texts = [
+        "--texts",
+        str(data / "rewrites"),
+        str(data / "fused"),
+        "--text-mode",
+        "uniform",
+        "--max-steps",
+        "3",
+    ]
+    stage("08_embed_texts").main(
+        [
+            "--input",
+            str(data / "shards"),
+            "--texts",
+            str(data / "rewrites"),
+            str(data / "fused"),
+            "--model",
+            str(minilm),
+            "--out-dir",
+            str(cache),
+            "--store-dtype",
+            "float32",
+        ]
+    )
     live = tr.main(base(data, tmp_path / "live", *texts, "--text-tower", f"hf:{minilm}"))
     cached = tr.main(base(data, tmp_path / "cached", *texts, "--text-cache", str(cache)))
     assert abs(live["first_loss"] - cached["first_loss"]) < 1e-5 and abs(live["loss"] - cached["loss"]) < 1e-4
     assert live["skipped"] == cached["skipped"] and cached["tower"] is None
     from transformers import AutoModel
+
     fresh = AutoModel.from_pretrained(str(minilm)).state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in live["tower"].state_dict().items())
     torch.manual_seed(1)  # --seed 0 + 1, as 05 seeds the adapter
@@ -428,20 +730,54 @@ def test_llm2clip_cache_equals_live_tower_tower_frozen_adapter_trains(data, mini
     assert changed and all(k.startswith(("visual.", "logit_")) for k in changed)
     ckpt = torch.load(tmp_path / "cached/latest.pt", weights_only=True)
     assert ckpt["text_tower"]["path"] == str(minilm) and ckpt["text_tower"]["cache"] == str(cache)
-    assert ckpt["text_tower"]["dim"] == 384 and ckpt["text_tower"]["adapter"] == {"dim": 384, "out_dim": 32, "layers": 4, "expansion": 2,
-                                                                                  "dropout": 0.0}
+    assert ckpt["text_tower"]["dim"] == 384 and ckpt["text_tower"]["adapter"] == {
+        "dim": 384,
+        "out_dim": 32,
+        "layers": 4,
+        "expansion": 2,
+        "dropout": 0.0,
+    }
     assert {k[8:] for k in ckpt["extra_state_dict"] if k.startswith("adapter.")} == set(init)
-    rows = stage("06_eval").main(["--model", "tiny-clip", "--pretrained", str(tmp_path / "cached/latest.pt"), "--workers", "0",
-                                  "--zeroshot", str(data / "eval/zeroshot"), "--retrieval", str(data / "eval/retrieval"),
-                                  "--cra", str(data / "eval/retrieval"), "--linear-probe", "--results", str(tmp_path / "results.jsonl")])
-    assert {r["task"] for r in rows} == {"zeroshot", "retrieval", "cra"} and {r["text_tower"] for r in rows} == {str(minilm)}
+    rows = stage("06_eval").main(
+        [
+            "--model",
+            "tiny-clip",
+            "--pretrained",
+            str(tmp_path / "cached/latest.pt"),
+            "--workers",
+            "0",
+            "--zeroshot",
+            str(data / "eval/zeroshot"),
+            "--retrieval",
+            str(data / "eval/retrieval"),
+            "--cra",
+            str(data / "eval/retrieval"),
+            "--linear-probe",
+            "--results",
+            str(tmp_path / "results.jsonl"),
+        ]
+    )
+    assert {r["task"] for r in rows} == {"zeroshot", "retrieval", "cra"} and {
+        r["text_tower"] for r in rows
+    } == {str(minilm)}
     assert all(0 <= v <= 1 for r in rows for v in r["metrics"].values())
 
 
 def test_llm2clip_cache_every_text_mode_and_uncached_texts_are_counted(data, minilm, tmp_path):
     cache = tmp_path / "cache"
-    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", str(data / "rewrites"), str(data / "fused"),
-                                  "--model", str(minilm), "--out-dir", str(cache)])
+    stage("08_embed_texts").main(
+        [
+            "--input",
+            str(data / "shards"),
+            "--texts",
+            str(data / "rewrites"),
+            str(data / "fused"),
+            "--model",
+            str(minilm),
+            "--out-dir",
+            str(cache),
+        ]
+    )
     texts = ["--texts", str(data / "rewrites"), str(data / "fused"), "--text-cache", str(cache)]
     for mode in ("original", "mix", "multi"):
         summary = tr.main(base(data, tmp_path / mode, *texts, "--text-mode", mode, "--max-steps", "2"))
@@ -460,14 +796,18 @@ def test_llm2clip_cache_every_text_mode_and_uncached_texts_are_counted(data, min
 
 def tiny_trainee(config, views=2):
     import open_clip
+
     torch.manual_seed(0)
     clip = open_clip.model.CLIP(**config)
     clip.visual.preprocess_cfg = {"size": config["vision_cfg"]["image_size"]}
     return tr.Trainee(clip, config["embed_dim"], views, 16, 0.1)
 
 
-RESNET = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
-          "text_cfg": TINY["text_cfg"]}
+RESNET = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+    "text_cfg": TINY["text_cfg"],
+}
 
 
 @pytest.mark.parametrize("config", [TINY, RESNET], ids=["vit", "resnet"])
@@ -475,19 +815,34 @@ def test_rocket_heads_read_backbone_features_not_the_global_projection(config):
     """clip-rocket's local loss alone trains the towers and the heads, never the projections of the global loss."""
     model = tiny_trainee(config)
     b, n = 4, 2
-    batch = {"image": torch.randn(b, 3, 32, 32), "text": torch.randint(1, 49000, (b, 1, 16)),
-             "views": torch.randn(b, n, 3, 32, 32), "view_text": torch.randint(1, 49000, (b, n, 16))}
+    batch = {
+        "image": torch.randn(b, 3, 32, 32),
+        "text": torch.randint(1, 49000, (b, 1, 16)),
+        "views": torch.randn(b, n, 3, 32, 32),
+        "view_text": torch.randint(1, 49000, (b, n, 16)),
+    }
     from open_clip.loss import ClipLoss
+
     out = model(**batch)
     tr.view_loss(out, ClipLoss(), smoothing=0.1).backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    projections = [k for k in grads if k in ("clip.visual.proj", "clip.text_projection") or k.startswith("clip.visual.attnpool.")]
+    projections = [
+        k
+        for k in grads
+        if k in ("clip.visual.proj", "clip.text_projection") or k.startswith("clip.visual.attnpool.")
+    ]
     assert projections and all(grads[k] is None or not grads[k].any() for k in projections), projections
-    trunk = [k for k in grads if k.startswith(("clip.visual.transformer.", "clip.visual.layer1.", "clip.transformer."))]
+    trunk = [
+        k
+        for k in grads
+        if k.startswith(("clip.visual.transformer.", "clip.visual.layer1.", "clip.transformer."))
+    ]
     heads = [k for k in grads if k.startswith(("image_head.", "text_head."))]
     assert trunk and heads and all(grads[k] is not None and grads[k].any() for k in heads)
     assert any(grads[k] is not None and grads[k].any() for k in trunk)
-    assert model.image_head[0].in_features == (32 if config is TINY else 8 * 32)  # trunk widths, not the embedding size
+    assert model.image_head[0].in_features == (
+        32 if config is TINY else 8 * 32
+    )  # trunk widths, not the embedding size
     # the main loss does reach them, and the projection is back in place after the views' pass
     model.zero_grad()
     tr.main_loss(model(**batch), ClipLoss()).backward()
@@ -496,9 +851,14 @@ def test_rocket_heads_read_backbone_features_not_the_global_projection(config):
 
 def test_timm_resnet_config_of_the_rocket_recipe_builds_and_reads_its_trunk():
     import open_clip
+
     config = json.load(open(os.path.join(REPO, "configs/rocket-R50-text6.json")))
     assert config["text_cfg"]["layers"] == 6 and config["embed_dim"] == 256
-    clip = open_clip.model.CustomTextCLIP(**config) if config.get("custom_text") else open_clip.model.CLIP(**config)
+    clip = (
+        open_clip.model.CustomTextCLIP(**config)
+        if config.get("custom_text")
+        else open_clip.model.CLIP(**config)
+    )
     clip.visual.preprocess_cfg = {"size": 64}
     model = tr.Trainee(clip, 256, 1, 32, 0.0)
     assert model.image_head[0].in_features == 2048 and model.text_head[0].in_features == 512
@@ -515,10 +875,20 @@ def test_accumulation_grows_the_contrastive_batch():
         model = tiny_trainee(TINY, views=0)
         torch.manual_seed(5)
         images, texts = torch.randn(64, 3, 32, 32), torch.randint(1, 49000, (64, 1, 16))
-        batches = [{"image": images[i:i + 64 // micro], "text": texts[i:i + 64 // micro]} for i in range(0, 64, 64 // micro)]
+        batches = [
+            {"image": images[i : i + 64 // micro], "text": texts[i : i + 64 // micro]}
+            for i in range(0, 64, 64 // micro)
+        ]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss = tr.forward_backward(model, batches, lambda out: tr.total_loss(out, ClipLoss()), scaler, contextlib.nullcontext,
-                                   [1] * micro, full=full)
+        loss = tr.forward_backward(
+            model,
+            batches,
+            lambda out: tr.total_loss(out, ClipLoss()),
+            scaler,
+            contextlib.nullcontext,
+            [1] * micro,
+            full=full,
+        )
         return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     one_loss, one_grads = step(1, True)
@@ -528,11 +898,14 @@ def test_accumulation_grows_the_contrastive_batch():
         assert torch.allclose(one_grads[k], acc_grads[k], rtol=1e-4, atol=1e-7), k
     assert torch.allclose(one_grads["clip.logit_scale"], acc_grads["clip.logit_scale"], rtol=1e-4)
     _, micro_grads = step(4, False)
-    assert not torch.allclose(one_grads["clip.visual.proj"], micro_grads["clip.visual.proj"], rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(
+        one_grads["clip.visual.proj"], micro_grads["clip.visual.proj"], rtol=1e-3, atol=1e-6
+    )
 
 
 def test_text_slots_that_do_not_count_add_no_term():
     from open_clip.loss import ClipLoss
+
     torch.manual_seed(0)
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
     img, txt = unit(5, 8), unit(5, 8)
@@ -550,8 +923,21 @@ def test_all_texts_per_image_counts_the_sidecars_and_trains(data, tmp_path, caps
     shard = str(data / "shards/00000.tar")
     assert tr.count_texts(shard, [str(data / "rewrites")]) == 4  # AltText + b, "x", a
     assert tr.count_texts(shard, [str(data / "rewrites"), str(data / "fused")]) == 5
-    summary = tr.main(base(data, tmp_path / "all", "--texts", str(data / "rewrites"), str(data / "fused"),
-                           "--text-mode", "multi", "--texts-per-image", "all", "--max-steps", "2"))
+    summary = tr.main(
+        base(
+            data,
+            tmp_path / "all",
+            "--texts",
+            str(data / "rewrites"),
+            str(data / "fused"),
+            "--text-mode",
+            "multi",
+            "--texts-per-image",
+            "all",
+            "--max-steps",
+            "2",
+        )
+    )
     assert summary["step"] == 2 and math.isfinite(summary["loss"])
     assert "5 texts per image (all" in capsys.readouterr().out
 
@@ -559,13 +945,29 @@ def test_all_texts_per_image_counts_the_sidecars_and_trains(data, tmp_path, caps
 def test_uncached_texts_are_reported_at_start(data, minilm, tmp_path, capsys):
     """A cache made from the AltTexts alone, a run that also picks rewrites: the share is said before step 1."""
     cache = tmp_path / "cache"
-    stage("08_embed_texts").main(["--input", str(data / "shards"), "--texts", "--model", str(minilm), "--out-dir", str(cache)])
+    stage("08_embed_texts").main(
+        ["--input", str(data / "shards"), "--texts", "--model", str(minilm), "--out-dir", str(cache)]
+    )
     shard = str(data / "shards/00000.tar")
-    args = tr.parse_args(["--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform"])
+    args = tr.parse_args(
+        ["--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform"]
+    )
     missing, total = tr.uncached_share([shard], args, Counter())
     assert 0 < missing < total
-    tr.main(base(data, tmp_path / "run", "--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform",
-                 "--max-steps", "1"))
+    tr.main(
+        base(
+            data,
+            tmp_path / "run",
+            "--text-cache",
+            str(cache),
+            "--texts",
+            str(data / "rewrites"),
+            "--text-mode",
+            "uniform",
+            "--max-steps",
+            "1",
+        )
+    )
     out = capsys.readouterr().out
     assert f"text cache: {missing} of {total} pickable texts" in out and "WARNING: over 1%" in out
 
@@ -573,11 +975,26 @@ def test_uncached_texts_are_reported_at_start(data, minilm, tmp_path, capsys):
 def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
     """--visual-ld 0.5: the last block's lr is twice the one below it; the adapter and the vision tower have their own."""
     import open_clip
+
     clip = open_clip.model.CLIP(**{**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 3}})
     clip.visual.preprocess_cfg = {"size": 32}
     model = tr.Trainee(clip, 32, 0, 16, 0.0, tr.Adapter(24, 32, layers=1))
-    args = tr.parse_args(["--visual-ld", "0.5", "--lr", "1e-5", "--visual-lr", "2e-5", "--visual-wd", "0.05",
-                          "--adapter-lr", "3e-4", "--adapter-wd", "0.1"])
+    args = tr.parse_args(
+        [
+            "--visual-ld",
+            "0.5",
+            "--lr",
+            "1e-5",
+            "--visual-lr",
+            "2e-5",
+            "--visual-wd",
+            "0.05",
+            "--adapter-lr",
+            "3e-4",
+            "--adapter-wd",
+            "0.1",
+        ]
+    )
     opt = torch.optim.AdamW(tr.param_groups(model, args), lr=args.lr)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -585,22 +1002,36 @@ def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
     assert math.isclose(block[2][0], 2 * block[1][0]) and math.isclose(block[1][0], 2 * block[0][0])
     assert math.isclose(block[2][0], 2e-5 * 0.5) and block[2][1] == 0.05
     assert lr_of[id(named["clip.visual.proj"])] == (2e-5, 0.05)  # after the blocks: no decay of its lr
-    assert math.isclose(lr_of[id(named["clip.visual.conv1.weight"])][0], 2e-5 * 0.5 ** 4)
-    assert lr_of[id(named["adapter.proj.weight"])] == (3e-4, 0.1) and lr_of[id(named["adapter.proj.bias"])] == (3e-4, 0.0)
-    assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == (1e-5, 0.5)  # the rest: --lr, --wd
+    assert math.isclose(lr_of[id(named["clip.visual.conv1.weight"])][0], 2e-5 * 0.5**4)
+    assert lr_of[id(named["adapter.proj.weight"])] == (3e-4, 0.1) and lr_of[
+        id(named["adapter.proj.bias"])
+    ] == (3e-4, 0.0)
+    assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == (
+        1e-5,
+        0.5,
+    )  # the rest: --lr, --wd
 
 
 def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):
     """02/04 --score-model scores in the sidecars: --min-score drops the captions under it, keeps unscored ones."""
     folder = tmp_path / "scored"
     folder.mkdir()
-    records = [{"key": "a", "text": "alt a", "rewrites": {"s1": ["good one", "bad one"], "s2": ["no score"]},
-                "scores": {"s1": [0.8, 0.1]}},
-               {"key": "b", "fused": "a fused caption", "scores": 0.25},
-               {"key": "c", "fused": "a fused caption scored well", "scores": 0.9}]
+    records = [
+        {
+            "key": "a",
+            "text": "alt a",
+            "rewrites": {"s1": ["good one", "bad one"], "s2": ["no score"]},
+            "scores": {"s1": [0.8, 0.1]},
+        },
+        {"key": "b", "fused": "a fused caption", "scores": 0.25},
+        {"key": "c", "fused": "a fused caption scored well", "scores": 0.9},
+    ]
     tr.write_jsonl(str(folder / "00000.jsonl"), records)
     counts = Counter()
     kept = tr.load_texts("x/00000.tar", [str(folder)], counts, min_score=0.3)
-    assert kept == {"a": ["good one", "no score"], "c": ["a fused caption scored well"]} and counts["low_score"] == 2
+    assert (
+        kept == {"a": ["good one", "no score"], "c": ["a fused caption scored well"]}
+        and counts["low_score"] == 2
+    )
     everything = tr.load_texts("x/00000.tar", [str(folder)], Counter())
     assert everything["a"] == ["good one", "bad one", "no score"] and everything["b"] == ["a fused caption"]

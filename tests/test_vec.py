@@ -1,5 +1,6 @@
 """03_visual_concepts: one VeC record per key from the tiny LLaVA; bad images; model failures isolated;
 the vLLM request shape; split invariance; kill -9 + resume."""
+
 import io
 import json
 import os
@@ -34,7 +35,11 @@ def read_out(out_dir):
 
 
 def tar_keys(shards):
-    return {(p.stem + ".jsonl", k) for p in sorted(shards.glob("*.tar")) for k, _ in vc.iter_tar(str(p), set(), Counter())}
+    return {
+        (p.stem + ".jsonl", k)
+        for p in sorted(shards.glob("*.tar"))
+        for k, _ in vc.iter_tar(str(p), set(), Counter())
+    }
 
 
 def encode(img, fmt, **kw):
@@ -45,18 +50,36 @@ def encode(img, fmt, **kw):
 
 def png_claiming(width, height):
     """A valid PNG signature + header that claims a huge canvas, as a decompression bomb does."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def run(toy, out, *extra):
-    return vc.main(["--input", str(toy / "shards"), "--out-dir", str(out), "--model", str(toy / "models/tiny-llava"),
-                    "--max-new-tokens", "8", *extra])
+    return vc.main(
+        [
+            "--input",
+            str(toy / "shards"),
+            "--out-dir",
+            str(out),
+            "--model",
+            str(toy / "models/tiny-llava"),
+            "--max-new-tokens",
+            "8",
+            *extra,
+        ]
+    )
 
 
 class ScriptedVLM:
     """Stands at the engine boundary: a caption made from each image's size and seed; images 7x7 px make it raise."""
+
     prompt = "USER: <image>\nscripted\nASSISTANT:"
     processor = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_mean=[0.5, 0.5, 0.5]))
     calls = []
@@ -76,14 +99,27 @@ def test_hf_end_to_end_every_key_once_then_skip_and_overwrite(toy, tmp_path):
     stats = run(toy, out)
     records = read_out(out)
     assert set(records) == tar_keys(toy / "shards")
-    assert all(r["status"] in {"ok", "empty"} and set(r) == {"key", "vec", "status"} for r in records.values())
-    assert all(isinstance(r["vec"], str) and r["vec"] == r["vec"].strip() for r in records.values() if r["status"] == "ok")
+    assert all(
+        r["status"] in {"ok", "empty"} and set(r) == {"key", "vec", "status"} for r in records.values()
+    )
+    assert all(
+        isinstance(r["vec"], str) and r["vec"] == r["vec"].strip()
+        for r in records.values()
+        if r["status"] == "ok"
+    )
     assert sum(r["status"] == "ok" for r in records.values()) > len(records) // 2
-    assert sum(s["in"] for s in stats) == len(records) == sum(s["ok"] + s["empty"] + s["failed"] for s in stats)
-    assert stats[0]["prompt"] == "USER: <image>\nDescribe the image concisely, less than 20 words.\nASSISTANT:"
+    assert (
+        sum(s["in"] for s in stats) == len(records) == sum(s["ok"] + s["empty"] + s["failed"] for s in stats)
+    )
+    assert (
+        stats[0]["prompt"] == "USER: <image>\nDescribe the image concisely, less than 20 words.\nASSISTANT:"
+    )
     config = json.load(open(out / "_config.json"))
     assert config["question"] == vc.VECLIP_QUESTION and config["model"].endswith("tiny-llava")
-    assert config["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8} and config["prompt_hash"] == stats[0]["prompt_hash"]
+    assert (
+        config["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+        and config["prompt_hash"] == stats[0]["prompt_hash"]
+    )
     before = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
     assert run(toy, out) == []  # finished shards are skipped
     assert before == {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
@@ -94,10 +130,13 @@ def test_hf_end_to_end_every_key_once_then_skip_and_overwrite(toy, tmp_path):
 
 def test_prompt_goes_through_the_chat_template(toy):
     from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(toy / "models/tiny-llava")
     assert vc.vlm_prompt(processor, "What is it?") == "USER: <image>\nWhat is it?\nASSISTANT:"
     tok = processor.tokenizer  # adds <s> itself: a template that writes one too must not double it
-    with_bos = types.SimpleNamespace(chat_template="x", tokenizer=tok, apply_chat_template=lambda turn, **k: "<s>[INST] <image>\nQ [/INST]")
+    with_bos = types.SimpleNamespace(
+        chat_template="x", tokenizer=tok, apply_chat_template=lambda turn, **k: "<s>[INST] <image>\nQ [/INST]"
+    )
     assert vc.vlm_prompt(with_bos, "Q") == "[INST] <image>\nQ [/INST]"
     bare = types.SimpleNamespace(chat_template=None, tokenizer=tok)
     assert vc.vlm_prompt(bare, "Q") == "USER: <image>\nQ\nASSISTANT:"
@@ -109,14 +148,21 @@ def photo(size=(64, 48)):
     return img
 
 
-@pytest.mark.parametrize("name,raw,expect", [
-    ("zero bytes", b"", "image_empty"),
-    ("not an image", b"this is text, not a picture", "image_corrupt"),
-    ("truncated jpeg", encode(photo((256, 256)), "JPEG")[:700], "image_corrupt"),
-    ("jpeg header only", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "image_corrupt"),
-    ("postscript", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "image_corrupt"),  # never Ghostscript
-    ("bomb", png_claiming(30000, 30000), "image_too_large"),
-])
+@pytest.mark.parametrize(
+    "name,raw,expect",
+    [
+        ("zero bytes", b"", "image_empty"),
+        ("not an image", b"this is text, not a picture", "image_corrupt"),
+        ("truncated jpeg", encode(photo((256, 256)), "JPEG")[:700], "image_corrupt"),
+        ("jpeg header only", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "image_corrupt"),
+        (
+            "postscript",
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+            "image_corrupt",
+        ),  # never Ghostscript
+        ("bomb", png_claiming(30000, 30000), "image_too_large"),
+    ],
+)
 def test_load_image_rejects_bad_bytes_with_a_reason(name, raw, expect):
     assert vc.load_image(raw, 1024) == (None, expect)
 
@@ -125,11 +171,20 @@ def test_load_image_decodes_what_the_web_serves():
     big, why = vc.load_image(encode(photo((6000, 4000)), "JPEG", quality=70), 1024)
     assert why is None and big.size == (1024, 683) and big.mode == "RGB"
     assert vc.load_image(encode(photo(), "WEBP"), 1024)[0].size == (64, 48)
-    assert vc.load_image(encode(Image.new("CMYK", (9, 9), (0, 255, 0, 0)), "JPEG"), 1024)[0].getpixel((4, 4))[1] < 60
+    assert (
+        vc.load_image(encode(Image.new("CMYK", (9, 9), (0, 255, 0, 0)), "JPEG"), 1024)[0].getpixel((4, 4))[1]
+        < 60
+    )
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    assert vc.load_image(encode(clear, "PNG"), 1024)[0].getpixel((3, 3)) == (255, 255, 255)  # transparent -> white, not black
+    assert vc.load_image(encode(clear, "PNG"), 1024)[0].getpixel((3, 3)) == (
+        255,
+        255,
+        255,
+    )  # transparent -> white, not black
     grey16 = Image.new("I;16", (8, 8), 32768)
-    assert 120 <= vc.load_image(encode(grey16, "PNG"), 1024)[0].getpixel((3, 3))[0] <= 135  # not clipped to white
+    assert (
+        120 <= vc.load_image(encode(grey16, "PNG"), 1024)[0].getpixel((3, 3))[0] <= 135
+    )  # not clipped to white
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
     upright = vc.load_image(encode(photo((64, 48)), "JPEG", exif=exif.tobytes()), 1024)[0]
@@ -166,6 +221,7 @@ def test_pad_to_square_centres_the_image_on_the_mean_colour():
 
 def test_pad_colour_comes_from_the_model_image_processor(toy, capsys):
     from transformers import AutoProcessor
+
     assert vc.processor_mean(AutoProcessor.from_pretrained(toy / "models/tiny-llava")) == vc.CLIP_MEAN
     assert "note" not in capsys.readouterr().out
     own = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_mean=[0.5, 0.25, 1.0]))
@@ -190,9 +246,14 @@ def test_load_image_pads_palette_transparent_and_grey_images():
 def make_aspect_shard(path):
     """Wide, tall, palette, transparent, grey and square images: (key, size as stored)."""
     palette = gradient((30, 10)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    images = [(gradient((40, 20)), "png"), (gradient((16, 48)), "png"), (palette, "png"),
-              (Image.new("RGBA", (10, 30), (0, 0, 0, 0)), "png"), (Image.new("L", (24, 12), 30), "png"),
-              (photo((32, 32)), "jpg")]
+    images = [
+        (gradient((40, 20)), "png"),
+        (gradient((16, 48)), "png"),
+        (palette, "png"),
+        (Image.new("RGBA", (10, 30), (0, 0, 0, 0)), "png"),
+        (Image.new("L", (24, 12), 30), "png"),
+        (photo((32, 32)), "jpg"),
+    ]
     with tarfile.open(path, "w") as tar:
         for i, (img, ext) in enumerate(images):
             data = encode(img, "PNG" if ext == "png" else "JPEG")
@@ -217,8 +278,20 @@ def test_image_aspect_reaches_the_model_and_the_records(toy, tmp_path, monkeypat
     monkeypatch.setattr(vc.VisionEngine, "generate", recording_generate)
     out = tmp_path / "vec"
     model = str(toy / "models/tiny-llava")
-    (stats,) = vc.main(["--input", str(shards), "--out-dir", str(out), "--model", model,
-                        "--max-new-tokens", "4", "--image-aspect", aspect])
+    (stats,) = vc.main(
+        [
+            "--input",
+            str(shards),
+            "--out-dir",
+            str(out),
+            "--model",
+            model,
+            "--max-new-tokens",
+            "4",
+            "--image-aspect",
+            aspect,
+        ]
+    )
     records = [json.loads(line) for line in open(out / "00000.jsonl")]
     assert [r["key"] for r in records] == [key for key, _ in stored]  # every key still gets its record
     assert all(r["status"] in {"ok", "empty"} for r in records)
@@ -242,19 +315,23 @@ def test_image_aspect_reaches_the_model_and_the_records(toy, tmp_path, monkeypat
 
 def make_bad_shard(path):
     good = encode(photo(), "JPEG")
-    members = [("000000000.jpg", good), ("000000000.txt", b"a red and blue picture"),
-               ("000000001.jpg", encode(photo(), "JPEG")[:300]),  # truncated
-               ("000000002.jpg", b""),  # zero bytes
-               ("000000003.txt", b"a caption without an image"),
-               ("000000004.json", b"{}"), ("000000004.mp4", b"\x00\x00\x00\x18ftypmp42"),  # no image member
-               ("000000005.jpg", b"<html>404 not found</html>"),  # not an image
-               ("000000006.png", encode(photo((1, 1)), "PNG")),
-               ("000000007.webp", encode(photo((4000, 3)), "WEBP")),
-               ("000000008.jpg", good),
-               ("000000009.jpg", png_claiming(40000, 40000)),  # a PNG behind a .jpg name, and a bomb
-               ("000000008.jpg", encode(photo((7, 9)), "JPEG")),  # a second copy of key 8
-               ("000000010.jpg", good),  # its header gets corrupted below
-               ("000000011.jpeg", encode(photo((300, 200)), "JPEG"))]
+    members = [
+        ("000000000.jpg", good),
+        ("000000000.txt", b"a red and blue picture"),
+        ("000000001.jpg", encode(photo(), "JPEG")[:300]),  # truncated
+        ("000000002.jpg", b""),  # zero bytes
+        ("000000003.txt", b"a caption without an image"),
+        ("000000004.json", b"{}"),
+        ("000000004.mp4", b"\x00\x00\x00\x18ftypmp42"),  # no image member
+        ("000000005.jpg", b"<html>404 not found</html>"),  # not an image
+        ("000000006.png", encode(photo((1, 1)), "PNG")),
+        ("000000007.webp", encode(photo((4000, 3)), "WEBP")),
+        ("000000008.jpg", good),
+        ("000000009.jpg", png_claiming(40000, 40000)),  # a PNG behind a .jpg name, and a bomb
+        ("000000008.jpg", encode(photo((7, 9)), "JPEG")),  # a second copy of key 8
+        ("000000010.jpg", good),  # its header gets corrupted below
+        ("000000011.jpeg", encode(photo((300, 200)), "JPEG")),
+    ]
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -262,7 +339,7 @@ def make_bad_shard(path):
             tar.addfile(info, io.BytesIO(data))
     raw = bytearray(open(path, "rb").read())
     bad = raw.find(b"000000010.jpg")
-    raw[bad:bad + 100] = b"\x00\x13" * 50
+    raw[bad : bad + 100] = b"\x00\x13" * 50
     open(path, "wb").write(bytes(raw))
 
 
@@ -270,20 +347,52 @@ def test_bad_images_recorded_as_failed_with_the_real_model(toy, tmp_path):
     shards = tmp_path / "in"
     shards.mkdir()
     make_bad_shard(str(shards / "00000.tar"))
-    (stats,) = vc.main(["--input", str(shards), "--out-dir", str(tmp_path / "o"), "--model", str(toy / "models/tiny-llava"),
-                        "--max-new-tokens", "6", "--max-image-side", "512"])
+    (stats,) = vc.main(
+        [
+            "--input",
+            str(shards),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--model",
+            str(toy / "models/tiny-llava"),
+            "--max-new-tokens",
+            "6",
+            "--max-image-side",
+            "512",
+        ]
+    )
     records = {r["key"]: r for r in map(json.loads, open(tmp_path / "o/00000.jsonl"))}
     assert sorted(records) == [f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11)]
     status = {k[-2:]: r["status"] for k, r in records.items()}
     assert {k for k, s in status.items() if s == "failed_image"} == {"01", "02", "05", "09"}
     assert {k for k, s in status.items() if s == "missing_image"} == {"03", "04"}
-    assert all(status[k] in {"ok", "empty"} for k in ("00", "06", "07", "08", "11"))  # 1x1 and 4000x3 images too
+    assert all(
+        status[k] in {"ok", "empty"} for k in ("00", "06", "07", "08", "11")
+    )  # 1x1 and 4000x3 images too
     assert all(records[k]["vec"] is None for k in records if records[k]["status"] != "ok")
-    assert all(set(r) == ({"key", "vec", "status", "error"} if r["status"] == "failed_image" else {"key", "vec", "status"}) for r in records.values())
-    assert stats["counts"]["image_corrupt"] == 2 and stats["counts"]["image_empty"] == 1 and stats["counts"]["image_too_large"] == 1
-    assert [records[f"0000000{k}"]["error"] for k in ("01", "02", "05", "09")] == ["image_corrupt", "image_empty", "image_corrupt", "image_too_large"]
+    assert all(
+        set(r)
+        == ({"key", "vec", "status", "error"} if r["status"] == "failed_image" else {"key", "vec", "status"})
+        for r in records.values()
+    )
+    assert (
+        stats["counts"]["image_corrupt"] == 2
+        and stats["counts"]["image_empty"] == 1
+        and stats["counts"]["image_too_large"] == 1
+    )
+    assert [records[f"0000000{k}"]["error"] for k in ("01", "02", "05", "09")] == [
+        "image_corrupt",
+        "image_empty",
+        "image_corrupt",
+        "image_too_large",
+    ]
     assert stats["counts"]["duplicate_key"] == 1
-    assert stats["failed_image"] == 4 and stats["missing_image"] == 2 and stats["failed"] == 6 and stats["in"] == 11
+    assert (
+        stats["failed_image"] == 4
+        and stats["missing_image"] == 2
+        and stats["failed"] == 6
+        and stats["in"] == 11
+    )
 
 
 def test_a_model_failure_fails_only_its_image(tmp_path, monkeypatch):
@@ -319,10 +428,28 @@ def test_split_and_chunking_do_not_change_the_output(toy, tmp_path, monkeypatch)
     monkeypatch.setattr(vc, "VisionEngine", ScriptedVLM)
     vc.main(["--input", str(toy / "shards"), "--out-dir", str(tmp_path / "whole"), "--temperature", "0.8"])
     for shard_id in range(2):
-        vc.main(["--input", str(toy / "shards"), "--out-dir", str(tmp_path / "split"), "--temperature", "0.8",
-                 "--shard-id", str(shard_id), "--num-shards", "2", "--chunk-size", "5", "--decode-workers", "1"])
+        vc.main(
+            [
+                "--input",
+                str(toy / "shards"),
+                "--out-dir",
+                str(tmp_path / "split"),
+                "--temperature",
+                "0.8",
+                "--shard-id",
+                str(shard_id),
+                "--num-shards",
+                "2",
+                "--chunk-size",
+                "5",
+                "--decode-workers",
+                "1",
+            ]
+        )
     whole = read_out(tmp_path / "whole")
-    assert read_out(tmp_path / "split") == whole and len({r["vec"] for r in whole.values()}) == len(whole)  # a seed per key
+    assert read_out(tmp_path / "split") == whole and len({r["vec"] for r in whole.values()}) == len(
+        whole
+    )  # a seed per key
 
 
 def test_vllm_engine_requests_follow_the_documented_api(toy, monkeypatch):
@@ -338,7 +465,10 @@ def test_vllm_engine_requests_follow_the_documented_api(toy, monkeypatch):
 
         def generate(self, requests, params, use_tqdm=True):
             made["requests"], made["params"] = requests, params
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" caption {i}")]) for i in range(len(requests))]
+            return [
+                types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" caption {i}")])
+                for i in range(len(requests))
+            ]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -346,21 +476,44 @@ def test_vllm_engine_requests_follow_the_documented_api(toy, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     engine = vc.VisionEngine("vllm", str(toy / "models/tiny-llava"), "Describe it.", tensor_parallel_size=2)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ  # each torchrun rank: its own engine
+    assert (
+        os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
+    )  # each torchrun rank: its own engine
     assert made["llm"]["limit_mm_per_prompt"] == {"image": 1} and made["llm"]["tensor_parallel_size"] == 2
     assert made["llm"]["trust_remote_code"] is False
     images = [photo(), photo((32, 32))]
     assert engine.generate(images, [11, 12]) == [" caption 0", " caption 1"]
-    assert made["requests"] == [{"prompt": "USER: <image>\nDescribe it.\nASSISTANT:", "multi_modal_data": {"image": im}} for im in images]
+    assert made["requests"] == [
+        {"prompt": "USER: <image>\nDescribe it.\nASSISTANT:", "multi_modal_data": {"image": im}}
+        for im in images
+    ]
     kws = [p.kw for p in made["params"]]
-    assert [k["seed"] for k in kws] == [11, 12] and all(k["max_tokens"] == 48 and k["temperature"] == 0.0 for k in kws)
+    assert [k["seed"] for k in kws] == [11, 12] and all(
+        k["max_tokens"] == 48 and k["temperature"] == 0.0 for k in kws
+    )
 
 
 def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, tmp_path, capsys):
     out = tmp_path / "vec"
-    args = ["--input", str(toy / "shards/00000.tar"), "--out-dir", str(out), "--model", str(toy / "models/tiny-llava"),
-            "--chunk-size", "4", "--batch-size", "2", "--max-new-tokens", "8"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "03_visual_concepts.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--input",
+        str(toy / "shards/00000.tar"),
+        "--out-dir",
+        str(out),
+        "--model",
+        str(toy / "models/tiny-llava"),
+        "--chunk-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "03_visual_concepts.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     partial = out / "00000.tmp.partial"
     deadline = time.time() + 120
     while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 5):
@@ -368,7 +521,9 @@ def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, tmp_path, capsys):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists() and not (out / "00000.stats.json").exists(), "the kill did not land mid-shard"
-    saved = [json.loads(line) for line in partial.read_text().split("\n")[1:-1]]  # a torn last line is not saved work
+    saved = [
+        json.loads(line) for line in partial.read_text().split("\n")[1:-1]
+    ]  # a torn last line is not saved work
     vc.main(args)  # the same command again
     assert f"00000: resuming, {len(saved)} " in capsys.readouterr().out
     records = read_out(out)
@@ -379,7 +534,14 @@ def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, tmp_path, capsys):
 
 
 def test_help_without_vllm_or_torch():
-    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "03_visual_concepts.py"), "--help"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "03_visual_concepts.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and "--max-image-side" in result.stdout
-    assert "vllm" not in result.stderr and "torch" not in result.stderr.split() and "transformers" not in result.stderr
+    assert (
+        "vllm" not in result.stderr
+        and "torch" not in result.stderr.split()
+        and "transformers" not in result.stderr
+    )

@@ -1,6 +1,7 @@
 """The vLLM engine for real (vLLM's CPU backend here, run by runs/test.sh in .venv-vllm): 01's llm source
 and 02 end to end, and reproducibility of per-request seeds across shard splits. One engine per module:
 it takes ~40 s to start on CPU."""
+
 import json
 import os
 
@@ -17,8 +18,9 @@ mp = stage("01_collect_meta_pairs")
 
 @pytest.fixture(scope="module")
 def engine(toy):
-    engine = rw.TextEngine("vllm", str(toy / "models/tiny-llama"), max_new_tokens=32, max_model_len=1024,
-                           enforce_eager=True)
+    engine = rw.TextEngine(
+        "vllm", str(toy / "models/tiny-llama"), max_new_tokens=32, max_model_len=1024, enforce_eager=True
+    )
     yield engine
     engine.llm.llm_engine.engine_core.shutdown()  # before pytest closes the streams vLLM logs to
 
@@ -49,14 +51,30 @@ def test_rewrite_with_vllm_end_to_end_and_split_invariant(toy, meta_pairs, engin
     whole = outputs(tmp_path / "whole")
     keys = {k for f in (toy / "shards").glob("*.tar") for k, _ in rw.iter_tar(str(f), set(), rw.Counter())}
     assert set(whole) == keys
-    assert all(set(r["rewrites"]) == {"human", "coco"} and all(len(v) == 2 for v in r["rewrites"].values()) for r in whole.values())
+    assert all(
+        set(r["rewrites"]) == {"human", "coco"} and all(len(v) == 2 for v in r["rewrites"].values())
+        for r in whole.values()
+    )
     assert sum(s["in"] for s in stats) == len(keys) and stats[0]["engine"] == "vllm"
     for shard_id in range(2):
-        rw.main(common + ["--out-dir", str(tmp_path / "split"), "--shard-id", str(shard_id), "--num-shards", "2"])
+        rw.main(
+            common + ["--out-dir", str(tmp_path / "split"), "--shard-id", str(shard_id), "--num-shards", "2"]
+        )
     assert outputs(tmp_path / "split") == whole  # same rewrites whatever the split
 
 
 def test_llm_meta_pairs_with_vllm(toy, engine, tmp_path, monkeypatch):
     monkeypatch.setattr(mp, "TextEngine", lambda *a, **k: engine)
-    pairs = mp.main(["--sources", "llm", "--engine", "vllm", "--shards", str(toy / "shards"), "--out", str(tmp_path / "m.jsonl")])
+    pairs = mp.main(
+        [
+            "--sources",
+            "llm",
+            "--engine",
+            "vllm",
+            "--shards",
+            str(toy / "shards"),
+            "--out",
+            str(tmp_path / "m.jsonl"),
+        ]
+    )
     assert 0 < len(pairs) <= 16 and all(p["source"] == "llm" and p["output"] for p in pairs)

@@ -2,6 +2,7 @@
 the AltText cut to the engine's context, fallbacks, and the same fused captions whatever the shard split.
 One engine for the module: it takes ~40 s to start on CPU. (03's vLLM path needs torchvision, which that venv
 cannot have; tests/test_vec.py checks its requests against vLLM's API with a stand-in.)"""
+
 import io
 import json
 import os
@@ -21,8 +22,15 @@ CONTEXT, NEW_TOKENS = 640, 24
 
 @pytest.fixture(scope="module")
 def engine(toy):
-    engine = fu.TextEngine("vllm", str(toy / "models/tiny-llama"), temperature=0.7, top_p=0.95, max_new_tokens=NEW_TOKENS,
-                           max_model_len=CONTEXT, enforce_eager=True)
+    engine = fu.TextEngine(
+        "vllm",
+        str(toy / "models/tiny-llama"),
+        temperature=0.7,
+        top_p=0.95,
+        max_new_tokens=NEW_TOKENS,
+        max_model_len=CONTEXT,
+        enforce_eager=True,
+    )
     yield engine
     engine.llm.llm_engine.engine_core.shutdown()  # before pytest closes the streams vLLM logs to
 
@@ -53,32 +61,59 @@ def test_fuse_with_vllm_end_to_end_split_invariant_and_within_context(toy, engin
     vec_dir.mkdir()
     keys = {}
     for shard in ("00000", "00001"):
-        with tarfile.open(toy / f"shards/{shard}.tar") as src, tarfile.open(shards / f"{shard}.tar", "w") as dst:
+        with (
+            tarfile.open(toy / f"shards/{shard}.tar") as src,
+            tarfile.open(shards / f"{shard}.tar", "w") as dst,
+        ):
             for m in src:
                 data = src.extractfile(m).read()
                 if m.name == "000000003.txt":
-                    data = ("Acme Rocket Skates X200 in Paris " + "buy now " * 1300).encode()  # 10,000+ characters
+                    data = (
+                        "Acme Rocket Skates X200 in Paris " + "buy now " * 1300
+                    ).encode()  # 10,000+ characters
                 info = tarfile.TarInfo(m.name)
                 info.size = len(data)
                 dst.addfile(info, io.BytesIO(data))
         keys[shard] = [k for k, _ in fu.iter_tar(str(shards / f"{shard}.tar"), set(), Counter())]
-        vecs = {k: None if i == 5 else f"a small picture of shape {i} on a plain background" for i, k in enumerate(keys[shard])}
+        vecs = {
+            k: None if i == 5 else f"a small picture of shape {i} on a plain background"
+            for i, k in enumerate(keys[shard])
+        }
         with open(vec_dir / f"{shard}.jsonl", "w") as f:
             f.writelines(json.dumps({"key": k, "vec": v}) + "\n" for k, v in vecs.items())
         (vec_dir / f"{shard}.stats.json").write_text(json.dumps({"shard": shard}))
-    common = ["--engine", "vllm", "--input", str(shards), "--vec-dir", str(vec_dir), "--max-new-tokens", str(NEW_TOKENS),
-              "--max-prompt-tokens", "100000"]
+    common = [
+        "--engine",
+        "vllm",
+        "--input",
+        str(shards),
+        "--vec-dir",
+        str(vec_dir),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--max-prompt-tokens",
+        "100000",
+    ]
     stats = fu.main(common + ["--out-dir", str(tmp_path / "whole")])
     whole = outputs(tmp_path / "whole")
     assert sorted(whole) == sorted(keys["00000"] + keys["00001"])
-    assert all(r["status"] in {"ok", "truncated", "fallback_vec", "fallback_alt"} and r["fused"] for r in whole.values())
+    assert all(
+        r["status"] in {"ok", "truncated", "fallback_vec", "fallback_alt"} and r["fused"]
+        for r in whole.values()
+    )
     assert whole["000000005"]["status"] == "fallback_alt" and stats[0]["counts"]["vec_null"] == 1
-    assert whole["000000003"]["status"] in {"truncated", "fallback_vec"} and stats[0]["counts"]["truncated"] == 1
+    assert (
+        whole["000000003"]["status"] in {"truncated", "fallback_vec"} and stats[0]["counts"]["truncated"] == 1
+    )
     assert sum(s["in"] for s in stats) == len(whole) and stats[0]["engine"] == "vllm"
     tokenizer = engine.llm.get_tokenizer()
     long_prompt = next(p for p in seen if "Acme Rocket Skates" in p)
-    assert len(tokenizer(long_prompt)["input_ids"]) <= CONTEXT - NEW_TOKENS  # cut to the engine's context, so vLLM took it
+    assert (
+        len(tokenizer(long_prompt)["input_ids"]) <= CONTEXT - NEW_TOKENS
+    )  # cut to the engine's context, so vLLM took it
     assert "Visual description: a small picture of shape 3 on a plain background\n" in long_prompt
     for shard_id in range(2):
-        fu.main(common + ["--out-dir", str(tmp_path / "split"), "--shard-id", str(shard_id), "--num-shards", "2"])
+        fu.main(
+            common + ["--out-dir", str(tmp_path / "split"), "--shard-id", str(shard_id), "--num-shards", "2"]
+        )
     assert outputs(tmp_path / "split") == whole  # a seed per key: the same captions whatever the split

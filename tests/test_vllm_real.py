@@ -1,5 +1,6 @@
 """02 with the real SmolLM2-135M-Instruct on vLLM's CPU backend (run by runs/test.sh in .venv-vllm), on the real
 clip-art alt texts of tests/data/openclipart_sample.jsonl: what runs/real.sh does, at test size."""
+
 import json
 import os
 
@@ -29,8 +30,16 @@ def test_rewrite_real_captions_with_vllm(engine, smollm2, tmp_path, monkeypatch)
         for i, r in enumerate(rows):
             f.write(json.dumps({"key": f"{i:09d}", "text": r["text"]}) + "\n")
     mp.main(["--sources", "human", "--out", str(tmp_path / "meta.jsonl")])
-    common = ["--engine", "vllm", "--model", str(smollm2), "--input", str(tmp_path / "clipart.jsonl"),
-              "--meta-pairs", str(tmp_path / "meta.jsonl")]
+    common = [
+        "--engine",
+        "vllm",
+        "--model",
+        str(smollm2),
+        "--input",
+        str(tmp_path / "clipart.jsonl"),
+        "--meta-pairs",
+        str(tmp_path / "meta.jsonl"),
+    ]
     (stats,) = rw.main(common + ["--out-dir", str(tmp_path / "a")])
     records = [json.loads(line) for line in open(tmp_path / "a" / "clipart.jsonl", encoding="utf-8")]
     assert len(records) == len(rows) and stats["engine"] == "vllm"
