@@ -767,7 +767,7 @@ def write_fashion_mnist(folder, args):
 def count_class_folders(folder):
     names = (folder / "classnames.txt").read_text().splitlines()
     folders = sorted(p for p in folder.iterdir() if p.is_dir())
-    return {name: len(list(p.iterdir())) for name, p in zip(names, folders)}
+    return {name: len(list(p.iterdir())) for name, p in zip(names, folders, strict=True)}
 
 
 def train_counts(shards_dir, num_shards):

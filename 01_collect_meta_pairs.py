@@ -594,7 +594,7 @@ def llm_pairs(args, drops, read):
     seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
     outputs = engine.generate(prompts, seeds, n=1)
     pairs = []
-    for alt, (text,) in zip(alts, outputs):
+    for alt, (text,) in zip(alts, outputs, strict=True):
         line, why = parse_llm_answer(text, alt, LLM_MAX_WORDS)
         if line is None:
             drops[f"rejected_{why}"] += 1

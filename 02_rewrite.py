@@ -54,10 +54,10 @@ import sys
 import tarfile
 import threading
 import time
-import zlib
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+import zlib
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 
 # ---- common (kept identical in every stage; tests/test_common.py checks) ----
@@ -970,7 +970,7 @@ def generate_requests(engine, requests):
         chosen = [i for i, r in enumerate(requests) if len(r["slots"]) == n]
         prompts = [requests[i]["prompt"] for i in chosen]
         seeds = [requests[i]["seed"] for i in chosen]
-        for i, texts in zip(chosen, engine.generate(prompts, seeds, n=n, stop=["\n"])):
+        for i, texts in zip(chosen, engine.generate(prompts, seeds, n=n, stop=["\n"]), strict=True):
             completions[i] = texts
     return completions
 
@@ -1005,8 +1005,8 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
                 submitted = (requests, pool.submit(generate_requests, engine, requests))
             if in_flight is not None:
                 done_requests, future = in_flight
-                for request, texts in zip(done_requests, future.result()):
-                    for slot, text in zip(request["slots"], texts):
+                for request, texts in zip(done_requests, future.result(), strict=True):
+                    for slot, text in zip(request["slots"], texts, strict=True):
                         key, caption, s, j = slot
                         rewrite, why = parse_rewrite(
                             text, caption, request["examples"], args.min_words, args.max_words
@@ -1202,7 +1202,7 @@ def rewrite_eda(synonyms, items, args, shard, counts):
         slots = []
         for j in range(args.n):
             rng = random.Random(sample_seed(args.seed, shard, key, "eda", j))
-            for attempt in range(args.max_retries + 1):
+            for _attempt in range(args.max_retries + 1):
                 text = eda(cap, synonyms, rng)
                 if norm(text) != norm(cap):
                     break
@@ -1239,7 +1239,7 @@ def add_scores(records, sources, scorer):
                 if norm(text) != norm(caption):
                     pairs.append((caption, text))
                     slots.append((r, s, j))
-    for (r, s, j), score in zip(slots, scorer.scores(pairs)):
+    for (r, s, j), score in zip(slots, scorer.scores(pairs), strict=True):
         r["scores"][s][j] = score
 
 

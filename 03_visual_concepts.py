@@ -801,7 +801,7 @@ def caption_chunk(engine, items, args, shard):
         raise RuntimeError(
             f"{shard}: the model failed on every image of a chunk, which is no bad-sample problem"
         ) from errors[-1]
-    for key, text in zip(keys, texts):
+    for key, text in zip(keys, texts, strict=True):
         if text is None:
             print(
                 f"WARNING {shard}: the model failed on image {key}: {type(errors[0]).__name__}: {errors[0]}"[

@@ -990,7 +990,7 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
                 submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
             if in_flight is not None:
                 done_keys, future = in_flight
-                for key, (completion,) in zip(done_keys, future.result()):
+                for key, (completion,) in zip(done_keys, future.result(), strict=True):
                     _, used, vec, cut = prompts[key]
                     fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
                     if fused is None:
@@ -1048,7 +1048,7 @@ def add_scores(records, texts, scorer):
         if alt and r["fused"] and r["fused"] != alt:
             pairs.append((alt, r["fused"]))
             scored.append(r)
-    for r, score in zip(scored, scorer.scores(pairs)):
+    for r, score in zip(scored, scorer.scores(pairs), strict=True):
         r["scores"] = score
 
 

@@ -725,7 +725,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 items = itertools.chain(
                     itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None)
                 )
-                yield from ((x, item) for x, item in zip(range(i + skip, i + n), items) if x not in done)
+                yield from (
+                    (x, item) for x, item in zip(range(i + skip, i + n), items, strict=False) if x not in done
+                )
             i, pos = i + n, self.starts[j + 1] % self.starts[-1]
 
     def make(self, item, rnd, counts):
@@ -800,7 +802,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"reader {g}: no usable sample in {streak} tries ({dict(counts)})")
             made += [sample] if sample else []
             if len(made) == self.chunk:
-                keys, images, texts, valid, views, view_texts = zip(*made)
+                keys, images, texts, valid, views, view_texts = zip(*made, strict=True)
                 tokens = lambda ts: (
                     torch.stack(ts)
                     if self.args.text_cache
@@ -1051,11 +1053,11 @@ def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True
     cached = []
     if full and k > 1:
         with torch.no_grad():
-            for seed, batch in zip(seeds, batches):
+            for seed, batch in zip(seeds, batches, strict=True):
                 torch.manual_seed(seed)
                 with autocast():
                     cached.append({key: v for key, v in model(**batch).items()})
-    for i, (seed, batch) in enumerate(zip(seeds, batches)):
+    for i, (seed, batch) in enumerate(zip(seeds, batches, strict=True)):
         torch.manual_seed(seed)
         sync = no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext()
         with sync:
@@ -1200,7 +1202,9 @@ def plot_log(folder):
         return None
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, label in zip(axes, ("loss", "lr", "samples_per_s"), ("loss", "learning rate", "samples/s")):
+    for ax, key, label in zip(
+        axes, ("loss", "lr", "samples_per_s"), ("loss", "learning rate", "samples/s"), strict=True
+    ):
         ax.plot(steps, [r[key] for r in records], marker="." if len(steps) < 50 else None)
         ax.set_xlabel("step")
         ax.set_title(label)

@@ -418,7 +418,7 @@ def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_element
 def tie_note(hits, names):
     """Share of queries whose hit an exact tie decided, per metric (where any did)."""
     shares = ((hits > 0) & (hits < 1)).double().mean(0).tolist()
-    return {name: share for name, share in zip(names, shares) if share}
+    return {name: share for name, share in zip(names, shares, strict=True) if share}
 
 
 def classification_metrics(hits, targets, n_classes, prefix=""):
@@ -444,7 +444,10 @@ def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
     )
     names = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in ks]
     hits = torch.cat([t2i.mean(0), i2t.mean(0)]).tolist()
-    return dict(zip(names, hits)), {**tie_note(t2i, names[: len(ks)]), **tie_note(i2t, names[len(ks) :])}
+    return dict(zip(names, hits, strict=True)), {
+        **tie_note(t2i, names[: len(ks)]),
+        **tie_note(i2t, names[len(ks) :]),
+    }
 
 
 def with_bias(x, device="cpu", dtype=torch.float64):
@@ -1025,7 +1028,7 @@ def load_model(args):
             raise SystemExit(
                 f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
                 f"checkpoint must hold only tensors and plain Python values (store args as a dict)"
-            )
+            ) from e
     if args.pretrained == "none":
         print0("WARNING --pretrained none: random weights (a chance-level row)")
     model, _, transform = open_clip.create_model_and_transforms(
@@ -1106,7 +1109,7 @@ def plot_results(records, path):
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(names) + 1.6), squeeze=False
     )
-    for ax, (task, dataset) in zip(axes[0], panels):
+    for ax, (task, dataset) in zip(axes[0], panels, strict=True):
         key, label = TABLE[task][0]
         values = []
         for name in names:

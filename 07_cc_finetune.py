@@ -519,7 +519,7 @@ def training_recipe(model, args):
 
 
 def swap_linears(model, make):
-    for name, module in list(model.named_modules()):
+    for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             replacement = make(child_name, child)
             if replacement is not None:

@@ -235,7 +235,7 @@ def sidecar_records(folder, shard, keys, counts):
 def captions_of(key, sidecars):
     """[(label, text, status, score)] of every caption the earlier stages wrote for `key`, in stage order."""
     out = []
-    for kind, folder, records in sidecars:
+    for kind, _folder, records in sidecars:
         record = records.get(key)
         if record is None:
             continue

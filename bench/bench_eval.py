@@ -96,7 +96,7 @@ def ensure_checkpoint(toy, out, steps, seed=0):
     ]
     opt, rng = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), random.Random(seed)
     start = time.time()
-    for step in range(steps):
+    for _ in range(steps):
         batch = rng.sample(pairs, 128)
         f_i, f_t, scale = model(torch.stack([x for x, _ in batch]), tokenizer([t for _, t in batch]))
         logits, labels = scale * f_i @ f_t.T, torch.arange(len(batch))

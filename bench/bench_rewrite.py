@@ -87,7 +87,7 @@ def timed(engine, prompts, seeds, one_at_a_time):
     """(seconds, completions); one_at_a_time = one generate call (hf: one batch) per prompt."""
     start = time.perf_counter()
     if one_at_a_time:
-        outs = [engine.generate([p], [s], n=1, stop=["\n"])[0] for p, s in zip(prompts, seeds)]
+        outs = [engine.generate([p], [s], n=1, stop=["\n"])[0] for p, s in zip(prompts, seeds, strict=True)]
     else:
         outs = engine.generate(prompts, seeds, n=1, stop=["\n"])
     return time.perf_counter() - start, [o[0] for o in outs]
@@ -328,7 +328,8 @@ def print_table(rows, notes):
     for row in table:
         print(
             "  ".join(
-                cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+                cell.rjust(w) if i > 1 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
     print(

@@ -135,7 +135,10 @@ def main(argv=None):
     print()
     for row in table:
         print(
-            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
         )
     one, batched = rows
     ratio = (

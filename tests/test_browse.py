@@ -7,9 +7,8 @@ import subprocess
 from collections import Counter
 
 import pytest
-from PIL import Image
-
 from conftest import stage
+from PIL import Image
 
 br = stage("09_browse")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

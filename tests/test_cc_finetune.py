@@ -6,7 +6,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import stage
 
 cc = stage("07_cc_finetune")
@@ -147,7 +146,8 @@ def test_cc_finetuning_raises_held_out_cra_of_minilm(toy_retrieval, tmp_path):
     assert json.load(open(out / "model/llm2clip_text.json"))["pooling"] == "mean"
     base = AutoModel.from_pretrained(MINILM)
     changed = sum(
-        not torch.equal(p, q) for p, q in zip(saved.state_dict().values(), base.state_dict().values())
+        not torch.equal(p, q)
+        for p, q in zip(saved.state_dict().values(), base.state_dict().values(), strict=True)
     )
     assert changed > 10
     log = [json.loads(line) for line in open(out / "log.jsonl")]

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import REPO, stage
 
 rw = stage("02_rewrite")

@@ -9,7 +9,6 @@ import tarfile
 from collections import Counter
 
 import pytest
-
 from conftest import REPO, stage
 
 STAGES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "[0-9][0-9]_*.py")))

@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, stage
 
 emb = stage("08_embed_texts")

@@ -5,20 +5,19 @@ import io
 import itertools
 import json
 import os
-import time
 import random
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import REPO, stage
+from PIL import Image
 
 ev = stage("06_eval")
 
@@ -329,7 +328,7 @@ def train_toy_checkpoint(toy, out, steps, seed):
     images = torch.stack([preprocess(Image.open(toy / "eval/retrieval" / r["image"])) for r in records])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = random.Random(seed)
-    for step in range(steps):
+    for _ in range(steps):
         f_i, f_t, scale = model(images, tokenizer([rng.choice(r["captions"]) for r in records]))
         logits, labels = scale * f_i @ f_t.T, torch.arange(len(records))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -416,9 +415,10 @@ def reference_metrics(toy, ckpt):
         first = [j for j, s in enumerate(scores) if s == max(scores)]
         return sum(positive(j) for j in first) / len(first)
 
-    t2i = [top1([float(image @ t) for image in images], lambda j: j == i) for i, t in texts]
+    t2i = [top1([float(image @ t) for image in images], lambda j, i=i: j == i) for i, t in texts]
     i2t = [
-        top1([float(images[i] @ t) for _, t in texts], lambda j: texts[j][0] == i) for i in range(len(images))
+        top1([float(images[i] @ t) for _, t in texts], lambda j, i=i: texts[j][0] == i)
+        for i in range(len(images))
     ]
     return {
         "acc1": sum(h for h, _ in hits) / len(hits),

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import REPO, stage
 
 fu = stage("04_fuse")

@@ -6,7 +6,6 @@ import os
 from collections import Counter
 
 import pytest
-
 from conftest import stage
 
 im = stage("10_import_captions")

@@ -6,7 +6,6 @@ import os
 import tarfile
 
 import pytest
-
 from conftest import stage
 
 mp = stage("01_collect_meta_pairs")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, stage
+from PIL import Image
 
 real_data = stage("00_real_data")
 APT = "apt-get install openclipart-png openclipart-svg dataset-fashion-mnist"
@@ -196,7 +195,7 @@ def test_fashion_mnist_classes_and_labels(built):
     assert [f.replace("_", " ") for f in folders] == classes and all(" " not in f for f in folders)
     labels = real_data.read_idx(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz"))
     assert labels.shape == (10000,)
-    for folder, name in zip(folders, classes):
+    for folder, name in zip(folders, classes, strict=True):
         files = sorted((fm / folder).glob("*.png"))
         assert len(files) == 3
         indices = [int(f.stem) for f in files]

@@ -8,7 +8,6 @@ import os
 from collections import Counter
 
 import pytest
-
 from conftest import REPO, stage
 
 mp = stage("01_collect_meta_pairs")
@@ -72,7 +71,7 @@ def test_rewrites_of_real_captions(smollm2, human_pairs, tmp_path):
     assert [r["key"] for r in records] == [f"{i:09d}" for i in range(len(rows))]
     assert stats["ok"] >= 0.8 * len(rows), stats  # accepted without falling back to the AltText
     rewrites = [r["rewrites"]["human"][0] for r in records]
-    for r, text in zip(records, rewrites):
+    for r, text in zip(records, rewrites, strict=True):
         assert text and "\n" not in text and text == text.strip()
         assert not rw.looping(text) and len(text.split()) <= 60
         if r["status"] == "ok":

@@ -1,7 +1,7 @@
 """02_rewrite: parsing and fallbacks, prompts, engines (hf, eda), bad input, kill -9 + resume."""
 
-import io
 import hashlib
+import io
 import json
 import os
 import signal
@@ -12,7 +12,6 @@ import time
 from collections import Counter, defaultdict
 
 import pytest
-
 from conftest import REPO, stage
 
 rw = stage("02_rewrite")
@@ -571,7 +570,7 @@ class SeededEcho:
     def generate(self, prompts, seeds, n=1, stop=None):
         self.calls.append(len(prompts))
         out = []
-        for prompt, seed in zip(prompts, seeds):
+        for prompt, seed in zip(prompts, seeds, strict=True):
             texts = []
             for i in range(n):
                 h = int(hashlib.sha256(f"{prompt}|{seed}|{i}".encode()).hexdigest(), 16)
@@ -630,7 +629,7 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     )
     records = {r["key"]: r for r in map(json.loads, open(out / "in.jsonl"))}
     scorer = rw.CaptionScorer(str(minilm))
-    for key, r in records.items():
+    for r in records.values():
         (text,) = r["rewrites"]["eda"]
         (score,) = r["scores"]["eda"]
         if text == r["text"]:

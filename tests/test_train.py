@@ -16,9 +16,8 @@ from collections import Counter
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, stage
+from PIL import Image
 
 tr = stage("05_train")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -345,7 +344,7 @@ def test_text_mode_frequencies_and_join_by_key(data, mode, expect):
             chunks=12,
             tokenizer=rec,
         ):
-            for key, ids in zip(chunk["key"], chunk["text"]):
+            for key, ids in zip(chunk["key"], chunk["text"], strict=True):
                 text = rec.text(ids[0, 0].item())
                 if key.startswith(("00000", "00001")):
                     kinds = {
@@ -431,13 +430,15 @@ def test_eda_operations(synonyms):
     rnd, words = random.Random(0), "the big dog chased the small cat".split()
     for _ in range(50):
         out = tr.eda_synonym(words, synonyms, rnd)
-        changed = [(a, b) for a, b in zip(words, out) if a != b]
+        changed = [(a, b) for a, b in zip(words, out, strict=True) if a != b]
         assert (
             len(out) == len(words) and changed and len({a for a, _ in changed}) == 1
         )  # one word (every occurrence)
         assert all(b in synonyms[a] and a not in tr.STOP_WORDS for a, b in changed)
         swapped = tr.eda_swap(words, rnd)
-        assert sorted(swapped) == sorted(words) and sum(a != b for a, b in zip(words, swapped)) in (0, 2)
+        assert sorted(swapped) == sorted(words) and sum(
+            a != b for a, b in zip(words, swapped, strict=True)
+        ) in (0, 2)
         kept = tr.eda_delete(words, rnd, p=0.5)
         assert 1 <= len(kept) <= len(words) and all(w in words for w in kept)
     assert tr.eda_delete(["word"], rnd) == ["word"] and tr.eda_swap(["word"], rnd) == ["word"]
@@ -530,7 +531,7 @@ def test_every_sample_once_per_epoch_equal_chunks_and_exact_resume(data, monkeyp
                 )
             )
             assert [c["key"] for c in again] == [c["key"] for c in chunks[2:]]
-            assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, chunks[2:]))
+            assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, chunks[2:], strict=True))
     assert set(keys) == good and sum(keys.values()) == 3 * 5 * 4 and bad >= 2
     assert (
         sum(keys.values()) - len(good) <= 3 * 4 + 2
@@ -579,7 +580,7 @@ def test_checkpoint_loads_through_open_clip_with_identical_outputs(data, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):

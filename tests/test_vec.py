@@ -15,9 +15,8 @@ import zlib
 from collections import Counter
 
 import pytest
-from PIL import Image
-
 from conftest import REPO, stage
+from PIL import Image
 
 vc = stage("03_visual_concepts")
 STATUSES = {"ok", "empty", "failed_image", "missing_image"}
@@ -91,7 +90,10 @@ class ScriptedVLM:
         ScriptedVLM.calls.append(len(images))
         if any(im.size == (7, 7) for im in images):
             raise ValueError("the processor rejects 7x7 images")
-        return [f" a {im.size[0]} by {im.size[1]} picture, seed {s}\n" for im, s in zip(images, seeds)]
+        return [
+            f" a {im.size[0]} by {im.size[1]} picture, seed {s}\n"
+            for im, s in zip(images, seeds, strict=True)
+        ]
 
 
 def test_hf_end_to_end_every_key_once_then_skip_and_overwrite(toy, tmp_path):

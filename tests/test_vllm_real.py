@@ -55,5 +55,6 @@ def test_rewrite_real_captions_with_vllm(engine, smollm2, tmp_path, monkeypatch)
     rw.main(common + ["--out-dir", str(tmp_path / "b")])
     first = open(tmp_path / "a" / "clipart.jsonl").read().splitlines()
     again = open(tmp_path / "b" / "clipart.jsonl").read().splitlines()
-    same = sum(a == b for a, b in zip(first, again))
+    assert len(again) == len(first)
+    same = sum(a == b for a, b in zip(first, again, strict=True))
     assert len(again) == len(first) and same >= 0.75 * len(first), f"{same} of {len(first)} rewrites repeated"
