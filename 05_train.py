@@ -531,50 +531,70 @@ def distinct_texts(alt, synthetic):
     return out
 
 
+def pick_text(alt, synthetic, mode, p_synthetic, rnd):
+    """One caption of an image: the AltText (original), uniform over the AltText and every synthetic slot
+    (uniform, LaCLIP) or a synthetic caption with probability p_synthetic (mix, VeCLIP). A pick of under 2 words
+    falls back to the AltText."""
+    if mode == "original" or not synthetic:
+        return alt
+    if mode == "mix":
+        if rnd.random() < p_synthetic:
+            text = rnd.choice(synthetic)
+        else:
+            text = alt
+    else:
+        text = rnd.choice([alt] + synthetic)
+    if len(text.split()) < 2:
+        return alt
+    return text
+
+
+def weak_augment(text, p_drop, rnd):
+    """clip-rocket's weak text augmentation: the stop words dropped, with probability p_drop."""
+    if rnd.random() < p_drop:
+        return drop_stop_words(text)
+    return text
+
+
 def sample_texts(alt, synthetic, args, rnd, synonyms=None):
     """(main texts, which of them count, view texts) of an image.
 
-    original: the AltText. uniform (LaCLIP): uniform over the AltText and every synthetic slot. mix (VeCLIP): a
-    synthetic caption with probability --p-synthetic, else the AltText. A pick of under 2 words falls back to the
-    AltText (no AltText: the first synthetic caption stands in). multi (LaCLIP-MT): M texts among the image's
+    One main text, picked by pick_text for --text-mode, except multi (LaCLIP-MT): M texts among the image's
     distinct ones (all, in order, with --texts-per-image all); slots past the distinct ones repeat the AltText and
-    are marked not to count. Views (clip-rocket) pick as uniform does.
-    Main texts get the weak augmentation (stop words dropped with probability --stopword-drop) and, for the EDA
-    baseline, an EDA edit with probability --eda-prob; view texts get the strong one: the weak, then an EDA edit."""
+    are marked not to count. No AltText: the first synthetic caption stands in.
+    Main texts get the weak augmentation and, for the EDA baseline, an EDA edit with probability --eda-prob.
+    Views (clip-rocket) pick as uniform does (multi too) and get the strong augmentation: the weak, then an EDA
+    edit."""
     if not alt and synthetic:
         alt = synthetic[0]
-
-    def pick(mode):
-        if mode == "original" or not synthetic:
-            return alt
-        if mode == "mix":
-            text = rnd.choice(synthetic) if rnd.random() < args.p_synthetic else alt
-        else:
-            text = rnd.choice([alt] + synthetic)
-        return text if len(text.split()) >= 2 else alt
-
-    def weak(text):
-        if rnd.random() < args.stopword_drop:
-            text = drop_stop_words(text)
-        return text
-
     if args.text_mode == "multi":
-        pool, m = distinct_texts(alt, synthetic), args.texts_per_image
-        chosen = pool[:m] if args.all_texts else rnd.sample(pool, min(m, len(pool)))
-        valid = [True] * len(chosen) + [False] * (m - len(chosen))
-        main = chosen + [alt] * (m - len(chosen))
+        pool = distinct_texts(alt, synthetic)
+        m = args.texts_per_image
+        if args.all_texts:
+            chosen = pool[:m]
+        else:
+            chosen = rnd.sample(pool, min(m, len(pool)))
+        padding = m - len(chosen)
+        main = chosen + [alt] * padding
+        valid = [True] * len(chosen) + [False] * padding
     else:
-        main, valid = [pick(args.text_mode)], [True]
-    main = [weak(t) for t in main]
+        main = [pick_text(alt, synthetic, args.text_mode, args.p_synthetic, rnd)]
+        valid = [True]
+    # the draws go in this order (all weak augmentations, then the EDA edits) so a seed gives the same texts
+    main = [weak_augment(t, args.stopword_drop, rnd) for t in main]
     if args.eda_prob:
-        main = [
-            eda_edit(t, args.eda_weights, synonyms, rnd) if rnd.random() < args.eda_prob else t for t in main
-        ]
+        edited = []
+        for text in main:
+            if rnd.random() < args.eda_prob:
+                text = eda_edit(text, args.eda_weights, synonyms, rnd)
+            edited.append(text)
+        main = edited
+    view_mode = "uniform" if args.text_mode == "multi" else args.text_mode
     views = []
     for _ in range(args.aug_views):
-        views.append(
-            eda_edit(weak(pick(args.text_mode.replace("multi", "uniform"))), args.eda_weights, synonyms, rnd)
-        )
+        text = pick_text(alt, synthetic, view_mode, args.p_synthetic, rnd)
+        text = weak_augment(text, args.stopword_drop, rnd)
+        views.append(eda_edit(text, args.eda_weights, synonyms, rnd))
     return main, valid, views
 
 
@@ -652,10 +672,15 @@ def count_samples(shard):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Reader g = rank * workers + worker takes positions [g*N/R, (g+1)*N/R) of the epoch's shard order (and on, cyclically,
-    to pad) and yields `chunks` chunks of `chunk` samples; `consumed` {reader: samples drawn} resumes it mid-epoch.
-    With `end_epoch`, it then goes on with epochs epoch + 1 ... end_epoch - 1 (`chunks_per_epoch` each, from their
-    start): one DataLoader's workers serve the whole run, so no epoch waits for new workers to start and fill."""
+    """The training samples, read straight from the tar shards, as chunks of `chunk` samples.
+
+    Every epoch puts the shards in a seeded order; position p of the epoch is the p-th sample along that order.
+    Reader g (= rank * workers + worker) owns positions [g * N / R, (g + 1) * N / R) of the N positions and R
+    readers. It reads them in tar order and hands them out shuffled within blocks of --shuffle-buffer. When its
+    own positions run out it goes on into the next reader's (wrapping round the epoch), so every reader gives
+    `chunks` full chunks. `consumed` {reader: samples drawn} resumes a reader mid-epoch.
+    With `end_epoch`, it then goes on with epochs epoch + 1 ... end_epoch - 1 (`chunks_per_epoch` each): one
+    DataLoader's workers serve the whole run, so no epoch waits for new workers to start and fill."""
 
     def __init__(
         self,
@@ -672,63 +697,81 @@ class ShardStream(torch.utils.data.IterableDataset):
         end_epoch=None,
         chunks_per_epoch=None,
     ):
-        self.shards, self.args, self.epoch, self.consumed, self.chunks, self.chunk = (
-            shards,
-            args,
-            epoch,
-            consumed,
-            chunks,
-            chunk,
-        )
-        (self.transform, self.view_transform), self.tokenizer = transforms, tokenizer
+        self.shards = shards
+        self.counts = counts  # samples per shard
+        self.args = args
+        self.epoch = epoch
+        self.consumed = consumed
+        self.chunks = chunks
+        self.chunk = chunk
+        self.transform, self.view_transform = transforms
+        self.tokenizer = tokenizer
         self.synonyms = synonyms  # WordNet's, for EDA's synonym replacement
-        self.counts = counts
         self.end_epoch = epoch + 1 if end_epoch is None else end_epoch
         self.chunks_per_epoch = chunks if chunks_per_epoch is None else chunks_per_epoch
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch):
-        """The epoch's shard order (a seeded shuffle) and where each shard starts in it."""
-        keys = {i: random.Random(f"{self.args.seed}|{epoch}|{i}").random() for i in range(len(self.shards))}
-        self.order = sorted((i for i in range(len(self.shards)) if self.counts[i]), key=keys.__getitem__)
-        self.starts = list(itertools.accumulate([self.counts[i] for i in self.order], initial=0))
+        """The epoch's shard order (a seeded shuffle; empty shards left out) and the position each shard starts at."""
+        sort_key = {}
+        for i in range(len(self.shards)):
+            sort_key[i] = random.Random(f"{self.args.seed}|{epoch}|{i}").random()
+        non_empty = [i for i in range(len(self.shards)) if self.counts[i]]
+        self.order = sorted(non_empty, key=sort_key.__getitem__)
+        self.starts = [0]
+        for i in self.order:
+            self.starts.append(self.starts[-1] + self.counts[i])
 
     def __iter__(self):
-        epoch, consumed, chunks = self.epoch, self.consumed, self.chunks
+        epoch = self.epoch
+        consumed = self.consumed
+        chunks = self.chunks
         while epoch < self.end_epoch:
             self.set_epoch(epoch)
             yield from self.epoch_chunks(epoch, consumed, chunks)
-            epoch, consumed, chunks = epoch + 1, {}, self.chunks_per_epoch
+            epoch += 1
+            consumed = {}  # later epochs start from their beginning
+            chunks = self.chunks_per_epoch
+
+    def shard_items(self, shard, counts):
+        """(key, image bytes, AltText, synthetic captions, cached rows) of each sample of `shard` with an image."""
+        synthetic = load_texts(shard, self.args.texts, counts, self.args.min_score)
+        cache = None
+        if self.args.text_cache:
+            cache = load_cache(shard, self.args.text_cache, counts)
+        for key, members in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts):
+            image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if image_ext is None:
+                continue
+            alt = " ".join(decode_text(members.get("txt") or b"", counts).split())
+            cached = None
+            if cache is not None:
+                rows, embeddings = cache
+                cached = (rows.get(key, {}), embeddings)
+            yield key, members[image_ext], alt, synthetic.get(key), cached
 
     def inputs(self, start, below, done, counts):
-        """(i, raw sample) for i = below, below + 1, ... at position start + i, cyclically, except `done` (None: fewer than counted)."""
-        i, pos = 0, start
+        """(i, raw sample) for i = below, below + 1, ..., leaving out `done`. This reader's i-th sample sits at
+        epoch position start + i, wrapping round the epoch's end. A shard that holds fewer samples than it was
+        counted with gives None for the rest (counted as missing later)."""
+        i = 0
+        pos = start
         while True:
-            j = bisect.bisect_right(self.starts, pos) - 1
-            n, shard, skip = self.starts[j + 1] - pos, self.shards[self.order[j]], max(0, below - i)
-            if n > skip:  # shards wholly drawn before a resume stay shut
-                synthetic, cache = (
-                    load_texts(shard, self.args.texts, counts, self.args.min_score),
-                    self.args.text_cache and load_cache(shard, self.args.text_cache, counts),
-                )
-                items = (
-                    (
-                        key,
-                        m[next(e for e in IMAGE_EXTS if e in m)],
-                        " ".join(decode_text(m.get("txt") or b"", counts).split()),
-                        synthetic.get(key),
-                        cache and (cache[0].get(key, {}), cache[1]),
-                    )
-                    for key, m in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts)
-                    if any(e in m for e in IMAGE_EXTS)
-                )
-                items = itertools.chain(
-                    itertools.islice(items, pos - self.starts[j] + skip, None), itertools.repeat(None)
-                )
-                yield from (
-                    (x, item) for x, item in zip(range(i + skip, i + n), items, strict=False) if x not in done
-                )
-            i, pos = i + n, self.starts[j + 1] % self.starts[-1]
+            j = bisect.bisect_right(self.starts, pos) - 1  # the shard that holds position pos
+            shard_end = self.starts[j + 1]
+            n = shard_end - pos  # positions left in this shard
+            skip = max(0, below - i)  # of them, drawn before a resume
+            if n > skip:  # a shard wholly drawn before a resume is not opened
+                items = self.shard_items(self.shards[self.order[j]], counts)
+                for _ in range(pos - self.starts[j] + skip):
+                    next(items, None)
+                for x in range(i + skip, i + n):
+                    item = next(items, None)
+                    if x not in done:
+                        yield x, item
+                items.close()
+            i += n
+            pos = shard_end % self.starts[-1]
 
     def make(self, item, rnd, counts):
         """(key, image, texts, which texts count, views, view texts), or None for a sample skipped and counted."""
@@ -749,84 +792,107 @@ class ShardStream(torch.utils.data.IterableDataset):
             counts["no_text"] += 1
             return None
         if cached:  # LLM2CLIP from 08's cache: the picked texts' embeddings stand in for them
-            rows = [cached[0].get(t) for t in texts]
-            if None in rows:
+            rows, embeddings = cached
+            picked = [rows.get(t) for t in texts]
+            if None in picked:
                 counts["uncached"] += 1
                 return None
-            texts = torch.from_numpy(cached[1][rows].astype(np.float32))
+            texts = torch.from_numpy(embeddings[picked].astype(np.float32))
         # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU seeding
         # with a captured stack trace per call, a quarter of a worker's time on small images
         torch.default_generator.manual_seed(rnd.getrandbits(63))
-        return (
-            key,
-            self.transform(img),
-            texts,
-            valid,
-            [self.view_transform(img) for _ in view_texts],
-            view_texts,
-        )
+        image = self.transform(img)  # before the views: the draws go in this order
+        views = [self.view_transform(img) for _ in view_texts]
+        return key, image, texts, valid, views, view_texts
+
+    def reader_id(self):
+        """g = rank * workers + worker, and the number of readers."""
+        rank, world, _ = dist_env()
+        workers = max(1, self.args.workers)
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        return rank * workers + worker, world * workers
 
     def epoch_chunks(self, epoch, consumed, chunks):
-        info, (rank, world, _), k = torch.utils.data.get_worker_info(), dist_env(), max(1, self.args.workers)
-        g, total, block = (
-            rank * k + (info.id if info else 0),
-            self.starts[-1],
-            max(1, self.args.shuffle_buffer),
-        )
-        start, end = g * total // (world * k), (g + 1) * total // (world * k)
-        seed, drawn, left, n = f"{self.args.seed}|{epoch}|{g}", consumed.get(g, 0), chunks, end - start
-        rng = random.Random(seed)  # the run shuffled in blocks (bounded memory), then the padding in order
-        order = itertools.chain(
-            (
-                i
-                for b in range(0, n, block)
-                for i in rng.sample(range(b, min(n, b + block)), min(n, b + block) - b)
-            ),
-            itertools.count(n),
-        )
-        below = (
-            drawn // block * block if drawn < n else drawn
-        )  # a resume: all below were drawn, and `done` of the block above
-        done = {
-            i for i in itertools.islice(order, drawn) if i >= below
-        }  # `order` goes on after the drawn ones
-        counts, pending, made, streak, inputs = Counter(), {}, [], 0, None
-        while left:
-            idx, inputs = next(order), inputs or self.inputs(start, below, done, counts)
+        """`chunks` chunks of this reader's share of `epoch`, after the `consumed[reader]` samples drawn before."""
+        g, readers = self.reader_id()
+        total = self.starts[-1]
+        start = g * total // readers
+        n = (g + 1) * total // readers - start  # this reader's own positions; past them it pads
+        block = max(1, self.args.shuffle_buffer)
+        seed = f"{self.args.seed}|{epoch}|{g}"
+        order = shuffled_positions(random.Random(seed), n, block)
+        # A resume: every position below the block it stopped in was drawn, and `done` lists those drawn in that
+        # block. `order` is drawn past them, so it goes on where the run stopped.
+        drawn = consumed.get(g, 0)
+        below = drawn // block * block if drawn < n else drawn
+        done = set()
+        for _ in range(drawn):
+            i = next(order)
+            if i >= below:
+                done.add(i)
+        counts = Counter()
+        inputs = None
+        pending = {}  # read from the tar but not yet due: at most about one block
+        made = []
+        streak = 0  # samples skipped in a row
+        while chunks:
+            idx = next(order)
+            if inputs is None:
+                inputs = self.inputs(start, below, done, counts)
             while idx not in pending:
                 x, item = next(inputs)
                 pending[x] = item
-            sample, drawn = self.make(pending.pop(idx), random.Random(f"{seed}|{drawn}"), counts), drawn + 1
-            streak = 0 if sample else streak + 1
-            if streak > total + block:
-                raise RuntimeError(f"reader {g}: no usable sample in {streak} tries ({dict(counts)})")
-            made += [sample] if sample else []
+            # each sample's own seed: the same augmentations whichever chunk or worker it lands in
+            sample = self.make(pending.pop(idx), random.Random(f"{seed}|{drawn}"), counts)
+            drawn += 1
+            if sample is None:
+                streak += 1
+                if streak > total + block:
+                    raise RuntimeError(f"reader {g}: no usable sample in {streak} tries ({dict(counts)})")
+                continue
+            streak = 0
+            made.append(sample)
             if len(made) == self.chunk:
-                keys, images, texts, valid, views, view_texts = zip(*made, strict=True)
-                tokens = lambda ts: (
-                    torch.stack(ts)
-                    if self.args.text_cache
-                    else list(ts)
-                    if self.args.text_tower
-                    # live tower: encoded
-                    else self.tokenizer([t for group in ts for t in group]).view(len(made), len(ts[0]), -1)
-                )  # in main
-                chunk = {
-                    "key": list(keys),
-                    "image": torch.stack(images),
-                    "text": tokens(texts),
-                    "reader": g,
-                    "consumed": drawn,
-                    "counts": dict(counts),
-                }
-                if self.args.text_mode == "multi":
-                    chunk["text_mask"] = torch.tensor(valid, dtype=torch.bool)
-                if self.args.aug_views:
-                    chunk.update(
-                        views=torch.stack([torch.stack(v) for v in views]), view_text=tokens(view_texts)
-                    )
-                yield chunk
-                made, left = [], left - 1
+                yield self.collate(made, g, drawn, counts)
+                made = []
+                chunks -= 1
+
+    def collate(self, made, reader, drawn, counts):
+        """One chunk: the samples stacked, and where the reader stands (for a resume) and what it skipped."""
+        keys, images, texts, valid, views, view_texts = zip(*made, strict=True)
+        chunk = {
+            "key": list(keys),
+            "image": torch.stack(images),
+            "text": self.text_batch(texts),
+            "reader": reader,
+            "consumed": drawn,
+            "counts": dict(counts),
+        }
+        if self.args.text_mode == "multi":
+            chunk["text_mask"] = torch.tensor(valid, dtype=torch.bool)
+        if self.args.aug_views:
+            chunk["views"] = torch.stack([torch.stack(v) for v in views])
+            chunk["view_text"] = self.text_batch(view_texts)
+        return chunk
+
+    def text_batch(self, groups):
+        """A chunk's texts (one group of texts per image) as main() takes them."""
+        if self.args.text_cache:
+            return torch.stack(groups)  # 08's embeddings: [images, texts, dim]
+        if self.args.text_tower:
+            return list(groups)  # strings: main() encodes them with the frozen tower
+        flat = [t for group in groups for t in group]
+        return self.tokenizer(flat).view(len(groups), len(groups[0]), -1)
+
+
+def shuffled_positions(rng, n, block):
+    """A reader's positions 0 ... n - 1, shuffled within blocks of `block` (memory stays bounded), then n, n + 1, ...
+    in order: the padding, taken from the next reader's share, so that every reader fills its chunks."""
+    for b in range(0, n, block):
+        size = min(n, b + block) - b
+        yield from rng.sample(range(b, b + size), size)
+    yield from itertools.count(n)
 
 
 class SpatialMean(nn.Module):
@@ -1589,161 +1655,215 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args, t0, (rank, world, local_rank), cuda = (
-        parse_args(argv),
-        time.time(),
-        dist_env(),
-        torch.cuda.is_available(),
+def missing_sidecars(args, shards):
+    """The files 05 reads beside each shard that are not there: 02/04's captions, 08's cache stats."""
+    wanted = [(folder, ".jsonl") for folder in args.texts]
+    if args.text_cache:
+        wanted.append((args.text_cache, ".stats.json"))
+    missing = []
+    for folder, ext in wanted:
+        for shard in shards:
+            path = f"{folder}/{shard_name(shard)}{ext}"
+            if not os.path.exists(path):
+                missing.append(path)
+    return missing
+
+
+def report_uncached(shards, args):
+    """Say at the start, not only as a running count, how many pickable texts 08's cache lacks."""
+    missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
+    share = missing / max(1, total)
+    checked = min(len(shards), args.cache_check_shards)
+    print0(
+        f"05_train: text cache: {missing} of {total} pickable texts in the first {checked} "
+        f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped"
     )
-    device, k = torch.device(f"cuda:{local_rank}" if cuda else "cpu"), max(1, args.workers)
+    if share > args.max_uncached:
+        print0(
+            f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
+            f"folders (and --input) as this training?"
+        )
+
+
+def report_low_scores(shards, args):
+    """Say at the start what --min-score takes away."""
+    counts = Counter()
+    kept = 0
+    for shard in shards[: args.cache_check_shards]:
+        for texts in load_texts(shard, args.texts, counts, args.min_score).values():
+            kept += len(texts)
+    dropped = counts["low_score"]
+    checked = min(len(shards), args.cache_check_shards)
+    print0(
+        f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
+        f"{checked} shard(s) score below it and are left out "
+        f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
+    )
+
+
+RESUME_ARGS = (
+    "model",
+    "batch_size",
+    "workers",
+    "accum_steps",
+    "text_mode",
+    "seed",
+    "text_tower",
+    "text_cache",
+)
+
+
+def resume(path, trainee, opt, scaler, adapter, args):
+    """Load a checkpoint into the model, optimizer and scaler; returns (step, epoch, data position)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ("text_tower" in ckpt) != (adapter is not None):
+        raise SystemExit(
+            f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run"
+        )
+    state = {"clip." + key: v for key, v in ckpt["state_dict"].items()}
+    state.update(ckpt.get("extra_state_dict", {}))
+    trainee.load_state_dict(state)
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(
+        ckpt["scaler"] or scaler.state_dict()
+    )  # saved by a disabled scaler (CPU, bf16): empty
+    changed = [a for a in RESUME_ARGS if ckpt["args"].get(a) != vars(args)[a]]
+    note = f"; changed since: {changed}" if changed else ""
+    print0(f"resuming from {path} at step {ckpt['step']}, epoch {ckpt['epoch']}{note}")
+    return ckpt["step"], ckpt["epoch"], ckpt["data"]
+
+
+def make_reporter(args):
+    """report(record) to wandb or tensorboard (--report-to), or None."""
+    if args.report_to == "wandb":
+        import wandb
+
+        run = wandb.init(
+            project="recap-clip",
+            dir=args.out_dir,
+            config=vars(args),
+            resume="allow",
+            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12],
+        )
+        return run.log
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
+
+        def report(record):
+            for key, value in record.items():
+                writer.add_scalar(key, value, record["step"])
+
+        return report
+    return None
+
+
+def checkpoint_of(trainee, opt, scaler, args, name, step, epoch, data, tower=None, adapter=None):
+    """The checkpoint: open_clip's state_dict (loads with open_clip as it is), the heads and adapter beside it."""
+    state = trainee.state_dict()
+    checkpoint = {
+        "epoch": epoch,
+        "step": step,
+        "model_name": name,
+        "args": vars(args),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    if adapter:
+        checkpoint["text_tower"] = {**tower, "adapter": adapter.config}
+    checkpoint["state_dict"] = {key[5:]: v for key, v in state.items() if key.startswith("clip.")}
+    checkpoint["extra_state_dict"] = {key: v for key, v in state.items() if not key.startswith("clip.")}
+    checkpoint["data"] = data
+    return checkpoint
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    rank, world, local_rank = dist_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    k = max(1, args.workers)  # readers per rank: each DataLoader worker reads its own part of the epoch
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    if (
-        not cuda and "OMP_NUM_THREADS" not in os.environ
-    ):  # leave the DataLoader workers their cores: spinning OpenMP threads crawl
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # leave the DataLoader workers their cores: spinning OpenMP threads crawl
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - args.workers))
     os.makedirs(args.out_dir, exist_ok=True)
+
+    # ---- data: shards, their sample counts, and the length of the run
     shards = [os.path.abspath(p) for p in list_inputs(args.input, (".tar",))]
-    missing = [
-        f
-        for d, e in [(d, ".jsonl") for d in args.texts]
-        + [(args.text_cache, ".stats.json")] * bool(args.text_cache)
-        for s in shards
-        if not os.path.exists(f := f"{d}/{shard_name(s)}{e}")
-    ]
-    counts, amp = (
-        [count_samples(s) for s in shards],
-        {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision) if cuda else None,
-    )
-    if missing or not sum(counts):
-        raise SystemExit(
-            f"{missing[0]} is missing (run 02/04, and 08 for --text-cache, on every shard)"
-            if missing
-            else f"no image samples in {args.input}"
-        )
+    missing = missing_sidecars(args, shards)
+    counts = [count_samples(s) for s in shards]
+    amp = None
+    if cuda:
+        amp = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(args.precision)
+    if missing:
+        raise SystemExit(f"{missing[0]} is missing (run 02/04, and 08 for --text-cache, on every shard)")
+    if not sum(counts):
+        raise SystemExit(f"no image samples in {args.input}")
     steps_per_epoch = math.ceil(sum(counts) / (world * args.batch_size * args.accum_steps))
     total_steps = args.epochs * steps_per_epoch
     stop = min(total_steps, args.max_steps or total_steps)
     if args.warmup is None:
         warmup = round(args.warmup_epochs * steps_per_epoch)
+    elif args.warmup < 1:
+        warmup = int(args.warmup * total_steps)  # a share of the run
     else:
-        warmup = int(args.warmup * total_steps if args.warmup < 1 else args.warmup)
+        warmup = int(args.warmup)
     if args.all_texts:
         args.texts_per_image = count_texts(shards[0], args.texts, args.min_score)
-    if args.text_cache and rank == 0:  # say at the start, not only as a running count, what the cache lacks
-        missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
-        share = missing / max(1, total)
-        print0(
-            f"05_train: text cache: {missing} of {total} pickable texts in the first {min(len(shards), args.cache_check_shards)} "
-            f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped"
-        )
-        if share > args.max_uncached:
-            print0(
-                f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
-                f"folders (and --input) as this training?"
-            )
-    if (
-        args.min_score is not None and args.texts and rank == 0
-    ):  # what the filter takes away, said at the start
-        counts_before = Counter()
-        kept = sum(
-            len(v)
-            for s in shards[: args.cache_check_shards]
-            for v in load_texts(s, args.texts, counts_before, args.min_score).values()
-        )
-        dropped = counts_before["low_score"]
-        print0(
-            f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
-            f"{min(len(shards), args.cache_check_shards)} shard(s) score below it and are left out "
-            f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
-        )
+    if args.text_cache and rank == 0:
+        report_uncached(shards, args)
+    if args.min_score is not None and args.texts and rank == 0:
+        report_low_scores(shards, args)
     synonyms = None
     if (args.aug_views or args.eda_prob) and args.eda_weights[
         1
     ] > 0:  # EDA's synonym replacement reads WordNet
         synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
+
+    # ---- model, optimizer, and where a resumed run stands
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
     encode, tower, adapter, tower_model = None, None, None, None
-    if (
-        args.text_tower or args.text_cache
-    ):  # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
+    if args.text_tower or args.text_cache:
+        # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
         encode, tower, tower_model = frozen_tower(args, device, amp)
         torch.manual_seed(args.seed + 1)  # the adapter's init does not depend on whether a tower was loaded
         adapter = Adapter(tower["dim"], cfg["embed_dim"], args.adapter_layers, args.adapter_expansion)
         for n, p in clip.named_parameters():
             p.requires_grad_(n.startswith(("visual.", "logit_")))
-    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter).to(
-        device
-    )
-    trainee = (
-        nn.SyncBatchNorm.convert_sync_batchnorm(trainee) if cuda and world > 1 else trainee
-    )  # heads: global batch statistics
+    trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter)
+    trainee = trainee.to(device)
+    if cuda and world > 1:
+        trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee)  # heads: global batch statistics
     opt = adamw(param_groups(trainee, args), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step, epoch, data, path = 0, 0, {}, args.resume or os.path.join(args.out_dir, "latest.pt")
+    step, epoch, data = 0, 0, {}
+    path = args.resume or os.path.join(args.out_dir, "latest.pt")
     if args.resume or os.path.exists(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ("text_tower" in ckpt) != (adapter is not None):
-            raise SystemExit(
-                f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run"
-            )
-        trainee.load_state_dict(
-            {
-                **{"clip." + key: v for key, v in ckpt["state_dict"].items()},
-                **ckpt.get("extra_state_dict", {}),
-            }
-        )
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(
-            ckpt["scaler"] or scaler.state_dict()
-        )  # saved by a disabled scaler (CPU, bf16): empty
-        step, epoch, data = ckpt["step"], ckpt["epoch"], ckpt["data"]
-        changed = [
-            a
-            for a in (
-                "model",
-                "batch_size",
-                "workers",
-                "accum_steps",
-                "text_mode",
-                "seed",
-                "text_tower",
-                "text_cache",
-            )
-            if ckpt["args"].get(a) != vars(args)[a]
-        ]
-        print0(
-            f"resuming from {path} at step {step}, epoch {epoch}"
-            + (f"; changed since: {changed}" if changed else "")
-        )
-    in_epoch, consumed, skipped = (
-        data.get("step_in_epoch", 0),
-        data.get("consumed", {}),
-        data.get("skipped", 0) if rank == 0 else 0,
-    )
-    if (
-        in_epoch and data.get("readers") != world * k
-    ):  # another number of readers: the rest of the epoch is split anew, roughly
+        step, epoch, data = resume(path, trainee, opt, scaler, adapter, args)
+    in_epoch = data.get("step_in_epoch", 0)
+    consumed = data.get("consumed", {})  # reader -> samples it drew this epoch
+    skipped = data.get("skipped", 0) if rank == 0 else 0
+    if in_epoch and data.get("readers") != world * k:
+        # another number of readers: the rest of the epoch is split anew, roughly
         consumed = {g: in_epoch * args.accum_steps * args.batch_size // k for g in range(world * k)}
     if rank == 0:
-        write_json(
-            os.path.join(args.out_dir, name + ".json"), cfg
-        )  # beside the checkpoints, for open_clip.add_model_config
-        write_json(
-            os.path.join(args.out_dir, "_config.json"),
-            run_config(args, model_name=name, world=world, samples=sum(counts)),
-        )
-    model = (
-        trainee
-        if world == 1
-        else nn.parallel.DistributedDataParallel(trainee, device_ids=[local_rank] if cuda else None)
-    )
-    model = torch.compile(model) if args.compile else model
+        # beside the checkpoints, for open_clip.add_model_config
+        write_json(os.path.join(args.out_dir, name + ".json"), cfg)
+        config = run_config(args, model_name=name, world=world, samples=sum(counts))
+        write_json(os.path.join(args.out_dir, "_config.json"), config)
+    model = trainee
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(trainee, device_ids=[local_rank] if cuda else None)
+    if args.compile:
+        model = torch.compile(model)
     from open_clip.loss import ClipLoss, SigLipLoss
 
     clip_loss = ClipLoss(
@@ -1757,37 +1877,12 @@ def main(argv=None):
         f"steps/epoch, {total_steps} steps, warmup {warmup}, {amp or 'fp32'}, on {device}"
     )
     if args.text_mode == "multi":
-        print0(
-            f"05_train: {args.texts_per_image} texts per image"
-            + (" (all: AltText + every distinct synthetic caption)" if args.all_texts else "")
-        )
-    report = None
-    if rank == 0 and args.report_to == "wandb":
-        import wandb
-
-        report = wandb.init(
-            project="recap-clip",
-            dir=args.out_dir,
-            config=vars(args),
-            resume="allow",
-            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12],
-        ).log
-    elif rank == 0 and args.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        report = lambda rec, w=SummaryWriter(os.path.join(args.out_dir, "tensorboard")): [
-            w.add_scalar(key, v, rec["step"]) for key, v in rec.items()
-        ]
+        all_note = " (all: AltText + every distinct synthetic caption)" if args.all_texts else ""
+        print0(f"05_train: {args.texts_per_image} texts per image{all_note}")
+    report = make_reporter(args) if rank == 0 else None
     from tqdm import tqdm
 
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
-    loss_sum, window, last, first, reader_counts = (
-        torch.zeros((), device=device),
-        (time.time(), step),
-        {},
-        None,
-        {},
-    )
 
     def loss_of(out):
         return total_loss(out, clip_loss, siglip_loss, args.label_smoothing)
@@ -1798,18 +1893,16 @@ def main(argv=None):
     mean = torch.tensor(clip.visual.preprocess_cfg["mean"], device=device).view(-1, 1, 1)
     std = torch.tensor(clip.visual.preprocess_cfg["std"], device=device).view(-1, 1, 1)
 
-    def join(
-        parts,
-    ):  # the workers' chunks as one batch; texts for a live frozen tower are encoded here, without grad
+    def join(parts):
+        """The workers' chunks of one field as one batch; texts for a live frozen tower are encoded here."""
         if torch.is_tensor(parts[0]):
             # each chunk is pinned by the DataLoader: copied as it is (asynchronously), joined on the device
             return torch.cat([part.to(device, non_blocking=True) for part in parts])
-        groups = [g for part in parts for g in part]
+        groups = [group for part in parts for group in part]
         with torch.no_grad():
-            return encode([t for g in groups for t in g]).view(len(groups), len(groups[0]), -1)
+            return encode([t for group in groups for t in group]).view(len(groups), len(groups[0]), -1)
 
-    writer = CheckpointWriter(args.out_dir)
-    # one stream for the rest of the run: its workers go from one epoch into the next without a restart
+    # ---- the data stream: one for the rest of the run, its workers go from one epoch into the next
     stream = ShardStream(
         shards,
         counts,
@@ -1824,10 +1917,17 @@ def main(argv=None):
         end_epoch=args.epochs,
         chunks_per_epoch=steps_per_epoch * args.accum_steps,
     )
-    batches = iter(
-        torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)
-    )
-    positions = dict(consumed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)
+    batches = iter(loader)
+
+    # ---- the training loop
+    writer = CheckpointWriter(args.out_dir)
+    positions = dict(consumed)  # reader -> samples drawn, for a resume
+    reader_counts = {}  # reader -> its skip counts this epoch
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    window = (time.time(), step)  # since the last log line
+    last = {}  # the last log record
+    first = None  # the first logged loss
     while step < stop:
         while in_epoch < steps_per_epoch and step < stop:
             lr = learning_rate(step, args, warmup, total_steps)
@@ -1838,8 +1938,9 @@ def main(argv=None):
             micro_batches = []
             for _ in range(args.accum_steps):
                 chunks = [next(batches) for _ in range(k)]  # one per worker, in worker order
-                positions.update((c["reader"], c["consumed"]) for c in chunks)
-                reader_counts.update((c["reader"], c["counts"]) for c in chunks)
+                for c in chunks:
+                    positions[c["reader"]] = c["consumed"]
+                    reader_counts[c["reader"]] = c["counts"]
                 batch = {}
                 for key in ("image", "text", "text_mask", "views", "view_text"):
                     if key in chunks[0]:
@@ -1866,22 +1967,21 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            for scale in [
-                s
-                for s in (trainee.clip.logit_scale, getattr(trainee, "head_logit_scale", None))
-                if s is not None
-            ]:
-                scale.data.clamp_(0, math.log(100))
-            step, in_epoch, epoch_end = step + 1, in_epoch + 1, in_epoch + 1 == steps_per_epoch
+            trainee.clip.logit_scale.data.clamp_(0, math.log(100))
+            if getattr(trainee, "head_logit_scale", None) is not None:
+                trainee.head_logit_scale.data.clamp_(0, math.log(100))
+            step += 1
+            in_epoch += 1
+            epoch_end = in_epoch == steps_per_epoch
             bar.update(1)
+
             if step % args.log_every == 0 or step in (1, stop) or epoch_end:
-                stats = torch.tensor(
-                    [loss_sum.item(), sum(c.get(s, 0) for c in reader_counts.values() for s in SKIPPED)],
-                    device=device,
-                )
+                skips = sum(c.get(s, 0) for c in reader_counts.values() for s in SKIPPED)
+                stats = torch.tensor([loss_sum.item(), skips], device=device)
                 if world > 1:
                     dist.all_reduce(stats)
-                seconds, n = time.time() - window[0], step - window[1]
+                seconds = time.time() - window[0]
+                n = step - window[1]
                 last = {
                     "step": step,
                     "epoch": round(epoch + in_epoch / steps_per_epoch, 4),
@@ -1892,7 +1992,8 @@ def main(argv=None):
                     "samples_per_s": round(n * world * args.batch_size * args.accum_steps / seconds, 1),
                     "seconds": round(time.time() - t0, 1),
                 }
-                first, window = first or last["loss"], (time.time(), step)
+                first = first or last["loss"]
+                window = (time.time(), step)
                 loss_sum.zero_()
                 if rank == 0:
                     (print if bar.disable else bar.write)(
@@ -1903,42 +2004,40 @@ def main(argv=None):
                         log.write(json.dumps(last) + "\n")
                     if report:
                         report(last)
+
             if epoch_end or step % args.save_every == 0 or step == stop:
                 parts = [positions] * world  # every rank takes part, rank 0 writes
                 if world > 1:
                     dist.all_gather_object(parts, positions)
                 if rank == 0:
-                    state = trainee.state_dict()
-                    checkpoint = {
-                        "epoch": epoch + epoch_end,
-                        "step": step,
-                        "model_name": name,
-                        "args": vars(args),
-                        "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        **({"text_tower": {**tower, "adapter": adapter.config}} if adapter else {}),
-                        "state_dict": {key[5:]: v for key, v in state.items() if key.startswith("clip.")},
-                        "extra_state_dict": {
-                            key: v for key, v in state.items() if not key.startswith("clip.")
-                        },
-                        "data": {
-                            "step_in_epoch": 0 if epoch_end else in_epoch,
-                            "readers": world * k,
-                            "skipped": last.get("skipped", skipped),
-                            "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()},
-                        },
+                    data = {
+                        "step_in_epoch": 0 if epoch_end else in_epoch,
+                        "readers": world * k,
+                        "skipped": last.get("skipped", skipped),
+                        "consumed": {} if epoch_end else {g: c for p in parts for g, c in p.items()},
                     }
-                    writer.save(checkpoint, ["latest.pt"] + [f"epoch_{epoch + 1}.pt"] * epoch_end)
-        if in_epoch == steps_per_epoch:
-            skipped, epoch, in_epoch, consumed, reader_counts = last["skipped"], epoch + 1, 0, {}, {}
+                    state = checkpoint_of(
+                        trainee, opt, scaler, args, name, step, epoch + epoch_end, data, tower, adapter
+                    )
+                    names = ["latest.pt"]
+                    if epoch_end:
+                        names.append(f"epoch_{epoch + 1}.pt")
+                    writer.save(state, names)
+        if in_epoch == steps_per_epoch:  # the next epoch
+            skipped = last["skipped"]
+            epoch += 1
+            in_epoch = 0
+            consumed = {}
+            reader_counts = {}
             positions = {}
     writer.wait()
     bar.close()
     if rank == 0:
         plot_log(args.out_dir)
     print0(
-        f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> {last.get('loss', math.nan):.4f}, "
-        f"{last.get('skipped', skipped)} samples skipped, {time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}"
+        f"05_train: {name} {step}/{total_steps} steps, epoch {epoch}, loss {first or math.nan:.4f} -> "
+        f"{last.get('loss', math.nan):.4f}, {last.get('skipped', skipped)} samples skipped, "
+        f"{time.time() - t0:.1f}s -> {os.path.join(args.out_dir, 'latest.pt')}"
     )
     if world > 1:
         dist.destroy_process_group()
