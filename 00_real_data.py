@@ -142,9 +142,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -267,7 +266,7 @@ CLIPART_TEMPLATES = [
     "an icon of {c}.",
     "clip art of {c} on a white background.",
 ]
-FASHION_MNIST_CLASSES = [
+FASHION_MNIST_CLASSES = [  # in label order
     "t-shirt",
     "trouser",
     "pullover",
@@ -278,7 +277,7 @@ FASHION_MNIST_CLASSES = [
     "sneaker",
     "bag",
     "ankle boot",
-]  # in label order
+]
 PHOTO_TEMPLATES = [
     "a photo of a {c}.",
     "a black and white photo of a {c}.",

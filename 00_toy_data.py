@@ -108,9 +108,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -346,11 +345,9 @@ def draw_background(kind, colors, size, rng):
 
 def draw_scene(rng, size, shape=None):
     """Draw 1-3 same-shape, same-colour objects; returns the image and its ground-truth attributes."""
-    shape, color, background = (
-        shape or rng.choice(SHAPES),
-        rng.choice(sorted(COLORS)),
-        rng.choice(BACKGROUNDS),
-    )
+    shape = shape or rng.choice(SHAPES)
+    color = rng.choice(sorted(COLORS))
+    background = rng.choice(BACKGROUNDS)
     bg_colors = rng.sample([c for c in sorted(COLORS) if c != color], 2)
     count = rng.randint(1, 3)
     img = draw_background(background, bg_colors, size, rng)
@@ -463,9 +460,8 @@ def write_shard(shards_dir, shard, args):
     if kept(tar_path, stats_path, args.overwrite):
         return
     t0, rng, kinds = time.time(), random.Random(f"{args.seed}-shard-{shard}"), {}
-    buf = (
-        io.BytesIO()
-    )  # a toy shard is a few MB; building it in memory keeps the write a single atomic replace
+    # a toy shard is a few MB; building it in memory keeps the write a single atomic replace
+    buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(args.samples_per_shard):
             key = f"{shard:05d}{i:04d}"

@@ -130,9 +130,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -282,9 +281,8 @@ def tower_batch(tokenizer, texts, recipe):
         wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
     )
     pool = batch["attention_mask"].clone()
-    if (
-        recipe["pool_tokens"] == "text"
-    ):  # the last n real tokens: the text and what follows it in the template
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
@@ -303,12 +301,10 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # positions count from each text's first token
-    if (
-        recipe["attention"] == "bidirectional"
-    ):  # every token sees every real token: a 4-d additive mask, used as given
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
@@ -782,9 +778,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 img = im.convert("RGB")
-        except (
-            Exception
-        ):  # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
+        except Exception:
+            # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
             counts["bad_image"] += 1
             return None
         texts, valid, view_texts = sample_texts(alt, synthetic or [], self.args, rnd, self.synonyms)
@@ -1322,10 +1317,9 @@ def build_model(args, device):
     clip, transform, _ = open_clip.create_model_and_transforms(
         name, pretrained=args.pretrained, device=device, aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip
     )
-    if (
-        args.grad_checkpointing
-    ):  # but a text block recomputed in backward would miss the dropout flag: then that tower runs whole
+    if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
+        # a text block recomputed in backward would miss the dropout flag: with text dropout that tower runs whole
         getattr(clip, "text", clip).transformer.grad_checkpointing = not args.text_dropout
     pp = clip.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
@@ -1724,9 +1718,8 @@ def resume(path, trainee, opt, scaler, adapter, args):
     state.update(ckpt.get("extra_state_dict", {}))
     trainee.load_state_dict(state)
     opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(
-        ckpt["scaler"] or scaler.state_dict()
-    )  # saved by a disabled scaler (CPU, bf16): empty
+    # saved by a disabled scaler (CPU, bf16): empty
+    scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())
     changed = [a for a in RESUME_ARGS if ckpt["args"].get(a) != vars(args)[a]]
     note = f"; changed since: {changed}" if changed else ""
     print0(f"resuming from {path} at step {ckpt['step']}, epoch {ckpt['epoch']}{note}")
@@ -1830,7 +1823,10 @@ def main(argv=None):
     # ---- model, optimizer, and where a resumed run stands
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
-    encode, tower, adapter, tower_model = None, None, None, None
+    encode = None  # a live frozen text tower: texts to embeddings
+    tower = None  # the tower's record for the checkpoint
+    adapter = None
+    tower_model = None
     if args.text_tower or args.text_cache:
         # LLM2CLIP: CLIP's text tower stays frozen and unused; the adapter and images train
         encode, tower, tower_model = frozen_tower(args, device, amp)

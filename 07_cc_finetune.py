@@ -110,9 +110,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -299,9 +298,8 @@ def tower_batch(tokenizer, texts, recipe):
         wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
     )
     pool = batch["attention_mask"].clone()
-    if (
-        recipe["pool_tokens"] == "text"
-    ):  # the last n real tokens: the text and what follows it in the template
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
@@ -320,12 +318,10 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # positions count from each text's first token
-    if (
-        recipe["attention"] == "bidirectional"
-    ):  # every token sees every real token: a 4-d additive mask, used as given
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
@@ -414,9 +410,13 @@ class CaptionStream:
     ranks."""
 
     def __init__(self, shards, held, seed, size):
-        self.shards, self.held, self.seed, self.size = shards, held, seed, size
+        self.shards = shards
+        self.held = held
+        self.seed = seed
+        self.size = size
         self.rng = random.Random(f"{seed}|buffer")
-        self.buffer, self.counts = [], Counter()
+        self.buffer = []
+        self.counts = Counter()
         self.pass_samples = None  # training samples in one pass, known once the first pass is read
         self.samples = self.passes()
 
@@ -704,10 +704,9 @@ def main(argv=None):
     recipe = training_recipe(model, args)
     lr = args.lr if args.lr is not None else (2e-4 if args.lora_rank else 5e-5)
     print0(f"07_cc_finetune: recipe {recipe}")
-    if (
-        args.grad_checkpointing
-    ):  # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and
-        # reentrant checkpointing (transformers' default before 5) would then cut the graph: backward() would fail
+    if args.grad_checkpointing:
+        # non-reentrant: with frozen embeddings (LoRA) no checkpointed input needs grad, and reentrant
+        # checkpointing (transformers' default before 5) would then cut the graph: backward() would fail
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank  # LLM2Vec: alpha = 2r
@@ -722,11 +721,9 @@ def main(argv=None):
         lr=lr,
     )
     os.makedirs(args.out_dir, exist_ok=True)
-    latest, log_path, step = (
-        os.path.join(args.out_dir, "latest.pt"),
-        os.path.join(args.out_dir, "log.jsonl"),
-        0,
-    )
+    latest = os.path.join(args.out_dir, "latest.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    step = 0
     if os.path.exists(latest):
         state = torch.load(latest, map_location=device, weights_only=True)
         model.load_state_dict(state["trainable"], strict=False)
@@ -762,9 +759,8 @@ def main(argv=None):
         loss = info_nce(a.float(), b.float(), args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if (
-            world > 1
-        ):  # the loss is identical on every rank; average the local gradients by hand (no DDP wrapper needed)
+        # the loss is identical on every rank; average the local gradients by hand (no DDP wrapper needed)
+        if world > 1:
             for p in ddp_params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
@@ -800,9 +796,8 @@ def main(argv=None):
             os.path.join(tmp, "llm2clip_text.json"),
             {**recipe, "base_model": args.model, "cc_steps": step, "temperature": args.temperature},
         )
-        shutil.rmtree(
-            final, ignore_errors=True
-        )  # a crash here is mended by re-running: latest.pt holds the weights
+        # a crash here is mended by re-running: latest.pt holds the weights
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(log_path, "a") as f:
             f.write(

@@ -102,9 +102,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -595,9 +594,8 @@ def tower_batch(tokenizer, texts, recipe):
         wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
     )
     pool = batch["attention_mask"].clone()
-    if (
-        recipe["pool_tokens"] == "text"
-    ):  # the last n real tokens: the text and what follows it in the template
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
@@ -616,12 +614,10 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # positions count from each text's first token
-    if (
-        recipe["attention"] == "bidirectional"
-    ):  # every token sees every real token: a 4-d additive mask, used as given
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
@@ -810,9 +806,8 @@ def main(argv=None):
     worker, total = worker_slot(args.shard_id, args.num_shards)
     by_shard = defaultdict(list)
     inputs = list_inputs(args.input, (".tar", ".jsonl"))
-    if (
-        args.input and not inputs
-    ):  # else the AltTexts would be missing from the cache, and 05 would skip their samples
+    if args.input and not inputs:
+        # a stop, not an empty cache: else the AltTexts would be missing from it, and 05 would skip their samples
         raise SystemExit(
             f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache sidecar texts only)"
         )

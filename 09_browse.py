@@ -97,9 +97,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))

@@ -103,9 +103,8 @@ def main():
     tower = args.tower or os.path.join(toy, "models", "minilm")
     if args.make_tower and not os.path.exists(os.path.join(tower, "config.json")):
         make_tower(tower, args.make_tower, toy)
-    if not args.tower and not os.path.exists(
-        tower
-    ):  # a toy folder made with --skip-models (bench_train.py's): link MiniLM
+    # a toy folder made with --skip-models (bench_train.py's): link MiniLM
+    if not args.tower and not os.path.exists(tower):
         sys.path.insert(0, ROOT)
         __import__("importlib").import_module("00_toy_data").link_sentence_encoder(tower)
     shutil.rmtree(work, ignore_errors=True)
@@ -114,6 +113,7 @@ def main():
         [os.path.join(toy, "rewrites")] * (args.rewrites == "eda"),
     )
     py, cuda = [sys.executable], __import__("torch").cuda.is_available()
+    # as 05 loads the live tower: bf16 autocast on GPUs
     cache_s = run(
         py
         + [
@@ -131,7 +131,7 @@ def main():
             "--dtype",
             "bfloat16" if cuda else "float32",
         ]
-    )  # as 05 loads the live tower: bf16 autocast on GPUs
+    )
     texts = sum(
         json.load(open(os.path.join(cache, f)))["texts"]
         for f in os.listdir(cache)

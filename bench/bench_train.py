@@ -91,9 +91,8 @@ def tree_pss_kib(pid):
 
 
 def cpu_seconds():
-    usage = resource.getrusage(
-        resource.RUSAGE_CHILDREN
-    )  # every waited-for descendant: the trainer and its DataLoader workers
+    # every waited-for descendant: the trainer and its DataLoader workers
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 

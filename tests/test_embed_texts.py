@@ -118,9 +118,8 @@ def test_kill_9_then_rerun_completes(toy, sidecars, tmp_path):
         keys = [json.loads(line)["key"] for line in open(out / f"{shard}.jsonl")]
         assert len(keys) == len(set(keys)) == 24
     assert not list(out.glob("*.tmp*"))
-    with pytest.raises(
-        SystemExit, match="no .tar or .jsonl shards"
-    ):  # a wrong --input must not drop the AltTexts silently
+    # a wrong --input must not drop the AltTexts silently
+    with pytest.raises(SystemExit, match="no .tar or .jsonl shards"):
         emb.main(
             [
                 "--input",
@@ -193,10 +192,11 @@ def test_bidirectional_attention_sees_later_tokens_and_pools_only_the_text(tiny_
         r = {**bi, "attention": attention, "pooling": "last", "padding_side": "right"}
         batch, _ = emb.tower_batch(tok, ["a red circle on grey"], r)
         first_state = []
+        # same first token, a different last one
         for text in (
             "a red circle on grey",
             "a red circle on blue",
-        ):  # same first token, a different last one
+        ):
             with torch.no_grad():
                 b, _ = emb.tower_batch(tok, [text], r)
                 inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}

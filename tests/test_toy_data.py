@@ -72,12 +72,13 @@ def built(tmp_path_factory):
 
 def test_shard_layout_and_metadata(built):
     rows = samples(built)
+    # no *.tmp* left behind
     assert sorted(p.name for p in (built / "shards").iterdir()) == [
         "00000.tar",
         "00000_stats.json",
         "00001.tar",
         "00001_stats.json",
-    ]  # no *.tmp* left behind
+    ]
     keys = [key for _, key, *_ in rows]
     assert len(keys) == 80 and len(set(keys)) == 80
     for i, (shard, key, jpg, txt, meta) in enumerate(rows):

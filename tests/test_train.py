@@ -89,6 +89,7 @@ def data(tmp_path_factory):
                 )
             ],
         )
+        # not a sample
         add_members(
             tar,
             [
@@ -97,7 +98,7 @@ def data(tmp_path_factory):
                 ("000200006.jpg", jpeg((9, 9, 9))),  # no AltText and no sidecar: skipped, counted
                 ("000200007.txt", b"text without an image"),
             ],
-        )  # not a sample
+        )
     (root / "models/tiny-clip.json").write_text(json.dumps(TINY))
     for name in ("00000", "00001", "00002"):
         keys = [k for k, m in tr.iter_tar(str(root / f"shards/{name}.tar"), set(), Counter()) if "txt" in m]
@@ -233,9 +234,8 @@ def test_kill_then_rerun_resumes_and_ends_with_the_same_weights(data, tmp_path):
     assert f"at step {ckpt['step']}" in resumed.stdout
     a, b = weights(tmp_path / "whole/latest.pt"), weights(out / "latest.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (
-        log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2
-    )  # corrupt + no text, per epoch
+    # corrupt + no text, per epoch
+    assert log_records(out)[-1]["skipped"] == log_records(tmp_path / "whole")[-1]["skipped"] >= 2 * 2
 
 
 HANGING_SAVE = """
@@ -352,9 +352,8 @@ def test_text_mode_frequencies_and_join_by_key(data, mode, expect):
                         f"synthetic b {key}": "b",
                         f"fused caption {key}": "fused",
                     }
-                    assert text in kinds or not text.startswith(
-                        ("synthetic", "fused")
-                    )  # joined by key, not by line order
+                    # joined by key, not by line order
+                    assert text in kinds or not text.startswith(("synthetic", "fused"))
                     seen[kinds.get(text, "alt")] += 1
     total = sum(seen.values())
     assert total > 1500
@@ -376,9 +375,8 @@ def test_multi_picks_distinct_texts_views_get_eda_and_stop_words_drop(synonyms):
         main, valid, views = tr.sample_texts(pool[0], pool[1:], args, random.Random(seed), synonyms)
         assert sorted(main) == sorted(pool) and valid == [True] * 3 and len(views) == 2
         edited += sum(v not in pool for v in views)
-    assert (
-        edited > 200
-    )  # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
+    # views always get an EDA edit (a swap can land on equal words, a deletion can drop nothing)
+    assert edited > 200
     args.texts_per_image = 5  # more than the image has: the rest repeat the AltText and do not count
     main, valid, _ = tr.sample_texts(
         "a red circle", ["one red circle", "A red  circle"], args, random.Random(0)
@@ -431,9 +429,8 @@ def test_eda_operations(synonyms):
     for _ in range(50):
         out = tr.eda_synonym(words, synonyms, rnd)
         changed = [(a, b) for a, b in zip(words, out, strict=True) if a != b]
-        assert (
-            len(out) == len(words) and changed and len({a for a, _ in changed}) == 1
-        )  # one word (every occurrence)
+        # one word (every occurrence)
+        assert len(out) == len(words) and changed and len({a for a, _ in changed}) == 1
         assert all(b in synonyms[a] and a not in tr.STOP_WORDS for a, b in changed)
         swapped = tr.eda_swap(words, rnd)
         assert sorted(swapped) == sorted(words) and sum(
@@ -533,9 +530,8 @@ def test_every_sample_once_per_epoch_equal_chunks_and_exact_resume(data, monkeyp
             assert [c["key"] for c in again] == [c["key"] for c in chunks[2:]]
             assert all(torch.equal(x["image"], y["image"]) for x, y in zip(again, chunks[2:], strict=True))
     assert set(keys) == good and sum(keys.values()) == 3 * 5 * 4 and bad >= 2
-    assert (
-        sum(keys.values()) - len(good) <= 3 * 4 + 2
-    )  # padding: under a chunk per reader, plus the skipped samples' stand-ins
+    # padding: under a chunk per reader, plus the skipped samples' stand-ins
+    assert sum(keys.values()) - len(good) <= 3 * 4 + 2
 
 
 def test_checkpoint_loads_through_open_clip_with_identical_outputs(data, tmp_path):
@@ -635,9 +631,8 @@ def test_toy_training_alttext_rewrites_multi_and_rocket(data, tmp_path, capsys):
     lines = len(log_records(tmp_path / "alt"))
     again = tr.main(base(data, tmp_path / "alt", *model))
     assert again["step"] == 16 and len(log_records(tmp_path / "alt")) == lines
-    plot = (
-        ["training.png"] if importlib.util.find_spec("matplotlib") else []
-    )  # the curves, when matplotlib is there
+    # the curves, when matplotlib is there
+    plot = ["training.png"] if importlib.util.find_spec("matplotlib") else []
     assert sorted(os.listdir(tmp_path / "alt")) == sorted(
         [
             "_config.json",
@@ -841,9 +836,8 @@ def test_rocket_heads_read_backbone_features_not_the_global_projection(config):
     heads = [k for k in grads if k.startswith(("image_head.", "text_head."))]
     assert trunk and heads and all(grads[k] is not None and grads[k].any() for k in heads)
     assert any(grads[k] is not None and grads[k].any() for k in trunk)
-    assert model.image_head[0].in_features == (
-        32 if config is TINY else 8 * 32
-    )  # trunk widths, not the embedding size
+    # trunk widths, not the embedding size
+    assert model.image_head[0].in_features == (32 if config is TINY else 8 * 32)
     # the main loss does reach them, and the projection is back in place after the views' pass
     model.zero_grad()
     tr.main_loss(model(**batch), ClipLoss()).backward()
@@ -1007,10 +1001,11 @@ def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
     assert lr_of[id(named["adapter.proj.weight"])] == (3e-4, 0.1) and lr_of[
         id(named["adapter.proj.bias"])
     ] == (3e-4, 0.0)
+    # the rest: --lr, --wd
     assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == (
         1e-5,
         0.5,
-    )  # the rest: --lr, --wd
+    )
 
 
 def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):

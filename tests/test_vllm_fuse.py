@@ -108,9 +108,8 @@ def test_fuse_with_vllm_end_to_end_split_invariant_and_within_context(toy, engin
     assert sum(s["in"] for s in stats) == len(whole) and stats[0]["engine"] == "vllm"
     tokenizer = engine.llm.get_tokenizer()
     long_prompt = next(p for p in seen if "Acme Rocket Skates" in p)
-    assert (
-        len(tokenizer(long_prompt)["input_ids"]) <= CONTEXT - NEW_TOKENS
-    )  # cut to the engine's context, so vLLM took it
+    # cut to the engine's context, so vLLM took it
+    assert len(tokenizer(long_prompt)["input_ids"]) <= CONTEXT - NEW_TOKENS
     assert "Visual description: a small picture of shape 3 on a plain background\n" in long_prompt
     for shard_id in range(2):
         fu.main(
