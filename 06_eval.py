@@ -131,9 +131,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -283,9 +282,8 @@ def tower_batch(tokenizer, texts, recipe):
         wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
     )
     pool = batch["attention_mask"].clone()
-    if (
-        recipe["pool_tokens"] == "text"
-    ):  # the last n real tokens: the text and what follows it in the template
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
         for i, text in enumerate(texts):
             n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
             real = batch["attention_mask"][i].nonzero().flatten()
@@ -304,12 +302,10 @@ def tower_encode(model, tokenizer, texts, recipe, device):
     mask, pool = batch["attention_mask"].to(device), pool.to(device)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
     if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(
-            min=0
-        )  # positions count from each text's first token
-    if (
-        recipe["attention"] == "bidirectional"
-    ):  # every token sees every real token: a 4-d additive mask, used as given
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
         dtype = next(model.parameters()).dtype
         blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
@@ -389,13 +385,16 @@ TABLE = {
 
 def tie_share(m, t, p):
     """Chance that a random order of t negatives and p positives puts a positive among its first m."""
-    mm = torch.minimum(m.clamp(min=0), t)
+    places = torch.minimum(m.clamp(min=0), t)
+    # a miss: negatives take all m places; of the (t+p)!/(t+p-m)! ways to fill them, t!/(t-m)! do (in log-gamma,
+    # as the factorials overflow)
     miss = torch.exp(
         torch.lgamma(t + 1)
-        - torch.lgamma(t - mm + 1)
+        - torch.lgamma(t - places + 1)
         - torch.lgamma(t + p + 1)
-        + torch.lgamma(t + p - mm + 1)
+        + torch.lgamma(t + p - places + 1)
     )
+    # no place left after the candidates above the tie: no hit; more places than tied negatives: a sure hit
     return torch.where(m <= 0, 0.0, torch.where(m > t, 1.0, 1 - miss))
 
 
@@ -404,60 +403,70 @@ def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_element
     exactly with the best positive share those places: the expected hit over the orders of the tie, which is what a
     top-k such as CLIP_benchmark's gives on average; so no data order changes a number and a collapsed model scores
     chance. A block of queries at a time, so 5k images x 25k captions never builds the whole score matrix."""
-    chunk, out = max(1, max_elements // max(1, len(candidates))), []
+    chunk = max(1, max_elements // max(1, len(candidates)))  # queries per block
+    blocks = []
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ candidates.T
         positive = query_labels[start : start + chunk, None] == candidate_labels[None, :]
-        best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
+        best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)  # the best positive's score
         tied = scores == best
-        above, p = (scores > best).sum(1).double(), (tied & positive).sum(1).double()
-        out.append(torch.stack([tie_share(k - above, tied.sum(1) - p, p) for k in ks], 1))
-    return torch.cat(out) if out else torch.zeros(0, len(ks), dtype=torch.float64)
+        above = (scores > best).sum(1).double()  # places taken before the tie
+        tied_positives = (tied & positive).sum(1).double()
+        tied_negatives = tied.sum(1) - tied_positives
+        per_k = [tie_share(k - above, tied_negatives, tied_positives) for k in ks]
+        blocks.append(torch.stack(per_k, 1))
+    if not blocks:  # no queries
+        return torch.zeros(0, len(ks), dtype=torch.float64)
+    return torch.cat(blocks)
 
 
 def tie_note(hits, names):
-    """Share of queries whose hit an exact tie decided, per metric (where any did)."""
-    shares = ((hits > 0) & (hits < 1)).double().mean(0).tolist()
+    """Share of queries whose hit an exact tie decided, per metric (where any did). names: one per column of hits."""
+    decided_by_tie = (hits > 0) & (hits < 1)  # a fractional hit is the expected hit over a tie's orders
+    shares = decided_by_tie.double().mean(0).tolist()
     return {name: share for name, share in zip(names, shares, strict=True) if share}
 
 
 def classification_metrics(hits, targets, n_classes, prefix=""):
     """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that have
     images (balanced accuracy)."""
-    count = torch.bincount(targets, minlength=n_classes)
-    per_class = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, targets, hits[:, 0])
-    metrics = {
-        "acc1": hits[:, 0].mean().item(),
-        "acc5": hits[:, 1].mean().item() if n_classes >= 5 else None,
-        "mean_per_class_recall": (per_class[count > 0] / count[count > 0]).mean().item(),
-    }
-    metrics = {prefix + k: v for k, v in metrics.items() if v is not None}
-    return metrics, tie_note(hits, list(metrics)[:-1])
+    top1 = hits[:, 0]
+    metrics = {prefix + "acc1": top1.mean().item()}
+    if n_classes >= 5:  # under 5 classes every image is a top-5 hit
+        metrics[prefix + "acc5"] = hits[:, 1].mean().item()
+    ties = tie_note(hits[:, : len(metrics)], list(metrics))  # for the top-k metrics kept so far
+
+    images = torch.bincount(targets, minlength=n_classes)
+    hits_per_class = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, targets, top1)
+    seen = images > 0  # a class without images has no recall to average
+    metrics[prefix + "mean_per_class_recall"] = (hits_per_class[seen] / images[seen]).mean().item()
+    return metrics, ties
 
 
 def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
     """text_image[j] = the image of caption j. Image->text is a hit if any of the image's captions is in the top k."""
     images = torch.arange(len(image_emb))
-    t2i, i2t = (
-        hits_at(text_emb, image_emb, text_image, images, ks),
-        hits_at(image_emb, text_emb, images, text_image, ks),
-    )
-    names = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in ks]
-    hits = torch.cat([t2i.mean(0), i2t.mean(0)]).tolist()
-    return dict(zip(names, hits, strict=True)), {
-        **tie_note(t2i, names[: len(ks)]),
-        **tie_note(i2t, names[len(ks) :]),
-    }
+    t2i = hits_at(text_emb, image_emb, text_image, images, ks)
+    i2t = hits_at(image_emb, text_emb, images, text_image, ks)
+    # CLIP_benchmark's names say what is retrieved: "image_retrieval" is text->image
+    t2i_names = [f"image_retrieval_recall@{k}" for k in ks]
+    i2t_names = [f"text_retrieval_recall@{k}" for k in ks]
+    recalls = t2i.mean(0).tolist() + i2t.mean(0).tolist()
+    metrics = dict(zip(t2i_names + i2t_names, recalls, strict=True))
+    ties = {**tie_note(t2i, t2i_names), **tie_note(i2t, i2t_names)}
+    return metrics, ties
 
 
 def with_bias(x, device="cpu", dtype=torch.float64):
+    """x in `dtype` with a column of ones appended (the bias's input), on `device`."""
     return torch.cat([x.to(dtype), x.new_ones(len(x), 1, dtype=dtype)], 1).to(device)
 
 
 def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
     """argmin mean cross-entropy + lam/2 |W|^2 (bias free) by full-batch L-BFGS in float64. Convex: a warm start changes
     the speed, not the answer. x: features with a bias column; returns W (bias in the last row)."""
-    w = (init.clone() if init is not None else x.new_zeros(x.shape[1], n_classes)).requires_grad_(True)
+    w = init.clone() if init is not None else x.new_zeros(x.shape[1], n_classes)
+    w.requires_grad_(True)
     opt = torch.optim.LBFGS(
         [w], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7, line_search_fn="strong_wolfe"
     )
@@ -469,10 +478,9 @@ def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
         return loss
 
     threads = torch.get_num_threads()
+    # on a small problem thread hand-offs cost more than the arithmetic (10x on 2 cores)
     if x.device.type == "cpu" and x.numel() * n_classes < 2**22:
-        torch.set_num_threads(
-            1
-        )  # on a small problem thread hand-offs cost more than the arithmetic (10x on 2 cores)
+        torch.set_num_threads(1)
     try:
         opt.step(closure)
     finally:
@@ -488,7 +496,8 @@ def fit_logistic_minibatch(
     the number of samples. `epochs` passes over the rows, 500 steps at least (or `steps`), the learning rate
     on a cosine to zero so that the last steps average the batch noise out. x: normalised features without a
     bias column; returns W with the bias in the last row, as fit_logistic does."""
-    w = (init.clone() if init is not None else x.new_zeros(x.shape[1] + 1, n_classes)).requires_grad_(True)
+    w = init.clone() if init is not None else x.new_zeros(x.shape[1] + 1, n_classes)
+    w.requires_grad_(True)
     if lam >= 1e-2:
         # well conditioned (curvature between lam and 1 + lam on normalised features): gradient steps of
         # 1/(1 + lam) shrink with the gradient, so they find the small W of strong regularisation, where
@@ -498,17 +507,19 @@ def fit_logistic_minibatch(
     else:  # ill conditioned: Adam's per-coordinate scaling gets near the optimum in a few epochs
         opt = torch.optim.Adam([w], lr=lr)
     g = torch.Generator().manual_seed(seed)
-    total = steps or max(500, epochs * -(-len(idx) // batch_size))
+    batches_per_epoch = (len(idx) + batch_size - 1) // batch_size
+    total = steps or max(500, epochs * batches_per_epoch)
     step = 0
-    while step < total:
+    while step < total:  # an epoch: the rows in a fresh order
         order = idx[torch.randperm(len(idx), generator=g).to(idx.device)]
         for start in range(0, len(order), batch_size):
-            if step == total:
+            if step == total:  # the last epoch stops part way
                 break
             rows = order[start : start + batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(x[rows] @ w[:-1] + w[-1], y[rows]) + lam / 2 * w[:-1].pow(2).sum()
+            logits = x[rows] @ w[:-1] + w[-1]  # the last row of w is the bias
+            loss = F.cross_entropy(logits, y[rows]) + lam / 2 * w[:-1].pow(2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -522,37 +533,59 @@ LBFGS_MAX_ELEMENTS = 2**26
 
 
 def probe_solver(solver, n, dim, n_classes):
+    """The solver asked for; for "auto", L-BFGS while n x (dim + bias + classes) fits LBFGS_MAX_ELEMENTS."""
     if solver != "auto":
         return solver
-    return "lbfgs" if n * (dim + 1 + n_classes) <= LBFGS_MAX_ELEMENTS else "minibatch"
+    if n * (dim + 1 + n_classes) <= LBFGS_MAX_ELEMENTS:
+        return "lbfgs"
+    return "minibatch"
 
 
 def fit_probe(solver, x, y, idx, n_classes, lam, init, device, steps, seed):
     """W (bias in the last row) for rows `idx` of x by either solver; minibatch wants x, y on `device`."""
     if solver == "lbfgs":
-        return fit_logistic(with_bias(x[idx], device), y[idx].to(device), n_classes, lam, init, steps or 500)
+        rows = with_bias(x[idx], device)  # a float64 copy of the rows, on the device
+        return fit_logistic(rows, y[idx].to(device), n_classes, lam, init, max_iter=steps or 500)
     return fit_logistic_minibatch(x, y, idx.to(device), n_classes, lam, init, steps, seed)
 
 
 def predict(x, idx, w, device, chunk=8192):
     """Predicted classes of rows `idx` of x, a chunk at a time: never every row's logits at once."""
-    out = [torch.zeros(0, dtype=torch.long)]
+    predicted = [torch.zeros(0, dtype=torch.long)]  # no rows: an empty answer
     for start in range(0, len(idx), chunk):
         rows = x[idx[start : start + chunk].to(x.device)]
-        out.append((with_bias(rows, device, w.dtype) @ w).argmax(1).cpu())
-    return torch.cat(out)
+        logits = with_bias(rows, device, w.dtype) @ w
+        predicted.append(logits.argmax(1).cpu())
+    return torch.cat(predicted)
 
 
 def stratified_split(y, fraction, seed):
     """(rest, part): `fraction` of every class goes to `part` (one at least, where a class has two or more)."""
-    g, rest, part = torch.Generator().manual_seed(seed), [], []
+    g = torch.Generator().manual_seed(seed)
+    rest, part = [], []
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        if len(idx) > 1:  # one at least on each side
+            n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        else:
+            n = 0
         part.extend(idx[:n].tolist())  # extend, not +: a new list per class is quadratic at ImageNet's size
         rest.extend(idx[n:].tolist())
     return torch.tensor(sorted(rest), dtype=torch.long), torch.tensor(sorted(part), dtype=torch.long)
+
+
+def k_shot_rows(fit, y, k_shot, seed):
+    """k_shot random rows of each class among `fit` (what the held-out split left)."""
+    g = torch.Generator().manual_seed(seed)
+    per_class = [fit[y[fit] == c] for c in torch.unique(y)]
+    fewest = min(len(rows) for rows in per_class)
+    if fewest < k_shot:
+        raise SystemExit(
+            f"--probe-k-shot {k_shot}: a class has {fewest} training images besides the held-out ones"
+        )
+    picks = [rows[torch.randperm(len(rows), generator=g)[:k_shot]] for rows in per_class]
+    return torch.cat(picks)
 
 
 def linear_probe(
@@ -572,30 +605,37 @@ def linear_probe(
     minibatch (float32, memory bounded by the features) or auto (by size, LBFGS_MAX_ELEMENTS); steps:
     iterations per fit instead of the solver's own (for measurements)."""
     fit, val = stratified_split(y, 0.2, seed)
-    if k_shot:  # k per class from what the held-out part left
-        g, picks = torch.Generator().manual_seed(seed), [fit[y[fit] == c] for c in torch.unique(y)]
-        if min(len(p) for p in picks) < k_shot:
-            raise SystemExit(
-                f"--probe-k-shot {k_shot}: a class has {min(len(p) for p in picks)} training images besides the held-out ones"
-            )
-        fit = torch.cat([p[torch.randperm(len(p), generator=g)[:k_shot]] for p in picks])
-    final = fit if k_shot else torch.cat([fit, val])  # as CLIP_benchmark: k-shot trains on the k only
+    if k_shot:
+        fit = k_shot_rows(fit, y, k_shot, seed)
+        final = fit  # as CLIP_benchmark: k-shot trains on the k only
+    else:
+        final = torch.cat([fit, val])
     solver = probe_solver(solver, len(final), x.shape[1], n_classes)
     xs, ys = x, y  # what the fits read
     if solver == "minibatch":  # moved once, in float32; on the CPU already float32, this is no copy
         xs, ys = x.to(device, torch.float32), y.to(device)
-    best, w = (-1.0, None), None
+
+    best_acc, best_lam = -1.0, None
+    w = None
     for lam in grid:  # strong to weak: each fit starts from the previous answer
         w = fit_probe(solver, xs, ys, fit, n_classes, lam, w, device, steps, seed)
-        acc = (predict(xs, val, w, device) == y[val]).float().mean().item() if len(val) else 0.0
-        best = max(best, (acc, lam))  # at equal accuracy the larger lambda, the more regularised model
-    w = fit_probe(solver, xs, ys, final, n_classes, best[1], None, device, steps, seed)
+        if len(val):
+            acc = (predict(xs, val, w, device) == y[val]).float().mean().item()
+        else:  # no class had two images, so none was held out
+            acc = 0.0
+        # at equal accuracy the larger lambda, the more regularised model
+        if acc > best_acc or (acc == best_acc and lam > best_lam):
+            best_acc, best_lam = acc, lam
+
+    w = fit_probe(solver, xs, ys, final, n_classes, best_lam, None, device, steps, seed)
     test = with_bias(test_x, device, w.dtype)
-    hits = hits_at(test, w.T, test_y.to(device), torch.arange(n_classes, device=device), (1, 5)).cpu()
+    # the classes' weight columns are the candidates: top-5 and ties count as in zero-shot
+    classes = torch.arange(n_classes, device=device)
+    hits = hits_at(test, w.T, test_y.to(device), classes, (1, 5)).cpu()
     metrics, ties = classification_metrics(hits, test_y, n_classes, "lp_")
     return metrics, {
-        "lambda": best[1],
-        "val_acc1": best[0],
+        "lambda": best_lam,
+        "val_acc1": best_acc,
         "k_shot": k_shot,
         "ties": ties,
         "solver": solver,
@@ -610,101 +650,152 @@ def label_and_path(spec):
         return label, path
     parts = os.path.normpath(spec).split(os.sep)
     name = os.path.splitext(parts[-1])[0]
-    return "/".join(parts[-2:]) if name in ("val", "test", "train") and len(parts) > 1 else name, spec
+    if name in ("val", "test", "train") and len(parts) > 1:
+        name = "/".join(parts[-2:])
+    return name, spec
 
 
 def read_lines(path):
+    """The file's lines, stripped, blank ones left out."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
 
+def find_tars(path, split):
+    """The .tar shards in folder `path`, else in path/split (CLIP_benchmark's layout), sorted; [] if none."""
+    if not os.path.isdir(path):
+        return []
+    tars = glob.glob(os.path.join(path, "*.tar")) or glob.glob(os.path.join(path, split, "*.tar"))
+    return sorted(tars)
+
+
+def sample_image(sample):
+    """A tar sample's image bytes: its first non-empty member of the IMAGE_EXTS, or None."""
+    for ext in IMAGE_EXTS:
+        if sample.get(ext):
+            return sample[ext]
+    return None
+
+
 def wds_samples(path, split, field, counts):
     """(image bytes, `field` bytes) per sample of the .tar shards in path (or path/split); None if there are none."""
-    tars = (
-        sorted(glob.glob(os.path.join(path, "*.tar")) or glob.glob(os.path.join(path, split, "*.tar")))
-        if os.path.isdir(path)
-        else []
-    )
+    tars = find_tars(path, split)
+    if not tars:
+        return None
     samples = []
     for tar in tars:
-        for _, s in iter_tar(tar, {field, *IMAGE_EXTS}, counts):
-            image = next((s[e] for e in IMAGE_EXTS if s.get(e)), None)
-            if image is None or not (s.get(field) or b"").strip():
+        for _, sample in iter_tar(tar, {field, *IMAGE_EXTS}, counts):
+            image = sample_image(sample)
+            text = sample.get(field) or b""  # b"" where the sample has no such member
+            if image is None or not text.strip():
                 counts[f"sample_without_image_or_{field}"] += 1
             else:
-                samples.append((image, s[field]))
-    return samples if tars else None
+                samples.append((image, sample[field]))
+    return samples
+
+
+def find_beside(folder, *names):
+    """The first of `names` that is a file in folder, else in its parent (CLIP_benchmark's wds layout keeps
+    classnames.txt and the templates above the split folder); None if none is."""
+    for d in (folder, os.path.dirname(os.path.normpath(folder))):
+        for name in names:
+            candidate = os.path.join(d, name)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def class_folder_labels(path, folders, names):
+    """{folder: class index}: folders named as the classes are those classes; else the i-th sorted folder is
+    class i (ImageNet's wnid folders), which needs as many folders as names."""
+    if set(folders) <= set(names):
+        return {f: names.index(f) for f in folders}
+    if len(folders) == len(names):
+        return {f: i for i, f in enumerate(folders)}
+    raise SystemExit(
+        f"{path}: {len(folders)} class folders but {len(names)} class names, and the folders are not "
+        f"named as the classes: give one folder per class name (empty is fine), in classnames.txt order"
+    )
+
+
+def read_class_folders(path, names, counts):
+    """(image paths, labels, class names) from a sub-folder per class; names None: the folders are the classes."""
+    folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not folders:
+        raise SystemExit(f"{path}: no class sub-folders and no .tar shards")
+    names = names or folders
+    label_of = class_folder_labels(path, folders, names)
+    items, labels = [], []
+    for folder in folders:
+        files = sorted(os.listdir(os.path.join(path, folder)))
+        images = [n for n in files if n.rpartition(".")[2].lower() in IMAGE_EXTS]
+        counts["not_an_image_file"] += len(files) - len(images)
+        for name in images:
+            items.append(os.path.join(path, folder, name))
+            labels.append(label_of[folder])
+    return items, labels, names
 
 
 def read_classes(path, args, counts):
     """(images as paths or bytes, labels, class names, templates file or None) from class folders or .cls tars."""
     if not os.path.isdir(path):
         raise SystemExit(f"{path}: not a folder of class sub-folders or .tar shards")
-    beside = lambda *names: next(
-        (
-            p
-            for d in (path, os.path.dirname(os.path.normpath(path)))
-            for n in names
-            for p in [os.path.join(d, n)]
-            if os.path.isfile(p)
-        ),
-        None,
-    )
     if args.classnames == "imagenet":
         import open_clip
 
         names = list(open_clip.IMAGENET_CLASSNAMES)
+    elif args.classnames:
+        names = read_lines(args.classnames)
     else:
-        names = (
-            read_lines(args.classnames or beside("classnames.txt"))
-            if args.classnames or beside("classnames.txt")
-            else None
-        )
-    samples, items, labels = wds_samples(path, args.split, "cls", counts), [], []
+        found = find_beside(path, "classnames.txt")
+        names = read_lines(found) if found else None
+
+    samples = wds_samples(path, args.split, "cls", counts)
     if samples is not None:
-        items, labels = [image for image, _ in samples], [int(cls) for _, cls in samples]
+        items = [image for image, _ in samples]
+        labels = [int(cls) for _, cls in samples]
         if names is None or max(labels, default=0) >= len(names):
             raise SystemExit(
                 f"{path}: .tar shards need a classnames.txt beside them with a line for every .cls label"
             )
     else:
-        folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        names = names or folders
-        if not folders:
-            raise SystemExit(f"{path}: no class sub-folders and no .tar shards")
-        if set(folders) <= set(names):  # folders named as the classes
-            index = {f: names.index(f) for f in folders}
-        elif len(folders) == len(names):  # e.g. ImageNet's wnid folders: the i-th sorted folder is class i
-            index = {f: i for i, f in enumerate(folders)}
-        else:
-            raise SystemExit(
-                f"{path}: {len(folders)} class folders but {len(names)} class names, and the folders are not "
-                f"named as the classes: give one folder per class name (empty is fine), in classnames.txt order"
-            )
-        for f in folders:
-            files = sorted(os.listdir(os.path.join(path, f)))
-            images = [n for n in files if n.rpartition(".")[2].lower() in IMAGE_EXTS]
-            counts["not_an_image_file"] += len(files) - len(images)
-            items += [os.path.join(path, f, n) for n in images]
-            labels += [index[f]] * len(images)
+        items, labels, names = read_class_folders(path, names, counts)
     if not items:
         raise SystemExit(f"{path}: no images found")
-    return (
-        items,
-        torch.tensor(labels, dtype=torch.long),
-        names,
-        beside("templates.txt", "zeroshot_classification_templates.txt"),
-    )
+    templates = find_beside(path, "templates.txt", "zeroshot_classification_templates.txt")
+    return items, torch.tensor(labels, dtype=torch.long), names, templates
+
+
+def karpathy_records(data, split):
+    """{"image", "captions"} per image of `split` in Karpathy's dataset_coco.json / dataset_flickr30k.json."""
+    records = []
+    for r in data["images"]:
+        if r["split"] == split:
+            image = os.path.join(r.get("filepath", ""), r["filename"])
+            records.append({"image": image, "captions": [s["raw"] for s in r["sentences"]]})
+    return records
+
+
+def record_captions(record):
+    """A record's non-blank captions as text: its "captions" (else "caption"), a list or a single string."""
+    captions = record.get("captions", record.get("caption")) or []
+    if isinstance(captions, str):
+        captions = [captions]
+    return [str(c) for c in captions if str(c).strip()]
 
 
 def read_retrieval(path, args, counts, need_images=True):
     """[(image path or bytes, [captions])] from wds tars, JSONL, a JSON list or Karpathy's JSON."""
     samples = wds_samples(path, args.split, "txt", counts)
     if samples is not None:
-        return [
-            (image, [c for c in decode_text(txt, counts).splitlines() if c.strip()]) for image, txt in samples
-        ]
-    path = os.path.join(path, "captions.jsonl") if os.path.isdir(path) else path
+        pairs = []
+        for image, txt in samples:
+            lines = decode_text(txt, counts).splitlines()  # a caption a line
+            pairs.append((image, [line for line in lines if line.strip()]))
+        return pairs
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "captions.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(
             f"{path}: no such retrieval file (JSONL, JSON, or a folder with captions.jsonl or .tar shards)"
@@ -715,18 +806,11 @@ def read_retrieval(path, args, counts, need_images=True):
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
         if isinstance(records, dict):  # Karpathy's dataset_coco.json / dataset_flickr30k.json
-            records = [
-                {
-                    "image": os.path.join(r.get("filepath", ""), r["filename"]),
-                    "captions": [s["raw"] for s in r["sentences"]],
-                }
-                for r in records["images"]
-                if r["split"] == args.split
-            ]
-    root, pairs, missing = args.image_root or os.path.dirname(os.path.abspath(path)), [], []
+            records = karpathy_records(records, args.split)
+    root = args.image_root or os.path.dirname(os.path.abspath(path))
+    pairs, missing = [], []
     for r in records:
-        captions = r.get("captions", r.get("caption")) or []
-        captions = [str(c) for c in ([captions] if isinstance(captions, str) else captions) if str(c).strip()]
+        captions = record_captions(r)
         image = os.path.join(root, str(r.get("image", "")))
         if not captions:
             counts["image_without_captions"] += 1
@@ -747,34 +831,36 @@ def read_retrieval(path, args, counts, need_images=True):
 
 
 class Images(torch.utils.data.Dataset):
+    """(index, transformed image) per item, a path or a tar sample's bytes; (index, None) where it cannot be read."""
+
     def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+        self.items = items
+        self.transform = transform
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
+        item = self.items[i]
+        source = io.BytesIO(item) if isinstance(item, bytes) else item
         try:
-            with Image.open(
-                io.BytesIO(self.items[i]) if isinstance(self.items[i], bytes) else self.items[i]
-            ) as img:
+            with Image.open(source) as img:
                 return i, self.transform(img.convert("RGB"))
-        except (
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-        ):  # not an image, truncated, corrupt
-            return i, None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return i, None  # not an image, truncated or corrupt: encode_images counts and names it
 
 
 def collate(batch):
-    good = [(i, x) for i, x in batch if x is not None]
-    return (
-        [i for i, _ in good],
-        torch.stack([x for _, x in good]) if good else None,
-        [i for i, x in batch if x is None],
-    )
+    """(indices of the readable images, those images stacked or None, indices of the unreadable ones)."""
+    kept, images, failed = [], [], []
+    for i, x in batch:
+        if x is None:
+            failed.append(i)
+        else:
+            kept.append(i)
+            images.append(x)
+    stacked = torch.stack(images) if images else None
+    return kept, stacked, failed
 
 
 def autocast(args):
@@ -830,9 +916,8 @@ def encode_texts(model, tokenizer, texts, args, what):
     ):
         with autocast(args):
             tokens = tokenizer(unique[start : start + size])
-            tokens = (
-                tokens.to(args.device) if torch.is_tensor(tokens) else tokens
-            )  # a text tower tokenizes inside encode_text
+            # a text tower tokenizes inside encode_text
+            tokens = tokens.to(args.device) if torch.is_tensor(tokens) else tokens
             embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     index = {t: i for i, t in enumerate(unique)}
     return torch.cat(embs)[torch.tensor([index[t] for t in texts], dtype=torch.long)]
@@ -914,7 +999,8 @@ def run_linear_probe(model, transform, tokenizer, path, args, counts):
         test_y = labels[kept]
     else:  # one labelled set: a stratified half is the test set
         train, test = stratified_split(y, 0.5, args.seed)
-        x, y, test_x, test_y = x[train], y[train], x[test], y[test]
+        test_x, test_y = x[test], y[test]
+        x, y = x[train], y[train]
     warn_empty_classes(names, test_y, f"{path} (probe test)", counts)
     metrics, extra = linear_probe(
         x, y, test_x, test_y, len(names), args.probe_k_shot, args.seed, args.device, solver=args.probe_solver
@@ -929,10 +1015,10 @@ def run_cra(model, transform, tokenizer, path, args, counts):
     counts["image_with_one_caption"] += len(groups) - len(pairs)
     if not pairs:
         raise SystemExit(f"{path}: CRA needs images with two captions or more")
-    emb, ids = (
-        encode_texts(model, tokenizer, [c for pair in pairs for c in pair], args, "captions"),
-        torch.arange(len(pairs)),
-    )
+    captions = [caption for pair in pairs for caption in pair]
+    emb = encode_texts(model, tokenizer, captions, args, "captions")
+    ids = torch.arange(len(pairs))
+    # first captions (even rows) query the second captions (odd rows); the right answer has the same id
     hits = hits_at(emb[0::2], emb[1::2], ids, ids, (1,))
     return {"cra": hits[:, 0].mean().item()}, {"n": {"images": len(pairs)}, "ties": tie_note(hits, ["cra"])}
 
@@ -950,11 +1036,19 @@ class TextTowerCLIP(nn.Module):
         return self.clip.encode_image(x)
 
     def encode_text(self, texts):
-        with torch.autocast(
-            torch.device(self.device).type, enabled=False
-        ):  # in its own dtype: a bf16 LLM can overflow fp16
+        # in its own dtype: a bf16 LLM can overflow fp16
+        with torch.autocast(torch.device(self.device).type, enabled=False):
             emb = tower_encode(self.tower, self.tokenizer, texts, self.recipe, self.device)
         return emb if self.adapter is None else self.adapter(emb)
+
+
+def adapter_weights(meta):
+    """The adapter's weights from a checkpoint's "extra_state_dict", without their "adapter." prefix."""
+    weights = {}
+    for key, value in meta.get("extra_state_dict", {}).items():
+        if key.startswith("adapter."):
+            weights[key[len("adapter.") :]] = value
+    return weights
 
 
 def attach_text_tower(clip, meta, args):
@@ -975,18 +1069,11 @@ def attach_text_tower(clip, meta, args):
     adapter = None
     if cfg:
         adapter = Adapter(**cfg["adapter"])
-        adapter.load_state_dict(
-            {
-                k[len("adapter.") :]: v
-                for k, v in meta.get("extra_state_dict", {}).items()
-                if k.startswith("adapter.")
-            }
-        )
-        if (
-            getattr(tower.config, "hidden_size", adapter.config["dim"]) != adapter.config["dim"]
-        ):  # a wrong --text-tower
+        adapter.load_state_dict(adapter_weights(meta))
+        dim = adapter.config["dim"]
+        if getattr(tower.config, "hidden_size", dim) != dim:  # a wrong --text-tower
             raise SystemExit(
-                f"text tower {path}: width {tower.config.hidden_size}, but the adapter was trained on {adapter.config['dim']}"
+                f"text tower {path}: width {tower.config.hidden_size}, but the adapter was trained on {dim}"
             )
     recipe = dict(settings)
     for key in RECIPE_KEYS:  # as trained: the checkpoint's record of how the tower embedded its texts
@@ -996,6 +1083,20 @@ def attach_text_tower(clip, meta, args):
     return model, {"text_tower": path}
 
 
+def read_checkpoint(ckpt):
+    """A checkpoint file's contents (a 05_train.py one: {"state_dict", "epoch", "step", ...}), read without running
+    pickled code; {} for no file or one open_clip reads without pickle."""
+    if not ckpt or ckpt.endswith((".safetensors", ".npz", ".npy")):
+        return {}
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise SystemExit(
+            f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
+            f"checkpoint must hold only tensors and plain Python values (store args as a dict)"
+        ) from e
+
+
 def load_model(args):
     """open_clip model, eval transform, tokenizer, and what identifies the weights; LLM2CLIP checkpoints get their text tower."""
     import open_clip
@@ -1003,10 +1104,13 @@ def load_model(args):
     if not args.pretrained:  # text-only: the raw tower; strings go straight to its encode_text
         model, weights = attach_text_tower(None, None, args)
         return model, None, list, weights
-    ckpt = args.pretrained if os.path.isfile(args.pretrained) else None
-    config = args.model_config or (
-        os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json") if ckpt else None
-    )
+    ckpt = args.pretrained if os.path.isfile(args.pretrained) else None  # else an open_clip tag
+    if args.model_config:
+        config = args.model_config
+    elif ckpt:  # 05_train.py writes <NAME>.json beside its checkpoints
+        config = os.path.join(os.path.dirname(os.path.abspath(ckpt)), args.model + ".json")
+    else:
+        config = None
     if config and os.path.isfile(config):
         if os.path.splitext(os.path.basename(config))[0] != args.model:
             raise SystemExit(
@@ -1020,22 +1124,18 @@ def load_model(args):
             f"--model {args.model}: not an open_clip model, and no {config or '<NAME>.json'} config "
             f"(05_train.py writes it beside its checkpoints; or pass --model-config)"
         )
-    meta = {}
-    if ckpt and not ckpt.endswith((".safetensors", ".npz", ".npy")):  # open_clip reads those without pickle
-        try:
-            meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise SystemExit(
-                f"{ckpt}: torch.load(weights_only=True) refuses it ({type(e).__name__}: {str(e)[:300]}); a "
-                f"checkpoint must hold only tensors and plain Python values (store args as a dict)"
-            ) from e
+    meta = read_checkpoint(ckpt)
     if args.pretrained == "none":
         print0("WARNING --pretrained none: random weights (a chance-level row)")
     model, _, transform = open_clip.create_model_and_transforms(
         args.model, device=args.device, pretrained=None if args.pretrained == "none" else args.pretrained
     )
-    weights = {"model": args.model, **{k: meta.get(k) for k in ("epoch", "step") if isinstance(meta, dict)}}
-    if args.text_tower or isinstance(meta, dict) and "text_tower" in meta:
+    weights = {"model": args.model}
+    if isinstance(meta, dict):
+        weights["epoch"] = meta.get("epoch")
+        weights["step"] = meta.get("step")
+    # LLM2CLIP: texts go through a language-model tower and the checkpoint's adapter
+    if args.text_tower or (isinstance(meta, dict) and "text_tower" in meta):
         model, tower = attach_text_tower(model, meta, args)
         return model, transform, list, {**weights, **tower}
     return model.eval(), transform, open_clip.get_tokenizer(args.model), weights
@@ -1072,20 +1172,30 @@ def append_result(path, record):
         os.fsync(f.fileno())
 
 
+def table_columns(records):
+    """The (task, dataset) pairs measured, tasks in TABLE's order, a task's datasets in the order first met."""
+    tasks = list(TABLE)
+    pairs = dict.fromkeys((task, dataset) for _, task, dataset in records if task in TABLE)
+    return sorted(pairs, key=lambda pair: tasks.index(pair[0]))
+
+
 def markdown_table(records):
     """A row per name, a column per (dataset, metric), tasks in TABLE's order; percentages, – where not measured."""
-    columns = sorted(
-        dict.fromkeys((t, d) for _, t, d in records if t in TABLE), key=lambda c: list(TABLE).index(c[0])
-    )
-    header = ["model"] + [f"{d} {label}" for t, d in columns for _, label in TABLE[t]]
+    columns = table_columns(records)
+    header = ["model"]
+    for task, dataset in columns:
+        for _, label in TABLE[task]:
+            header.append(f"{dataset} {label}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in dict.fromkeys(n for n, _, _ in records):
-        cells = [
-            records.get((name, t, d), {}).get("metrics", {}).get(k) for t, d in columns for k, _ in TABLE[t]
-        ]
-        lines.append(
-            "| " + " | ".join([str(name)] + ["–" if v is None else f"{100 * v:.1f}" for v in cells]) + " |"
-        )
+    names = dict.fromkeys(n for n, _, _ in records)  # in the order first met
+    for name in names:
+        cells = [str(name)]
+        for task, dataset in columns:
+            metrics = records.get((name, task, dataset), {}).get("metrics", {})
+            for key, _ in TABLE[task]:
+                value = metrics.get(key)
+                cells.append("–" if value is None else f"{100 * value:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1258,17 +1368,15 @@ def parse_args(argv=None):
         "bfloat16" if args.device.startswith("cuda") else "float32"
     )
     args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
-    if (
-        not args.pretrained
-    ):  # a tower has no image side: the text-only benchmark alone; toy/cc_minilm/model -> text:cc_minilm
+    # a tower has no image side: the text-only benchmark alone; toy/cc_minilm/model -> text:cc_minilm
+    if not args.pretrained:
         args.zeroshot = args.retrieval = args.linear_probe = []
         parts = os.path.normpath(os.path.abspath(args.text_tower)).split(os.sep)
         args.name = args.name or "text:" + (
             parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
         )
-    if args.name is None and os.path.isfile(
-        args.pretrained
-    ):  # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
+    # runs/alt/latest.pt -> alt, runs/alt/epoch_3.pt -> alt/epoch_3
+    if args.name is None and os.path.isfile(args.pretrained):
         run = os.path.basename(os.path.dirname(os.path.abspath(args.pretrained)))
         stem = os.path.splitext(os.path.basename(args.pretrained))[0]
         args.name = run if stem == "latest" else f"{run}/{stem}"
@@ -1276,30 +1384,39 @@ def parse_args(argv=None):
     return args
 
 
+def tasks_of(args):
+    """[(task, dataset label, path)] of every benchmark asked for, in table order."""
+    tasks = []
+    for task, specs in (
+        ("zeroshot", args.zeroshot),
+        ("retrieval", args.retrieval),
+        ("linear_probe", args.linear_probe),
+        ("cra", args.cra),
+    ):
+        for spec in specs:
+            label, path = label_and_path(spec)
+            if task == "linear_probe" and args.probe_k_shot:
+                label += f" {args.probe_k_shot}-shot"  # a k-shot probe is its own column
+            tasks.append((task, label, path))
+    return tasks
+
+
 def main(argv=None):
     args = parse_args(argv)
-    tasks = [
-        (task, *label_and_path(spec))
-        for task, specs in (
-            ("zeroshot", args.zeroshot),
-            ("retrieval", args.retrieval),
-            ("linear_probe", args.linear_probe),
-            ("cra", args.cra),
-        )
-        for spec in specs
-    ]
-    shot = f" {args.probe_k_shot}-shot" if args.probe_k_shot else ""  # a k-shot probe is its own column
-    tasks = [(task, label + shot if task == "linear_probe" else label, path) for task, label, path in tasks]
-    # the tower is part of what was measured: a row from another --text-tower is measured again
+    tasks = tasks_of(args)
+    # the weights and the tower are part of what was measured: a row from other ones is measured again
     have = read_results(args.results)
-    ident = {
-        **(weights_id(args.pretrained) if args.pretrained else {}),
-        **(tower_id(args.text_tower) if args.text_tower else {}),
-    }
+    ident = {}
+    if args.pretrained:
+        ident.update(weights_id(args.pretrained))
+    if args.text_tower:
+        ident.update(tower_id(args.text_tower))
     old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
-    todo = [
-        t for t in tasks if args.overwrite or not old[t] or any(old[t].get(k) != v for k, v in ident.items())
-    ]
+    todo = []
+    for t in tasks:
+        same_weights = old[t] and all(old[t].get(k) == v for k, v in ident.items())
+        if args.overwrite or not same_weights:
+            todo.append(t)
     for t in tasks:
         if t not in todo:
             print0(

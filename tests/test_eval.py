@@ -43,9 +43,8 @@ def test_classification_known_answers_ties_and_fewer_than_5_classes():
     m, ties = ev.classification_metrics(hits, y, 3)
     assert set(m) == {"acc1", "mean_per_class_recall"}  # no top-5 with 3 classes
     assert m["acc1"] == pytest.approx(3 / 5) and ties == {"acc1": pytest.approx(2 / 5)}
-    assert m["mean_per_class_recall"] == pytest.approx(
-        (1.5 / 3 + 0.5 + 1) / 3
-    )  # balanced, not the plain accuracy
+    # balanced, not the plain accuracy
+    assert m["mean_per_class_recall"] == pytest.approx((1.5 / 3 + 0.5 + 1) / 3)
 
 
 def test_top5_and_a_collapsed_model_scores_chance():
@@ -70,13 +69,14 @@ def test_top5_and_a_collapsed_model_scores_chance():
 
 def test_retrieval_known_answer_several_captions_per_image():
     # scores[i, j] = image i . caption j; captions 0,1 -> image 0, 2 -> image 1, 3,4,5 -> image 2
+    # image 2: its captions 4, 5 tie caption 0 (another image's)
     scores = torch.tensor(
         [
             [0.9, 0.1, 0.95, 0.0, 0.0, 0.0],
             [0.2, 0.1, 0.5, 0.6, 0.1, 0.1],  # caption 1 ties image 0 and image 1
             [0.7, 0.0, 0.0, 0.1, 0.7, 0.7],
         ]
-    )  # image 2: its captions 4, 5 tie caption 0 (another image's)
+    )
     text_image = torch.tensor([0, 0, 1, 2, 2, 2])
     m, ties = ev.retrieval_metrics(torch.eye(3), scores.T.contiguous(), text_image)
     # image->text: image 0's best caption (0.9) is beaten by caption 2, image 1's by caption 3; image 2: two positives and
@@ -221,9 +221,8 @@ def test_logistic_regression_reaches_the_regularised_optimum():
     x, y = clusters(20, noise=1.0)
     xb, lam = ev.with_bias(x), 1e-2
     w = ev.fit_logistic(xb, y, 4, lam)
-    assert torch.allclose(
-        w, ev.fit_logistic(xb, y, 4, lam, init=ev.fit_logistic(xb, y, 4, 1.0)), atol=1e-4
-    )  # warm start: same answer
+    # warm start: same answer
+    assert torch.allclose(w, ev.fit_logistic(xb, y, 4, lam, init=ev.fit_logistic(xb, y, 4, 1.0)), atol=1e-4)
     grad = xb.T @ (torch.softmax(xb @ w, 1) - F.one_hot(y, 4).double()) / len(x)
     grad[:-1] += lam * w[:-1]  # the bias row is not penalised
     assert grad.abs().max() < 1e-5  # a stationary point of the convex objective is its optimum
@@ -309,6 +308,124 @@ def test_minibatch_probe_memory_does_not_grow_with_samples():
     bound = max(4096 * 17, 8192 * 17, 17 * 10)  # a batch of rows or of logits, a chunk of rows, W
     assert largest_matrices("minibatch", 5000) == largest_matrices("minibatch", 20000) == bound
     assert largest_matrices("lbfgs", 20000) >= 4 * largest_matrices("lbfgs", 5000) > bound
+
+
+# ---- dataset readers and the results table ----
+
+
+def test_dataset_labels_from_paths(tmp_path, monkeypatch):
+    assert ev.label_and_path("imagenet=/data/imagenet/val") == ("imagenet", "/data/imagenet/val")
+    # a split: two parts
+    assert ev.label_and_path("/data/imagenet/val") == (
+        "imagenet/val",
+        "/data/imagenet/val",
+    )
+    assert ev.label_and_path("/data/coco/dataset_coco.json") == (
+        "dataset_coco",
+        "/data/coco/dataset_coco.json",
+    )
+    assert ev.label_and_path("data/test.jsonl") == ("data/test.jsonl", "data/test.jsonl")
+    assert ev.label_and_path("val") == ("val", "val")
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("a=b")
+    assert ev.label_and_path("a=b") == ("a=b", "a=b")  # an existing path with "=" in its name is a path
+
+
+def png_bytes(color, fmt="PNG"):
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_class_folders_by_order_with_metadata_one_level_up(tmp_path):
+    """ImageNet-style folders (not named as the classes): the i-th sorted folder is class i; classnames.txt and the
+    templates are found in the folder's parent; a file that is no image is counted."""
+    for name in ("n02/b.png", "n01/a.png", "n02/c.JPG"):
+        (tmp_path / "val" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / name).write_bytes(png_bytes("red"))
+    (tmp_path / "val/n01/readme.txt").write_text("not an image")
+    (tmp_path / "classnames.txt").write_text("goldfish\n\nshark\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("a {c}.\n")
+    args, counts = argparse.Namespace(classnames=None, split="test"), Counter()
+    items, labels, names, templates = ev.read_classes(str(tmp_path / "val"), args, counts)
+    val = str(tmp_path / "val")
+    assert items == [f"{val}/n01/a.png", f"{val}/n02/b.png", f"{val}/n02/c.JPG"] and labels.tolist() == [
+        0,
+        1,
+        1,
+    ]
+    assert names == ["goldfish", "shark"] and templates == str(
+        tmp_path / "zeroshot_classification_templates.txt"
+    )
+    assert counts == {"not_an_image_file": 1}
+    (tmp_path / "classnames.txt").write_text("goldfish\nshark\nthird\n")
+    with pytest.raises(SystemExit, match="2 class folders but 3 class names"):
+        ev.read_classes(val, args, Counter())
+
+
+def test_retrieval_formats_json_list_karpathy_and_caption_shapes(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        (tmp_path / f"images/{i}.png").write_bytes(png_bytes("blue"))
+    records = [
+        {"image": "images/0.png", "captions": ["one", "  ", 2]},  # blank dropped, a number made text
+        {"image": "images/1.png", "caption": "a single string"},
+        {"image": "images/1.png", "captions": []},
+        {"image": "images/gone.png", "captions": ["lost"]},
+    ]
+    (tmp_path / "list.json").write_text(json.dumps(records))
+    args, counts = argparse.Namespace(split="test", image_root=None), Counter()
+    pairs = ev.read_retrieval(str(tmp_path / "list.json"), args, counts)
+    assert pairs == [
+        (str(tmp_path / "images/0.png"), ["one", "2"]),
+        (str(tmp_path / "images/1.png"), ["a single string"]),
+    ]
+    assert counts == {"image_without_captions": 1, "missing_image_file": 1}
+    texts_only = ev.read_retrieval(str(tmp_path / "list.json"), args, Counter(), need_images=False)
+    assert [p for p, _ in texts_only] == [p for p, _ in pairs] + [str(tmp_path / "images/gone.png")]
+    karpathy = {
+        "images": [
+            {
+                "filepath": "images",
+                "filename": "0.png",
+                "split": "test",
+                "sentences": [{"raw": "a"}, {"raw": "b"}],
+            },
+            {"filepath": "images", "filename": "1.png", "split": "train", "sentences": [{"raw": "c"}]},
+            {"filename": "images/1.png", "split": "test", "sentences": [{"raw": "d"}]},
+        ]
+    }
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    assert ev.read_retrieval(str(tmp_path / "dataset_coco.json"), args, Counter()) == [
+        (str(tmp_path / "images/0.png"), ["a", "b"]),
+        (str(tmp_path / "images/1.png"), ["d"]),
+    ]
+
+
+def test_unreadable_images_are_collated_apart(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes("red"))
+    items = [str(tmp_path / "a.png"), b"not an image", png_bytes("blue"), str(tmp_path / "gone.png")]
+    dataset = ev.Images(items, lambda img: torch.tensor(img.getpixel((0, 0)), dtype=torch.float32))
+    batch = [dataset[i] for i in range(len(dataset))]
+    assert [x is None for _, x in batch] == [False, True, False, True]
+    kept, images, failed = ev.collate(batch)
+    assert kept == [0, 2] and failed == [1, 3] and images.tolist() == [[255, 0, 0], [0, 0, 255]]
+    assert ev.collate(batch[1:2]) == ([], None, [1])
+
+
+def test_markdown_table_layout():
+    records = {
+        ("CLIP", "cra", "toy"): {"metrics": {"cra": 0.5}},
+        ("CLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.25, "mean_per_class_recall": 0.12345}},
+        ("LaCLIP", "zeroshot", "toy"): {"metrics": {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": 0.5}},
+        ("LaCLIP", "other", "toy"): {"metrics": {"x": 1.0}},  # a task TABLE does not show
+    }
+    assert ev.markdown_table(records) == (  # tasks in TABLE's order, not the records'; – where not measured
+        "| model | toy top-1 | toy top-5 | toy mean recall | toy CRA |\n"
+        "|---|---|---|---|---|\n"
+        "| CLIP | 25.0 | – | 12.3 | 50.0 |\n"
+        "| LaCLIP | 50.0 | 100.0 | 50.0 | – |\n"
+    )
 
 
 # ---- end to end on the toy eval sets with toy checkpoints ----
@@ -448,9 +565,8 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
         and zs["templates"].endswith("templates.txt")
         and zs["n_templates"] == 7
     )
-    assert (
-        rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0
-    )  # 8 images
+    # 8 images
+    assert rt["n"] == {"images": 8, "captions": 40} and rt["metrics"]["image_retrieval_recall@10"] == 1.0
     assert lp["n"]["train"] + lp["n"]["test"] == 16 and 0 <= lp["metrics"]["lp_acc1"] <= 1
     shot = ev.main(
         [
@@ -479,9 +595,8 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
     )
     assert [json.loads(line) for line in open(results)] == new
     before = results.read_bytes()
-    assert (
-        evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before
-    )  # already there: skipped
+    # already there: skipped
+    assert evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before
     os.utime(ckpts["alt"], (zs["checkpoint_mtime"] + 60,) * 2)  # as if training went on: the rows are stale
     again = evaluate(toy, ckpts["alt"], results, "--retrieval", "--linear-probe")
     assert [r["task"] for r in again] == ["zeroshot"] and again[0]["checkpoint_mtime"] == zs[
@@ -489,17 +604,16 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
     ] + 60
     redo = evaluate(toy, ckpts["alt"], results, "--overwrite", "--zeroshot", "--linear-probe")
     lines = [json.loads(line) for line in open(results)]
-    assert (
-        [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo
-    )  # history kept
+    # history kept
+    assert [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo
+    # the newest row per key counts
     assert list(ev.read_results(str(results)).values()) == [
         again[0],
         redo[0],
         lp,
-    ]  # the newest row per key counts
-    evaluate(
-        toy, ckpts["laclip"], results, "--name", "LaCLIP rewrites"
-    )  # a second model, a separate invocation
+    ]
+    # a second model, a separate invocation
+    evaluate(toy, ckpts["laclip"], results, "--name", "LaCLIP rewrites")
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith(
         "| model | zeroshot top-1 | zeroshot top-5 | zeroshot mean recall | retrieval I→T R@1"
@@ -516,9 +630,8 @@ def test_checkpoint_weights_and_config_lookup(toy, ckpts, tmp_path):
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(ckpts["alt"], lone / "latest.pt")
-    with pytest.raises(
-        SystemExit, match="toy-clip-lone.json"
-    ):  # a name open_clip has never seen, no config beside it
+    # a name open_clip has never seen, no config beside it
+    with pytest.raises(SystemExit, match="toy-clip-lone.json"):
         ev.load_model(ev.parse_args(["--model", "toy-clip-lone", "--pretrained", str(lone / "latest.pt")]))
     shutil.copy(toy / "models/toy-clip.json", tmp_path / "toy-clip-lone.json")
     ev.load_model(
@@ -821,9 +934,8 @@ def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
         "--cra",
         str(toy / "eval/retrieval"),
     ]
-    rows = ev.main(
-        args
-    )  # --zeroshot, --retrieval, --linear-probe keep their defaults: a tower alone has no image side
+    # --zeroshot, --retrieval, --linear-probe keep their defaults: a tower alone has no image side
+    rows = ev.main(args)
     assert [(r["name"], r["task"], r["dataset"]) for r in rows] == [("text:minilm", "cra", "retrieval")]
     assert (
         rows[0]["text_tower"] == str(toy / "models/minilm")
@@ -831,9 +943,8 @@ def test_text_only_mode_runs_cra_alone_and_resumes(toy, tmp_path):
         and 0 <= rows[0]["metrics"]["cra"] <= 1
     )
     assert ev.main(args) == [] and len(results.read_text().splitlines()) == 1  # already there: skipped
-    assert (
-        ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"
-    )  # 07's <out-dir>/model
+    # 07's <out-dir>/model
+    assert ev.parse_args(["--text-tower", "toy/cc_minilm/model"]).name == "text:cc_minilm"
     with pytest.raises(SystemExit):
         ev.parse_args([])  # neither --pretrained nor --text-tower
     tower = tmp_path / "tower"  # MiniLM's files, linked: a folder this test may change
@@ -877,9 +988,8 @@ def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
         ]
     )
     assert rows[0]["text_tower"] == str(toy / "models/minilm")  # the override is recorded
-    with pytest.raises(
-        SystemExit, match="no LLM2CLIP checkpoint"
-    ):  # a plain CLIP checkpoint has no adapter to put on a tower
+    # a plain CLIP checkpoint has no adapter to put on a tower
+    with pytest.raises(SystemExit, match="no LLM2CLIP checkpoint"):
         ev.load_model(
             ev.parse_args(["--pretrained", str(ckpts["alt"]), "--text-tower", str(toy / "models/minilm")])
         )
