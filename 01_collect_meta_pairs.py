@@ -189,14 +189,14 @@ class TextEngine:
         trust_remote_code=False,
         repetition_penalty=1.0,
     ):
-        self.kind, self.model_id, self._stops = kind, model, {}
+        self.kind = kind
+        self.model_id = model
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
         self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = (
-            temperature,
-            top_p,
-            max_new_tokens,
-            batch_size,
-        )
+        self._stops = {}  # transformers' stopping criteria per stop list, see _stopping_criteria
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
             import torch
@@ -220,19 +220,20 @@ class TextEngine:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.device = (
-                f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
-            )  # torchrun: one GPU per rank
+            _, _, local_rank = dist_env()  # torchrun: one GPU per rank
+            self.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            # left padding: every row of a batch then ends where its answer starts
             self.tokenizer = AutoTokenizer.from_pretrained(
                 model, padding_side="left", trust_remote_code=trust_remote_code
             )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = (
-                getattr(torch, dtype)
-                if dtype != "auto"
-                else (torch.bfloat16 if self.device != "cpu" else torch.float32)
-            )
+            if dtype != "auto":
+                torch_dtype = getattr(torch, dtype)
+            elif self.device == "cpu":
+                torch_dtype = torch.float32
+            else:
+                torch_dtype = torch.bfloat16
             self.model = AutoModelForCausalLM.from_pretrained(
                 model, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
@@ -264,16 +265,19 @@ class TextEngine:
                 os.environ.pop(name, None)
 
     def chat_prompt(self, user_text, system=None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user_text}
-        ]
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": user_text})
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            return (
-                text[len(bos) :] if bos and text.startswith(bos) else text
-            )  # both engines add BOS when encoding
-        return f"{system + chr(10) if system else ''}{user_text}\n"
+            if bos and text.startswith(bos):
+                text = text[len(bos) :]  # both engines add BOS when encoding
+            return text
+        if system:
+            return f"{system}\n{user_text}\n"
+        return f"{user_text}\n"
 
     def count_tokens(self, text):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -282,44 +286,47 @@ class TextEngine:
         if not prompts:
             return []
         if self.kind == "vllm":
-            from vllm import SamplingParams
+            return self._generate_vllm(prompts, seeds, n, stop)
+        return self._generate_hf(prompts, seeds, n, stop)
 
-            greedy = self.temperature <= 0
-            params = [
-                SamplingParams(
-                    n=n,
-                    temperature=max(self.temperature, 0.0),
-                    top_p=1.0 if greedy else self.top_p,
-                    max_tokens=self.max_new_tokens,
-                    seed=s,
-                    stop=stop,
-                    repetition_penalty=self.repetition_penalty,
-                )
-                for s in seeds
-            ]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return [[c.text for c in out.outputs] for out in outputs]
-        import torch
-        from transformers import StoppingCriteriaList, StopStringCriteria
+    def _generate_vllm(self, prompts, seeds, n, stop):
+        from vllm import SamplingParams
 
-        if (
-            stop and tuple(stop) not in self._stops
-        ):  # built once: transformers' own cache misses for some tokenizers
-            self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
-        results = [None] * len(prompts)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            torch.manual_seed(
-                hash(tuple(seeds[i] for i in idx)) % (2**63)
-            )  # one stream per batch: seeds cannot be per row here
-            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            sampling = (
-                dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-                if self.temperature > 0
-                else dict(do_sample=False)
+        greedy = self.temperature <= 0
+        params = []
+        for seed in seeds:
+            # a seed per request: a completion does not depend on what else is in the call
+            sampling = SamplingParams(
+                n=n,
+                temperature=max(self.temperature, 0.0),
+                top_p=1.0 if greedy else self.top_p,
+                max_tokens=self.max_new_tokens,
+                seed=seed,
+                stop=stop,
+                repetition_penalty=self.repetition_penalty,
             )
+            params.append(sampling)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            results.append([completion.text for completion in output.outputs])
+        return results
+
+    def _generate_hf(self, prompts, seeds, n, stop):
+        import torch
+
+        stopping_criteria = self._stopping_criteria(stop)
+        if self.temperature > 0:
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        else:
+            sampling = {"do_sample": False}
+        results = [None] * len(prompts)
+        for batch in self._length_sorted_batches(prompts):
+            # transformers draws one random stream for the whole batch, so the batch, not the row, is seeded
+            batch_seeds = tuple(seeds[i] for i in batch)
+            torch.manual_seed(hash(batch_seeds) % (2**63))
+            batch_prompts = [prompts[i] for i in batch]
+            enc = self.tokenizer(batch_prompts, return_tensors="pt", padding=True).to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(
                     **enc,
@@ -328,12 +335,35 @@ class TextEngine:
                     num_return_sequences=n,
                     repetition_penalty=self.repetition_penalty,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=self._stops.get(tuple(stop or ())),
+                    stopping_criteria=stopping_criteria,
                 )
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for j, i in enumerate(idx):
-                results[i] = texts[j * n : (j + 1) * n]  # rows come grouped per prompt
+            prompt_length = enc["input_ids"].shape[1]
+            texts = self.tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
+            for row, i in enumerate(batch):
+                results[i] = texts[row * n : (row + 1) * n]  # the n completions of a prompt are adjacent rows
         return results
+
+    def _length_sorted_batches(self, prompts):
+        """Lists of prompt indices, batch_size at most, shortest first: similar token counts pad less."""
+        token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        lengths = [len(ids) for ids in token_ids]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            batches.append(order[start : start + self.batch_size])
+        return batches
+
+    def _stopping_criteria(self, stop):
+        """transformers' criteria for a list of stop strings, or None. Built once per list and kept:
+        transformers' own cache misses for some tokenizers."""
+        if not stop:
+            return None
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        key = tuple(stop)
+        if key not in self._stops:
+            self._stops[key] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self._stops[key]
 
 
 # ---- end text engine

@@ -599,8 +599,12 @@ class VisionEngine:
     ):
         from transformers import AutoProcessor
 
-        self.kind, self.model_id, self.batch_size = kind, model, batch_size
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.kind = kind
+        self.model_id = model
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
         self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.prompt = vlm_prompt(self.processor, question)
         if kind == "vllm":
@@ -608,6 +612,7 @@ class VisionEngine:
             import torch
             from vllm import LLM
 
+            # vLLM's CPU backend cannot rewind a seeded generator after a partial (chunked) prefill
             cpu = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
             self.llm = LLM(
                 model=model,
@@ -622,19 +627,22 @@ class VisionEngine:
             )
         elif kind == "hf":
             import torch
-            from transformers import (
-                AutoModelForImageTextToText,
-            )  # LlavaForConditionalGeneration for LLaVA checkpoints
+            from transformers import AutoModelForImageTextToText  # LLaVA: LlavaForConditionalGeneration
 
             gpus = torch.cuda.device_count()
-            self.device = f"cuda:{dist_env()[2] % gpus}" if gpus else "cpu"
-            self.dtype = (
-                getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
-            )
+            _, _, local_rank = dist_env()  # torchrun: one GPU per rank
+            self.device = f"cuda:{local_rank % gpus}" if gpus else "cpu"
+            if dtype != "auto":
+                self.dtype = getattr(torch, dtype)
+            elif gpus:
+                self.dtype = torch.bfloat16
+            else:
+                self.dtype = torch.float32
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model, dtype=self.dtype, trust_remote_code=trust_remote_code
             )
             self.model.to(self.device).eval()
+            # left padding: every row of a batch then ends where its answer starts
             tok = self.processor.tokenizer
             tok.padding_side = "left"
             if tok.pad_token is None:
@@ -645,45 +653,54 @@ class VisionEngine:
     def generate(self, images, seeds):
         if not images:
             return []
-        greedy = self.temperature <= 0
         if self.kind == "vllm":
-            from vllm import SamplingParams
+            return self._generate_vllm(images, seeds)
+        return self._generate_hf(images, seeds)
 
-            params = [
-                SamplingParams(
-                    temperature=max(self.temperature, 0.0),
-                    top_p=1.0 if greedy else self.top_p,
-                    max_tokens=self.max_new_tokens,
-                    seed=s,
-                )
-                for s in seeds
-            ]
-            requests = [{"prompt": self.prompt, "multi_modal_data": {"image": im}} for im in images]
-            return [out.outputs[0].text for out in self.llm.generate(requests, params, use_tqdm=False)]
+    def _generate_vllm(self, images, seeds):
+        from vllm import SamplingParams
+
+        greedy = self.temperature <= 0
+        params = []
+        for seed in seeds:
+            # a seed per request: a caption does not depend on what else is in the call
+            sampling = SamplingParams(
+                temperature=max(self.temperature, 0.0),
+                top_p=1.0 if greedy else self.top_p,
+                max_tokens=self.max_new_tokens,
+                seed=seed,
+            )
+            params.append(sampling)
+        requests = []
+        for image in images:
+            requests.append({"prompt": self.prompt, "multi_modal_data": {"image": image}})
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
+
+    def _generate_hf(self, images, seeds):
         import torch
 
-        texts, tok = [], self.processor.tokenizer
-        sampling = (
-            dict(do_sample=False)
-            if greedy
-            else dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        )
+        greedy = self.temperature <= 0
+        if greedy:
+            sampling = {"do_sample": False}
+        else:
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        texts = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
-            torch.manual_seed(
-                hash(tuple(seeds[start : start + self.batch_size])) % (2**63)
-            )  # one stream per batch
-            enc = self.processor(
-                images=batch, text=[self.prompt] * len(batch), return_tensors="pt", padding=True
-            )
+            batch_seeds = tuple(seeds[start : start + self.batch_size])
+            # transformers draws one random stream for the whole batch, so the batch, not the image, is seeded
+            torch.manual_seed(hash(batch_seeds) % (2**63))
+            prompts = [self.prompt] * len(batch)
+            enc = self.processor(images=batch, text=prompts, return_tensors="pt", padding=True)
             enc = enc.to(self.device, dtype=self.dtype)  # the dtype applies to pixel values only
             with torch.inference_mode():
                 out = self.model.generate(
-                    **enc, **sampling, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id
+                    **enc, **sampling, max_new_tokens=self.max_new_tokens, pad_token_id=pad_token_id
                 )
-            texts += self.processor.batch_decode(
-                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+            prompt_length = enc["input_ids"].shape[1]
+            texts += self.processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
         return texts
 
 
@@ -770,32 +787,35 @@ def generate_isolating(engine, images, seeds, errors):
         return []
     try:
         return engine.generate(images, seeds)
-    except (
-        Exception
-    ) as e:  # what a bad image raises depends on the model's processor; systematic errors re-raise below
+    except Exception as e:
+        # what a bad image raises depends on the model's processor; caption_chunk re-raises a systematic error
         if len(images) == 1:
             errors.append(e)
             return [None]
         mid = len(images) // 2
-        return generate_isolating(engine, images[:mid], seeds[:mid], errors) + generate_isolating(
-            engine, images[mid:], seeds[mid:], errors
-        )
+        first_half = generate_isolating(engine, images[:mid], seeds[:mid], errors)
+        second_half = generate_isolating(engine, images[mid:], seeds[mid:], errors)
+        return first_half + second_half
 
 
 def caption_chunk(engine, items, args, shard):
     """items: [(key, future of load_image or None)] -> one record per key, in order."""
-    records, keys, images, seeds = {}, [], [], []
+    records = {}
+    keys = []  # the keys whose image decoded: only these go to the model
+    images = []
+    seeds = []
     for key, future in items:
-        img, why = future.result() if future is not None else (None, "missing_image")
         if future is None:
             records[key] = {"key": key, "vec": None, "status": "missing_image"}
-        elif img is None:
+            continue
+        img, why = future.result()
+        if img is None:
             records[key] = {"key": key, "vec": None, "status": "failed_image", "error": why}
         else:
             keys.append(key)
             images.append(img)
             seeds.append(sample_seed(args.seed, shard, key))
-    errors = []
+    errors = []  # one exception per image the model failed on, in image order
     texts = generate_isolating(engine, images, seeds, errors)
     if len(images) > 1 and len(errors) == len(images):
         raise RuntimeError(
@@ -803,16 +823,14 @@ def caption_chunk(engine, items, args, shard):
         ) from errors[-1]
     for key, text in zip(keys, texts, strict=True):
         if text is None:
-            print(
-                f"WARNING {shard}: the model failed on image {key}: {type(errors[0]).__name__}: {errors[0]}"[
-                    :300
-                ]
-            )
-            errors.pop(0)
+            error = errors.pop(0)
+            warning = f"WARNING {shard}: the model failed on image {key}: {type(error).__name__}: {error}"
+            print(warning[:300])
             records[key] = {"key": key, "vec": None, "status": "failed_image", "error": "model_error"}
         else:
             vec = clean_vec(text)
-            records[key] = {"key": key, "vec": vec or None, "status": "ok" if vec else "empty"}
+            status = "ok" if vec else "empty"
+            records[key] = {"key": key, "vec": vec or None, "status": status}
     return [records[key] for key, _ in items]
 
 
@@ -827,14 +845,18 @@ def samples_in(path):
 
 
 def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
-    name, start, counts = shard_name(path), time.time(), Counter()
+    name = shard_name(path)
+    start = time.time()
+    counts = Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
     done = read_partial(partial_path, tag)
     if done:
         print(f"{name}: resuming, {len(done)} images already captioned")
-    order, resumed = [], len(done)
+    resumed = len(done)
+    order = []  # every key of the shard, in shard order, filled as chunks() reads the tar
 
     def chunks():
+        """Lists of up to --chunk-size (key, image bytes or None) not captioned yet, read as they are needed."""
         chunk = []
         for key, raw in read_images(path, counts):
             order.append(key)
@@ -847,6 +869,7 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
             yield chunk
 
     def decode(chunk):
+        """[(key, future of load_image, or None for a key without an image)]: the chunk decodes in threads."""
         # padded here, in the decode threads: both engines get the same square and the GPU never waits on it
         futures = []
         for key, raw in chunk:
@@ -861,10 +884,8 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     progress = Progress(samples_in(path), name, unit="images", every=args.progress_every)
     progress.update(resumed)
     while ahead:
-        current, ahead = (
-            ahead,
-            decode(next(todo, [])),
-        )  # the next chunk decodes in threads while this one generates
+        current = ahead
+        ahead = decode(next(todo, []))  # the next chunk decodes in threads while this one generates
         records = caption_chunk(engine, current, args, name)
         check_claim(claim)  # a worker that took the shard over now appends to this file, not us
         append_partial(partial_path, tag, records)
@@ -874,10 +895,11 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     records = [done[k] for k in order]
     check_claim(claim)
     write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-    status, seconds = Counter(r["status"] for r in records), time.time() - start
-    counts.update(
-        r["error"] for r in records if "error" in r
-    )  # from the records, so a resumed shard counts them all
+    status = Counter(r["status"] for r in records)
+    seconds = time.time() - start
+    for r in records:  # from the records, so a resumed shard counts them all
+        if "error" in r:
+            counts[r["error"]] += 1
     stats = {
         "shard": name,
         "input": os.path.abspath(path),
@@ -900,12 +922,14 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
     if os.path.exists(partial_path):
         os.remove(partial_path)
-    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(
-        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['empty']} empty, {stats['failed']} failed, {stats['seconds']:.1f}s "
-        f"({stats['images_per_s']:.1f} img/s)" + (f" ({extra})" if extra else ""),
-        flush=True,
+    summary = (
+        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['empty']} empty, {stats['failed']} failed, "
+        f"{stats['seconds']:.1f}s ({stats['images_per_s']:.1f} img/s)"
     )
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    if extra:
+        summary += f" ({extra})"
+    print(summary, flush=True)
     return stats
 
 

@@ -551,14 +551,14 @@ class TextEngine:
         trust_remote_code=False,
         repetition_penalty=1.0,
     ):
-        self.kind, self.model_id, self._stops = kind, model, {}
+        self.kind = kind
+        self.model_id = model
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
         self.repetition_penalty = repetition_penalty  # 1.0 = off; > 1 discourages small models' loops
-        self.temperature, self.top_p, self.max_new_tokens, self.batch_size = (
-            temperature,
-            top_p,
-            max_new_tokens,
-            batch_size,
-        )
+        self._stops = {}  # transformers' stopping criteria per stop list, see _stopping_criteria
         if kind == "vllm":
             self._own_gpus(tensor_parallel_size)
             import torch
@@ -582,19 +582,20 @@ class TextEngine:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.device = (
-                f"cuda:{dist_env()[2]}" if torch.cuda.is_available() else "cpu"
-            )  # torchrun: one GPU per rank
+            _, _, local_rank = dist_env()  # torchrun: one GPU per rank
+            self.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            # left padding: every row of a batch then ends where its answer starts
             self.tokenizer = AutoTokenizer.from_pretrained(
                 model, padding_side="left", trust_remote_code=trust_remote_code
             )
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-            torch_dtype = (
-                getattr(torch, dtype)
-                if dtype != "auto"
-                else (torch.bfloat16 if self.device != "cpu" else torch.float32)
-            )
+            if dtype != "auto":
+                torch_dtype = getattr(torch, dtype)
+            elif self.device == "cpu":
+                torch_dtype = torch.float32
+            else:
+                torch_dtype = torch.bfloat16
             self.model = AutoModelForCausalLM.from_pretrained(
                 model, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
@@ -626,16 +627,19 @@ class TextEngine:
                 os.environ.pop(name, None)
 
     def chat_prompt(self, user_text, system=None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user_text}
-        ]
+        messages = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": user_text})
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             bos = self.tokenizer.bos_token
-            return (
-                text[len(bos) :] if bos and text.startswith(bos) else text
-            )  # both engines add BOS when encoding
-        return f"{system + chr(10) if system else ''}{user_text}\n"
+            if bos and text.startswith(bos):
+                text = text[len(bos) :]  # both engines add BOS when encoding
+            return text
+        if system:
+            return f"{system}\n{user_text}\n"
+        return f"{user_text}\n"
 
     def count_tokens(self, text):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -644,44 +648,47 @@ class TextEngine:
         if not prompts:
             return []
         if self.kind == "vllm":
-            from vllm import SamplingParams
+            return self._generate_vllm(prompts, seeds, n, stop)
+        return self._generate_hf(prompts, seeds, n, stop)
 
-            greedy = self.temperature <= 0
-            params = [
-                SamplingParams(
-                    n=n,
-                    temperature=max(self.temperature, 0.0),
-                    top_p=1.0 if greedy else self.top_p,
-                    max_tokens=self.max_new_tokens,
-                    seed=s,
-                    stop=stop,
-                    repetition_penalty=self.repetition_penalty,
-                )
-                for s in seeds
-            ]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return [[c.text for c in out.outputs] for out in outputs]
-        import torch
-        from transformers import StoppingCriteriaList, StopStringCriteria
+    def _generate_vllm(self, prompts, seeds, n, stop):
+        from vllm import SamplingParams
 
-        if (
-            stop and tuple(stop) not in self._stops
-        ):  # built once: transformers' own cache misses for some tokenizers
-            self._stops[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
-        results = [None] * len(prompts)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lengths.__getitem__)  # similar token counts pad less
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            torch.manual_seed(
-                hash(tuple(seeds[i] for i in idx)) % (2**63)
-            )  # one stream per batch: seeds cannot be per row here
-            enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(self.device)
-            sampling = (
-                dict(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-                if self.temperature > 0
-                else dict(do_sample=False)
+        greedy = self.temperature <= 0
+        params = []
+        for seed in seeds:
+            # a seed per request: a completion does not depend on what else is in the call
+            sampling = SamplingParams(
+                n=n,
+                temperature=max(self.temperature, 0.0),
+                top_p=1.0 if greedy else self.top_p,
+                max_tokens=self.max_new_tokens,
+                seed=seed,
+                stop=stop,
+                repetition_penalty=self.repetition_penalty,
             )
+            params.append(sampling)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            results.append([completion.text for completion in output.outputs])
+        return results
+
+    def _generate_hf(self, prompts, seeds, n, stop):
+        import torch
+
+        stopping_criteria = self._stopping_criteria(stop)
+        if self.temperature > 0:
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        else:
+            sampling = {"do_sample": False}
+        results = [None] * len(prompts)
+        for batch in self._length_sorted_batches(prompts):
+            # transformers draws one random stream for the whole batch, so the batch, not the row, is seeded
+            batch_seeds = tuple(seeds[i] for i in batch)
+            torch.manual_seed(hash(batch_seeds) % (2**63))
+            batch_prompts = [prompts[i] for i in batch]
+            enc = self.tokenizer(batch_prompts, return_tensors="pt", padding=True).to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(
                     **enc,
@@ -690,12 +697,35 @@ class TextEngine:
                     num_return_sequences=n,
                     repetition_penalty=self.repetition_penalty,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    stopping_criteria=self._stops.get(tuple(stop or ())),
+                    stopping_criteria=stopping_criteria,
                 )
-            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for j, i in enumerate(idx):
-                results[i] = texts[j * n : (j + 1) * n]  # rows come grouped per prompt
+            prompt_length = enc["input_ids"].shape[1]
+            texts = self.tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
+            for row, i in enumerate(batch):
+                results[i] = texts[row * n : (row + 1) * n]  # the n completions of a prompt are adjacent rows
         return results
+
+    def _length_sorted_batches(self, prompts):
+        """Lists of prompt indices, batch_size at most, shortest first: similar token counts pad less."""
+        token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        lengths = [len(ids) for ids in token_ids]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            batches.append(order[start : start + self.batch_size])
+        return batches
+
+    def _stopping_criteria(self, stop):
+        """transformers' criteria for a list of stop strings, or None. Built once per list and kept:
+        transformers' own cache misses for some tokenizers."""
+        if not stop:
+            return None
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        key = tuple(stop)
+        if key not in self._stops:
+            self._stops[key] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self._stops[key]
 
 
 # ---- end text engine
@@ -876,16 +906,29 @@ def context_budget(engine, max_prompt_tokens, max_new_tokens):
 def fit_prompt(engine, alt, vec, max_words, budget, bos):
     """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to the longest
     prefix that fits (binary search, ending at a word boundary where it has one); prompt None when none fits."""
-    fits = lambda a: engine.count_tokens(fusion_prompt(engine, a, vec, max_words, bos)) + 1 <= budget
+
+    def fits(text):
+        return engine.count_tokens(fusion_prompt(engine, text, vec, max_words, bos)) + 1 <= budget
+
     if fits(alt):
         return fusion_prompt(engine, alt, vec, max_words, bos), alt, False
-    lo, hi = 0, len(alt)
+    # binary search for the longest prefix alt[:lo] that fits (lo stays 0 when none does)
+    lo = 0
+    hi = len(alt)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(alt[:mid]) else (lo, mid - 1)
-    cut = alt[:lo] if alt[lo : lo + 1].isspace() or " " not in alt[:lo] else alt[:lo].rsplit(" ", 1)[0]
+        if fits(alt[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = alt[:lo]
+    next_char = alt[lo : lo + 1]
+    if not next_char.isspace() and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]  # the prefix ends mid-word: drop that word
     cut = cut.strip()
-    return (fusion_prompt(engine, cut, vec, max_words, bos) if cut else None), cut, True
+    if not cut:
+        return None, cut, True
+    return fusion_prompt(engine, cut, vec, max_words, bos), cut, True
 
 
 def parse_fused(completion, alt, vec, refusals, max_words):
@@ -960,60 +1003,99 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
     writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the retries known
     by then) is queued on a thread before the last answers are checked, so retries travel with later prompts.
     With transformers each call waits for the last one, chunk by chunk (its batches seed per batch)."""
-    overlap = args.engine == "vllm"
-    out, prompts, lead, attempt_of, chunk_of, unsettled = {}, {}, {}, {}, {}, {}
-    retries, next_chunk, in_flight = [], 0, None
-    with ThreadPoolExecutor(1) as pool:
-        while True:
-            keys = []
-            if overlap or in_flight is None:
-                keys, retries = retries, []
-                if next_chunk < len(item_lists) and (overlap or not keys):
-                    unsettled[next_chunk] = 0
-                    for key, alt, vec in item_lists[next_chunk]:
-                        chunk_of[key] = next_chunk
-                        prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
-                        counts["truncated"] += cut
-                        if prompt is None:
-                            counts["prompt_too_long"] += 1
-                            out[key] = (None, cut)
-                            continue
-                        prompts[key] = (prompt, used, vec, cut)
-                        attempt_of[key] = 0
-                        unsettled[next_chunk] += 1
-                        keys.append(key)
-                    next_chunk += 1
-            submitted = None
-            if keys:
-                batch = [prompts[key][0] + lead.get(key, "") for key in keys]
-                seeds = [sample_seed(args.seed, shard, key, attempt_of[key]) for key in keys]
-                submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
-            if in_flight is not None:
-                done_keys, future = in_flight
-                for key, (completion,) in zip(done_keys, future.result(), strict=True):
-                    _, used, vec, cut = prompts[key]
-                    fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
-                    if fused is None:
-                        counts[f"rejected_{why}"] += 1
-                        if why == "preamble" and key not in lead:
-                            lead[key] = completion.strip() + "\n"
-                        if attempt_of[key] < args.max_retries:
-                            counts["retries"] += 1
-                            attempt_of[key] += 1
-                            retries.append(key)
-                            continue
-                    elif why:  # cut_loop / cut_long: kept, and counted
-                        counts[why] += 1
-                    out[key] = (fused, cut)
-                    unsettled[chunk_of[key]] -= 1
-                for c in [c for c, left in unsettled.items() if left == 0]:
-                    del unsettled[c]
-                    yield c, settled_chunk(item_lists[c], out, prompts)
-            in_flight = submitted
-            if in_flight is None and not retries and next_chunk == len(item_lists):
-                break
-        for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
+    out = {}  # key -> (fused or None, cut?), until its chunk is yielded
+    prompts = {}  # key -> (prompt, AltText as used, vec, cut?) of each key that goes to the model
+    lead = {}  # key -> the preamble line its retries continue from
+    attempt_of = {}  # key -> its attempt, part of its seed
+    chunk_of = {}  # key -> index of its chunk
+    unsettled = {}  # chunk index -> how many of its keys still wait for a final answer
+
+    def first_keys(c):
+        """The keys of chunk c that go to the model; one whose prompt cannot fit is settled here, unanswered."""
+        unsettled[c] = 0
+        keys = []
+        for key, alt, vec in item_lists[c]:
+            chunk_of[key] = c
+            prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
+            counts["truncated"] += cut
+            if prompt is None:
+                counts["prompt_too_long"] += 1
+                out[key] = (None, cut)
+                continue
+            prompts[key] = (prompt, used, vec, cut)
+            attempt_of[key] = 0
+            unsettled[c] += 1
+            keys.append(key)
+        return keys
+
+    def call_inputs(keys):
+        """(prompts, seeds) of one generate call for `keys`."""
+        batch = []
+        seeds = []
+        for key in keys:
+            batch.append(prompts[key][0] + lead.get(key, ""))
+            seeds.append(sample_seed(args.seed, shard, key, attempt_of[key]))
+        return batch, seeds
+
+    def check(keys, completions):
+        """Keeps each accepted answer, and a key's last rejected one as None; returns the keys to retry."""
+        retries = []
+        for key, texts in zip(keys, completions, strict=True):
+            (completion,) = texts  # n = 1
+            _, used, vec, cut = prompts[key]
+            fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
+            if fused is None:
+                counts[f"rejected_{why}"] += 1
+                if why == "preamble" and key not in lead:
+                    lead[key] = completion.strip() + "\n"
+                if attempt_of[key] < args.max_retries:
+                    counts["retries"] += 1
+                    attempt_of[key] += 1
+                    retries.append(key)
+                    continue
+            elif why:  # cut_loop / cut_long: kept, and counted
+                counts[why] += 1
+            out[key] = (fused, cut)
+            unsettled[chunk_of[key]] -= 1
+        return retries
+
+    def settled_chunks():
+        finished = [c for c, left in unsettled.items() if left == 0]
+        for c in finished:
+            del unsettled[c]
             yield c, settled_chunk(item_lists[c], out, prompts)
+
+    if args.engine == "vllm":
+        retries = []
+        next_chunk = 0
+        in_flight = None  # (keys, future) of the call the engine is working on
+        with ThreadPoolExecutor(1) as pool:
+            while True:
+                keys = retries  # the retries known so far travel with the next chunk
+                if next_chunk < len(item_lists):
+                    keys = keys + first_keys(next_chunk)
+                    next_chunk += 1
+                submitted = None
+                if keys:  # queued before the call in flight is checked: the engine never waits
+                    batch, seeds = call_inputs(keys)
+                    submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
+                retries = []
+                if in_flight is not None:
+                    done_keys, future = in_flight
+                    retries = check(done_keys, future.result())
+                    yield from settled_chunks()
+                in_flight = submitted
+                if in_flight is None and not retries and next_chunk == len(item_lists):
+                    break
+    else:
+        for c in range(len(item_lists)):
+            keys = first_keys(c)
+            while keys:  # a chunk's retries go out alone, before the next chunk
+                batch, seeds = call_inputs(keys)
+                keys = check(keys, engine.generate(batch, seeds, 1, STOP))
+                yield from settled_chunks()
+    for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
+        yield c, settled_chunk(item_lists[c], out, prompts)
 
 
 def settled_chunk(items, out, prompts):

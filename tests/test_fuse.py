@@ -1,6 +1,7 @@
 """04_fuse: parsing and refusals, the AltText-only token budget, every fallback driven at the engine boundary,
 the join with 03 (missing on either side), 03 then 04 end to end with the tiny models, kill -9 + resume."""
 
+import hashlib
 import io
 import json
 import os
@@ -665,3 +666,62 @@ def test_fused_captions_scored_against_their_alttext(toy, vec_dir, tmp_path):
         ]
     )
     assert same > other + 0.3  # a real encoder: a paraphrase scores far above another scene
+
+
+class SeededFuser:
+    """A test double for the engine's contract: each answer a function of (prompt, seed) alone, as vLLM's
+    per-request seeds make it; some empty (retried), some a preamble line (continued on the retry)."""
+
+    tokenizer = None
+
+    def __init__(self):
+        self.calls = []
+
+    def chat_prompt(self, text):
+        return f"USER: {text}\nASSISTANT:"
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def generate(self, prompts, seeds, n=1, stop=None):
+        assert n == 1 and stop == fu.STOP
+        self.calls.append(len(prompts))
+        out = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            h = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest(), 16)
+            if prompt.endswith("caption:\n"):
+                out.append([f"A continued caption, number {h % 997}."])
+            elif h % 3 == 0:
+                out.append(["   "])
+            elif h % 4 == 0:
+                out.append(["Here is the caption:"])
+            else:
+                out.append([f"A fused caption, number {h % 997}."])
+        return out
+
+
+def test_fed_vllm_pipeline_gives_what_chunk_by_chunk_calls_give():
+    """vLLM's path queues the next chunk (with the retries known by then) before checking the last answers; the
+    captions, counts and chunk contents equal the chunk-by-chunk path's, with fewer calls."""
+    long_vec = " ".join(["word"] * 600)  # no room for it: prompt_too_long, nothing generated for its key
+    item_lists = [[(f"{c}-{i}", f"alt text {c} {i}", f"a vec {c} {i}") for i in range(6)] for c in range(4)]
+    item_lists[1][2] = ("1-2", "alt text", long_vec)
+    item_lists += [[], [("5-0", "alt", long_vec)]]
+    results = {}
+    for engine_kind in ("hf", "vllm"):
+        args = fu.parse_args(["--engine", engine_kind, "--max-retries", "2"])
+        engine, counts = SeededFuser(), Counter()
+        settled = dict(fu.fuse_llm(engine, item_lists, args, "s", counts, 512, ""))
+        assert sorted(settled) == list(range(6))
+        for c, items in enumerate(item_lists):
+            assert sorted(settled[c]) == sorted(key for key, _, _ in items)
+        results[engine_kind] = (settled, counts, engine.calls)
+    (hf, hf_counts, hf_calls), (vllm, vllm_counts, vllm_calls) = results["hf"], results["vllm"]
+    assert vllm == hf and vllm_counts == hf_counts
+    assert (
+        hf_counts["retries"] > 0 and hf_counts["rejected_preamble"] > 0 and hf_counts["prompt_too_long"] == 2
+    )
+    assert hf[1]["1-2"][0] is None and hf[5]["5-0"][0] is None
+    assert any(fused is None for made in hf.values() for fused, _ in made.values())
+    assert any(fused.startswith("A continued") for made in hf.values() for fused, _ in made.values() if fused)
+    assert len(vllm_calls) < len(hf_calls)  # retries went out with later chunks, not as calls of their own

@@ -652,3 +652,150 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     assert (
         rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []
     )  # already scored
+
+
+class Encoding(dict):
+    """A tokenizer's output: a dict of tensors that `.to(device)` leaves as it is."""
+
+    def to(self, device):
+        return self
+
+
+class CharTokenizer:
+    """One token per character, 0 pads: enough of a tokenizer for TextEngine's transformers path."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=True, return_tensors=None, padding=False):
+        ids = [[ord(c) for c in text] for text in texts]
+        if return_tensors is None:
+            return {"input_ids": ids}
+        import torch
+
+        width = max(len(row) for row in ids)
+        return Encoding(input_ids=torch.tensor([[0] * (width - len(row)) + row for row in ids]))
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(v) for v in row.tolist() if v) for row in rows]
+
+
+class EchoLM:
+    """Answers each prompt of a batch with "<prompt>:<sample index>" and records what each call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, input_ids, num_return_sequences=1, **kw):
+        import torch
+
+        prompts = self.tokenizer.batch_decode(input_ids)
+        self.calls.append({"prompts": prompts, "n": num_return_sequences, **kw})
+        answers = [f"{p}:{j}" for p in prompts for j in range(num_return_sequences)]
+        width = max(len(a) for a in answers)
+        new = torch.tensor([[ord(c) for c in a] + [0] * (width - len(a)) for a in answers])
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), new], 1)
+
+
+def hf_text_engine(temperature, batch_size):
+    """A transformers TextEngine around EchoLM (its __init__ would load a model: the fields it sets, set here)."""
+    engine = object.__new__(rw.TextEngine)
+    engine.kind, engine.model_id, engine.device, engine._stops = "hf", "echo", "cpu", {}
+    engine.temperature, engine.top_p, engine.max_new_tokens = temperature, 0.9, 5
+    engine.batch_size, engine.repetition_penalty = batch_size, 1.1
+    engine.tokenizer = CharTokenizer()
+    engine.model = EchoLM(engine.tokenizer)
+    return engine
+
+
+def test_transformers_engine_batches_by_length_and_seeds_each_batch(monkeypatch):
+    """Prompts go out shortest first in batches of --batch-size, each batch seeded from its requests' seeds; the
+    n completions of each prompt come back in the caller's order; a stop list is built once and reused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    stops_made, seeded = [], []
+
+    class StopAt:
+        def __init__(self, tokenizer, stop):
+            stops_made.append(stop)
+
+    monkeypatch.setattr(transformers, "StopStringCriteria", StopAt)
+    monkeypatch.setattr(torch, "manual_seed", seeded.append)
+    engine = hf_text_engine(temperature=0.7, batch_size=2)
+    assert engine.generate([], [], n=2) == []
+    prompts, seeds = ["ccc", "a", "bbbb", "dd", "e"], [30, 10, 40, 20, 50]
+    assert engine.generate(prompts, seeds, n=2, stop=["\n"]) == [[f"{p}:0", f"{p}:1"] for p in prompts]
+    calls = engine.model.calls
+    assert [c["prompts"] for c in calls] == [["a", "e"], ["dd", "ccc"], ["bbbb"]]  # ties keep their order
+    assert seeded == [hash((10, 50)) % 2**63, hash((20, 30)) % 2**63, hash((40,)) % 2**63]
+    for c in calls:
+        assert c["n"] == 2 and c["do_sample"] is True and c["temperature"] == 0.7 and c["top_p"] == 0.9
+        assert c["max_new_tokens"] == 5 and c["repetition_penalty"] == 1.1 and c["pad_token_id"] == 0
+        assert (
+            isinstance(c["stopping_criteria"][0], StopAt)
+            and c["stopping_criteria"] is calls[0]["stopping_criteria"]
+        )
+    assert engine.generate(["zz"], [7], stop=["\n"]) == [["zz:0"]]
+    assert stops_made == [["\n"]] and calls[-1]["stopping_criteria"] is calls[0]["stopping_criteria"]
+    greedy = hf_text_engine(temperature=0.0, batch_size=16)
+    assert greedy.generate(["b", "a"], [1, 2]) == [["b:0"], ["a:0"]]
+    (call,) = greedy.model.calls
+    assert call["do_sample"] is False and "temperature" not in call and call["stopping_criteria"] is None
+    assert call["prompts"] == ["b", "a"] and seeded[-1] == hash((1, 2)) % 2**63
+
+
+def test_vllm_text_engine_requests_follow_the_documented_api(monkeypatch):
+    """One vLLM call for all prompts, a SamplingParams per prompt with its own seed; n completions per prompt."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    made = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            made["llm"] = kw
+
+        def get_tokenizer(self):
+            return "the tokenizer"
+
+        def generate(self, prompts, params, use_tqdm=True):
+            made["calls"] = made.get("calls", 0) + 1
+            made["prompts"], made["params"], made["use_tqdm"] = prompts, params, use_tqdm
+            return [
+                types.SimpleNamespace(
+                    outputs=[types.SimpleNamespace(text=f"{p} {j}") for j in range(q.kw["n"])]
+                )
+                for p, q in zip(prompts, params, strict=True)
+            ]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    engine = rw.TextEngine(
+        "vllm", "some/model", temperature=0.8, max_new_tokens=20, max_model_len=512, repetition_penalty=1.2
+    )
+    expect = dict(
+        model="some/model",
+        tensor_parallel_size=1,
+        dtype="auto",
+        max_model_len=512,
+        gpu_memory_utilization=0.9,
+        enable_prefix_caching=True,
+        enforce_eager=False,
+        trust_remote_code=False,
+    )
+    if not torch.cuda.is_available():
+        expect["enable_chunked_prefill"] = False
+    assert made["llm"] == expect and engine.tokenizer == "the tokenizer"
+    assert engine.generate([], []) == [] and "calls" not in made
+    out = engine.generate(["p", "q"], [1, 2], n=2, stop=["\n"])
+    assert out == [["p 0", "p 1"], ["q 0", "q 1"]] and made["calls"] == 1 and made["use_tqdm"] is False
+    common = dict(n=2, temperature=0.8, top_p=0.95, max_tokens=20, stop=["\n"], repetition_penalty=1.2)
+    assert [p.kw for p in made["params"]] == [dict(common, seed=1), dict(common, seed=2)]
+    engine.temperature = 0.0
+    engine.generate(["p"], [None])
+    assert made["params"][0].kw == dict(
+        n=1, temperature=0.0, top_p=1.0, max_tokens=20, seed=None, stop=None, repetition_penalty=1.2
+    )

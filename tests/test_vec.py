@@ -547,3 +547,152 @@ def test_help_without_vllm_or_torch():
         and "torch" not in result.stderr.split()
         and "transformers" not in result.stderr
     )
+
+
+class PixelEncoding(dict):
+    """The processor's output: `.to(device, dtype=...)` leaves it as it is."""
+
+    def to(self, device, dtype=None):
+        return self
+
+
+class WidthProcessor:
+    """Stands in for the VLM's processor: each image becomes the one token "its width"; a token decodes to w<width>."""
+
+    tokenizer = types.SimpleNamespace(pad_token_id=0)
+
+    def __call__(self, images, text, return_tensors=None, padding=False):
+        import torch
+
+        assert len(text) == len(images) and padding
+        return PixelEncoding(input_ids=torch.tensor([[im.size[0]] for im in images]))
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(f"w{v}" for v in row.tolist()) for row in rows]
+
+
+class WidthVLM:
+    """Answers each image with its width and records the images and settings of each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, input_ids, **kw):
+        import torch
+
+        self.calls.append({"widths": input_ids[:, 0].tolist(), **kw})
+        return torch.cat([input_ids, input_ids], 1)
+
+
+def hf_vision_engine(temperature, batch_size):
+    """A transformers VisionEngine around WidthVLM (its __init__ would load a model: the fields it sets, set here)."""
+    import torch
+
+    engine = object.__new__(vc.VisionEngine)
+    engine.kind, engine.model_id, engine.device, engine.dtype = "hf", "width", "cpu", torch.float32
+    engine.temperature, engine.top_p, engine.max_new_tokens, engine.batch_size = (
+        temperature,
+        0.8,
+        6,
+        batch_size,
+    )
+    engine.processor, engine.model, engine.prompt = (
+        WidthProcessor(),
+        WidthVLM(),
+        "USER: <image>\nq\nASSISTANT:",
+    )
+    return engine
+
+
+def test_transformers_vision_engine_batches_in_order_and_seeds_each_batch(monkeypatch):
+    """Images go out in their order in batches of --batch-size, each batch seeded from its images' seeds."""
+    torch = pytest.importorskip("torch")
+    seeded = []
+    monkeypatch.setattr(torch, "manual_seed", seeded.append)
+    engine = hf_vision_engine(temperature=0.5, batch_size=2)
+    assert engine.generate([], []) == []
+    images = [photo((w, 3)) for w in (5, 1, 4, 2, 3)]
+    assert engine.generate(images, [50, 10, 40, 20, 30]) == ["w5", "w1", "w4", "w2", "w3"]
+    calls = engine.model.calls
+    assert [c["widths"] for c in calls] == [[5, 1], [4, 2], [3]]
+    assert seeded == [hash((50, 10)) % 2**63, hash((40, 20)) % 2**63, hash((30,)) % 2**63]
+    for c in calls:
+        assert c["do_sample"] is True and c["temperature"] == 0.5 and c["top_p"] == 0.8
+        assert c["max_new_tokens"] == 6 and c["pad_token_id"] == 0
+    greedy = hf_vision_engine(temperature=0.0, batch_size=32)
+    assert greedy.generate(images[:2], [1, 2]) == ["w5", "w1"]
+    (call,) = greedy.model.calls
+    assert call["do_sample"] is False and "temperature" not in call and seeded[-1] == hash((1, 2)) % 2**63
+
+
+def test_failing_images_isolated_by_halving_and_each_reported_with_its_error(capsys):
+    """Two images the model rejects among eight: the failed call is halved until each stands alone; each gets its
+    own warning and error, in order; an image that did not decode and a key without one never reach the model."""
+    from concurrent.futures import Future
+
+    class Picky:
+        calls = []
+
+        def generate(self, images, seeds):
+            Picky.calls.append([im.size[0] for im in images])
+            bad = [im.size[0] for im in images if im.size[1] == 7]
+            if bad:
+                raise ValueError(f"rejects width {bad[0]}")
+            return [f" seen {im.size[0]} seed {s} " for im, s in zip(images, seeds, strict=True)]
+
+    def done(value):
+        future = Future()
+        future.set_result(value)
+        return future
+
+    items = [(f"k{w}", done((photo((w, 7 if w in (3, 6) else 5)), None))) for w in range(1, 9)]
+    items.insert(2, ("undecoded", done((None, "image_corrupt"))))
+    items.insert(5, ("no_image", None))
+    args = types.SimpleNamespace(seed=4)
+    records = vc.caption_chunk(Picky(), items, args, "00000")
+    assert Picky.calls == [
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        [1, 2, 3, 4],
+        [1, 2],
+        [3, 4],
+        [3],
+        [4],
+        [5, 6, 7, 8],
+        [5, 6],
+        [5],
+        [6],
+        [7, 8],
+    ]
+    assert [r["key"] for r in records] == [key for key, _ in items]
+    by_key = {r["key"]: r for r in records}
+    assert by_key["undecoded"] == {
+        "key": "undecoded",
+        "vec": None,
+        "status": "failed_image",
+        "error": "image_corrupt",
+    }
+    assert by_key["no_image"] == {"key": "no_image", "vec": None, "status": "missing_image"}
+    for w in (3, 6):
+        assert by_key[f"k{w}"] == {
+            "key": f"k{w}",
+            "vec": None,
+            "status": "failed_image",
+            "error": "model_error",
+        }
+    assert by_key["k1"] == {
+        "key": "k1",
+        "vec": f"seen 1 seed {vc.sample_seed(4, '00000', 'k1')}",
+        "status": "ok",
+    }
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING 00000: the model failed on image k3: ValueError: rejects width 3",
+        "WARNING 00000: the model failed on image k6: ValueError: rejects width 6",
+    ]
+    Picky.calls = []
+    every = [(f"k{w}", done((photo((w, 7)), None))) for w in range(1, 4)]
+    with pytest.raises(RuntimeError, match="every image of a chunk") as raised:
+        vc.caption_chunk(Picky(), every, args, "00000")
+    assert (
+        str(raised.value.__cause__) == "rejects width 3"
+    )  # the last error: the halving reached image 3 last
