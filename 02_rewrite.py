@@ -60,7 +60,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -76,6 +76,42 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -123,9 +159,8 @@ def iter_tar(path, want, counts):
                 sample.setdefault(
                     ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
                 )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
                 with open(path, "rb") as f:
                     size = f.seek(0, 2)
                     f.seek(max(0, size - 1024))
@@ -154,49 +189,23 @@ def iter_jsonl(path, counts):
             yield record
 
 
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---- end shard reading
 
 
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
-# ---- end common
-
-
-# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
     """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
     SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
         self.quiet = dist_env()[0] != 0
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
@@ -226,7 +235,7 @@ class Progress:
 # ---- end progress
 
 
-# ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+# ---- shard work (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def worker_slot(shard_id=None, num_shards=None):
     """(worker, total) of this process: SLURM array task x torchrun rank."""
     if shard_id is None:
@@ -530,7 +539,7 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
 # ---- end shard work
 
 
-# ---- text engine (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+# ---- text engine (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class TextEngine:
     """`generate(prompts, seeds, n, stop)` -> n completions per prompt. vLLM on GPUs (all prompts in one
     call, prefix caching, a seed per request); transformers elsewhere (left-padded, length-sorted batches)."""
@@ -731,7 +740,7 @@ class TextEngine:
 # ---- end text engine
 
 
-# ---- text checks (kept identical in 01, 02, 04; tests/test_common.py checks) ----
+# ---- text checks (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def one_line(text):
     return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(text)).split())  # model output can hold control bytes
 
@@ -784,7 +793,7 @@ def trim_answer(text, max_words):
 # ---- end text checks
 
 
-# ---- caption scores (kept identical in 02, 04; tests/test_common.py checks) ----
+# ---- caption scores (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class CaptionScorer:
     """How close a generated caption stays to its AltText: the cosine of their sentence embeddings (--score-model, a
     sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that describes something else
@@ -1100,7 +1109,7 @@ def rewrite_eda_chunks(synonyms, item_lists, args, shard, counts):
         yield c, rewrite_eda(synonyms, items, args, shard, counts)
 
 
-# ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
+# ---- eda (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
 STOP_WORDS = set(
     """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
@@ -1227,12 +1236,6 @@ def eda_delete(words, rng, p=0.1):
         return list(words)
     kept = [w for w in words if rng.random() > p]
     return kept or [rng.choice(words)]
-
-
-def drop_stop_words(text):
-    """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
-    kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
-    return " ".join(kept) or text
 
 
 # ---- end eda

@@ -53,12 +53,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageOps
 
-warnings.filterwarnings(
-    "ignore", category=Image.DecompressionBombWarning
-)  # above ~179 megapixels it is an error, counted
+# above ~179 megapixels it is an error, counted
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -72,84 +71,6 @@ def dist_env():
 def print0(*args, **kwargs):
     if dist_env()[0] == 0:
         print(*args, **kwargs, flush=True)
-
-
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
-
-
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
-
-
-def decode_text(raw, counts):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        counts["non_utf8"] += 1
-        return raw.decode("utf-8", errors="replace")
-
-
-def iter_tar(path, want, counts):
-    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
-    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
-    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample.setdefault(
-                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
-                )
-            if path.endswith(
-                ".tar"
-            ):  # a cut at a member boundary reads as a clean end: look for the end marker
-                with open(path, "rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - 1024))
-                    if tar.offset != size or f.read().strip(b"\0"):
-                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counts["tar_error"] += 1
-        print(
-            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
-        )
-    if key is not None:
-        yield key, sample
-
-
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
 
 
 def atomic_write(path, data):
@@ -187,14 +108,79 @@ def run_config(args, **extra):
 # ---- end common
 
 
-# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
+    if key is not None:
+        yield key, sample
+
+
+# ---- end shard reading
+
+
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
     """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
     SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
         self.quiet = dist_env()[0] != 0
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
@@ -224,7 +210,7 @@ class Progress:
 # ---- end progress
 
 
-# ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+# ---- shard work (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def worker_slot(shard_id=None, num_shards=None):
     """(worker, total) of this process: SLURM array task x torchrun rank."""
     if shard_id is None:
@@ -529,6 +515,7 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
 
 VECLIP_QUESTION = "Describe the image concisely, less than 20 words."
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# web bytes never reach Pillow's EPS (Ghostscript) & co
 SAFE_FORMATS = [
     "JPEG",
     "PNG",
@@ -536,7 +523,7 @@ SAFE_FORMATS = [
     "GIF",
     "BMP",
     "TIFF",
-]  # web bytes never reach Pillow's EPS (Ghostscript) & co
+]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation mean (LLaVA-1.5's vision tower)
 
 
@@ -752,9 +739,8 @@ def load_image(raw, max_side, pad_color=None):
         return img, None
     except Image.DecompressionBombError:
         return None, "image_too_large"
-    except (
-        Exception
-    ):  # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
+    except Exception:
+        # bad bytes raise OSError, SyntaxError, ValueError, struct.error, ... depending on the codec
         return None, "image_corrupt"
 
 

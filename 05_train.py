@@ -67,7 +67,7 @@ from PIL import Image
 from torch import nn
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -83,6 +83,38 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -160,42 +192,10 @@ def iter_jsonl(path, counts):
             yield record
 
 
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---- end shard reading
 
 
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
-# ---- end common
-
-
-# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
 # cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
 # the same embedding in all three.
@@ -214,11 +214,6 @@ TOWER_RECIPE = {
     "pool_tokens": "all",
     "padding_side": "right",
 }
-TOWER_TEMPLATES = {
-    "plain": "{text}",
-    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
-}
-RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
 def tower_settings(path):
@@ -240,18 +235,6 @@ def tower_settings(path):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
     return settings
-
-
-def recipe_overrides(settings, args):
-    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
-    out = dict(settings)
-    for key in RECIPE_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
-    if "{text}" not in out["template"]:
-        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
-    return out
 
 
 def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
@@ -323,7 +306,7 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 # ---- end text tower
 
 
-# ---- adapter (kept identical in 05, 06; tests/test_common.py checks) ----
+# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Adapter(nn.Module):
     """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP blocks
     (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the CLIP embedding size."""
@@ -359,7 +342,7 @@ class Adapter(nn.Module):
 # ---- end adapter
 
 
-# ---- eda (kept identical in 02, 05; tests/test_common.py checks) ----
+# ---- eda (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
 STOP_WORDS = set(
     """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
@@ -459,15 +442,6 @@ def eda_synonym(words, synonyms, rng, n=1):
         replaced += 1
         if replaced >= n:
             break
-    return out
-
-
-def eda_insert(words, synonyms, rng, n=1):
-    """EDA's random insertion: n times, a synonym of a random non-stop word goes to a random place."""
-    out = list(words)
-    pool = [w for w in words if w.lower() not in STOP_WORDS and synonyms_of(w, synonyms)]
-    for _ in range(n if pool else 0):
-        out.insert(rng.randrange(len(out) + 1), rng.choice(synonyms_of(rng.choice(pool), synonyms)))
     return out
 
 

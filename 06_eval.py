@@ -68,7 +68,7 @@ from torch import nn
 from tqdm import tqdm
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -84,25 +84,20 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
+# ---- end common
 
 
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def decode_text(raw, counts):
     try:
         return raw.decode("utf-8")
@@ -161,42 +156,10 @@ def iter_jsonl(path, counts):
             yield record
 
 
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---- end shard reading
 
 
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
-# ---- end common
-
-
-# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
 # cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
 # the same embedding in all three.
@@ -215,10 +178,8 @@ TOWER_RECIPE = {
     "pool_tokens": "all",
     "padding_side": "right",
 }
-TOWER_TEMPLATES = {
-    "plain": "{text}",
-    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
-}
+
+
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -241,18 +202,6 @@ def tower_settings(path):
         with open(os.path.join(path, "llm2clip_text.json")) as f:
             settings.update(json.load(f))
     return settings
-
-
-def recipe_overrides(settings, args):
-    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
-    out = dict(settings)
-    for key in RECIPE_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
-    if "{text}" not in out["template"]:
-        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
-    return out
 
 
 def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
@@ -324,7 +273,7 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 # ---- end text tower
 
 
-# ---- adapter (kept identical in 05, 06; tests/test_common.py checks) ----
+# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Adapter(nn.Module):
     """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP blocks
     (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the CLIP embedding size."""

@@ -38,16 +38,14 @@ import random
 import shutil
 import socket
 import sys
-import tarfile
 import time
-import zlib
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -63,83 +61,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
-
-
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
-
-
-def decode_text(raw, counts):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        counts["non_utf8"] += 1
-        return raw.decode("utf-8", errors="replace")
-
-
-def iter_tar(path, want, counts):
-    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
-    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
-    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample.setdefault(
-                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
-                )
-            # a cut at a member boundary reads as a clean end: look for the end marker
-            if path.endswith(".tar"):
-                with open(path, "rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - 1024))
-                    if tar.offset != size or f.read().strip(b"\0"):
-                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counts["tar_error"] += 1
-        print(
-            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
-        )
-    if key is not None:
-        yield key, sample
-
-
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
-
-
 def atomic_write(path, data):
     """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
@@ -148,10 +69,6 @@ def atomic_write(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_json(path, obj):
@@ -175,14 +92,57 @@ def run_config(args, **extra):
 # ---- end common
 
 
-# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+# ---- end shard reading
+
+
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
     """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
     SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
         self.quiet = dist_env()[0] != 0
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
@@ -212,7 +172,7 @@ class Progress:
 # ---- end progress
 
 
-# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
 # cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
 # the same embedding in all three.
@@ -231,10 +191,14 @@ TOWER_RECIPE = {
     "pool_tokens": "all",
     "padding_side": "right",
 }
+
+
 TOWER_TEMPLATES = {
     "plain": "{text}",
     "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
 }
+
+
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
@@ -340,7 +304,8 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 # ---- end text tower
 
 
-def norm(text):
+def caption_key(text):
+    """Captions that differ only in case and spacing are one caption."""
     return " ".join(str(text).lower().split())
 
 
@@ -364,7 +329,7 @@ def shard_caption_groups(paths, counts):
             with open(path, encoding="utf-8") as f:
                 for a in json.load(f).get("annotations", []):
                     group = groups.setdefault(f"{shard}/{a['image_id']}", {})
-                    group.setdefault(norm(a["caption"]), " ".join(a["caption"].split()))
+                    group.setdefault(caption_key(a["caption"]), " ".join(a["caption"].split()))
             continue
         for r in iter_jsonl(path, counts):
             if not isinstance(r, dict):
@@ -378,7 +343,7 @@ def shard_caption_groups(paths, counts):
             group = groups.setdefault(key, {})
             for t in texts:
                 if isinstance(t, str) and t.strip():
-                    group.setdefault(norm(t), " ".join(t.split()))
+                    group.setdefault(caption_key(t), " ".join(t.split()))
     usable = {k: list(v.values()) for k, v in groups.items() if len(v) >= 2}
     counts["single_caption_samples"] += len(groups) - len(usable)
     return usable

@@ -39,7 +39,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
     return int(value) if value.lstrip("-").isdigit() else default
@@ -55,6 +55,42 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -132,49 +168,23 @@ def iter_jsonl(path, counts):
             yield record
 
 
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---- end shard reading
 
 
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
-# ---- end common
-
-
-# ---- progress (kept identical in 02, 03, 04, 07, 08; tests/test_common.py checks) ----
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
     """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
     SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
-        self.done, self.start, self.last, self.bar = 0, time.time(), time.time(), None
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
         self.quiet = dist_env()[0] != 0
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
@@ -204,7 +214,7 @@ class Progress:
 # ---- end progress
 
 
-# ---- shard work (kept identical in 02, 03, 04, 08; tests/test_common.py checks) ----
+# ---- shard work (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def worker_slot(shard_id=None, num_shards=None):
     """(worker, total) of this process: SLURM array task x torchrun rank."""
     if shard_id is None:
@@ -252,38 +262,6 @@ def warn_idle_workers(num_shards, worker, total):
     if worker == 0 and total > num_shards:
         idle = total - num_shards
         print(f"WARNING {total} workers for {num_shards} shards: {idle} will have nothing to do", flush=True)
-
-
-def read_partial(path, tag):
-    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
-    with other settings (another `tag`) is discarded."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    records, size = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if i == 0 and record != {"_tag": tag}:
-            os.remove(path)
-            return {}
-        if i > 0:
-            records[record["key"]] = record
-        size += len(line) + 1
-    os.truncate(path, size)
-    return records
-
-
-def append_partial(path, tag, records):
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(json.dumps({"_tag": tag}) + "\n")
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 CLAIMS_HERE = set()  # the claims this process holds or is making; one with our pid outside it is a leftover
@@ -508,7 +486,7 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
 # ---- end shard work
 
 
-# ---- text tower (kept identical in 05, 06, 07, 08; tests/test_common.py checks) ----
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
 # cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
 # the same embedding in all three.
@@ -527,10 +505,14 @@ TOWER_RECIPE = {
     "pool_tokens": "all",
     "padding_side": "right",
 }
+
+
 TOWER_TEMPLATES = {
     "plain": "{text}",
     "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
 }
+
+
 RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 

@@ -34,22 +34,39 @@ import zlib
 from collections import Counter
 
 
-# ---- common (kept identical in every stage; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
 
 
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def list_inputs(inputs, exts):
     """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
     found = []
@@ -127,39 +144,7 @@ def iter_jsonl(path, counts):
             yield record
 
 
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
-# ---- end common
+# ---- end shard reading
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import sys
 
@@ -7,6 +8,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_CACHE = os.path.join(REPO, ".cache")  # built once, shared by test runs (gitignored)
 sys.path.insert(0, REPO)
+
+
+def write_jsonl(path, records):
+    """A sidecar as the stages write it (one JSON object a line), for tests that build their own."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def stage(name):

@@ -7,7 +7,7 @@ import subprocess
 from collections import Counter
 
 import pytest
-from conftest import stage
+from conftest import stage, write_jsonl
 from PIL import Image
 
 br = stage("09_browse")
@@ -57,9 +57,9 @@ def data(tmp_path_factory):
             )
             fused.append({"key": key, "fused": f"fused {key}", "status": "ok", "scores": 0.5})
             vecs.append({"key": key, "vec": f"vec {key}", "status": "ok"})
-        br.write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites)
-        br.write_jsonl(str(root / f"fused/{name}.jsonl"), fused)
-        br.write_jsonl(str(root / f"vec/{name}.jsonl"), vecs)
+        write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites)
+        write_jsonl(str(root / f"fused/{name}.jsonl"), fused)
+        write_jsonl(str(root / f"vec/{name}.jsonl"), vecs)
     return root
 
 

@@ -1,5 +1,6 @@
 """The plumbing every stage shares: identical copies, shard partition, atomic files, resume, tar reading."""
 
+import ast
 import glob
 import io
 import json
@@ -14,66 +15,88 @@ from conftest import REPO, stage
 STAGES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "[0-9][0-9]_*.py")))
 
 
-def block(path, start, end):
-    text = open(os.path.join(REPO, path), encoding="utf-8").read()
-    m = re.search(re.escape(start) + r".*?" + re.escape(end), text, flags=re.S)
-    return m.group(0) if m else None
-
-
-def test_common_block_identical_in_every_stage():
-    assert len(STAGES) >= 3
-    copies = {s: block(s, "# ---- common (", "# ---- end common") for s in STAGES}
-    assert all(copies.values()), [s for s, c in copies.items() if not c]
-    reference = copies["02_rewrite.py"]
-    assert [s for s, c in copies.items() if c != reference] == []
-
-
-def test_shard_work_block_identical_where_used():
-    users = [
-        s for s in STAGES if re.search(r"\b(worker_slot|read_partial)\(", open(os.path.join(REPO, s)).read())
-    ]
-    assert {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "08_embed_texts.py"} <= set(users)
-    copies = {s: block(s, "# ---- shard work (", "# ---- end shard work") for s in users}
-    assert all(copies.values()) and len(set(copies.values())) == 1, [s for s, c in copies.items() if not c]
-
-
-@pytest.mark.parametrize(
-    "name,users",
-    [
-        ("text tower", {"05_train.py", "06_eval.py", "07_cc_finetune.py", "08_embed_texts.py"}),
-        ("adapter", {"05_train.py", "06_eval.py"}),
-    ],
+# A shared block is code that several stages need and each carries a copy of (no stage imports another). Its
+# header reads "# ---- <name> (shared code: ...) ----". Each file keeps only the definitions of a block it uses,
+# and a definition reads the same in every file that has it.
+SHARED_BLOCK = re.compile(
+    r"# ---- (?P<name>[a-z ]+) \(shared code[^\n]*\n(?P<body>.*?)# ---- end (?P=name)\n", re.S
 )
-def test_llm2clip_blocks_identical(name, users):
-    copies = {s: block(s, f"# ---- {name} (", f"# ---- end {name}") for s in STAGES}
-    assert {s for s, c in copies.items() if c} == users
-    assert len({copies[s] for s in users}) == 1
+BLOCK_USERS = {
+    "common": set(STAGES) - {"00_toy_data.py"},
+    "shard reading": set(STAGES) - {"00_toy_data.py", "00_real_data.py"},
+    "dataset writing": {"00_toy_data.py", "00_real_data.py"},
+    "progress": {
+        "02_rewrite.py",
+        "03_visual_concepts.py",
+        "04_fuse.py",
+        "07_cc_finetune.py",
+        "08_embed_texts.py",
+    },
+    "shard work": {"02_rewrite.py", "03_visual_concepts.py", "04_fuse.py", "08_embed_texts.py"},
+    "text engine": {"01_collect_meta_pairs.py", "02_rewrite.py", "04_fuse.py"},
+    "text checks": {"01_collect_meta_pairs.py", "02_rewrite.py", "04_fuse.py"},
+    "caption scores": {"02_rewrite.py", "04_fuse.py"},
+    "eda": {"02_rewrite.py", "05_train.py"},
+    "text tower": {"05_train.py", "06_eval.py", "07_cc_finetune.py", "08_embed_texts.py"},
+    "adapter": {"05_train.py", "06_eval.py"},
+}
 
 
-def test_text_engine_block_identical_where_used():
-    users = [s for s in STAGES if "# ---- text engine (" in open(os.path.join(REPO, s)).read()]
-    assert {"01_collect_meta_pairs.py", "02_rewrite.py"} <= set(users)
-    copies = {s: block(s, "# ---- text engine (", "# ---- end text engine") for s in users}
-    assert len(set(copies.values())) == 1
+def statement_name(node):
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return node.name
+    return ast.unparse(node.targets[0] if isinstance(node, ast.Assign) else node)
 
 
-def test_text_checks_block_identical_where_used():
-    users = [s for s in STAGES if "# ---- text checks (" in open(os.path.join(REPO, s)).read()]
-    assert {"01_collect_meta_pairs.py", "02_rewrite.py", "04_fuse.py"} <= set(users)
-    copies = {s: block(s, "# ---- text checks (", "# ---- end text checks") for s in users}
-    assert len(set(copies.values())) == 1
+def shared_code(stage):
+    """{block: {name: source}} of the top-level statements in a stage's shared blocks."""
+    text = open(os.path.join(REPO, stage), encoding="utf-8").read()
+    blocks = {}
+    for m in SHARED_BLOCK.finditer(text):
+        body = m.group("body")
+        blocks[m.group("name")] = {
+            statement_name(n): ast.get_source_segment(body, n) for n in ast.parse(body).body
+        }
+    return text, blocks
 
 
-def test_eda_block_identical_in_02_and_05():
-    copies = {s: block(s, "# ---- eda (", "# ---- end eda") for s in STAGES}
-    assert {s for s, c in copies.items() if c} == {"02_rewrite.py", "05_train.py"}
-    assert len({c for c in copies.values() if c}) == 1
+def test_shared_blocks_where_their_stages_need_them():
+    for name, users in BLOCK_USERS.items():
+        assert {s for s in STAGES if name in shared_code(s)[1]} == users, name
+    for s in STAGES:
+        text, blocks = shared_code(s)
+        assert text.count("# ---- end ") == len(blocks), f"{s}: a block header that is not 'shared code'"
 
 
-def test_dataset_writing_block_identical_in_both_builders():
-    builders = ("00_toy_data.py", "00_real_data.py")
-    copies = {s: block(s, "# ---- dataset writing (", "# ---- end dataset writing") for s in builders}
-    assert all(copies.values()) and len(set(copies.values())) == 1
+def test_shared_definitions_identical_wherever_they_appear():
+    copies = {}
+    for s in STAGES:
+        for block_name, statements in shared_code(s)[1].items():
+            for name, source in statements.items():
+                copies.setdefault((block_name, name), {})[s] = source
+    differ = [key for key, per_stage in copies.items() if len(set(per_stage.values())) > 1]
+    assert differ == []
+    # and no stage defines one of them again outside its blocks
+    for s in STAGES:
+        text, blocks = shared_code(s)
+        outside = SHARED_BLOCK.sub("", text)
+        top = {
+            statement_name(n)
+            for n in ast.parse(outside).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        }
+        assert top & {name for _, name in copies} == set(), s
+
+
+def test_each_stage_carries_only_shared_code_it_uses():
+    for s in STAGES:
+        text, blocks = shared_code(s)
+        for statements in blocks.values():
+            for name, source in statements.items():
+                rest = ast.parse(text.replace(source, ""))
+                used = {n.id for n in ast.walk(rest) if isinstance(n, ast.Name)}
+                used |= {n.attr for n in ast.walk(rest) if isinstance(n, ast.Attribute)}
+                assert set(re.findall(r"\w+", name)) & used, f"{s}: {name} is carried but not used"
 
 
 def test_no_stage_imports_another():
@@ -190,23 +213,3 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
     path.write_bytes(b"")
     counts = Counter()
     assert list(c.iter_tar(str(path), {"txt"}, counts)) == [] and counts["tar_error"] == 1
-
-
-def test_progress_block_identical_where_used():
-    users = [s for s in STAGES if "# ---- progress (" in open(os.path.join(REPO, s)).read()]
-    assert {
-        "02_rewrite.py",
-        "03_visual_concepts.py",
-        "04_fuse.py",
-        "07_cc_finetune.py",
-        "08_embed_texts.py",
-    } <= set(users)
-    copies = {s: block(s, "# ---- progress (", "# ---- end progress") for s in users}
-    assert len(set(copies.values())) == 1
-
-
-def test_caption_scores_block_identical_where_used():
-    users = [s for s in STAGES if "# ---- caption scores (" in open(os.path.join(REPO, s)).read()]
-    assert {"02_rewrite.py", "04_fuse.py"} <= set(users)
-    copies = {s: block(s, "# ---- caption scores (", "# ---- end caption scores") for s in users}
-    assert len(set(copies.values())) == 1

@@ -220,17 +220,15 @@ def test_budget_cuts_only_the_alttext_at_a_word_boundary():
         and LONG_ALT[len(used)] == " "
         and used.startswith("Official Acme Rocket Skates")
     )
-    assert (
-        engine.count_tokens(fu.fusion_prompt(engine, LONG_ALT[: len(used) + 30], vec, 40, "")) + 1 > 150
-    )  # the longest that fits
+    # the longest that fits
+    assert engine.count_tokens(fu.fusion_prompt(engine, LONG_ALT[: len(used) + 30], vec, 40, "")) + 1 > 150
     assert fu.fit_prompt(engine, "short alt", vec, 40, 150, "") == (
         fu.fusion_prompt(engine, "short alt", vec, 40, ""),
         "short alt",
         False,
     )
-    assert (
-        fu.fit_prompt(engine, "short alt", vec, 40, 20, "")[0] is None
-    )  # no room even for the VeC: never cut it
+    # no room even for the VeC: never cut it
+    assert fu.fit_prompt(engine, "short alt", vec, 40, 20, "")[0] is None
 
 
 def test_every_fallback_and_the_join_counted(tmp_path, monkeypatch):
@@ -357,9 +355,8 @@ def test_alttext_from_02_jsonl_and_a_shard_03_has_not_finished(tmp_path, monkeyp
     (stats,) = fu.main(args)  # 03 caught up: the same command finishes the job
     assert stats["shard"] == "00001" and stats["ok"] == 3
     write_tar(tmp_path / "00000.tar", [("00000-0.txt", b"a caption")])
-    with pytest.raises(
-        SystemExit, match="share the shard name '00000'"
-    ):  # their outputs would overwrite each other
+    # their outputs would overwrite each other
+    with pytest.raises(SystemExit, match="share the shard name '00000'"):
         fu.main(args[:2] + [str(tmp_path / "00000.tar")] + args[2:])
 
 
@@ -551,9 +548,8 @@ def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, vec_dir, tmp_path, 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists() and not (out / "00000.stats.json").exists(), "the kill did not land mid-shard"
-    saved = [
-        json.loads(line) for line in partial.read_text().split("\n")[1:-1]
-    ]  # a torn last line is not saved work
+    # a torn last line is not saved work
+    saved = [json.loads(line) for line in partial.read_text().split("\n")[1:-1]]
     fu.main(args)  # the same command again
     assert f"00000: resuming, {len(saved)} " in capsys.readouterr().out
     records = read_out(out)

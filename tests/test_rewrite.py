@@ -215,9 +215,8 @@ def test_hf_end_to_end_every_key_once(toy, meta_pairs, tmp_path):
     laclip_start = "write image captions differently,\n\n            {input_1} => {output_1}\n\n"
     assert config["prompt_template"].startswith(laclip_start)
     before = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
-    assert (
-        run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []
-    )  # finished shards are skipped
+    # finished shards are skipped
+    assert run(toy, meta_pairs, out, "--n", "2", "--max-new-tokens", "16") == []
     assert before == {p: os.path.getmtime(out / p) for p in os.listdir(out) if p != "_config.json"}
 
 
@@ -415,9 +414,8 @@ def test_bad_input_counted_good_samples_kept(toy, meta_pairs, tmp_path, monkeypa
     assert sorted(records) == [f"{i:09d}" for i in (0, 1, 2, 3, 4, 5, 6, 8)]
     assert records["000000001"]["status"] == "missing_text" and records["000000002"]["status"] == "empty"
     assert records["000000005"]["text"] == "first copy of key five"
-    assert len(records["000000003"]["text"]) == len(
-        "very long caption " * 600
-    )  # the record keeps the full text
+    # the record keeps the full text
+    assert len(records["000000003"]["text"]) == len("very long caption " * 600)
     assert "caf" in records["000000004"]["text"] and records["000000004"]["status"] == "ok"
     assert (
         stats["counts"]["duplicate_key"] == 1
@@ -639,9 +637,8 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     assert (
         stats["scores"]["n"] == sum(s is not None for r in records.values() for s in r["scores"]["eda"]) > 0
     )
-    assert (
-        records["k0"]["scores"]["eda"][0] > 0.5
-    )  # an EDA edit of an 6-word caption keeps most of its meaning
+    # an EDA edit of an 6-word caption keeps most of its meaning
+    assert records["k0"]["scores"]["eda"][0] > 0.5
     # rewrites made without scores get them afterwards, in place, the same numbers
     plain = tmp_path / "plain"
     rw.main(["--engine", "eda", "--input", str(source), "--out-dir", str(plain)])
@@ -649,9 +646,8 @@ def test_rewrites_scored_against_their_alttext(tmp_path):
     (rescored,) = rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)])
     again = {r["key"]: r for r in map(json.loads, open(plain / "in.jsonl"))}
     assert again == records and rescored["scores"] == stats["scores"]
-    assert (
-        rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []
-    )  # already scored
+    # already scored
+    assert rw.main(["--rescore", "--score-model", str(minilm), "--out-dir", str(plain)]) == []
 
 
 class Encoding(dict):

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import REPO, stage
+from conftest import REPO, stage, write_jsonl
 from PIL import Image
 
 tr = stage("05_train")
@@ -115,8 +115,8 @@ def data(tmp_path_factory):
         ]
         for folder in ("rewrites", "fused"):
             (root / folder).mkdir(exist_ok=True)
-        tr.write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites[::-1])
-        tr.write_jsonl(
+        write_jsonl(str(root / f"rewrites/{name}.jsonl"), rewrites[::-1])
+        write_jsonl(
             str(root / f"fused/{name}.jsonl"),
             [{"key": k, "fused": f"fused caption {k}", "status": "ok"} for k in keys][::-1],
         )
@@ -780,7 +780,7 @@ def test_llm2clip_cache_every_text_mode_and_uncached_texts_are_counted(data, min
         assert summary["step"] == 2 and math.isfinite(summary["loss"])
     full = tr.main(base(data, tmp_path / "full", *texts))  # an epoch: a corrupt image, a key with no text
     records = [json.loads(line) for line in open(cache / "00000.jsonl")]
-    tr.write_jsonl(str(cache / "00000.jsonl"), records[:3] + records[4:])  # one key's texts were never cached
+    write_jsonl(str(cache / "00000.jsonl"), records[:3] + records[4:])  # one key's texts were never cached
     short = tr.main(base(data, tmp_path / "short", *texts))
     assert full["skipped"] == 2 and short["skipped"] == 3
     with pytest.raises(SystemExit):  # argparse: the reason goes to stderr
@@ -1022,7 +1022,7 @@ def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):
         {"key": "b", "fused": "a fused caption", "scores": 0.25},
         {"key": "c", "fused": "a fused caption scored well", "scores": 0.9},
     ]
-    tr.write_jsonl(str(folder / "00000.jsonl"), records)
+    write_jsonl(str(folder / "00000.jsonl"), records)
     counts = Counter()
     kept = tr.load_texts("x/00000.tar", [str(folder)], counts, min_score=0.3)
     assert (

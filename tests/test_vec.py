@@ -178,15 +178,15 @@ def test_load_image_decodes_what_the_web_serves():
         < 60
     )
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    # transparent -> white, not black
     assert vc.load_image(encode(clear, "PNG"), 1024)[0].getpixel((3, 3)) == (
         255,
         255,
         255,
-    )  # transparent -> white, not black
+    )
     grey16 = Image.new("I;16", (8, 8), 32768)
-    assert (
-        120 <= vc.load_image(encode(grey16, "PNG"), 1024)[0].getpixel((3, 3))[0] <= 135
-    )  # not clipped to white
+    # not clipped to white
+    assert 120 <= vc.load_image(encode(grey16, "PNG"), 1024)[0].getpixel((3, 3))[0] <= 135
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
     upright = vc.load_image(encode(photo((64, 48)), "JPEG", exif=exif.tobytes()), 1024)[0]
@@ -368,9 +368,8 @@ def test_bad_images_recorded_as_failed_with_the_real_model(toy, tmp_path):
     status = {k[-2:]: r["status"] for k, r in records.items()}
     assert {k for k, s in status.items() if s == "failed_image"} == {"01", "02", "05", "09"}
     assert {k for k, s in status.items() if s == "missing_image"} == {"03", "04"}
-    assert all(
-        status[k] in {"ok", "empty"} for k in ("00", "06", "07", "08", "11")
-    )  # 1x1 and 4000x3 images too
+    # 1x1 and 4000x3 images too
+    assert all(status[k] in {"ok", "empty"} for k in ("00", "06", "07", "08", "11"))
     assert all(records[k]["vec"] is None for k in records if records[k]["status"] != "ok")
     assert all(
         set(r)
@@ -449,9 +448,8 @@ def test_split_and_chunking_do_not_change_the_output(toy, tmp_path, monkeypatch)
             ]
         )
     whole = read_out(tmp_path / "whole")
-    assert read_out(tmp_path / "split") == whole and len({r["vec"] for r in whole.values()}) == len(
-        whole
-    )  # a seed per key
+    # a seed per key
+    assert read_out(tmp_path / "split") == whole and len({r["vec"] for r in whole.values()}) == len(whole)
 
 
 def test_vllm_engine_requests_follow_the_documented_api(toy, monkeypatch):
@@ -478,9 +476,8 @@ def test_vllm_engine_requests_follow_the_documented_api(toy, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     engine = vc.VisionEngine("vllm", str(toy / "models/tiny-llava"), "Describe it.", tensor_parallel_size=2)
-    assert (
-        os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
-    )  # each torchrun rank: its own engine
+    # each torchrun rank: its own engine
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "RANK" not in os.environ
     assert made["llm"]["limit_mm_per_prompt"] == {"image": 1} and made["llm"]["tensor_parallel_size"] == 2
     assert made["llm"]["trust_remote_code"] is False
     images = [photo(), photo((32, 32))]
@@ -523,9 +520,8 @@ def test_kill_9_mid_shard_then_rerun_has_every_key_once(toy, tmp_path, capsys):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists() and not (out / "00000.stats.json").exists(), "the kill did not land mid-shard"
-    saved = [
-        json.loads(line) for line in partial.read_text().split("\n")[1:-1]
-    ]  # a torn last line is not saved work
+    # a torn last line is not saved work
+    saved = [json.loads(line) for line in partial.read_text().split("\n")[1:-1]]
     vc.main(args)  # the same command again
     assert f"00000: resuming, {len(saved)} " in capsys.readouterr().out
     records = read_out(out)
@@ -693,6 +689,5 @@ def test_failing_images_isolated_by_halving_and_each_reported_with_its_error(cap
     every = [(f"k{w}", done((photo((w, 7)), None))) for w in range(1, 4)]
     with pytest.raises(RuntimeError, match="every image of a chunk") as raised:
         vc.caption_chunk(Picky(), every, args, "00000")
-    assert (
-        str(raised.value.__cause__) == "rejects width 3"
-    )  # the last error: the halving reached image 3 last
+    # the last error: the halving reached image 3 last
+    assert str(raised.value.__cause__) == "rejects width 3"
