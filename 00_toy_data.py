@@ -619,7 +619,8 @@ def write_tiny_llms(models_dir, args):
     llava.model.language_model.load_state_dict(llama.model.state_dict())
     llava.lm_head.load_state_dict(llama.lm_head.state_dict())
     llava.generation_config = gen
-    # The PIL-backed image processor needs no torchvision (AutoProcessor still picks its torchvision twin if present).
+    # The PIL-backed image processor needs no torchvision (AutoProcessor still picks its torchvision twin if
+    # present).
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(
         image_processor=image_processor,

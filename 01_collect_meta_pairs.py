@@ -51,7 +51,8 @@ def dist_env():
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -527,10 +528,10 @@ def worth_rewriting(text):
 
 
 def sample_alt_texts(args, want, read):
-    """`want` alt texts from the user's shards that are worth rewriting (3-40 words, mostly letters), drawn at random
-    from a pool of ALT_POOL x `want` distinct ones. The pool is read from the first samples of shards visited in an
-    order drawn from --seed, no more than 1/ALT_SHARDS of the pool's size from each, so a data set of any size is
-    read only that far. `read` counts the shards and samples read."""
+    """`want` alt texts from the user's shards that are worth rewriting (3-40 words, mostly letters), drawn at
+    random from a pool of ALT_POOL x `want` distinct ones. The pool is read from the first samples of shards
+    visited in an order drawn from --seed, no more than 1/ALT_SHARDS of the pool's size from each, so a data
+    set of any size is read only that far. `read` counts the shards and samples read."""
     counts, pool, seen = Counter(), [], set()
     paths = list_inputs(args.shards, (".tar", ".jsonl"))
     rng = random.Random(args.seed)
@@ -596,7 +597,8 @@ def llm_pairs(args, drops, read):
     loop, talk about the task or run long, and those are dropped (counted by reason in the stats)."""
     alts = sample_alt_texts(args, 4 * args.per_source, read)
     print(
-        f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} samples of "
+        f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} "
+        "samples of "
         f"{read['shards_read']} of {read['shards']} shards"
     )
     engine = TextEngine(

@@ -77,7 +77,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -194,8 +195,9 @@ def iter_jsonl(path, counts):
 
 # ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
-    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
         self.total = total
@@ -795,9 +797,10 @@ def trim_answer(text, max_words):
 
 # ---- caption scores (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class CaptionScorer:
-    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings (--score-model, a
-    sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that describes something else
-    (a hallucination) scores low; 05 --min-score drops such captions without rewriting the data."""
+    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings
+    (--score-model, a sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that
+    describes something else (a hallucination) scores low; 05 --min-score drops such captions without
+    rewriting the data."""
 
     def __init__(self, path, batch_size=256):
         import torch
@@ -839,7 +842,8 @@ class CaptionScorer:
 
 
 def score_summary(values, below=(0.2, 0.3, 0.5)):
-    """A shard's scores in a few numbers: count, mean, the 10/50/90% quantiles and the share under each threshold."""
+    """A shard's scores in a few numbers: count, mean, the 10/50/90%
+    quantiles and the share under each threshold."""
     if not values:
         return {"n": 0}
     ranked = sorted(values)
@@ -984,9 +988,10 @@ def read_samples(path, counts):
 
 
 def llm_request(slots, attempt, pools, args, shard):
-    """One prompt for `slots` [(key, caption, source, j)] of one caption and source: on the first attempt all n slots
-    from one prompt (n samples), on a retry one slot with new examples. Its examples and seed come from
-    (seed, shard, key, source, attempt, j) alone, so a request draws the same whichever call it travels in."""
+    """One prompt for `slots` [(key, caption, source, j)] of one caption and source: on the first attempt all
+    n slots from one prompt (n samples), on a retry one slot with new examples. Its examples and seed come
+    from (seed, shard, key, source, attempt, j) alone, so a request draws the
+    same whichever call it travels in."""
     key, caption, source, j = slots[0]
     rng = random.Random(sample_seed(args.seed, shard, key, source, attempt, j if attempt else -1))
     examples = draw_examples(pools[source], args.k, rng)
@@ -1003,7 +1008,8 @@ def llm_request(slots, attempt, pools, args, shard):
 
 
 def generate_requests(engine, requests):
-    """The completions of each request; one generate call per distinct n (transformers batches one n at a time)."""
+    """The completions of each request; one generate call per
+    distinct n (transformers batches one n at a time)."""
     by_n = {}  # n -> indices of the requests with n slots
     for i, request in enumerate(requests):
         by_n.setdefault(len(request["slots"]), []).append(i)
@@ -1019,13 +1025,14 @@ def generate_requests(engine, requests):
 
 
 def rewrite_llm(engine, item_lists, pools, args, shard, counts):
-    """Yields (chunk index, {key: {source: [n rewrites or None]}}) as each chunk of [(key, caption)] is settled.
+    """Yields (chunk index, {key: {source: [n rewrites or None]}}) as each chunk of [(key, caption)] settles.
 
     vLLM is kept fed: the next call (the next chunk's prompts, plus the retries known by then) is queued on a
-    thread before the last call's answers are checked, so the engine never waits for Python. Retries of a chunk
-    travel with a later chunk's prompts instead of going out as small calls of their own. With transformers
-    each call waits for the last one, chunk by chunk, as before (its batches seed per batch: mixing chunks would
-    change them). A rejected rewrite is drawn again with new examples at most --max-retries times."""
+    thread before the last call's answers are checked, so the engine never waits for Python. Retries of a
+    chunk travel with a later chunk's prompts instead of going out as small calls of their own. With
+    transformers each call waits for the last one, chunk by chunk, as before (its batches seed per batch:
+    mixing chunks would change them). A rejected rewrite is drawn again with new
+    examples at most --max-retries times."""
     out = {}  # key -> {source: [n rewrites or None]}, until its chunk is yielded
     chunk_of = {}  # key -> index of its chunk
     unsettled = {}  # chunk index -> how many of its slots still wait for a final answer
@@ -1180,7 +1187,8 @@ def load_synonyms(location):
 
 
 def synonyms_of(word, synonyms):
-    """Synonyms of a word, trying a plural's singular as WordNet's own lookup does (a short version of morphy)."""
+    """Synonyms of a word, trying a plural's singular as WordNet's
+    own lookup does (a short version of morphy)."""
     bare = word.lower().strip(".,;:!?\"'()[]")
     tries = [bare]
     if bare.endswith("ies"):
@@ -1196,7 +1204,8 @@ def synonyms_of(word, synonyms):
 
 
 def eda_synonym(words, synonyms, rng, n=1):
-    """EDA's synonym replacement: n distinct non-stop words, each replaced (every occurrence) by a random synonym."""
+    """EDA's synonym replacement: n distinct non-stop words, each
+    replaced (every occurrence) by a random synonym."""
     candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
     rng.shuffle(candidates)
     out, replaced = list(words), 0
@@ -1231,7 +1240,8 @@ def eda_swap(words, rng, n=1):
 
 
 def eda_delete(words, rng, p=0.1):
-    """EDA's random deletion: each word goes with probability p; a lone word stays; if all went, one random word stays."""
+    """EDA's random deletion: each word goes with probability p; a lone
+    word stays; if all went, one random word stays."""
     if len(words) <= 1:
         return list(words)
     kept = [w for w in words if rng.random() > p]
@@ -1242,8 +1252,8 @@ def eda_delete(words, rng, p=0.1):
 
 
 def eda(caption, synonyms, rng, alpha=0.1):
-    """Wei & Zou's EDA, the LaCLIP paper's baseline: one of its four edits (synonym replacement, random insertion,
-    swap, deletion) per augmented caption, alpha of the words touched (at least one)."""
+    """Wei & Zou's EDA, the LaCLIP paper's baseline: one of its four edits (synonym replacement, random
+    insertion, swap, deletion) per augmented caption, alpha of the words touched (at least one)."""
     words = caption.split()
     if not words:
         return caption
@@ -1291,8 +1301,8 @@ def caption_items(chunk, args, counts):
 
 
 def add_scores(records, sources, scorer):
-    """records[i]["scores"] = {source: [cosine of each rewrite to the AltText]}; a slot that fell back to the AltText
-    gets None (nothing to compare)."""
+    """records[i]["scores"] = {source: [cosine of each rewrite to the AltText]}; a slot that fell back to the
+    AltText gets None (nothing to compare)."""
     pairs, slots = [], []
     for r in records:
         if not r["rewrites"] or r["status"] in ("empty", "missing_text"):
@@ -1463,7 +1473,8 @@ def parse_args(argv=None):
         "--seed-mode",
         choices=["per-sample", "per-chunk"],
         default="per-sample",
-        help="vllm: per-sample gives every request its own seed, so a rewrite is the same whatever the split, "
+        help="vllm: per-sample gives every request its own seed, so a rewrite is the same whatever the "
+        "split, "
         "batch or resume; per-chunk sends none (vLLM's faster batched sampler, seeded once per engine): "
         "reproducible only by the same command on the same shards (see bench/bench_rewrite.py)",
     )
@@ -1535,8 +1546,9 @@ def parse_args(argv=None):
 
 
 def rescore(args):
-    """--rescore: score the rewrites of finished shards in --out-dir with --score-model, in place (the records and
-    the stats are rewritten atomically), without generating anything; shards already scored by that model are skipped."""
+    """--rescore: score the rewrites of finished shards in --out-dir with --score-model, in place (the records
+    and the stats are rewritten atomically), without generating anything; shards
+    already scored by that model are skipped."""
     if not args.score_model:
         raise SystemExit("--rescore needs --score-model")
     scorer, done = None, []

@@ -74,7 +74,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -169,8 +170,9 @@ def iter_tar(path, want, counts):
 
 # ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
-    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
         self.total = total
@@ -566,7 +568,8 @@ def vlm_prompt(processor, question):
 
 class VisionEngine:
     """`generate(images, seeds)` -> one answer per PIL image to the same prompt. vLLM on GPUs (all images of a
-    chunk in one call, a seed per request); transformers elsewhere (left-padded batches through the processor)."""
+    chunk in one call, a seed per request); transformers elsewhere (left-padded
+    batches through the processor)."""
 
     def __init__(
         self,
@@ -745,7 +748,8 @@ def load_image(raw, max_side, pad_color=None):
 
 
 def read_images(path, counts):
-    """(key, image bytes, or None when the key has no image member) in shard order; a repeated key keeps its first copy."""
+    """(key, image bytes, or None when the key has no image member) in
+    shard order; a repeated key keeps its first copy."""
     seen = set()
     for key, members in iter_tar(path, set(IMAGE_EXTS), counts):
         if key in seen:
@@ -821,7 +825,8 @@ def caption_chunk(engine, items, args, shard):
 
 
 def samples_in(path):
-    """The shard's sample count from img2dataset's <shard>_stats.json, for the progress line; None without one."""
+    """The shard's sample count from img2dataset's
+    <shard>_stats.json, for the progress line; None without one."""
     stats = path[:-4] + "_stats.json"
     try:
         with open(stats) as f:
@@ -842,7 +847,8 @@ def process_shard(path, engine, pool, args, tag, pad_color=None, claim=None):
     order = []  # every key of the shard, in shard order, filled as chunks() reads the tar
 
     def chunks():
-        """Lists of up to --chunk-size (key, image bytes or None) not captioned yet, read as they are needed."""
+        """Lists of up to --chunk-size (key, image bytes or None)
+        not captioned yet, read as they are needed."""
         chunk = []
         for key, raw in read_images(path, counts):
             order.append(key)

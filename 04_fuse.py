@@ -77,7 +77,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -194,8 +195,9 @@ def iter_jsonl(path, counts):
 
 # ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
-    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
         self.total = total
@@ -795,9 +797,10 @@ def trim_answer(text, max_words):
 
 # ---- caption scores (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class CaptionScorer:
-    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings (--score-model, a
-    sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that describes something else
-    (a hallucination) scores low; 05 --min-score drops such captions without rewriting the data."""
+    """How close a generated caption stays to its AltText: the cosine of their sentence embeddings
+    (--score-model, a sentence encoder such as all-MiniLM-L6-v2: mean-pooled, L2-normalised). A rewrite that
+    describes something else (a hallucination) scores low; 05 --min-score drops such captions without
+    rewriting the data."""
 
     def __init__(self, path, batch_size=256):
         import torch
@@ -839,7 +842,8 @@ class CaptionScorer:
 
 
 def score_summary(values, below=(0.2, 0.3, 0.5)):
-    """A shard's scores in a few numbers: count, mean, the 10/50/90% quantiles and the share under each threshold."""
+    """A shard's scores in a few numbers: count, mean, the 10/50/90%
+    quantiles and the share under each threshold."""
     if not values:
         return {"n": 0}
     ranked = sorted(values)
@@ -854,11 +858,16 @@ def score_summary(values, below=(0.2, 0.3, 0.5)):
 # ---- end caption scores
 
 
-FUSION_PROMPT = (  # instructions first, the sample last: vLLM's prefix cache then computes the instructions once
-    "Write one caption for an image from two descriptions of it. The web text comes from the page the image was "
-    "found on and may name specific people, places, brands or products; the visual description was written by "
-    "someone looking at the image. Keep the specific names, places, brands, products and numbers of the web text "
-    "and add the objects, colours, counts and setting of the visual description. State nothing that neither of "
+# instructions first, the sample last: vLLM's prefix cache then computes the instructions once
+FUSION_PROMPT = (
+    "Write one caption for an image from two descriptions of it. The web text comes from the page the "
+    "image was "
+    "found on and may name specific people, places, brands or products; the visual description was written "
+    "by "
+    "someone looking at the image. Keep the specific names, places, brands, products and numbers of the "
+    "web text "
+    "and add the objects, colours, counts and setting of the visual description. State nothing that "
+    "neither of "
     "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
     "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}"
 )
@@ -890,7 +899,8 @@ def refusal(text, refusals, allowed=""):
 
 
 def template_bos(engine):
-    """The BOS text a chat template writes and the tokenizer adds again when it tokenizes the prompt (Llama 3): cut it."""
+    """The BOS text a chat template writes and the tokenizer adds again
+    when it tokenizes the prompt (Llama 3): cut it."""
     tok = getattr(engine, "tokenizer", None)
     bos = getattr(tok, "bos_token", None)
     return bos if bos and tok("x")["input_ids"][:1] == [tok.bos_token_id] else ""
@@ -912,8 +922,9 @@ def context_budget(engine, max_prompt_tokens, max_new_tokens):
 
 
 def fit_prompt(engine, alt, vec, max_words, budget, bos):
-    """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to the longest
-    prefix that fits (binary search, ending at a word boundary where it has one); prompt None when none fits."""
+    """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to
+    the longest prefix that fits (binary search, ending at a word boundary where
+    it has one); prompt None when none fits."""
 
     def fits(text):
         return engine.count_tokens(fusion_prompt(engine, text, vec, max_words, bos)) + 1 <= budget
@@ -1007,10 +1018,11 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
     """Yields (chunk index, {key: (fused or None, cut?)}) as each chunk of [(key, alt, vec)] is settled.
 
     A rejected answer is drawn again with a new seed, at most --max-retries times. An answer that was only a
-    preamble line ("Here is the caption:") is continued instead: its retry prompt ends with that line, so the model
-    writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the retries known
-    by then) is queued on a thread before the last answers are checked, so retries travel with later prompts.
-    With transformers each call waits for the last one, chunk by chunk (its batches seed per batch)."""
+    preamble line ("Here is the caption:") is continued instead: its retry prompt ends with that line, so the
+    model writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the
+    retries known by then) is queued on a thread before the last answers are checked, so retries travel with
+    later prompts. With transformers each call waits for the last one, chunk by
+    chunk (its batches seed per batch)."""
     out = {}  # key -> (fused or None, cut?), until its chunk is yielded
     prompts = {}  # key -> (prompt, AltText as used, vec, cut?) of each key that goes to the model
     lead = {}  # key -> the preamble line its retries continue from
@@ -1019,7 +1031,8 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
     unsettled = {}  # chunk index -> how many of its keys still wait for a final answer
 
     def first_keys(c):
-        """The keys of chunk c that go to the model; one whose prompt cannot fit is settled here, unanswered."""
+        """The keys of chunk c that go to the model; one whose
+        prompt cannot fit is settled here, unanswered."""
         unsettled[c] = 0
         keys = []
         for key, alt, vec in item_lists[c]:
@@ -1107,7 +1120,8 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
 
 
 def settled_chunk(items, out, prompts):
-    """A settled chunk's results, taken out of the running state (memory stays bounded by the chunks in flight)."""
+    """A settled chunk's results, taken out of the running state
+    (memory stays bounded by the chunks in flight)."""
     made = {}
     for key, _, _ in items:
         made[key] = out.pop(key)
@@ -1130,8 +1144,8 @@ def fuse_record(key, alt, vec, made):
 
 
 def add_scores(records, texts, scorer):
-    """records[i]["scores"]: the fused caption's cosine to its AltText (a fallback that is the AltText itself is not
-    scored: there is nothing to compare)."""
+    """records[i]["scores"]: the fused caption's cosine to its AltText (a fallback that is the AltText itself
+    is not scored: there is nothing to compare)."""
     pairs, scored = [], []
     for r in records:
         alt = texts[r["key"]][0]
@@ -1210,7 +1224,8 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
     extra = ", ".join(f"{v} {k}" for k, v in sorted(stats["counts"].items()))
     print(
         f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
-        f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, {stats['fallback_alt']} alt), "
+        f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, "
+        f"{stats['fallback_alt']} alt), "
         f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""),
         flush=True,
     )
@@ -1343,7 +1358,8 @@ def main(argv=None):
     waiting = [p for p in todo if p in not_ready and p in own]  # reported (failing a task) once: by its owner
     for p in waiting:
         print(
-            f"WARNING {shard_name(p)}: skipped, 03 has not finished {os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}"
+            f"WARNING {shard_name(p)}: skipped, 03 has not finished "
+            f"{os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}"
         )
     todo = [p for p in todo if p not in not_ready]
     sampling = {
@@ -1410,7 +1426,8 @@ def main(argv=None):
     if waiting:
         raise SystemExit(
             f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
-            f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, then this again"
+            f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, "
+            "then this again"
         )
     return stats
 

@@ -84,7 +84,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -196,13 +197,13 @@ def iter_jsonl(path, counts):
 
 
 # ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
-# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
-# the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
-#                 through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
 TOWER_RECIPE = {
@@ -217,8 +218,8 @@ TOWER_RECIPE = {
 
 
 def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one reads 512
-    tokens (LLM2CLIP's length), an encoder 77."""
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
     settings = dict(TOWER_RECIPE)
     config_file = os.path.join(path, "config.json")
     if os.path.isfile(config_file):
@@ -308,8 +309,9 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 
 # ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Adapter(nn.Module):
-    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP blocks
-    (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the CLIP embedding size."""
+    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
+    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
+    CLIP embedding size."""
 
     def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
         super().__init__()
@@ -413,7 +415,8 @@ def load_synonyms(location):
 
 
 def synonyms_of(word, synonyms):
-    """Synonyms of a word, trying a plural's singular as WordNet's own lookup does (a short version of morphy)."""
+    """Synonyms of a word, trying a plural's singular as WordNet's
+    own lookup does (a short version of morphy)."""
     bare = word.lower().strip(".,;:!?\"'()[]")
     tries = [bare]
     if bare.endswith("ies"):
@@ -429,7 +432,8 @@ def synonyms_of(word, synonyms):
 
 
 def eda_synonym(words, synonyms, rng, n=1):
-    """EDA's synonym replacement: n distinct non-stop words, each replaced (every occurrence) by a random synonym."""
+    """EDA's synonym replacement: n distinct non-stop words, each
+    replaced (every occurrence) by a random synonym."""
     candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
     rng.shuffle(candidates)
     out, replaced = list(words), 0
@@ -455,7 +459,8 @@ def eda_swap(words, rng, n=1):
 
 
 def eda_delete(words, rng, p=0.1):
-    """EDA's random deletion: each word goes with probability p; a lone word stays; if all went, one random word stays."""
+    """EDA's random deletion: each word goes with probability p; a lone
+    word stays; if all went, one random word stays."""
     if len(words) <= 1:
         return list(words)
     kept = [w for w in words if rng.random() > p]
@@ -463,7 +468,8 @@ def eda_delete(words, rng, p=0.1):
 
 
 def drop_stop_words(text):
-    """The text without its stop words (clip-rocket's weak text augmentation); the text itself if nothing would remain."""
+    """The text without its stop words (clip-rocket's weak text
+    augmentation); the text itself if nothing would remain."""
     kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
     return " ".join(kept) or text
 
@@ -477,7 +483,8 @@ EDA_OPS = ("none", "synonym", "swap", "delete")
 
 def eda_edit(text, weights, synonyms, rnd):
     """One EDA edit drawn with `weights` over EDA_OPS, as clip-rocket's strong text augmentation draws it (its
-    weights: synonym 0.4, swap 0.4, deletion 0.2); one word for a synonym or a swap, each word at 0.1 for deletion."""
+    weights: synonym 0.4, swap 0.4, deletion 0.2); one word for a synonym or a
+    swap, each word at 0.1 for deletion."""
     words = text.split()
     op = rnd.choices(EDA_OPS, weights=weights)[0]
     if op == "synonym":
@@ -490,8 +497,8 @@ def eda_edit(text, weights, synonyms, rnd):
 
 
 def distinct_texts(alt, synthetic):
-    """The AltText, then every synthetic caption of 2+ words not already there (case and spacing ignored): a slot
-    that 02 filled with the AltText after failed retries is not a second caption of the image."""
+    """The AltText, then every synthetic caption of 2+ words not already there (case and spacing ignored): a
+    slot that 02 filled with the AltText after failed retries is not a second caption of the image."""
     seen, out = set(), []
     for i, text in enumerate([alt] + synthetic):
         key = " ".join(text.lower().split())
@@ -503,8 +510,8 @@ def distinct_texts(alt, synthetic):
 
 def pick_text(alt, synthetic, mode, p_synthetic, rnd):
     """One caption of an image: the AltText (original), uniform over the AltText and every synthetic slot
-    (uniform, LaCLIP) or a synthetic caption with probability p_synthetic (mix, VeCLIP). A pick of under 2 words
-    falls back to the AltText."""
+    (uniform, LaCLIP) or a synthetic caption with probability p_synthetic (mix, VeCLIP). A pick of under 2
+    words falls back to the AltText."""
     if mode == "original" or not synthetic:
         return alt
     if mode == "mix":
@@ -530,11 +537,11 @@ def sample_texts(alt, synthetic, args, rnd, synonyms=None):
     """(main texts, which of them count, view texts) of an image.
 
     One main text, picked by pick_text for --text-mode, except multi (LaCLIP-MT): M texts among the image's
-    distinct ones (all, in order, with --texts-per-image all); slots past the distinct ones repeat the AltText and
-    are marked not to count. No AltText: the first synthetic caption stands in.
+    distinct ones (all, in order, with --texts-per-image all); slots past the distinct ones repeat the AltText
+    and are marked not to count. No AltText: the first synthetic caption stands in.
     Main texts get the weak augmentation and, for the EDA baseline, an EDA edit with probability --eda-prob.
-    Views (clip-rocket) pick as uniform does (multi too) and get the strong augmentation: the weak, then an EDA
-    edit."""
+    Views (clip-rocket) pick as uniform does (multi too) and get the strong augmentation: the weak, then an
+    EDA edit."""
     if not alt and synthetic:
         alt = synthetic[0]
     if args.text_mode == "multi":
@@ -569,8 +576,9 @@ def sample_texts(alt, synthetic, args, rnd, synonyms=None):
 
 
 def scored_texts(record):
-    """(caption, score or None) of a sidecar record: every rewrite slot of every source, then the fused caption; the
-    score is what 02/04 --score-model wrote ("scores": {source: [per slot]} or one number for the fused caption)."""
+    """(caption, score or None) of a sidecar record: every rewrite slot of every source, then the fused
+    caption; the score is what 02/04 --score-model wrote ("scores": {source:
+    [per slot]} or one number for the fused caption)."""
     scores = record.get("scores")
     pairs = []
     for source, texts in (record.get("rewrites") or {}).items():
@@ -587,8 +595,9 @@ def scored_texts(record):
 
 
 def load_texts(shard, dirs, counts, min_score=None):
-    """key -> synthetic captions of one shard from every --texts folder: 02's rewrites (all sources), 04's fused.
-    With min_score, a caption scored below it is left out (counted as low_score); unscored captions stay."""
+    """key -> synthetic captions of one shard from every --texts folder: 02's rewrites (all sources), 04's
+    fused. With min_score, a caption scored below it is left out (counted as
+    low_score); unscored captions stay."""
     out = defaultdict(list)
     for folder in dirs:
         for record in iter_jsonl(os.path.join(folder, shard_name(shard) + ".jsonl"), counts):
@@ -605,7 +614,8 @@ def load_texts(shard, dirs, counts, min_score=None):
 
 
 def load_cache(shard, folder, counts):
-    """08's cache of one shard: key -> {text (whitespace-normalised, as read here): row}, and the embeddings, memory-mapped."""
+    """08's cache of one shard: key -> {text (whitespace-normalised, as
+    read here): row}, and the embeddings, memory-mapped."""
     path = os.path.join(folder, shard_name(shard))
     rows = {
         str(r["key"]): {" ".join(t.split()): r["row"] + i for i, t in enumerate(r["texts"])}
@@ -616,7 +626,8 @@ def load_cache(shard, folder, counts):
 
 
 def uncached_share(shards, args, counts):
-    """(texts the sampler can pick that 08's cache lacks, texts it can pick) over `shards`: their samples get skipped."""
+    """(texts the sampler can pick that 08's cache lacks, texts it can
+    pick) over `shards`: their samples get skipped."""
     missing, total = 0, 0
     for shard in shards:
         rows, _ = load_cache(shard, args.text_cache, counts)
@@ -634,7 +645,8 @@ def uncached_share(shards, args, counts):
 
 
 def count_samples(shard):
-    """Keys with an image: img2dataset's <shard>_stats.json, else a scan. A wrong count costs only padding (see inputs)."""
+    """Keys with an image: img2dataset's <shard>_stats.json, else a
+    scan. A wrong count costs only padding (see inputs)."""
     stats = shard[:-4] + "_stats.json"
     if os.path.exists(stats):
         return int(json.load(open(stats))["successes"])
@@ -644,11 +656,11 @@ def count_samples(shard):
 class ShardStream(torch.utils.data.IterableDataset):
     """The training samples, read straight from the tar shards, as chunks of `chunk` samples.
 
-    Every epoch puts the shards in a seeded order; position p of the epoch is the p-th sample along that order.
-    Reader g (= rank * workers + worker) owns positions [g * N / R, (g + 1) * N / R) of the N positions and R
-    readers. It reads them in tar order and hands them out shuffled within blocks of --shuffle-buffer. When its
-    own positions run out it goes on into the next reader's (wrapping round the epoch), so every reader gives
-    `chunks` full chunks. `consumed` {reader: samples drawn} resumes a reader mid-epoch.
+    Every epoch puts the shards in a seeded order; position p of the epoch is the p-th sample along that
+    order. Reader g (= rank * workers + worker) owns positions [g * N / R, (g + 1) * N / R) of the N positions
+    and R readers. It reads them in tar order and hands them out shuffled within blocks of --shuffle-buffer.
+    When its own positions run out it goes on into the next reader's (wrapping round the epoch), so every
+    reader gives `chunks` full chunks. `consumed` {reader: samples drawn} resumes a reader mid-epoch.
     With `end_epoch`, it then goes on with epochs epoch + 1 ... end_epoch - 1 (`chunks_per_epoch` each): one
     DataLoader's workers serve the whole run, so no epoch waits for new workers to start and fill."""
 
@@ -682,7 +694,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch):
-        """The epoch's shard order (a seeded shuffle; empty shards left out) and the position each shard starts at."""
+        """The epoch's shard order (a seeded shuffle; empty shards left
+        out) and the position each shard starts at."""
         sort_key = {}
         for i in range(len(self.shards)):
             sort_key[i] = random.Random(f"{self.args.seed}|{epoch}|{i}").random()
@@ -704,7 +717,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             chunks = self.chunks_per_epoch
 
     def shard_items(self, shard, counts):
-        """(key, image bytes, AltText, synthetic captions, cached rows) of each sample of `shard` with an image."""
+        """(key, image bytes, AltText, synthetic captions, cached
+        rows) of each sample of `shard` with an image."""
         synthetic = load_texts(shard, self.args.texts, counts, self.args.min_score)
         cache = None
         if self.args.text_cache:
@@ -721,9 +735,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield key, members[image_ext], alt, synthetic.get(key), cached
 
     def inputs(self, start, below, done, counts):
-        """(i, raw sample) for i = below, below + 1, ..., leaving out `done`. This reader's i-th sample sits at
-        epoch position start + i, wrapping round the epoch's end. A shard that holds fewer samples than it was
-        counted with gives None for the rest (counted as missing later)."""
+        """(i, raw sample) for i = below, below + 1, ..., leaving out `done`. This reader's i-th sample sits
+        at epoch position start + i, wrapping round the epoch's end. A shard that holds fewer samples than it
+        was counted with gives None for the rest (counted as missing later)."""
         i = 0
         pos = start
         while True:
@@ -744,7 +758,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             pos = shard_end % self.starts[-1]
 
     def make(self, item, rnd, counts):
-        """(key, image, texts, which texts count, views, view texts), or None for a sample skipped and counted."""
+        """(key, image, texts, which texts count, views, view texts),
+        or None for a sample skipped and counted."""
         if item is None:
             counts["missing"] += 1
             return None
@@ -783,7 +798,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return rank * workers + worker, world * workers
 
     def epoch_chunks(self, epoch, consumed, chunks):
-        """`chunks` chunks of this reader's share of `epoch`, after the `consumed[reader]` samples drawn before."""
+        """`chunks` chunks of this reader's share of `epoch`, after
+        the `consumed[reader]` samples drawn before."""
         g, readers = self.reader_id()
         total = self.starts[-1]
         start = g * total // readers
@@ -856,8 +872,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def shuffled_positions(rng, n, block):
-    """A reader's positions 0 ... n - 1, shuffled within blocks of `block` (memory stays bounded), then n, n + 1, ...
-    in order: the padding, taken from the next reader's share, so that every reader fills its chunks."""
+    """A reader's positions 0 ... n - 1, shuffled within blocks of `block` (memory stays bounded), then n, n +
+    1, ... in order: the padding, taken from the next reader's share, so that
+    every reader fills its chunks."""
     for b in range(0, n, block):
         size = min(n, b + block) - b
         yield from rng.sample(range(b, b + size), size)
@@ -865,7 +882,8 @@ def shuffled_positions(rng, n, block):
 
 
 class SpatialMean(nn.Module):
-    """Global average pooling of a feature map: a ResNet trunk's output without the attention pool that projects it."""
+    """Global average pooling of a feature map: a ResNet trunk's
+    output without the attention pool that projects it."""
 
     def forward(self, x):
         return x.mean(dim=(2, 3))
@@ -873,7 +891,8 @@ class SpatialMean(nn.Module):
 
 @contextlib.contextmanager
 def swapped(owner, name, stand_in):
-    """owner.<name> replaced by stand_in inside the block (the parameter or module object itself is kept and put back)."""
+    """owner.<name> replaced by stand_in inside the block (the
+    parameter or module object itself is kept and put back)."""
     kept = getattr(owner, name)
     setattr(owner, name, stand_in)
     try:
@@ -883,8 +902,8 @@ def swapped(owner, name, stand_in):
 
 
 def projection_of(owner, names):
-    """(owner, name, stand-in) that removes the first projection found among `names`, or None. A projection held as a
-    parameter becomes None (open_clip skips it then); one held as a module becomes an identity."""
+    """(owner, name, stand-in) that removes the first projection found among `names`, or None. A projection
+    held as a parameter becomes None (open_clip skips it then); one held as a module becomes an identity."""
     for name in names:
         value = getattr(owner, name, None)
         if isinstance(value, nn.Parameter):
@@ -897,15 +916,16 @@ def projection_of(owner, names):
 class Trainee(nn.Module):
     """The open_clip model and clip-rocket's heads, in one module for DDP.
 
-    clip-rocket's heads (its CL2L model) are 3-layer MLPs with BatchNorm (SyncBN on GPUs) that read the BACKBONE
-    features of the strongly augmented views and of their texts: the vision trunk's output and the text transformer's
-    pooled output, before the linear projections that the main (global) loss trains. So the strongly augmented,
-    label-smoothed loss trains the towers and the heads, never the global projections. Where the projection sits:
-    ViT: `visual.proj` (skipped); ModifiedResNet: `visual.attnpool`, whose last layer is the projection (replaced by
-    a mean over the feature map, as the timm ResNet-50 of clip-rocket pools); timm towers: `visual.head` (the
-    trunk's pooled output is read); text: `text_projection` (or an HF tower's `proj`); LLM2CLIP: the adapter's last
-    Linear. A tower with none of these gives its projected output to the heads (said once at start).
-    The heads have their own temperature (init 1/0.1); text dropout acts on the view texts only."""
+    clip-rocket's heads (its CL2L model) are 3-layer MLPs with BatchNorm (SyncBN on GPUs) that read the
+    BACKBONE features of the strongly augmented views and of their texts: the vision trunk's output and the
+    text transformer's pooled output, before the linear projections that the main (global) loss trains. So the
+    strongly augmented, label-smoothed loss trains the towers and the heads, never the global projections.
+    Where the projection sits: ViT: `visual.proj` (skipped); ModifiedResNet: `visual.attnpool`, whose last
+    layer is the projection (replaced by a mean over the feature map, as the timm ResNet-50 of clip-rocket
+    pools); timm towers: `visual.head` (the trunk's pooled output is read); text: `text_projection` (or an HF
+    tower's `proj`); LLM2CLIP: the adapter's last Linear. A tower with none of these gives its projected
+    output to the heads (said once at start). The heads have their own temperature (init 1/0.1); text dropout
+    acts on the view texts only."""
 
     def __init__(self, clip, dim, views, hidden, text_dropout, adapter=None):
         super().__init__()
@@ -935,7 +955,8 @@ class Trainee(nn.Module):
             for tower, found in (("image", self.image_projection), ("text", self.text_projection)):
                 if found is None:
                     print0(
-                        f"note: no separate {tower} projection found: the {tower} head reads the projected features"
+                        f"note: no separate {tower} projection found: the {tower} head reads the projected "
+                        "features"
                     )
         blocks = getattr(getattr(getattr(clip, "text", clip), "transformer", None), "resblocks", None)
         if text_dropout and blocks is None:
@@ -1009,8 +1030,8 @@ class Trainee(nn.Module):
 
 
 def contrastive(clip_loss, a, b, scale, bias=None, smoothing=0.0, valid=None):
-    """open_clip's ClipLoss (gathered as --local-loss/--gather-with-grad say), with label smoothing when asked. `valid`
-    (rows of a and b): only those rows' terms count, the others still serve as negatives."""
+    """open_clip's ClipLoss (gathered as --local-loss/--gather-with-grad say), with label smoothing when
+    asked. `valid` (rows of a and b): only those rows' terms count, the others still serve as negatives."""
     logits_a, logits_b = clip_loss.get_logits(a.contiguous(), b.contiguous(), scale, bias)
     labels = clip_loss.get_ground_truth(a.device, logits_a.shape[0])
     if valid is None:
@@ -1028,9 +1049,9 @@ def contrastive(clip_loss, a, b, scale, bias=None, smoothing=0.0, valid=None):
 
 
 def main_loss(out, clip_loss, siglip_loss=None):
-    """LaCLIP-MT: L = 1/M sum_j L_clip(images, texts_j), the mean of the M symmetric InfoNCE (or SigLIP) losses of the
-    batch's images with their j-th texts (M = 1: plain CLIP). A text slot marked not to count (text_mask) adds no term
-    (the SigLIP loss counts every slot)."""
+    """LaCLIP-MT: L = 1/M sum_j L_clip(images, texts_j), the mean of the M symmetric InfoNCE (or SigLIP)
+    losses of the batch's images with their j-th texts (M = 1: plain CLIP). A text slot marked not to count
+    (text_mask) adds no term (the SigLIP loss counts every slot)."""
     losses = []
     for j in range(out["text"].shape[1]):
         texts = out["text"][:, j]
@@ -1043,8 +1064,8 @@ def main_loss(out, clip_loss, siglip_loss=None):
 
 
 def view_loss(out, clip_loss, smoothing=0.1):
-    """clip-rocket's local loss: the mean over all N x N (view, view text) pairs of a label-smoothed contrastive loss of
-    the head outputs, with the heads' own temperature."""
+    """clip-rocket's local loss: the mean over all N x N (view, view text) pairs of a label-smoothed
+    contrastive loss of the head outputs, with the heads' own temperature."""
     pairs = []
     for views in out["views"].unbind(1):
         for texts in out["view_text"].unbind(1):
@@ -1053,7 +1074,8 @@ def view_loss(out, clip_loss, smoothing=0.1):
 
 
 def total_loss(out, clip_loss, siglip_loss=None, smoothing=0.1):
-    """The main loss; with clip-rocket's views, (main + N * view loss) / (1 + N), as its CL2L loss weighs them."""
+    """The main loss; with clip-rocket's views, (main + N * view
+    loss) / (1 + N), as its CL2L loss weighs them."""
     main = main_loss(out, clip_loss, siglip_loss)
     if "views" not in out:
         return main
@@ -1062,9 +1084,10 @@ def total_loss(out, clip_loss, siglip_loss=None, smoothing=0.1):
 
 
 def join_outputs(cached, i, live, k):
-    """The whole accumulated batch's outputs: micro-batch i's live ones (with grad) among the others' cached ones.
-    Temperatures and bias are shared: each of the k backward passes carries 1/k of their gradient, so that their sum is
-    the gradient of the one big batch's loss (open_clip's --accum-freq gives them k times that)."""
+    """The whole accumulated batch's outputs: micro-batch i's live ones (with grad) among the others' cached
+    ones. Temperatures and bias are shared: each of the k backward passes carries 1/k of their gradient, so
+    that their sum is the gradient of the one big batch's loss (open_clip's
+    --accum-freq gives them k times that)."""
     out = {}
     for key, value in live.items():
         if value is None or value.ndim == 0:
@@ -1079,11 +1102,12 @@ def join_outputs(cached, i, live, k):
 def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True, no_sync=None):
     """The forward and backward passes of one optimizer step over micro-batches; returns the loss (a tensor).
 
-    full (open_clip's --accum-freq): one contrastive batch of all micro-batches. Their outputs are computed first
-    without grad; then each micro-batch again with grad, its loss taken over the whole batch with the others'
-    cached outputs, and backpropagated: the sum of these gradients is the big batch's gradient, while only one
-    micro-batch's activations are held at a time. Each micro-batch runs with its own seed both times (dropout).
-    Not full: each micro-batch is its own contrastive batch, losses averaged. no_sync: DDP's, for all but the last."""
+    full (open_clip's --accum-freq): one contrastive batch of all micro-batches. Their outputs are computed
+    first without grad; then each micro-batch again with grad, its loss taken over the whole batch with the
+    others' cached outputs, and backpropagated: the sum of these gradients is the big batch's gradient, while
+    only one micro-batch's activations are held at a time. Each micro-batch runs with its own seed both times
+    (dropout). Not full: each micro-batch is its own contrastive batch, losses averaged. no_sync: DDP's, for
+    all but the last."""
     k, total = len(batches), 0.0
     cached = []
     if full and k > 1:
@@ -1108,8 +1132,9 @@ def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True
 
 
 def vision_layer(name, blocks):
-    """LLM2CLIP's (EVA-CLIP's) layer id of a ViT parameter: 0 for the patch and position embeddings and ln_pre, i + 1 for
-    block i, blocks + 1 for what follows the blocks (ln_post, proj). None: not a ViT tower parameter."""
+    """LLM2CLIP's (EVA-CLIP's) layer id of a ViT parameter: 0 for the patch and position embeddings and
+    ln_pre, i + 1 for block i, blocks + 1 for what follows the blocks (ln_post,
+    proj). None: not a ViT tower parameter."""
     if not name.startswith("clip.visual."):
         return None
     rest = name[len("clip.visual.") :]
@@ -1121,9 +1146,10 @@ def vision_layer(name, blocks):
 
 
 def param_groups(trainee, args):
-    """AdamW groups: no weight decay on biases, norms, 1-d tensors and logit scales (LaCLIP's, clip-rocket's and
-    open_clip's rule); the vision tower at --visual-lr / --visual-wd with layer-wise decay --visual-ld (block i of L
-    at visual_ld^(L + 1 - (i + 1)), LLM2CLIP's EVA rule); the LLM2CLIP adapter at --adapter-lr / --adapter-wd."""
+    """AdamW groups: no weight decay on biases, norms, 1-d tensors and logit scales (LaCLIP's, clip-rocket's
+    and open_clip's rule); the vision tower at --visual-lr / --visual-wd with layer-wise decay --visual-ld
+    (block i of L at visual_ld^(L + 1 - (i + 1)), LLM2CLIP's EVA rule); the
+    LLM2CLIP adapter at --adapter-lr / --adapter-wd."""
     resblocks = getattr(getattr(trainee.clip.visual, "transformer", None), "resblocks", None)
     blocks = len(resblocks) if resblocks is not None else None
     if args.visual_ld != 1.0 and blocks is None:
@@ -1148,7 +1174,8 @@ def param_groups(trainee, args):
 
 
 def snapshot(obj):
-    """A copy of a (nested) state dict in CPU memory: training goes on changing the live tensors while it is written."""
+    """A copy of a (nested) state dict in CPU memory: training goes on
+    changing the live tensors while it is written."""
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -1159,10 +1186,11 @@ def snapshot(obj):
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a background thread, so rank 0 (and every rank waiting for it at the next collective)
-    pays only for the snapshot, not for serialising and fsyncing gigabytes. Each file is written as a temp file,
-    fsynced, then renamed into place, so a kill at any moment leaves the previous checkpoint whole. The extra names
-    (epoch_N.pt) are hard links to the same bytes, not a second write. One save at a time: the next waits for it."""
+    """Writes checkpoints on a background thread, so rank 0 (and every rank waiting for it at the next
+    collective) pays only for the snapshot, not for serialising and fsyncing gigabytes. Each file is written
+    as a temp file, fsynced, then renamed into place, so a kill at any moment leaves the previous checkpoint
+    whole. The extra names (epoch_N.pt) are hard links to the same bytes, not a second write. One save at a
+    time: the next waits for it."""
 
     def __init__(self, folder):
         self.folder, self.thread, self.error = folder, None, None
@@ -1197,8 +1225,8 @@ class CheckpointWriter:
 
 
 def link_to(source, path):
-    """`path` with the bytes of `source`: a hard link (no second write), renamed into place; a copy where the file
-    system has no hard links."""
+    """`path` with the bytes of `source`: a hard link (no second write), renamed into place; a copy where the
+    file system has no hard links."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     if os.path.exists(tmp):
         os.remove(tmp)
@@ -1212,8 +1240,9 @@ def link_to(source, path):
 
 
 def adamw(groups, args):
-    """AdamW with its fused kernel, on GPUs and on CPUs (one kernel for all tensors: on CPU ~7x faster per step than
-    the per-tensor loop, a tenth of a toy step); the loop where this torch build lacks the kernel."""
+    """AdamW with its fused kernel, on GPUs and on CPUs (one kernel for all tensors: on CPU ~7x faster per
+    step than the per-tensor loop, a tenth of a toy step); the loop where this
+    torch build lacks the kernel."""
     options = {"lr": args.lr, "betas": tuple(args.betas), "eps": args.eps, "weight_decay": args.wd}
     try:
         return torch.optim.AdamW(groups, fused=True, **options)
@@ -1223,7 +1252,8 @@ def adamw(groups, args):
 
 
 def plot_log(folder):
-    """training.png beside log.jsonl: loss, learning rate and samples/s over the steps (matplotlib, optional)."""
+    """training.png beside log.jsonl: loss, learning rate and
+    samples/s over the steps (matplotlib, optional)."""
     try:
         import matplotlib
 
@@ -1254,8 +1284,8 @@ def plot_log(folder):
 
 
 def learning_rate(step, args, warmup, total):
-    """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps, then a
-    cosine from --lr down to --min-lr at the last step."""
+    """LaCLIP's and clip-rocket's schedule: linear warmup from --warmup-start-lr to --lr over `warmup` steps,
+    then a cosine from --lr down to --min-lr at the last step."""
     if step < warmup:
         return args.warmup_start_lr + (args.lr - args.warmup_start_lr) * step / max(1, warmup - 1)
     floor = min(args.min_lr, args.lr)
@@ -1264,8 +1294,9 @@ def learning_rate(step, args, warmup, total):
 
 
 def count_texts(shard, dirs, min_score=None):
-    """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x n, plus
-    04's fused caption); images with fewer distinct texts fill the rest with slots that do not count."""
+    """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x
+    n, plus 04's fused caption); images with fewer distinct texts fill the rest
+    with slots that do not count."""
     counts, most = Counter(), 0
     for texts in load_texts(shard, dirs, counts, min_score).values():
         most = max(most, len(texts))
@@ -1311,8 +1342,9 @@ def build_model(args, device):
 
 
 def uint8_output(transform):
-    """open_clip's train transform, ending in a uint8 tensor instead of a normalised float one: the workers send a
-    quarter of the bytes through shared memory and to the GPU, and `normalize` (on the device) does the rest."""
+    """open_clip's train transform, ending in a uint8 tensor instead of a normalised float one: the workers
+    send a quarter of the bytes through shared memory and to the GPU, and
+    `normalize` (on the device) does the rest."""
     from torchvision import transforms as T
 
     steps, converted, normalized = [], 0, 0
@@ -1335,8 +1367,9 @@ def normalize(images, mean, std):
 
 
 def frozen_tower(args, device, amp):
-    """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the checkpoint; the model).
-    The record holds the tower's recipe (how it embeds a text): the cache's, as 08 recorded it, else the tower's."""
+    """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the
+    checkpoint; the model). The record holds the tower's recipe (how it embeds a text): the cache's, as 08
+    recorded it, else the tower's."""
     path, encode, model = args.text_tower, None, None
     if args.text_cache:
         stats = sorted(glob.glob(os.path.join(args.text_cache, "*.stats.json")))
@@ -1347,7 +1380,8 @@ def frozen_tower(args, device, amp):
         cached_tower = config["args"]["model"]
         if path and os.path.abspath(path) != os.path.abspath(cached_tower):
             raise SystemExit(
-                f"--text-cache {args.text_cache} was made by the tower {cached_tower}, not --text-tower {path}: "
+                f"--text-cache {args.text_cache} was made by the tower {cached_tower}, not --text-tower "
+                f"{path}: "
                 "embeddings of two towers cannot be mixed (re-run 08 with this tower)"
             )
         path = path or cached_tower
@@ -1613,7 +1647,8 @@ def parse_args(argv=None):
     args.texts_per_image = 0 if args.all_texts else int(args.texts_per_image)  # 'all': counted in main()
     if args.text_cache and (args.eda_prob or args.stopword_drop or args.aug_views):
         p.error(
-            "--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so need a live --text-tower"
+            "--text-cache holds texts as written: --eda-prob, --stopword-drop, --aug-views edit them, so "
+            "need a live --text-tower"
         )
     if (args.text_cache or args.text_tower) and args.text_dropout:
         p.error("--text-dropout acts inside CLIP's text tower, which a frozen --text-tower replaces")
@@ -1648,7 +1683,8 @@ def report_uncached(shards, args):
     )
     if share > args.max_uncached:
         print0(
-            f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same --texts "
+            f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same "
+            "--texts "
             f"folders (and --input) as this training?"
         )
 
@@ -1663,7 +1699,8 @@ def report_low_scores(shards, args):
     dropped = counts["low_score"]
     checked = min(len(shards), args.cache_check_shards)
     print0(
-        f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the first "
+        f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the "
+        "first "
         f"{checked} shard(s) score below it and are left out "
         f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
     )
@@ -1686,7 +1723,8 @@ def resume(path, trainee, opt, scaler, adapter, args):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ("text_tower" in ckpt) != (adapter is not None):
         raise SystemExit(
-            f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as it was run"
+            f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as "
+            "it was run"
         )
     state = {"clip." + key: v for key, v in ckpt["state_dict"].items()}
     state.update(ckpt.get("extra_state_dict", {}))
@@ -1727,7 +1765,8 @@ def make_reporter(args):
 
 
 def checkpoint_of(trainee, opt, scaler, args, name, step, epoch, data, tower=None, adapter=None):
-    """The checkpoint: open_clip's state_dict (loads with open_clip as it is), the heads and adapter beside it."""
+    """The checkpoint: open_clip's state_dict (loads with open_clip
+    as it is), the heads and adapter beside it."""
     state = trainee.state_dict()
     checkpoint = {
         "epoch": epoch,
@@ -1843,7 +1882,8 @@ def main(argv=None):
     contrastive_batch = world * args.batch_size * (args.accum_steps if args.accum_batch == "full" else 1)
     print0(
         f"05_train: {name}, {len(shards)} shards, {sum(counts)} samples, {world} x {k} readers, global batch "
-        f"{world * args.batch_size * args.accum_steps} (contrastive batch {contrastive_batch}), {steps_per_epoch} "
+        f"{world * args.batch_size * args.accum_steps} (contrastive batch {contrastive_batch}), "
+        f"{steps_per_epoch} "
         f"steps/epoch, {total_steps} steps, warmup {warmup}, {amp or 'fp32'}, on {device}"
     )
     if args.text_mode == "multi":

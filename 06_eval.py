@@ -85,7 +85,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -160,13 +161,13 @@ def iter_jsonl(path, counts):
 
 
 # ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
-# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
-# the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
-#                 through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
 TOWER_RECIPE = {
@@ -184,8 +185,8 @@ RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
 def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one reads 512
-    tokens (LLM2CLIP's length), an encoder 77."""
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
     settings = dict(TOWER_RECIPE)
     config_file = os.path.join(path, "config.json")
     if os.path.isfile(config_file):
@@ -275,8 +276,9 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 
 # ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Adapter(nn.Module):
-    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP blocks
-    (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the CLIP embedding size."""
+    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
+    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
+    CLIP embedding size."""
 
     def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
         super().__init__()
@@ -348,10 +350,11 @@ def tie_share(m, t, p):
 
 
 def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_elements=2**22):
-    """(queries, len(ks)): 1 where a positive candidate (same label) is among the k best, else 0. Candidates that tie
-    exactly with the best positive share those places: the expected hit over the orders of the tie, which is what a
-    top-k such as CLIP_benchmark's gives on average; so no data order changes a number and a collapsed model scores
-    chance. A block of queries at a time, so 5k images x 25k captions never builds the whole score matrix."""
+    """(queries, len(ks)): 1 where a positive candidate (same label) is among the k best, else 0. Candidates
+    that tie exactly with the best positive share those places: the expected hit over the orders of the tie,
+    which is what a top-k such as CLIP_benchmark's gives on average; so no data order changes a number and a
+    collapsed model scores chance. A block of queries at a time, so 5k images x 25k captions never builds the
+    whole score matrix."""
     chunk = max(1, max_elements // max(1, len(candidates)))  # queries per block
     blocks = []
     for start in range(0, len(queries), chunk):
@@ -370,15 +373,16 @@ def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_element
 
 
 def tie_note(hits, names):
-    """Share of queries whose hit an exact tie decided, per metric (where any did). names: one per column of hits."""
+    """Share of queries whose hit an exact tie decided, per metric
+    (where any did). names: one per column of hits."""
     decided_by_tie = (hits > 0) & (hits < 1)  # a fractional hit is the expected hit over a tie's orders
     shares = decided_by_tie.double().mean(0).tolist()
     return {name: share for name, share in zip(names, shares, strict=True) if share}
 
 
 def classification_metrics(hits, targets, n_classes, prefix=""):
-    """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that have
-    images (balanced accuracy)."""
+    """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that
+    have images (balanced accuracy)."""
     top1 = hits[:, 0]
     metrics = {prefix + "acc1": top1.mean().item()}
     if n_classes >= 5:  # under 5 classes every image is a top-5 hit
@@ -393,7 +397,8 @@ def classification_metrics(hits, targets, n_classes, prefix=""):
 
 
 def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
-    """text_image[j] = the image of caption j. Image->text is a hit if any of the image's captions is in the top k."""
+    """text_image[j] = the image of caption j. Image->text is a hit
+    if any of the image's captions is in the top k."""
     images = torch.arange(len(image_emb))
     t2i = hits_at(text_emb, image_emb, text_image, images, ks)
     i2t = hits_at(image_emb, text_emb, images, text_image, ks)
@@ -412,8 +417,9 @@ def with_bias(x, device="cpu", dtype=torch.float64):
 
 
 def fit_logistic(x, y, n_classes, lam, init=None, max_iter=500):
-    """argmin mean cross-entropy + lam/2 |W|^2 (bias free) by full-batch L-BFGS in float64. Convex: a warm start changes
-    the speed, not the answer. x: features with a bias column; returns W (bias in the last row)."""
+    """argmin mean cross-entropy + lam/2 |W|^2 (bias free) by full-batch L-BFGS in float64. Convex: a warm
+    start changes the speed, not the answer. x: features with a bias column;
+    returns W (bias in the last row)."""
     w = init.clone() if init is not None else x.new_zeros(x.shape[1], n_classes)
     w.requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -509,7 +515,8 @@ def predict(x, idx, w, device, chunk=8192):
 
 
 def stratified_split(y, fraction, seed):
-    """(rest, part): `fraction` of every class goes to `part` (one at least, where a class has two or more)."""
+    """(rest, part): `fraction` of every class goes to `part`
+    (one at least, where a class has two or more)."""
     g = torch.Generator().manual_seed(seed)
     rest, part = [], []
     for c in torch.unique(y):
@@ -627,7 +634,8 @@ def sample_image(sample):
 
 
 def wds_samples(path, split, field, counts):
-    """(image bytes, `field` bytes) per sample of the .tar shards in path (or path/split); None if there are none."""
+    """(image bytes, `field` bytes) per sample of the .tar shards in
+    path (or path/split); None if there are none."""
     tars = find_tars(path, split)
     if not tars:
         return None
@@ -668,7 +676,8 @@ def class_folder_labels(path, folders, names):
 
 
 def read_class_folders(path, names, counts):
-    """(image paths, labels, class names) from a sub-folder per class; names None: the folders are the classes."""
+    """(image paths, labels, class names) from a sub-folder per
+    class; names None: the folders are the classes."""
     folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not folders:
         raise SystemExit(f"{path}: no class sub-folders and no .tar shards")
@@ -686,7 +695,8 @@ def read_class_folders(path, names, counts):
 
 
 def read_classes(path, args, counts):
-    """(images as paths or bytes, labels, class names, templates file or None) from class folders or .cls tars."""
+    """(images as paths or bytes, labels, class names, templates
+    file or None) from class folders or .cls tars."""
     if not os.path.isdir(path):
         raise SystemExit(f"{path}: not a folder of class sub-folders or .tar shards")
     if args.classnames == "imagenet":
@@ -770,17 +780,20 @@ def read_retrieval(path, args, counts, need_images=True):
             pairs.append((image, captions))
     if missing:
         print0(
-            f"WARNING {path}: {len(missing)} image files not found (e.g. {missing[0]}); skipped with their captions"
+            f"WARNING {path}: {len(missing)} image files not found (e.g. {missing[0]}); skipped with their "
+            "captions"
         )
     if not pairs:
         raise SystemExit(
-            f"{path}: no image with captions and an existing file; image paths are taken relative to {root} (--image-root)"
+            f"{path}: no image with captions and an existing file; image paths are taken relative to "
+            f"{root} (--image-root)"
         )
     return pairs
 
 
 class Images(torch.utils.data.Dataset):
-    """(index, transformed image) per item, a path or a tar sample's bytes; (index, None) where it cannot be read."""
+    """(index, transformed image) per item, a path or a tar sample's
+    bytes; (index, None) where it cannot be read."""
 
     def __init__(self, items, transform):
         self.items = items
@@ -822,7 +835,8 @@ def autocast(args):
 
 @torch.no_grad()
 def encode_images(model, transform, items, args, what, counts):
-    """Normalised embeddings of the readable images and their indices; unreadable ones are counted and named."""
+    """Normalised embeddings of the readable images and their
+    indices; unreadable ones are counted and named."""
     loader = torch.utils.data.DataLoader(
         Images(items, transform),
         batch_size=args.batch_size,
@@ -854,8 +868,9 @@ def encode_images(model, transform, items, args, what, counts):
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, args, what):
-    """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is encoded
-    once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's ~5 captions per image."""
+    """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is
+    encoded once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's
+    ~5 captions per image."""
     unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
     for start in tqdm(
         range(0, len(unique), size),
@@ -899,7 +914,8 @@ def warn_empty_classes(names, labels, what, counts):
     if empty:
         counts["classes_without_images"] = len(empty)
         print0(
-            f"WARNING {what}: {len(empty)} of {len(names)} classes have no readable images ({', '.join(empty[:5])}): they "
+            f"WARNING {what}: {len(empty)} of {len(names)} classes have no readable images "
+            f"({', '.join(empty[:5])}): they "
             f"stay candidates, and mean per-class recall averages over the other {len(names) - len(empty)}"
         )
 
@@ -958,7 +974,8 @@ def run_linear_probe(model, transform, tokenizer, path, args, counts):
 
 
 def run_cra(model, transform, tokenizer, path, args, counts):
-    """LLM2CLIP's caption retrieval accuracy: each image's first caption retrieves its second among all second captions."""
+    """LLM2CLIP's caption retrieval accuracy: each image's first
+    caption retrieves its second among all second captions."""
     groups = read_retrieval(path, args, counts, need_images=False)
     pairs = [captions[:2] for _, captions in groups if len(captions) >= 2]
     counts["image_with_one_caption"] += len(groups) - len(pairs)
@@ -973,8 +990,9 @@ def run_cra(model, transform, tokenizer, path, args, counts):
 
 
 class TextTowerCLIP(nn.Module):
-    """LLM2CLIP: open_clip's image tower, a frozen language-model tower + adapter for text; encode_text takes strings, as the
-    tower tokenizes with its own tokenizer. clip=None and adapter=None: the raw tower, for the text-only benchmark."""
+    """LLM2CLIP: open_clip's image tower, a frozen language-model tower + adapter for text; encode_text takes
+    strings, as the tower tokenizes with its own tokenizer. clip=None and
+    adapter=None: the raw tower, for the text-only benchmark."""
 
     def __init__(self, clip, tower, tower_tokenizer, recipe, adapter, device):
         super().__init__()
@@ -1001,16 +1019,19 @@ def adapter_weights(meta):
 
 
 def attach_text_tower(clip, meta, args):
-    """(TextTowerCLIP, {"text_tower": path}): the tower from --text-tower or the checkpoint's record, its adapter loaded strictly."""
+    """(TextTowerCLIP, {"text_tower": path}): the tower from --text-tower or
+    the checkpoint's record, its adapter loaded strictly."""
     cfg = meta.get("text_tower") if isinstance(meta, dict) else None
     if clip is not None and not cfg:
         raise SystemExit(
-            f"--text-tower: {args.pretrained} is no LLM2CLIP checkpoint (no 'text_tower' record), it has no adapter"
+            f"--text-tower: {args.pretrained} is no LLM2CLIP checkpoint (no 'text_tower' record), it has "
+            "no adapter"
         )
     path = args.text_tower or cfg.get("path")
     if not path or not os.path.isdir(path):
         raise SystemExit(
-            f"text tower {path}: no such folder; pass --text-tower PATH, the encoder folder the checkpoint was trained with"
+            f"text tower {path}: no such folder; pass --text-tower PATH, the encoder folder the checkpoint "
+            "was trained with"
         )
     tower, tokenizer, settings = load_text_tower(
         path, args.device, args.text_tower_dtype, args.trust_remote_code
@@ -1033,8 +1054,8 @@ def attach_text_tower(clip, meta, args):
 
 
 def read_checkpoint(ckpt):
-    """A checkpoint file's contents (a 05_train.py one: {"state_dict", "epoch", "step", ...}), read without running
-    pickled code; {} for no file or one open_clip reads without pickle."""
+    """A checkpoint file's contents (a 05_train.py one: {"state_dict", "epoch", "step", ...}), read without
+    running pickled code; {} for no file or one open_clip reads without pickle."""
     if not ckpt or ckpt.endswith((".safetensors", ".npz", ".npy")):
         return {}
     try:
@@ -1047,7 +1068,8 @@ def read_checkpoint(ckpt):
 
 
 def load_model(args):
-    """open_clip model, eval transform, tokenizer, and what identifies the weights; LLM2CLIP checkpoints get their text tower."""
+    """open_clip model, eval transform, tokenizer, and what identifies the
+    weights; LLM2CLIP checkpoints get their text tower."""
     import open_clip
 
     if not args.pretrained:  # text-only: the raw tower; strings go straight to its encode_text
@@ -1091,7 +1113,8 @@ def load_model(args):
 
 
 def weights_id(pretrained):
-    """What a row was measured on: the path or tag and, for a file, its size and mtime (a retrained checkpoint differs)."""
+    """What a row was measured on: the path or tag and, for a file, its
+    size and mtime (a retrained checkpoint differs)."""
     stat = os.stat(pretrained) if os.path.isfile(pretrained) else None
     return {
         "pretrained": pretrained,
@@ -1100,7 +1123,8 @@ def weights_id(pretrained):
 
 
 def tower_id(path):
-    """A tower folder and its newest file's mtime: a tower re-trained in place (07 again) is measured again."""
+    """A tower folder and its newest file's mtime: a tower
+    re-trained in place (07 again) is measured again."""
     files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else []
     return {"text_tower": path, "text_tower_mtime": int(max((os.stat(f).st_mtime for f in files), default=0))}
 
@@ -1122,14 +1146,16 @@ def append_result(path, record):
 
 
 def table_columns(records):
-    """The (task, dataset) pairs measured, tasks in TABLE's order, a task's datasets in the order first met."""
+    """The (task, dataset) pairs measured, tasks in TABLE's
+    order, a task's datasets in the order first met."""
     tasks = list(TABLE)
     pairs = dict.fromkeys((task, dataset) for _, task, dataset in records if task in TABLE)
     return sorted(pairs, key=lambda pair: tasks.index(pair[0]))
 
 
 def markdown_table(records):
-    """A row per name, a column per (dataset, metric), tasks in TABLE's order; percentages, – where not measured."""
+    """A row per name, a column per (dataset, metric), tasks in
+    TABLE's order; percentages, – where not measured."""
     columns = table_columns(records)
     header = ["model"]
     for task, dataset in columns:
@@ -1149,8 +1175,8 @@ def markdown_table(records):
 
 
 def plot_results(records, path):
-    """The results as bar charts beside results.md: one panel per (task, data set), its first metric, a bar per model
-    (matplotlib, optional)."""
+    """The results as bar charts beside results.md: one panel per (task, data set), its first metric, a bar
+    per model (matplotlib, optional)."""
     try:
         import matplotlib
 
@@ -1373,7 +1399,8 @@ def main(argv=None):
             )
         elif old[t] and not args.overwrite:
             print0(
-                f"{args.name} {t[0]} {t[1]}: its row was measured on other weights ({old[t].get('pretrained')}, or that "
+                f"{args.name} {t[0]} {t[1]}: its row was measured on other weights "
+                f"({old[t].get('pretrained')}, or that "
                 f"file changed since): measuring again"
             )
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -62,7 +62,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -131,8 +132,9 @@ def iter_jsonl(path, counts):
 
 # ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
-    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
         self.total = total
@@ -173,13 +175,13 @@ class Progress:
 
 
 # ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
-# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
-# the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
-#                 through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
 TOWER_RECIPE = {
@@ -203,8 +205,8 @@ RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
 def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one reads 512
-    tokens (LLM2CLIP's length), an encoder 77."""
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
     settings = dict(TOWER_RECIPE)
     config_file = os.path.join(path, "config.json")
     if os.path.isfile(config_file):
@@ -224,7 +226,8 @@ def tower_settings(path):
 
 
 def recipe_overrides(settings, args):
-    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
+    """The recipe with the flags a user gave (None: keep the
+    tower's): --attention, --pooling, --template, ..."""
     out = dict(settings)
     for key in RECIPE_KEYS:
         value = getattr(args, key, None)
@@ -472,8 +475,8 @@ def is_decoder_llm(model):
 
 
 def training_recipe(model, args):
-    """The recipe 07 trains and saves with: the starting model's, LLM2Vec's defaults for decoder LLMs (bidirectional
-    attention, mean pooling, left padding, 512 tokens), then the flags."""
+    """The recipe 07 trains and saves with: the starting model's, LLM2Vec's defaults for decoder LLMs
+    (bidirectional attention, mean pooling, left padding, 512 tokens), then the flags."""
     recipe = tower_settings(args.model) if os.path.isdir(args.model) else dict(TOWER_RECIPE)
     if not os.path.isfile(os.path.join(args.model, "llm2clip_text.json")):
         if is_decoder_llm(model):

@@ -56,7 +56,8 @@ def print0(*args, **kwargs):
 
 
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -173,8 +174,9 @@ def iter_jsonl(path, counts):
 
 # ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a file or a
-    SLURM log, a plain line every `every` seconds instead (a bar's carriage returns would fill the log)."""
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
 
     def __init__(self, total, desc, unit="samples", every=60.0):
         self.total = total
@@ -487,13 +489,13 @@ def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, ov
 
 
 # ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with its
-# cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a text gets
-# the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then the last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as LLM2Vec does,
-#                 through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3" is LLM2Vec's Llama-3 one (the user header around the text)
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
 #   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
 #   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
 TOWER_RECIPE = {
@@ -517,8 +519,8 @@ RECIPE_KEYS = tuple(TOWER_RECIPE)
 
 
 def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one reads 512
-    tokens (LLM2CLIP's length), an encoder 77."""
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
     settings = dict(TOWER_RECIPE)
     config_file = os.path.join(path, "config.json")
     if os.path.isfile(config_file):
@@ -538,7 +540,8 @@ def tower_settings(path):
 
 
 def recipe_overrides(settings, args):
-    """The recipe with the flags a user gave (None: keep the tower's): --attention, --pooling, --template, ..."""
+    """The recipe with the flags a user gave (None: keep the
+    tower's): --attention, --pooling, --template, ..."""
     out = dict(settings)
     for key in RECIPE_KEYS:
         value = getattr(args, key, None)
@@ -627,8 +630,8 @@ def texts_of(record):
 
 
 def shard_texts(paths, counts):
-    """key -> distinct texts (whitespace-normalised, as 05 reads them) of one shard: the AltText of each <key>.txt in its tar,
-    then the sidecars' texts, in first-seen key order."""
+    """key -> distinct texts (whitespace-normalised, as 05 reads them) of one shard: the AltText of each
+    <key>.txt in its tar, then the sidecars' texts, in first-seen key order."""
     merged = {}
     for path in paths:
         tar = path.endswith(".tar") and iter_tar(path, {"txt"}, counts)
@@ -791,7 +794,8 @@ def main(argv=None):
     if args.input and not inputs:
         # a stop, not an empty cache: else the AltTexts would be missing from it, and 05 would skip their samples
         raise SystemExit(
-            f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache sidecar texts only)"
+            f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache "
+            "sidecar texts only)"
         )
     for path in inputs + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
         by_shard[shard_name(path)].append(path)
@@ -809,7 +813,8 @@ def main(argv=None):
         if made_by != tower or before.get("recipe", recipe) != recipe:
             raise SystemExit(
                 f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
-                f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to redo it."
+                f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to "
+                "redo it."
             )
     _, todo, line = shards_left(list(by_shard), args.out_dir, worker, total, args.assign, args.overwrite)
     print0(f"08_embed_texts: {len(by_shard)} shards, {line}")

@@ -36,7 +36,8 @@ from collections import Counter
 
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -151,8 +152,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def pick_keys(shards, sample, seed, counts):
-    """{shard: [key, ...]}: `sample` keys drawn uniformly from every key with an image (reservoir sampling over the
-    shards in order, seeded), so a big data set costs one pass over its tar headers and text, never its images."""
+    """{shard: [key, ...]}: `sample` keys drawn uniformly from every key with an image (reservoir sampling
+    over the shards in order, seeded), so a big data set costs one pass over its
+    tar headers and text, never its images."""
     rng, chosen, seen = random.Random(seed), [], 0
     for shard in shards:
         for key, members in iter_tar(shard, {"txt"}, counts):
@@ -172,7 +174,8 @@ def pick_keys(shards, sample, seed, counts):
 
 
 def thumbnail(raw, side, counts):
-    """A JPEG data URI of the image, its longer side at most `side` pixels; None for bytes that are not an image."""
+    """A JPEG data URI of the image, its longer side at most `side`
+    pixels; None for bytes that are not an image."""
     from PIL import Image
 
     try:
@@ -204,7 +207,8 @@ def scores_of(record):
 
 
 def sidecar_records(folder, shard, keys, counts):
-    """{key: record} of one shard's sidecar in `folder`, for `keys` only (a missing file is counted, not fatal)."""
+    """{key: record} of one shard's sidecar in `folder`, for `keys`
+    only (a missing file is counted, not fatal)."""
     path = os.path.join(folder, shard_name(shard) + ".jsonl")
     if not os.path.exists(path):
         counts["missing_sidecar"] += 1

@@ -44,7 +44,8 @@ from collections import Counter, defaultdict
 
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a finished-looking file."""
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -164,8 +165,8 @@ def clean(text):
 
 
 def index_shards(shards, join, counts):
-    """{join value: [(shard, key)]} over every sample with an image, and {shard: [(key, AltText)]} in shard order.
-    join: key, url (from the sample's .json), caption (the AltText) or path-stem (= key)."""
+    """{join value: [(shard, key)]} over every sample with an image, and {shard: [(key, AltText)]} in shard
+    order. join: key, url (from the sample's .json), caption (the AltText) or path-stem (= key)."""
     index, samples = defaultdict(list), {}
     for shard in shards:
         rows = []
@@ -238,7 +239,8 @@ def caption_list(value):
 
 
 def join_tables(paths, join_column, sources, index, counts, found):
-    """Adds each row's captions to found[(shard, key)][source]; counts rows matched, unmatched, without a join value."""
+    """Adds each row's captions to found[(shard, key)][source]; counts
+    rows matched, unmatched, without a join value."""
     for path in paths:
         for row in table_rows(path, [join_column] + sources, counts):
             value = row.get(join_column)
@@ -256,8 +258,8 @@ def join_tables(paths, join_column, sources, index, counts, found):
 
 
 def join_laclip(csv_path, texts, join, index, counts, found):
-    """LaCLIP's release: CSV rows (image path, caption); the i-th image row's rewrites are line i of each source's
-    text file. Rows are joined on the caption (or the path's stem)."""
+    """LaCLIP's release: CSV rows (image path, caption); the i-th image row's rewrites are line i of each
+    source's text file. Rows are joined on the caption (or the path's stem)."""
     files = {}
     for item in texts:
         source, _, path = item.partition("=")
@@ -364,7 +366,8 @@ def main(argv=None):
         if args.overwrite or not os.path.exists(os.path.join(args.out_dir, shard_name(s) + ".stats.json"))
     ]
     print(
-        f"10_import_captions: {len(shards)} shards, {len(shards) - len(todo)} already done; joining on {join}",
+        f"10_import_captions: {len(shards)} shards, {len(shards) - len(todo)} already done; joining on "
+        f"{join}",
         flush=True,
     )
     if not todo:
@@ -410,7 +413,8 @@ def main(argv=None):
         write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
         all_stats.append(stats)
         print(
-            f"{name}: {shard_counts['ok']}/{len(records)} samples got captions, {shard_counts['no_caption']} none",
+            f"{name}: {shard_counts['ok']}/{len(records)} samples got captions, "
+            f"{shard_counts['no_caption']} none",
             flush=True,
         )
     table_files = tables or [args.laclip_csv] + [item.partition("=")[2] for item in args.laclip_texts]
