@@ -536,7 +536,9 @@ def write_shard(shards_dir, shard, recs, args):
     tar_path, stats_path = shards_dir / f"{shard:05d}.tar", shards_dir / f"{shard:05d}_stats.json"
     if kept(tar_path, stats_path, args.overwrite):
         return
-    t0, subjects, failed = time.time(), {}, 0
+    t0 = time.time()
+    subjects = {}
+    failed = 0
     buf = io.BytesIO()  # ~25 MB; built in memory so the write is one atomic replace
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, rec in enumerate(recs):
@@ -579,7 +581,9 @@ def drop_stale_shards(shards_dir, num_shards, overwrite):
 def write_zeroshot(folder, classes, args):
     if not reset_unless_done(folder, folder / "classnames.txt", args.overwrite):
         return
-    t0, sources, failed = time.time(), [], 0
+    t0 = time.time()
+    sources = []
+    failed = 0
     if not classes:
         print(f"WARNING {folder}: no class has {2 * args.zeroshot_per_class} images; the set is empty")
     for class_folder, (name, recs) in classes.items():
@@ -604,7 +608,9 @@ def write_zeroshot(folder, classes, args):
 def write_retrieval(folder, chosen, args):
     if not reset_unless_done(folder, folder / "captions.jsonl", args.overwrite):
         return
-    t0, lines, failed = time.time(), [], 0
+    t0 = time.time()
+    lines = []
+    failed = 0
     (folder / "images").mkdir()
     for n, rec in enumerate(chosen):
         rendered = render(rec, args.image_side)

@@ -257,7 +257,9 @@ def object_phrase(a, numeral=False):
 
 def clean_captions(a, rng, k=5):
     """k distinct, correct descriptions (each template differs in its fixed words, so they never collide)."""
-    obj, bg, be = object_phrase(a), background_phrase(a, rng), "is" if a["count"] == 1 else "are"
+    obj = object_phrase(a)
+    bg = background_phrase(a, rng)
+    be = "is" if a["count"] == 1 else "are"
     templates = [
         f"{obj} on {with_article(bg)}",
         f"a picture of {obj}",
@@ -292,7 +294,9 @@ JUNK = [
 def alt_text(a, rng):
     """Web-like AltText: ~50% complete, ~30% partial, ~20% junk. Returns (text, kind)."""
     u = rng.random()
-    col, shp, many = a["color"], a["shape"], PLURALS[a["shape"]]
+    col = a["color"]
+    shp = a["shape"]
+    many = PLURALS[a["shape"]]
     if u < 0.5:
         forms = [
             object_phrase(a, numeral=rng.random() < 0.5) + " on " + with_article(background_phrase(a, rng)),
@@ -328,7 +332,9 @@ def write_shard(shards_dir, shard, args):
     tar_path, stats_path = shards_dir / f"{shard:05d}.tar", shards_dir / f"{shard:05d}_stats.json"
     if kept(tar_path, stats_path, args.overwrite):
         return
-    t0, rng, kinds = time.time(), random.Random(f"{args.seed}-shard-{shard}"), {}
+    t0 = time.time()
+    rng = random.Random(f"{args.seed}-shard-{shard}")
+    kinds = {}
     # a toy shard is a few MB; building it in memory keeps the write a single atomic replace
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -376,7 +382,9 @@ def write_shard(shards_dir, shard, args):
 def write_zeroshot(folder, args):
     if not reset_unless_done(folder, folder / "classnames.txt", args.overwrite):
         return
-    t0, rng, classes = time.time(), random.Random(f"{args.seed}-zeroshot"), sorted(SHAPES)
+    t0 = time.time()
+    rng = random.Random(f"{args.seed}-zeroshot")
+    classes = sorted(SHAPES)
     for c in classes:
         (folder / c).mkdir()
         for n in range(args.eval_per_class):
@@ -394,7 +402,9 @@ def write_zeroshot(folder, args):
 def write_retrieval(folder, args):
     if not reset_unless_done(folder, folder / "captions.jsonl", args.overwrite):
         return
-    t0, rng, lines = time.time(), random.Random(f"{args.seed}-retrieval"), []
+    t0 = time.time()
+    rng = random.Random(f"{args.seed}-retrieval")
+    lines = []
     (folder / "images").mkdir()
     for n in range(args.retrieval_images):
         img, a = draw_scene(rng, args.image_size)
@@ -407,7 +417,9 @@ def write_retrieval(folder, args):
 def write_coco(path, args):
     if kept(path, path, args.overwrite):
         return
-    rng, images, annotations = random.Random(f"{args.seed}-coco"), [], []
+    rng = random.Random(f"{args.seed}-coco")
+    images = []
+    annotations = []
     for image_id in range(1, args.coco_images + 1):
         _, a = draw_scene(rng, 8)  # only the attributes are needed; a tiny canvas keeps this instant
         images.append(

@@ -332,7 +332,9 @@ class Claim:
     and marks the claim lost when the file no longer holds our record (another worker took it over)."""
 
     def __init__(self, path, data, every):
-        self.path, self.data, self.lost = path, data, False
+        self.path = path
+        self.data = data
+        self.lost = False
         self.name = os.path.basename(path)[: -len(".claim")]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)
@@ -1319,7 +1321,9 @@ def add_scores(records, sources, scorer):
 
 
 def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=None):
-    name, start, counts = shard_name(path), time.time(), Counter()
+    name = shard_name(path)
+    start = time.time()
+    counts = Counter()
     partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
     done = read_partial(partial_path, tag)
     if done:

@@ -307,7 +307,9 @@ class Claim:
     and marks the claim lost when the file no longer holds our record (another worker took it over)."""
 
     def __init__(self, path, data, every):
-        self.path, self.data, self.lost = path, data, False
+        self.path = path
+        self.data = data
+        self.lost = False
         self.name = os.path.basename(path)[: -len(".claim")]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)

@@ -332,7 +332,9 @@ class Claim:
     and marks the claim lost when the file no longer holds our record (another worker took it over)."""
 
     def __init__(self, path, data, every):
-        self.path, self.data, self.lost = path, data, False
+        self.path = path
+        self.data = data
+        self.lost = False
         self.name = os.path.basename(path)[: -len(".claim")]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)
@@ -1157,7 +1159,9 @@ def add_scores(records, texts, scorer):
 
 
 def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None):
-    name, start, counts = shard_name(path), time.time(), Counter()
+    name = shard_name(path)
+    start = time.time()
+    counts = Counter()
     vec_path = os.path.join(args.vec_dir, name + ".jsonl")
     with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
         vec_stats_sha = hashlib.sha256(f.read()).hexdigest()

@@ -929,7 +929,9 @@ class Trainee(nn.Module):
 
     def __init__(self, clip, dim, views, hidden, text_dropout, adapter=None):
         super().__init__()
-        self.clip, self.dropping, self.adapter = clip, False, adapter
+        self.clip = clip
+        self.dropping = False
+        self.adapter = adapter
         self.image_projection = projection_of(clip.visual, ("proj", "attnpool", "head"))
         text_owner = getattr(clip, "text", clip) if adapter is None else adapter
         self.text_projection = projection_of(text_owner, ("text_projection", "proj"))
@@ -1193,7 +1195,9 @@ class CheckpointWriter:
     time: the next waits for it."""
 
     def __init__(self, folder):
-        self.folder, self.thread, self.error = folder, None, None
+        self.folder = folder
+        self.thread = None
+        self.error = None
 
     def save(self, state, names):
         self.wait()
@@ -1370,7 +1374,9 @@ def frozen_tower(args, device, amp):
     """LLM2CLIP: (encode(texts) with the live tower, or None with a cache; the tower's record for the
     checkpoint; the model). The record holds the tower's recipe (how it embeds a text): the cache's, as 08
     recorded it, else the tower's."""
-    path, encode, model = args.text_tower, None, None
+    path = args.text_tower
+    encode = None
+    model = None
     if args.text_cache:
         stats = sorted(glob.glob(os.path.join(args.text_cache, "*.stats.json")))
         with open(os.path.join(args.text_cache, "_config.json")) as f:

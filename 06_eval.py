@@ -871,7 +871,9 @@ def encode_texts(model, tokenizer, texts, args, what):
     """Normalised embeddings; a repeated text (captions of two images, ImageNet's two 'missile' classes) is
     encoded once, so it ties exactly. Texts go 5 times --batch-size a pass, as CLIP_benchmark sends a batch's
     ~5 captions per image."""
-    unique, embs, size = list(dict.fromkeys(texts)), [], 5 * args.batch_size
+    unique = list(dict.fromkeys(texts))
+    embs = []
+    size = 5 * args.batch_size
     for start in tqdm(
         range(0, len(unique), size),
         desc=what,
@@ -996,8 +998,12 @@ class TextTowerCLIP(nn.Module):
 
     def __init__(self, clip, tower, tower_tokenizer, recipe, adapter, device):
         super().__init__()
-        self.clip, self.tower, self.adapter = clip, tower, adapter
-        self.tokenizer, self.recipe, self.device = tower_tokenizer, recipe, device
+        self.clip = clip
+        self.tower = tower
+        self.adapter = adapter
+        self.tokenizer = tower_tokenizer
+        self.recipe = recipe
+        self.device = device
 
     def encode_image(self, x):
         return self.clip.encode_image(x)

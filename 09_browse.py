@@ -155,7 +155,9 @@ def pick_keys(shards, sample, seed, counts):
     """{shard: [key, ...]}: `sample` keys drawn uniformly from every key with an image (reservoir sampling
     over the shards in order, seeded), so a big data set costs one pass over its
     tar headers and text, never its images."""
-    rng, chosen, seen = random.Random(seed), [], 0
+    rng = random.Random(seed)
+    chosen = []
+    seen = 0
     for shard in shards:
         for key, members in iter_tar(shard, {"txt"}, counts):
             if not any(e in members for e in IMAGE_EXTS):
