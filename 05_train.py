@@ -782,8 +782,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counts["uncached"] += 1
                 return None
             texts = torch.from_numpy(embeddings[picked].astype(np.float32))
-        # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU seeding
-        # with a captured stack trace per call, a quarter of a worker's time on small images
+        # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU
+        # seeding with a captured stack trace per call, a quarter of a worker's time on small images
         torch.default_generator.manual_seed(rnd.getrandbits(63))
         image = self.transform(img)  # before the views: the draws go in this order
         views = [self.view_transform(img) for _ in view_texts]
@@ -807,8 +807,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         block = max(1, self.args.shuffle_buffer)
         seed = f"{self.args.seed}|{epoch}|{g}"
         order = shuffled_positions(random.Random(seed), n, block)
-        # A resume: every position below the block it stopped in was drawn, and `done` lists those drawn in that
-        # block. `order` is drawn past them, so it goes on where the run stopped.
+        # A resume: every position below the block it stopped in was drawn, and `done` lists those drawn in
+        # that block. `order` is drawn past them, so it goes on where the run stopped.
         drawn = consumed.get(g, 0)
         below = drawn // block * block if drawn < n else drawn
         done = set()
@@ -1328,7 +1328,7 @@ def build_model(args, device):
     )
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-        # a text block recomputed in backward would miss the dropout flag: with text dropout that tower runs whole
+        # a text block recomputed in backward would miss the dropout flag: with text dropout, run it whole
         getattr(clip, "text", clip).transformer.grad_checkpointing = not args.text_dropout
     pp = clip.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]

@@ -311,8 +311,8 @@ class Adapter(nn.Module):
 # ---- end adapter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-# LaCLIP's ImageNet prompts for its CC3M/CC12M/RedCaps models (eval_zeroshot_imagenet.py in its repository): the
-# 7-prompt ensemble of OpenAI's prompt-engineering notebook, also open_clip's SIMPLE_IMAGENET_TEMPLATES.
+# LaCLIP's ImageNet prompts for its CC3M/CC12M/RedCaps models (eval_zeroshot_imagenet.py in its repository):
+# the 7-prompt ensemble of OpenAI's prompt-engineering notebook, also open_clip's SIMPLE_IMAGENET_TEMPLATES.
 LACLIP_TEMPLATES = [
     "itap of a {c}.",
     "a bad photo of the {c}.",
@@ -337,8 +337,8 @@ TABLE = {
 def tie_share(m, t, p):
     """Chance that a random order of t negatives and p positives puts a positive among its first m."""
     places = torch.minimum(m.clamp(min=0), t)
-    # a miss: negatives take all m places; of the (t+p)!/(t+p-m)! ways to fill them, t!/(t-m)! do (in log-gamma,
-    # as the factorials overflow)
+    # a miss: negatives take all m places; of the (t+p)!/(t+p-m)! ways to fill them, t!/(t-m)! do (in
+    # log-gamma, as the factorials overflow)
     miss = torch.exp(
         torch.lgamma(t + 1)
         - torch.lgamma(t - places + 1)
