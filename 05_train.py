@@ -678,6 +678,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         synonyms=None,
         end_epoch=None,
         chunks_per_epoch=None,
+        image_cache=None,
     ):
         self.shards = shards
         self.counts = counts  # samples per shard
@@ -686,7 +687,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.consumed = consumed
         self.chunks = chunks
         self.chunk = chunk
-        self.transform, self.view_transform = transforms
+        self.transform, self.view_transform = transforms[:2]
+        self.image_cache = (
+            image_cache  # {kind: (folder, what)}: a locked tower's features stand in for images
+        )
         self.tokenizer = tokenizer
         self.synonyms = synonyms  # WordNet's, for EDA's synonym replacement
         self.end_epoch = epoch + 1 if end_epoch is None else end_epoch
@@ -717,13 +721,18 @@ class ShardStream(torch.utils.data.IterableDataset):
             chunks = self.chunks_per_epoch
 
     def shard_items(self, shard, counts):
-        """(key, image bytes, AltText, synthetic captions, cached
-        rows) of each sample of `shard` with an image."""
+        """(key, image, AltText, synthetic captions, cached rows) of each sample of `shard` with an image.
+        The image is its bytes, or with --image-cache (key, this shard's image cache) and no bytes read."""
         synthetic = load_texts(shard, self.args.texts, counts, self.args.min_score)
         cache = None
         if self.args.text_cache:
             cache = load_cache(shard, self.args.text_cache, counts)
-        for key, members in iter_tar(shard, {*IMAGE_EXTS, "txt"}, counts):
+        features = None
+        want = {*IMAGE_EXTS, "txt"}
+        if self.image_cache:
+            features = load_image_cache(shard, self.image_cache)
+            want = {"txt"}
+        for key, members in iter_tar(shard, want, counts):
             image_ext = next((e for e in IMAGE_EXTS if e in members), None)
             if image_ext is None:
                 continue
@@ -732,7 +741,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if cache is not None:
                 rows, embeddings = cache
                 cached = (rows.get(key, {}), embeddings)
-            yield key, members[image_ext], alt, synthetic.get(key), cached
+            image = members[image_ext] if features is None else (key, features)
+            yield key, image, alt, synthetic.get(key), cached
 
     def inputs(self, start, below, done, counts):
         """(i, raw sample) for i = below, below + 1, ..., leaving out `done`. This reader's i-th sample sits
@@ -764,13 +774,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             counts["missing"] += 1
             return None
         key, raw, alt, synthetic, cached = item
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                img = im.convert("RGB")
-        except Exception:
-            # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
-            counts["bad_image"] += 1
-            return None
+        img = None
+        if isinstance(raw, tuple):  # --image-cache: the features stand in for the image
+            if any(cached_rows(raw, kind) is None for kind in raw[1]):
+                counts["bad_image"] += 1
+                return None
+        else:
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    img = im.convert("RGB")
+            except Exception:
+                # PIL raises many kinds on bad bytes: the sample is skipped and counted, never fatal
+                counts["bad_image"] += 1
+                return None
         texts, valid, view_texts = sample_texts(alt, synthetic or [], self.args, rnd, self.synonyms)
         if not all(t.strip() for t in texts):
             counts["no_text"] += 1
@@ -782,6 +798,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counts["uncached"] += 1
                 return None
             texts = torch.from_numpy(embeddings[picked].astype(np.float32))
+        if img is None:  # one of the cached views of each kind, drawn after the texts
+            image = cached_view(raw, "main", rnd)
+            views = [cached_view(raw, "strong", rnd) for _ in view_texts]
+            return key, image, texts, valid, views, view_texts
         # image augmentation draws from torch's CPU generator; torch.manual_seed would also queue a CUDA/XPU
         # seeding with a captured stack trace per call, a quarter of a worker's time on small images
         torch.default_generator.manual_seed(rnd.getrandbits(63))
@@ -871,6 +891,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.tokenizer(flat).view(len(groups), len(groups[0]), -1)
 
 
+def cached_rows(image, kind):
+    """The cache row of a sample's image, or None where the image was unreadable or is not in the cache."""
+    key, features = image
+    rows, _, bad = features[kind]
+    return None if key in bad else rows.get(key)
+
+
+def cached_view(image, kind, rnd):
+    """One of the sample's cached views of `kind`, picked at random, as float32 features."""
+    key, features = image
+    rows, table, _ = features[kind]
+    view = rnd.randrange(table.shape[1])
+    return torch.from_numpy(table[rows[key], view].astype(np.float32))
+
+
 def shuffled_positions(rng, n, block):
     """A reader's positions 0 ... n - 1, shuffled within blocks of `block` (memory stays bounded), then n, n +
     1, ... in order: the padding, taken from the next reader's share, so that
@@ -929,6 +964,7 @@ class Trainee(nn.Module):
 
     def __init__(self, clip, dim, views, hidden, text_dropout, adapter=None):
         super().__init__()
+        self.frozen_norms = []  # BatchNorm layers of a locked image tower that always normalise as in eval
         self.clip = clip
         self.dropping = False
         self.adapter = adapter
@@ -966,6 +1002,12 @@ class Trainee(nn.Module):
         if text_dropout:
             for block in blocks:  # every block's input, as clip-rocket's text tower does for its view texts
                 block.register_forward_pre_hook(self.dropout_hook(text_dropout))
+
+    def train(self, mode=True):
+        super().train(mode)
+        for norm in self.frozen_norms:
+            norm.eval()
+        return self
 
     @staticmethod
     def mlp(in_dim, hidden, out_dim):
@@ -1006,10 +1048,24 @@ class Trainee(nn.Module):
         with swapped(*self.text_projection):
             return self.encode_text(tokens)
 
+    def project_image(self, features):
+        """The image projection alone, on a locked tower's cached features (--image-cache)."""
+        if self.image_projection is None:
+            return features
+        owner, name, _ = self.image_projection
+        projection = getattr(owner, name)
+        if isinstance(projection, nn.Parameter):
+            return features @ projection
+        return projection(features)
+
     def forward(self, image, text, views=None, view_text=None, text_mask=None):
         b, m = text.shape[:2]
+        if image.ndim == 2:  # [batch, dim]: cached trunk features, not pixels
+            image_embedding = self.project_image(image)
+        else:
+            image_embedding = self.clip.encode_image(image)
         out = {
-            "image": F.normalize(self.clip.encode_image(image), dim=-1),
+            "image": F.normalize(image_embedding, dim=-1),
             "text": F.normalize(self.encode_text(text.flatten(0, 1)), dim=-1).view(b, m, -1),
             "scale": self.clip.logit_scale.exp(),
             "bias": self.clip.logit_bias,
@@ -1018,9 +1074,11 @@ class Trainee(nn.Module):
             out["text_mask"] = text_mask
         if views is not None:
             n = views.shape[1]
-            out["views"] = F.normalize(
-                self.image_head(self.image_features(views.flatten(0, 1))), dim=-1
-            ).view(b, n, -1)
+            if views.ndim == 3:  # [batch, views, dim]: cached trunk features
+                view_features = views.flatten(0, 1)
+            else:
+                view_features = self.image_features(views.flatten(0, 1))
+            out["views"] = F.normalize(self.image_head(view_features), dim=-1).view(b, n, -1)
             self.dropping = True
             try:
                 view_text_features = self.text_features(view_text.flatten(0, 1))
@@ -1308,7 +1366,7 @@ def count_texts(shard, dirs, min_score=None):
 
 
 def build_model(args, device):
-    """(open_clip model, name, its config, (main, strong view) transforms, tokenizer)."""
+    """(open_clip model, name, its config, (main, strong view, eval) transforms, tokenizer)."""
     import open_clip
     from torchvision import transforms as T
 
@@ -1323,7 +1381,7 @@ def build_model(args, device):
         if args.loss == "siglip" and "init_logit_bias" not in cfg
         else {}
     )
-    clip, transform, _ = open_clip.create_model_and_transforms(
+    clip, transform, eval_transform = open_clip.create_model_and_transforms(
         name, pretrained=args.pretrained, device=device, aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip
     )
     if args.grad_checkpointing:
@@ -1342,7 +1400,8 @@ def build_model(args, device):
             T.PILToTensor(),
         ]
     )
-    return clip, name, {**cfg, **siglip}, (uint8_output(transform), strong), open_clip.get_tokenizer(name)
+    transforms = (uint8_output(transform), strong, eval_transform)
+    return clip, name, {**cfg, **siglip}, transforms, open_clip.get_tokenizer(name)
 
 
 def uint8_output(transform):
@@ -1411,6 +1470,220 @@ def frozen_tower(args, device, amp):
     return encode, record, model
 
 
+CLASSIFIER_PREFIXES = ("classifier.", "fc.", "_fc.", "head.fc.")  # a trunk's own class head, unused here
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        block = f.read(1 << 20)
+        while block:
+            digest.update(block)
+            block = f.read(1 << 20)
+    return digest.hexdigest()
+
+
+def load_image_weights(clip, path):
+    """--image-weights: a pretrained trunk into the image tower (timm's `visual.trunk`, else `visual`). Every
+    weight of the trunk must come from the file; only a classifier the trunk does not have may be left over."""
+    trunk = getattr(clip.visual, "trunk", clip.visual)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    unused = [k for k in state if k not in trunk.state_dict()]
+    leftover = [k for k in unused if not k.startswith(CLASSIFIER_PREFIXES)]
+    missing = [k for k in trunk.state_dict() if k not in state and not k.endswith("num_batches_tracked")]
+    if leftover or missing:
+        raise SystemExit(
+            f"--image-weights {path} does not fit the image tower of --model: {len(missing)} of its weights "
+            f"missing (e.g. {missing[:3]}), {len(leftover)} unexpected (e.g. {leftover[:3]})"
+        )
+    kept = {k: v for k, v in state.items() if k not in unused}
+    trunk.load_state_dict(kept, strict=False)
+    print0(f"05_train: image trunk from {path} ({len(kept)} tensors; {len(unused)} classifier ones left out)")
+    return file_sha256(path)
+
+
+def has_batch_norm(module):
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def lock_image(clip, args):
+    """LiT (open_clip's --lock-image flags): the image tower frozen but for its last unlocked groups; its
+    projection (timm's head, a ViT's proj when groups are unlocked) trains. Returns the BatchNorm layers whose
+    statistics stay frozen (see Trainee.train): every one in the locked part with --lock-image-freeze-bn-stats.
+    open_clip freezes them by swapping in FrozenBatchNorm2d, which drops the activation that timm's
+    BatchNormAct2d layers (EfficientNet, most timm CNNs) carry inside: the network would change. Here the
+    layers stay as they are and normalise in eval mode, which is what frozen statistics mean."""
+    if args.lock_image_unlocked_groups and not args.lock_image:
+        raise SystemExit("--lock-image-unlocked-groups needs --lock-image")
+    if args.lock_image_freeze_bn_stats and not args.lock_image:
+        raise SystemExit("--lock-image-freeze-bn-stats needs --lock-image")
+    if not args.lock_image:
+        return []
+    clip.lock_image_tower(args.lock_image_unlocked_groups, freeze_bn_stats=False)
+    frozen = sum(p.numel() for p in clip.visual.parameters() if not p.requires_grad)
+    total = sum(p.numel() for p in clip.visual.parameters())
+    norms = []
+    if args.lock_image_freeze_bn_stats:
+        for module in clip.visual.modules():
+            locked = not any(p.requires_grad for p in module.parameters())
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and locked:
+                norms.append(module)
+    print0(
+        f"05_train: image tower locked: {frozen:,} of {total:,} parameters frozen, "
+        f"{len(norms)} BatchNorm layers with frozen statistics"
+    )
+    return norms
+
+
+def check_image_cache(trainee, args):
+    """--image-cache needs a tower whose frozen part gives the same features every time: wholly locked,
+    BatchNorm statistics frozen, and a projection (timm's head or a ViT's proj) that takes pooled features."""
+    visual = trainee.clip.visual
+    if not args.lock_image or args.lock_image_unlocked_groups:
+        raise SystemExit("--image-cache needs --lock-image with no unlocked groups (a frozen tower)")
+    if has_batch_norm(getattr(visual, "trunk", visual)) and not args.lock_image_freeze_bn_stats:
+        raise SystemExit("--image-cache: the tower has BatchNorm; add --lock-image-freeze-bn-stats")
+    found = trainee.image_projection
+    if found is not None and found[1] not in ("proj", "head"):
+        raise SystemExit(f"--image-cache: the tower's projection ({found[1]}) does not take pooled features")
+    if args.image_cache_views < 1 or (args.aug_views and args.image_cache_strong < 1):
+        raise SystemExit("--image-cache-views (and --image-cache-strong with --aug-views) must be >= 1")
+
+
+def view_seed(tag, key, v):
+    """The torch seed of cached view v of one image: fixed by the cache, not by the run."""
+    return int.from_bytes(hashlib.sha256(f"{tag}|{key}|{v}".encode()).digest()[:8], "little") >> 1
+
+
+def cache_folders(args, cfg, transforms, weights_sha):
+    """{kind: folder} of the image caches this run reads: "main" (view 0 a centre crop, then train-transform
+    draws) and, with --aug-views, "strong". A folder's name hashes what its features depend on."""
+    main_transform, strong_transform, eval_transform = transforms
+    kinds = {"main": (args.image_cache_views, [repr(eval_transform), repr(main_transform)])}
+    if args.aug_views:
+        kinds["strong"] = (args.image_cache_strong, [repr(strong_transform)])
+    folders = {}
+    for kind, (views, described) in kinds.items():
+        what = {
+            "kind": kind,
+            "views": views,
+            "seed": args.image_cache_seed,
+            "vision_cfg": cfg.get("vision_cfg"),
+            "pretrained": args.pretrained,
+            "image_weights_sha256": weights_sha,
+            "transforms": described,
+        }
+        tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        folders[kind] = (os.path.join(args.image_cache, f"{kind}-{tag}"), what)
+    return folders
+
+
+def cached_views(img, key, what, transforms):
+    """The uint8 views of one image that its cache row holds, each drawn from its own fixed seed."""
+    main_transform, strong_transform, eval_transform = transforms
+    views = []
+    for v in range(what["views"]):
+        torch.default_generator.manual_seed(view_seed(what["seed"], key, v))
+        if what["kind"] == "strong":
+            views.append(strong_transform(img))
+        elif v == 0:
+            views.append(uint8_output(eval_transform)(img))
+        else:
+            views.append(main_transform(img))
+    return views
+
+
+def cache_shard(shard, folder, what, trainee, transforms, mean, std, device, batch=256):
+    """One shard's cache: <shard>.npy [images, views, dim] float16 (pooled trunk features before the
+    projection) and <shard>.json (keys in row order, keys whose image did not decode: their rows are zeros,
+    counts), written last: the done-marker. Views are embedded `batch` at a time, so memory stays bounded."""
+    t0 = time.time()
+    counts = Counter()
+    keys, bad = [], []
+    pending, rows, features = [], [], []  # views waiting for the tower; their row numbers; finished rows
+
+    def flush():
+        with torch.no_grad():
+            x = normalize(torch.stack(pending).to(device), mean, std)
+            out = trainee.image_features(x).float().cpu().numpy().astype(np.float16)
+        for i, row in enumerate(rows):
+            features.append((row, out[i * what["views"] : (i + 1) * what["views"]]))
+        pending.clear()
+        rows.clear()
+
+    for key, members in iter_tar(shard, set(IMAGE_EXTS), counts):
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if image_ext is None:
+            continue
+        keys.append(key)
+        try:
+            with Image.open(io.BytesIO(members[image_ext])) as im:
+                img = im.convert("RGB")
+        except Exception:
+            # PIL raises many kinds on bad bytes: the sample is marked and skipped in training, never fatal
+            bad.append(key)
+            continue
+        pending.extend(cached_views(img, key, what, transforms))
+        rows.append(len(keys) - 1)
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    dim = features[0][1].shape[-1] if features else 1
+    table = np.zeros((len(keys), what["views"], dim), np.float16)
+    for row, views in features:
+        table[row] = views
+    name = os.path.join(folder, shard_name(shard))
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    atomic_write(name + ".npy", buffer.getvalue())
+    record = {"keys": keys, "bad": bad, "dim": int(dim), "counts": dict(counts)}
+    write_json(name + ".json", {**record, "seconds": round(time.time() - t0, 1)})
+    return len(keys), len(bad)
+
+
+def build_image_cache(shards, folders, trainee, transforms, mean, std, device):
+    """Every shard's cache not yet done, split over the ranks by shard; all ranks wait for the whole."""
+    rank, world, _ = dist_env()
+    was_training = trainee.training
+    trainee.eval()
+    for kind, (folder, what) in folders.items():
+        os.makedirs(folder, exist_ok=True)
+        if rank == 0:
+            write_json(os.path.join(folder, "_config.json"), what)
+        done, made, bad, t0 = 0, 0, 0, time.time()
+        for i, shard in enumerate(shards):
+            if os.path.exists(os.path.join(folder, shard_name(shard) + ".json")):
+                done += 1
+                continue
+            if i % world != rank:
+                continue
+            n, b = cache_shard(shard, folder, what, trainee, transforms, mean, std, device)
+            made += n
+            bad += b
+            print0(f"05_train: image cache {kind} {shard_name(shard)}: {n} images x {what['views']} views")
+        print0(
+            f"05_train: image cache {folder}: {done} shard(s) there, {made} images embedded here "
+            f"({bad} unreadable, skipped in training), {time.time() - t0:.1f}s"
+        )
+    trainee.train(was_training)
+    if world > 1:
+        dist.barrier()
+
+
+def load_image_cache(shard, folders):
+    """{kind: (key -> row, features memory-mapped, keys whose image did not decode)} of one shard."""
+    out = {}
+    for kind, (folder, _) in folders.items():
+        name = os.path.join(folder, shard_name(shard))
+        with open(name + ".json") as f:
+            record = json.load(f)
+        rows = {key: i for i, key in enumerate(record["keys"])}
+        out[kind] = (rows, np.load(name + ".npy", mmap_mode="r"), set(record["bad"]))
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -1438,6 +1711,58 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--pretrained", default=None, help="initial weights: a local checkpoint (or an open_clip tag)"
+    )
+    p.add_argument(
+        "--image-weights",
+        default=None,
+        help="a state dict for the image tower's trunk (timm: visual.trunk; else visual), loaded after "
+        "--pretrained; every trunk weight must be in it (a classifier is ignored), e.g. 00_real_data.py's "
+        "effnet-lite0.pt",
+    )
+    p.add_argument(
+        "--lock-image",
+        action="store_true",
+        help="LiT: freeze the image tower (open_clip's lock_image_tower); its projection still trains",
+    )
+    p.add_argument(
+        "--lock-image-unlocked-groups",
+        type=int,
+        default=0,
+        help="with --lock-image: leave the last N layer groups of the image tower trainable",
+    )
+    p.add_argument(
+        "--lock-image-freeze-bn-stats",
+        action="store_true",
+        help="with --lock-image: the locked BatchNorm layers keep their running statistics (they "
+        "normalise as in eval mode)",
+    )
+    p.add_argument(
+        "--image-cache",
+        default=None,
+        help="with a wholly locked image tower: embed every training image's --image-cache-views fixed views "
+        "(and --image-cache-strong strong views for --aug-views) once into this folder, then train from "
+        "those features (the tower never runs in the loop)",
+    )
+    p.add_argument(
+        "--image-cache-views",
+        type=int,
+        default=4,
+        help="--image-cache: views per image, the first a centre crop, the rest drawn by the train "
+        "transform; each step picks one at random",
+    )
+    p.add_argument(
+        "--image-cache-strong",
+        type=int,
+        default=4,
+        help="--image-cache with --aug-views: strongly augmented views per image that the view "
+        "branches pick from",
+    )
+    p.add_argument(
+        "--image-cache-seed",
+        type=int,
+        default=0,
+        help="--image-cache: seed of the cached views' augmentations (shared by every --seed, so one "
+        "cache serves all seeds)",
     )
     p.add_argument(
         "--text-mode",
@@ -1842,6 +2167,9 @@ def main(argv=None):
     # ---- model, optimizer, and where a resumed run stands
     torch.manual_seed(args.seed)
     clip, name, cfg, transforms, tokenizer = build_model(args, device)
+    weights_sha = None
+    if args.image_weights:
+        weights_sha = load_image_weights(clip, args.image_weights)
     encode = None  # a live frozen text tower: texts to embeddings
     tower = None  # the tower's record for the checkpoint
     adapter = None
@@ -1853,8 +2181,18 @@ def main(argv=None):
         adapter = Adapter(tower["dim"], cfg["embed_dim"], args.adapter_layers, args.adapter_expansion)
         for n, p in clip.named_parameters():
             p.requires_grad_(n.startswith(("visual.", "logit_")))
+    frozen_norms = lock_image(clip, args)
     trainee = Trainee(clip, cfg["embed_dim"], args.aug_views, args.head_dim, args.text_dropout, adapter)
+    trainee.frozen_norms = frozen_norms
+    trainee.train()
     trainee = trainee.to(device)
+    mean = torch.tensor(clip.visual.preprocess_cfg["mean"], device=device).view(-1, 1, 1)
+    std = torch.tensor(clip.visual.preprocess_cfg["std"], device=device).view(-1, 1, 1)
+    image_cache = None
+    if args.image_cache:
+        check_image_cache(trainee, args)
+        image_cache = cache_folders(args, cfg, transforms, weights_sha)
+        build_image_cache(shards, image_cache, trainee, transforms, mean, std, device)
     if cuda and world > 1:
         trainee = nn.SyncBatchNorm.convert_sync_batchnorm(trainee)  # heads: global batch statistics
     opt = adamw(param_groups(trainee, args), args)
@@ -1872,7 +2210,14 @@ def main(argv=None):
     if rank == 0:
         # beside the checkpoints, for open_clip.add_model_config
         write_json(os.path.join(args.out_dir, name + ".json"), cfg)
-        config = run_config(args, model_name=name, world=world, samples=sum(counts))
+        config = run_config(
+            args,
+            model_name=name,
+            world=world,
+            samples=sum(counts),
+            image_weights_sha256=weights_sha,
+            image_cache={kind: folder for kind, (folder, _) in (image_cache or {}).items()},
+        )
         write_json(os.path.join(args.out_dir, "_config.json"), config)
     model = trainee
     if world > 1:
@@ -1906,9 +2251,6 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
-    mean = torch.tensor(clip.visual.preprocess_cfg["mean"], device=device).view(-1, 1, 1)
-    std = torch.tensor(clip.visual.preprocess_cfg["std"], device=device).view(-1, 1, 1)
-
     def join(parts):
         """The workers' chunks of one field as one batch; texts for a live frozen tower are encoded here."""
         if torch.is_tensor(parts[0]):
@@ -1932,6 +2274,7 @@ def main(argv=None):
         synonyms,
         end_epoch=args.epochs,
         chunks_per_epoch=steps_per_epoch * args.accum_steps,
+        image_cache=image_cache,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=cuda)
     batches = iter(loader)
@@ -1962,7 +2305,7 @@ def main(argv=None):
                     if key in chunks[0]:
                         batch[key] = join([c[key] for c in chunks])
                 for key in ("image", "views"):
-                    if key in batch:
+                    if key in batch and batch[key].dtype == torch.uint8:  # pixels; cached features are ready
                         batch[key] = normalize(batch[key], mean, std)
                 micro_batches.append(batch)
             # dropout and the like: a function of the step (and micro-batch) alone

@@ -14,6 +14,7 @@ import tarfile
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, stage, write_jsonl
@@ -1031,3 +1032,144 @@ def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):
     )
     everything = tr.load_texts("x/00000.tar", [str(folder)], Counter())
     assert everything["a"] == ["good one", "bad one", "no score"] and everything["b"] == ["a fused caption"]
+
+
+TINY_TIMM = {  # a tiny timm trunk with BatchNorm, as the locked-image world's EfficientNet
+    "embed_dim": 32,
+    "vision_cfg": {
+        "timm_model_name": "test_efficientnet",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 32,
+    },
+    "text_cfg": TINY["text_cfg"],
+}
+
+
+@pytest.fixture(scope="module")
+def locked(data, tmp_path_factory):
+    """A tiny timm config and 'pretrained' trunk weights for it (a classifier included, as a real file has)."""
+    import timm
+
+    root = tmp_path_factory.mktemp("locked")
+    (root / "tiny-timm.json").write_text(json.dumps(TINY_TIMM))
+    torch.manual_seed(7)
+    trunk = timm.create_model("test_efficientnet", num_classes=10)
+    torch.save(trunk.state_dict(), root / "trunk.pt")
+    return root
+
+
+def locked_args(data, locked, out, *extra):
+    return [
+        *base(data, out, "--model", str(locked / "tiny-timm.json")),
+        "--image-weights",
+        str(locked / "trunk.pt"),
+        "--lock-image",
+        "--lock-image-freeze-bn-stats",
+        *extra,
+    ]
+
+
+def test_locked_image_tower_trains_only_its_projection_and_loads_unchanged(data, locked, tmp_path):
+    import open_clip
+
+    out = tmp_path / "lit"
+    summary = tr.main(locked_args(data, locked, out, "--max-steps", "3"))
+    source = torch.load(locked / "trunk.pt", weights_only=True)
+    state = weights(out / "latest.pt")
+    trunk = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
+    # every trunk weight and BatchNorm statistic is the pretrained one after training; the projection moved
+    assert trunk and all(torch.equal(v, source[k]) for k, v in trunk.items())
+    assert not any(k.startswith("classifier") for k in trunk)
+    clip0 = tr.build_model(
+        tr.parse_args(base(data, tmp_path / "x", "--model", str(locked / "tiny-timm.json"))), "cpu"
+    )
+    assert not torch.equal(state["visual.head.proj.weight"], clip0[0].state_dict()["visual.head.proj.weight"])
+    config = json.load(open(out / "_config.json"))
+    assert config["args"]["lock_image"] and config["image_weights_sha256"] == tr.file_sha256(
+        locked / "trunk.pt"
+    )
+    # 06 and open_clip load the checkpoint as it is (frozen BatchNorm layers have no num_batches_tracked)
+    open_clip.add_model_config(str(out / "tiny-timm.json"))
+    model = open_clip.create_model_and_transforms("tiny-timm", pretrained=str(out / "latest.pt"))[0].eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), summary["model"].eval().encode_image(x), atol=1e-5)
+
+
+def test_image_cache_holds_the_towers_features_and_trains_from_them(data, locked, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    out = tmp_path / "cached"
+    args = locked_args(data, locked, out, "--image-cache", str(cache), "--image-cache-views", "3")
+    args += ["--texts", str(data / "rewrites"), "--text-mode", "uniform", "--aug-views", "1"]
+    args += ["--image-cache-strong", "2", "--max-steps", "4"]
+    summary = tr.main(args)
+    folders = {p.name.split("-")[0]: p for p in cache.iterdir()}
+    assert set(folders) == {"main", "strong"}
+    record = json.load(open(folders["main"] / "00002.json"))
+    table = np.load(folders["main"] / "00002.npy")
+    # every key with an image has a row; the corrupt JPEG is marked, its row empty
+    assert record["bad"] == ["000200005"] and len(record["keys"]) == table.shape[0] == 7
+    assert table.shape[1] == 3 and np.load(folders["strong"] / "00002.npy").shape[1] == 2
+    assert not table[record["keys"].index("000200005")].any()
+    # view 0 is the eval transform's centre crop: the cached features are the trunk's own on it
+    trainee = tr.Trainee(summary["model"], 32, 0, 32, 0.0).eval()
+    key = record["keys"][0]
+    _, members = next(
+        (k, m) for k, m in tr.iter_tar(str(data / "shards/00002.tar"), {"png"}, Counter()) if k == key
+    )
+    transforms = tr.build_model(tr.parse_args(locked_args(data, locked, tmp_path / "y")), "cpu")[3]
+    img = Image.open(io.BytesIO(members["png"])).convert("RGB")
+    pixels = transforms[2](img).unsqueeze(0)
+    with torch.no_grad():
+        mine = trainee.image_features(pixels)[0]
+        assert torch.allclose(torch.from_numpy(table[0, 0].astype("float32")), mine, atol=2e-2, rtol=1e-2)
+        # and the projection of cached features is the tower's output on the pixels
+        projected = trainee.project_image(mine.unsqueeze(0))
+        assert torch.allclose(projected, summary["model"].encode_image(pixels), atol=1e-5)
+    log = log_records(out)
+    assert log[-1]["step"] == 4 and math.isfinite(log[-1]["loss"]) and log[-1]["skipped"] >= 1
+    # the same command again: the cache is reused, nothing embedded twice
+    capsys.readouterr()
+    tr.main([*args, "--out-dir", str(tmp_path / "again")])
+    assert "0 images embedded here" in capsys.readouterr().out
+
+
+def test_image_cache_and_locking_refuse_what_they_cannot_do(data, locked, tmp_path):
+    cache = ["--image-cache", str(tmp_path / "c")]
+    with pytest.raises(SystemExit, match="needs --lock-image"):
+        tr.main([*base(data, tmp_path / "a", "--model", str(locked / "tiny-timm.json")), *cache])
+    args = [
+        a for a in locked_args(data, locked, tmp_path / "b", *cache) if a != "--lock-image-freeze-bn-stats"
+    ]
+    with pytest.raises(SystemExit, match="BatchNorm"):
+        tr.main(args)
+    with pytest.raises(SystemExit, match="unlocked groups"):
+        tr.main(locked_args(data, locked, tmp_path / "c2", *cache, "--lock-image-unlocked-groups", "1"))
+    with pytest.raises(SystemExit, match="does not fit"):  # a ViT's weights for a timm trunk
+        tr.main(base(data, tmp_path / "d", "--image-weights", str(locked / "trunk.pt")))
+
+
+def test_frozen_batch_norm_statistics_keep_the_network_and_its_eval_outputs(data, locked):
+    """--lock-image-freeze-bn-stats: in training mode the locked tower gives its eval-mode outputs and its running
+    statistics do not move. open_clip's own freezing (FrozenBatchNorm2d) would drop the activation inside timm's
+    BatchNormAct2d layers and change the network: the reason 05 keeps the layers and runs them in eval mode."""
+    import copy
+
+    from open_clip.utils import freeze_batch_norm_2d
+
+    args = tr.parse_args(locked_args(data, locked, "unused"))
+    clip = tr.build_model(args, "cpu")[0]
+    tr.load_image_weights(clip, args.image_weights)
+    reference = copy.deepcopy(clip.visual).eval()
+    trainee = tr.Trainee(clip, 32, 0, 32, 0.0)
+    trainee.frozen_norms = tr.lock_image(clip, args)
+    trainee.train()
+    x = torch.randn(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in clip.visual.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        assert torch.allclose(clip.visual(x), reference(x), atol=1e-6)
+        assert all(torch.equal(v, clip.visual.state_dict()[k]) for k, v in before.items())
+        swapped = freeze_batch_norm_2d(copy.deepcopy(reference.trunk))
+        assert not torch.allclose(swapped(x), reference.trunk(x), atol=1e-3)
