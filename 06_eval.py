@@ -833,10 +833,92 @@ def autocast(args):
     )
 
 
+def split_image_tower(model):
+    """(the image tower up to its projection, the projection) where the tower ends in one: timm towers
+    (trunk, then head) and ViTs (then proj); else None. --image-cache keeps what the first part gives."""
+    visual = getattr(model, "clip", model).visual
+    if isinstance(getattr(visual, "trunk", None), nn.Module) and isinstance(
+        getattr(visual, "head", None), nn.Module
+    ):
+        return visual.trunk, visual.head
+    if isinstance(getattr(visual, "proj", None), nn.Parameter):
+        return ViTWithoutProjection(visual), ProjectionOf(visual)
+    return None
+
+
+class ViTWithoutProjection(nn.Module):
+    """An open_clip ViT's output before `proj` (the pooled, normalised token)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x):
+        proj = self.visual.proj
+        self.visual.proj = None
+        try:
+            return self.visual(x)
+        finally:
+            self.visual.proj = proj
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v for k, v in self.visual.state_dict().items() if k != "proj"}
+
+
+class ProjectionOf(nn.Module):
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x):
+        return x @ self.visual.proj
+
+
+def image_cache_path(folder, trunk, transform, items):
+    """The cache file of these images under this tower part and transform: its name hashes all three, so a
+    tower that changed (unlocked, fine-tuned) never reads another's features."""
+    digest = hashlib.sha256(repr(transform).encode())
+    for name, tensor in sorted(trunk.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for item in items:
+        digest.update(item.encode() if isinstance(item, str) else hashlib.sha256(item).digest())
+    return os.path.join(folder, digest.hexdigest()[:24] + ".pt")
+
+
 @torch.no_grad()
 def encode_images(model, transform, items, args, what, counts):
-    """Normalised embeddings of the readable images and their
-    indices; unreadable ones are counted and named."""
+    """Normalised embeddings of the readable images and their indices; unreadable ones are counted and named.
+    With --image-cache, a tower that ends in a projection keeps the features before it on disk, keyed by the
+    weights before it: evaluating several checkpoints of one locked tower embeds each image once."""
+    split = split_image_tower(model) if args.image_cache else None
+    if split is None:
+        return encode_image_batches(model.encode_image, transform, items, args, what, counts)
+    trunk, projection = split
+    path = image_cache_path(args.image_cache, trunk, transform, items)
+    if os.path.exists(path):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        features, kept = cached["features"], cached["kept"]
+        counts["unreadable_image"] += cached["unreadable"]
+        print0(f"06_eval: {what}: image features from {path}")
+    else:
+        features, kept = encode_image_batches(trunk, transform, items, args, what, counts, normalized=False)
+        os.makedirs(args.image_cache, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"features": features, "kept": kept, "unreadable": len(items) - len(kept)}, buffer)
+        atomic_write(path, buffer.getvalue())
+    embeddings = []
+    for start in range(0, len(features), args.batch_size):
+        x = features[start : start + args.batch_size].to(args.device)
+        with autocast(args):
+            embeddings.append(F.normalize(projection(x).float(), dim=-1).cpu())
+    return torch.cat(embeddings), kept
+
+
+@torch.no_grad()
+def encode_image_batches(encode, transform, items, args, what, counts, normalized=True):
+    """encode(images) of the readable images (L2-normalised unless told otherwise) and their indices;
+    unreadable ones are counted and named."""
     loader = torch.utils.data.DataLoader(
         Images(items, transform),
         batch_size=args.batch_size,
@@ -851,11 +933,8 @@ def encode_images(model, transform, items, args, what, counts):
         bad += failed
         if x is not None:
             with autocast(args):
-                embs.append(
-                    F.normalize(
-                        model.encode_image(x.to(args.device, non_blocking=True)).float(), dim=-1
-                    ).cpu()
-                )
+                out = encode(x.to(args.device, non_blocking=True)).float()
+            embs.append((F.normalize(out, dim=-1) if normalized else out).cpu())
             kept += idx
     if bad:
         counts["unreadable_image"] += len(bad)
@@ -1325,6 +1404,12 @@ def parse_args(argv=None):
         help="measure (name, task, dataset) rows already in --results again",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (texts: 5x)")
+    p.add_argument(
+        "--image-cache",
+        default=None,
+        help="folder for image features before the tower's projection (timm towers, ViTs), keyed by the "
+        "weights before it: checkpoints that share a locked image tower embed each eval image once",
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -1007,3 +1007,60 @@ def test_results_chart_beside_the_table(tmp_path):
 
     with Image.open(path) as png:
         assert png.format == "PNG" and len(png.convert("RGB").getcolors(1 << 20)) > 20
+
+
+def cache_args(folder):
+    cache = None if folder is None else str(folder)
+    return argparse.Namespace(image_cache=cache, batch_size=4, workers=0, device="cpu", precision="fp32")
+
+
+@pytest.mark.parametrize("tower", ["timm", "vit"])
+def test_image_cache_gives_the_towers_embeddings_and_is_keyed_by_its_weights(tmp_path, monkeypatch, tower):
+    """--image-cache: the same normalised embeddings as the whole tower, read back without running the part
+    before the projection; a tower whose weights before the projection differ never reads them."""
+    import open_clip
+    from torchvision import transforms as T
+
+    text_cfg = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    vision_cfg = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
+    if tower == "timm":
+        vision_cfg = {"timm_model_name": "test_efficientnet", "timm_pool": "avg", "timm_proj": "linear"}
+        vision_cfg["image_size"] = 32
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg).eval()
+    transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
+    items = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(png_bytes((40 * i, 90, 200 - 30 * i)))
+        items.append(str(path))
+    items.append(str(tmp_path / "missing.png"))  # unreadable: counted, left out, cached as such
+    cache = tmp_path / "cache"
+    plain, kept = ev.encode_images(model, transform, items, cache_args(None), "plain", Counter())
+    first, kept_first = ev.encode_images(model, transform, items, cache_args(cache), "first", Counter())
+    assert kept.tolist() == kept_first.tolist() == list(range(6)) and len(list(cache.iterdir())) == 1
+    assert torch.allclose(plain, first, atol=1e-5)
+    # read back: the part before the projection is not run again
+    trunk, _ = ev.split_image_tower(model)
+
+    def fail(*args):
+        raise AssertionError("the tower ran again")
+
+    monkeypatch.setattr(type(trunk), "forward", fail)
+    counts = Counter()
+    again, _ = ev.encode_images(model, transform, items, cache_args(cache), "again", counts)
+    assert torch.equal(again, first) and counts["unreadable_image"] == 1
+    # the projection is applied to the cached features: a negated projection negates the embeddings
+    with torch.no_grad():
+        if tower == "timm":
+            model.visual.head.proj.weight.mul_(-1)
+        else:
+            model.visual.proj.mul_(-1)
+    negated, _ = ev.encode_images(model, transform, items, cache_args(cache), "negated", Counter())
+    assert torch.allclose(negated, -first, atol=1e-5)
+    monkeypatch.undo()
+    # new weights before the projection: a new cache file, never the old features
+    with torch.no_grad():
+        next(trunk.parameters()).add_(1.0)
+    ev.encode_images(model, transform, items, cache_args(cache), "new trunk", Counter())
+    assert len(list(cache.iterdir())) == 2
