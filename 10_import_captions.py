@@ -16,8 +16,27 @@ Reads:  --input   img2dataset tars (<key>.jpg + .txt + .json with "key" and "url
                   samples by the original caption (= your AltText, whitespace-normalised: a rewrite of a text is a
                   rewrite for every image with that text) or, with --join path-stem, by the image file's stem = key
 Writes: <out-dir>/<shard>.jsonl  {"key", "text", "rewrites": {source: [caption, ...]}, "status": "ok"|"no_caption"}
-        <out-dir>/<shard>.stats.json (written last: the done-marker), <out-dir>/_import.json (rows matched,
-        unmatched, ambiguous, per source; arguments and sha256 of every table)
+        <out-dir>/<shard>.stats.json (written last: the done-marker), <out-dir>/_import.json (arguments, sha256 of
+        every table; "counts": rows matched, unmatched, without a join value, dropped, bad_encoding, control_chars,
+        duplicate_rows, multiline_rows, unreadable_rows, bad_json, each listed even when 0; "files": the same per table)
+
+Messy tables: every row is imported, fixed, or dropped and counted; only --duplicates error and a row of LaCLIP's
+CSV that csv cannot parse (skipping it would shift every rewrite after it) stop, with file:line in the message.
+  Long cells are read whole (the csv limit is raised to 2 GiB a cell): a long caption is data, and 05 truncates.
+    A row that spans lines (a quoted newline, or a stray quote that swallows the rows after it) is kept, counted
+    as multiline_rows; a row csv cannot parse at all is skipped with its file:line, counted as unreadable_rows.
+  --bad-encoding drop (default) | replace: a row with bytes that are not UTF-8 in a cell it uses (CSV, TSV, JSONL,
+    parquet strings, LaCLIP's files) is dropped, or kept with U+FFFD per bad byte; counted as bad_encoding, per
+    file. Drop by default: a caption with U+FFFD is wrong text to train on, and the sample still has its AltText.
+    A whole table in another encoding shows as a high count: convert it (iconv -f cp1252 -t utf-8) and rerun.
+  --control-chars strip (default) | drop: NUL, other C0 controls and DEL are removed (the row counted as
+    control_chars) or the row is dropped. Tabs, newlines and other whitespace become single spaces, as always.
+  --duplicates first (default) | all | error: a key or URL that gets captions of one source (column) from several
+    rows is counted as duplicate_rows; the first row's captions are kept (as pandas' drop_duplicates does: a table
+    means one row per image), every row's are (an exact repeat of a caption is not added twice), or the run stops
+    naming both rows. Several sources per image (other columns, or other files with other columns) are no
+    duplicates; in LaCLIP's files a duplicate is one image path (path-stem: one stem) on two rows, while rows
+    sharing a caption are several images with that text, whose rewrites all count.
 
 On the toy shards: tests/test_import_captions.py writes a CSV, a TSV, a nested JSONL and LaCLIP-style files and imports each.
 Recap-DataComp-1B:  python 10_import_captions.py --input datacomp/shards --table recap/*.parquet --join url \
@@ -35,6 +54,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import tarfile
 import time
@@ -143,20 +163,6 @@ def iter_tar(path, want, counts):
         yield key, sample
 
 
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
-
-
 # ---- end shard reading
 
 
@@ -203,33 +209,177 @@ def field(record, path):
     return value
 
 
-def table_rows(path, columns, counts):
-    """Dicts of `columns` (dotted paths for nested JSON) per row of a CSV, TSV, JSONL or parquet file."""
-    if path.endswith(".parquet"):
+# Invalid bytes arrive as lone surrogates: text files and JSONL are decoded with "surrogateescape", parquet strings
+# as bytes the same way, and a JSON "\udcff" escape is no better. None of them can be written as UTF-8.
+SURROGATES = re.compile("[\ud800-\udfff]")
+# C0 controls and DEL that str.split() keeps (it already turns \t \n \v \f \r and \x1c-\x1f into spaces)
+CONTROL_CHARS = re.compile("[\x00-\x08\x0e-\x1b\x7f]")
+LONGEST_CELL = 2**31 - 1  # csv refuses cells over 128 KiB by default; a long caption is data, read it whole
+
+
+# every count a table can get, in _import.json even when zero
+TABLE_COUNTS = (
+    "rows",
+    "rows_matched",
+    "rows_unmatched",
+    "rows_without_join_value",
+    "rows_dropped",
+    "bad_encoding",
+    "control_chars",
+    "duplicate_rows",
+    "multiline_rows",
+    "unreadable_rows",
+    "bad_json",
+    "bad_row",
+)
+
+
+def csv_rows(path, columns, counts):
+    """(line, {column: cell}) per row of a CSV or TSV file; a row csv cannot parse is counted and skipped."""
+    csv.field_size_limit(LONGEST_CELL)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
         try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        top = sorted({c.split(".")[0] for c in columns})
-        for batch in pq.ParquetFile(path).iter_batches(columns=top, batch_size=65536):
-            for row in batch.to_pylist():
-                yield {c: field(row, c) for c in columns}
-    elif path.endswith((".jsonl", ".json")):
-        for row in iter_jsonl(path, counts):
-            if isinstance(row, dict):
-                yield {c: field(row, c) for c in columns}
-            else:
+            names = reader.fieldnames or []
+        except csv.Error as e:
+            raise SystemExit(f"{path}:1: the header is not readable as {path[-3:].upper()} ({e})") from None
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise SystemExit(f"{path}: no column {missing[0]!r} (columns: {names})")
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                counts["unreadable_rows"] += 1
+                print(f"WARNING {path}:{line}: not a readable row ({e}), skipped")
+                continue
+            cells = {c: row.get(c) for c in columns}
+            if any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in cells.values()):
+                counts["multiline_rows"] += 1  # a quoted newline, or a stray quote eating the rows after it
+            yield line, cells
+
+
+def jsonl_rows(path, columns, counts):
+    """(line, {column: value}) per JSON object line; a line that is not one is counted and skipped."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            text = raw.decode("utf-8", errors="surrogateescape")
+            if n == 1:
+                text = text.lstrip("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text, strict=False)  # a raw NUL or tab goes to the control rule
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            if not isinstance(record, dict):
                 counts["bad_row"] += 1
+                continue
+            yield n, {c: field(record, c) for c in columns}
+
+
+def strings_as_bytes(arrow_type):
+    """The same arrow type with every string in it read as bytes: pyarrow stops at the first invalid UTF-8
+    string it converts, so the bytes are decoded here, row by row, like every other table."""
+    import pyarrow as pa
+
+    if pa.types.is_string(arrow_type):
+        return pa.binary()
+    if pa.types.is_large_string(arrow_type):
+        return pa.large_binary()
+    if pa.types.is_struct(arrow_type):
+        return pa.struct([f.with_type(strings_as_bytes(f.type)) for f in arrow_type])
+    if pa.types.is_list(arrow_type):
+        return pa.list_(arrow_type.value_field.with_type(strings_as_bytes(arrow_type.value_type)))
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(arrow_type.value_field.with_type(strings_as_bytes(arrow_type.value_type)))
+    return arrow_type
+
+
+def decoded(value):
+    """bytes as text (invalid bytes kept as surrogates), through lists and dicts."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")
+    if isinstance(value, list):
+        return [decoded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: decoded(v) for k, v in value.items()}
+    return value
+
+
+def parquet_rows(path, columns):
+    """("row N", {column: value}) per row of a parquet file (N counts from 1)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.ParquetFile(path)
+    top = sorted({c.split(".")[0] for c in columns})
+    missing = [c for c in top if c not in table.schema_arrow.names]
+    if missing:
+        raise SystemExit(f"{path}: no column {missing[0]!r} (columns: {table.schema_arrow.names})")
+    n = 0
+    for batch in table.iter_batches(columns=top, batch_size=65536):
+        cells = {}
+        for name in top:
+            column = batch.column(name)
+            cells[name] = column.cast(strings_as_bytes(column.type)).to_pylist()
+        for i in range(batch.num_rows):
+            n += 1
+            row = {name: decoded(cells[name][i]) for name in top}
+            yield f"row {n}", {c: field(row, c) for c in columns}
+
+
+def table_rows(path, columns, counts):
+    """(line or row number, {column: value}) per row of a CSV, TSV, JSONL or parquet file; `columns` are dotted
+    paths into nested JSON and parquet structs. Text keeps invalid bytes as surrogates for clean_row."""
+    if path.endswith(".parquet"):
+        yield from parquet_rows(path, columns)
+    elif path.endswith((".jsonl", ".json")):
+        yield from jsonl_rows(path, columns, counts)
     elif path.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise SystemExit(f"{path}: no column {missing[0]!r} (columns: {reader.fieldnames})")
-            for row in reader:
-                yield {c: row.get(c) for c in columns}
+        yield from csv_rows(path, columns, counts)
     else:
         raise SystemExit(f"{path}: a table is .csv, .tsv, .jsonl/.json or .parquet")
+
+
+def fixed_text(value, problems):
+    """A cell's text with invalid bytes as U+FFFD and control characters removed; what it found goes into
+    `problems`. Lists are fixed item by item; other values are returned as they are."""
+    if isinstance(value, list):
+        return [fixed_text(v, problems) for v in value]
+    if not isinstance(value, str):
+        return value
+    if SURROGATES.search(value):
+        problems.add("bad_encoding")
+        value = SURROGATES.sub("\ufffd", value)
+    if CONTROL_CHARS.search(value):
+        problems.add("control_chars")
+        value = CONTROL_CHARS.sub("", value)
+    return value
+
+
+def clean_row(row, rules, where, counts, first_seen):
+    """The row with its cells fixed, or None where a problem's rule (--bad-encoding, --control-chars) is drop.
+    Each problem is counted once per row; the first row with it is named in a warning."""
+    problems = set()
+    row = {c: fixed_text(v, problems) for c, v in row.items()}
+    for problem in sorted(problems):
+        counts[problem] += 1
+        if problem not in first_seen:
+            first_seen[problem] = where
+            what = "invalid UTF-8" if problem == "bad_encoding" else "control characters"
+            action = "row dropped" if rules[problem] == "drop" else "kept, fixed"
+            print(f"WARNING {where}: {what} ({action}); later rows like it are only counted")
+    if any(rules[p] == "drop" for p in problems):
+        counts["rows_dropped"] += 1
+        return None
+    return row
 
 
 def caption_list(value):
@@ -238,65 +388,144 @@ def caption_list(value):
     return [clean(v) for v in values if isinstance(v, str) and v.strip()]
 
 
-def join_tables(paths, join_column, sources, index, counts, found):
-    """Adds each row's captions to found[(shard, key)][source]; counts
-    rows matched, unmatched, without a join value."""
+def add_captions(target_captions, captions, repeat):
+    """A row's captions for one source of one sample; a repeat row (--duplicates all) adds only new texts."""
+    for text in captions:
+        if not repeat or text not in target_captions:
+            target_captions.append(text)
+
+
+def join_tables(paths, join_column, sources, index, rules, per_file, found):
+    """Adds each row's captions to found[(shard, key)][source]; counts rows matched, unmatched, without a join
+    value, in per_file[path]. A join value that already got captions for a source from an
+    earlier row is a duplicate: rules["duplicates"] keeps the first, keeps all, or stops."""
+    got_from = {}  # (join value, source): "file:line" of the row its captions came from; matched values only
     for path in paths:
-        for row in table_rows(path, [join_column] + sources, counts):
+        file_counts, first_seen = Counter(), {}
+        for line, row in table_rows(path, [join_column] + sources, file_counts):
+            file_counts["rows"] += 1
+            where = f"{path}:{line}"
+            row = clean_row(row, rules, where, file_counts, first_seen)
+            if row is None:
+                continue
             value = row.get(join_column)
-            if value is None or str(value) == "":
-                counts["rows_without_join_value"] += 1
+            if value is None or str(value).strip() == "":
+                file_counts["rows_without_join_value"] += 1
                 continue
-            targets = index.get(str(value).strip())
+            value = str(value).strip()
+            targets = index.get(value)
             if not targets:
-                counts["rows_unmatched"] += 1
+                file_counts["rows_unmatched"] += 1
                 continue
-            counts["rows_matched"] += 1
-            for target in targets:
-                for source in sources:
-                    found[target][source] += caption_list(row.get(source))
+            file_counts["rows_matched"] += 1
+            duplicate = False
+            for source in sources:
+                captions = caption_list(row.get(source))
+                if not captions:
+                    continue
+                earlier = got_from.setdefault((value, source), where)
+                repeat = earlier != where
+                if repeat:
+                    duplicate = True
+                    if rules["duplicates"] == "error":
+                        raise SystemExit(
+                            f"{where}: {join_column} {value!r} got its {source!r} caption from {earlier} already "
+                            f"(--duplicates error: first or all go on)"
+                        )
+                    if rules["duplicates"] == "first":
+                        continue
+                for target in targets:
+                    add_captions(found[target][source], captions, repeat)
+            file_counts["duplicate_rows"] += int(duplicate)
+        per_file[path] = file_counts
+        warn_about(path, file_counts, rules)
 
 
-def join_laclip(csv_path, texts, join, index, counts, found):
+def warn_about(path, file_counts, rules):
+    """One line per table with what went wrong in it, if anything did."""
+    said = {
+        "bad_encoding": f"with invalid UTF-8 (--bad-encoding {rules['bad_encoding']})",
+        "control_chars": f"with control characters (--control-chars {rules['control_chars']})",
+        "duplicate_rows": f"repeating a join value (--duplicates {rules['duplicates']})",
+        "unreadable_rows": "unreadable",
+        "bad_json": "not JSON",
+    }
+    told = [f"{file_counts[name]} {text}" for name, text in said.items() if file_counts[name]]
+    if told:
+        print(f"WARNING {path}: {file_counts['rows']} rows, " + ", ".join(told))
+
+
+def join_laclip(csv_path, texts, join, index, rules, per_file, found):
     """LaCLIP's release: CSV rows (image path, caption); the i-th image row's rewrites are line i of each
-    source's text file. Rows are joined on the caption (or the path's stem)."""
+    source's text file. Rows are joined on the caption (or the path's stem). Several rows with one caption are
+    several images with that text (their rewrites all count); a duplicate is one image path (stem) twice."""
     files = {}
     for item in texts:
         source, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"--laclip-texts takes SOURCE=FILE, not {item!r}")
-        files[source] = open(path, encoding="utf-8", errors="replace")
+        files[source] = open(path, encoding="utf-8", errors="surrogateescape")
+    file_counts, first_seen, got_from = Counter(), {}, {}
     lines_read = 0
-    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:
-        for row in csv.reader(f):
+    csv.field_size_limit(LONGEST_CELL)
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                # an image row that cannot be read still has its line in every text file: stop, not shift
+                raise SystemExit(f"{csv_path}:{line}: not a readable CSV row ({e})") from None
             if len(row) < 2 or not row[0].lower().endswith((".png", ".jpg", ".jpeg")):
-                counts["laclip_rows_skipped"] += 1  # the header, or a row LaCLIP's own loader skips too
+                file_counts["laclip_rows_skipped"] += 1  # the header, or a row LaCLIP's own loader skips too
                 continue
             rewrites = {}
             for source, handle in files.items():
-                line = handle.readline()
-                if not line:
+                text = handle.readline()
+                if not text:
                     raise SystemExit(
                         f"--laclip-texts {source}: ends at line {lines_read}, before {csv_path} does"
                     )
-                rewrites[source] = clean(line)
+                rewrites[source] = text
             lines_read += 1
-            value = os.path.splitext(os.path.basename(row[0]))[0] if join == "path-stem" else clean(row[1])
+            file_counts["rows"] += 1
+            where = f"{csv_path}:{line}"
+            cells = clean_row(
+                {"image": row[0], "caption": row[1], **rewrites}, rules, where, file_counts, first_seen
+            )
+            if cells is None:
+                continue
+            stem = os.path.splitext(os.path.basename(cells["image"]))[0]
+            value = stem if join == "path-stem" else clean(cells["caption"])
             targets = index.get(value)
             if not targets:
-                counts["rows_unmatched"] += 1
+                file_counts["rows_unmatched"] += 1
                 continue
-            counts["rows_matched"] += 1
+            file_counts["rows_matched"] += 1
             if len(targets) > 1:
-                counts["rows_matching_several_samples"] += 1
+                file_counts["rows_matching_several_samples"] += 1
+            image = stem if join == "path-stem" else cells["image"]
+            earlier = got_from.setdefault(image, where)
+            if earlier != where:
+                file_counts["duplicate_rows"] += 1
+                if rules["duplicates"] == "error":
+                    raise SystemExit(
+                        f"{where}: image {image!r} already on {earlier} (--duplicates error: first or all go on)"
+                    )
+                if rules["duplicates"] == "first":
+                    continue
             for target in targets:
-                for source, text in rewrites.items():
-                    if text and text not in found[target][source]:
-                        found[target][source].append(text)
+                for source in files:
+                    add_captions(found[target][source], caption_list(cells[source]), repeat=True)
     for source, handle in files.items():
         if handle.readline():
-            counts[f"laclip_{source}_lines_past_the_csv"] += 1
+            file_counts[f"laclip_{source}_lines_past_the_csv"] += 1
         handle.close()
+    per_file[csv_path] = file_counts
+    warn_about(csv_path, file_counts, rules)
     return lines_read
 
 
@@ -338,6 +567,25 @@ def parse_args(argv=None):
         default=[],
         help="SOURCE=FILE: LaCLIP's rewrite files, aligned to the CSV",
     )
+    p.add_argument(
+        "--bad-encoding",
+        choices=["drop", "replace"],
+        default="drop",
+        help="a row with invalid UTF-8 in a cell it uses: dropped, or kept with U+FFFD for each bad byte",
+    )
+    p.add_argument(
+        "--control-chars",
+        choices=["strip", "drop"],
+        default="strip",
+        help="NUL and other control characters in a cell: removed from the text, or the row dropped",
+    )
+    p.add_argument(
+        "--duplicates",
+        choices=["first", "all", "error"],
+        default="first",
+        help="a join value with captions of one source on several rows: the first row's kept, every row's "
+        "kept, or stop",
+    )
     p.add_argument("--out-dir", default="toy/imported", help="folder for <shard>.jsonl sidecars (05 --texts)")
     p.add_argument("--overwrite", action="store_true", help="redo shards already imported")
     return p.parse_args(argv)
@@ -374,14 +622,24 @@ def main(argv=None):
         return []
     index, samples = index_shards(todo, join, counts)
     found = defaultdict(lambda: defaultdict(list))
+    rules = {
+        "bad_encoding": args.bad_encoding,
+        "control_chars": args.control_chars,
+        "duplicates": args.duplicates,
+    }
+    per_file = {}
     if tables:
         sources = list(args.captions)
-        join_tables(tables, args.join_column or join, sources, index, counts, found)
+        join_tables(tables, args.join_column or join, sources, index, rules, per_file, found)
     else:
         sources = [item.partition("=")[0] for item in args.laclip_texts]
         counts["laclip_image_rows"] = join_laclip(
-            args.laclip_csv, args.laclip_texts, join, index, counts, found
+            args.laclip_csv, args.laclip_texts, join, index, rules, per_file, found
         )
+    for name in TABLE_COUNTS:
+        counts[name] += 0  # listed even when nothing went wrong
+    for file_counts in per_file.values():
+        counts.update(file_counts)
     all_stats = []
     for shard in todo:
         records, shard_counts = [], Counter()
@@ -423,6 +681,7 @@ def main(argv=None):
         "samples": sum(s["in"] for s in all_stats),
         "samples_with_captions": sum(s.get("ok", 0) for s in all_stats),
         "counts": dict(counts),
+        "files": {path: dict(file_counts) for path, file_counts in per_file.items()},
         "tables": {path: sha256_of(path) for path in table_files},
         "seconds": round(time.time() - start, 2),
     }
@@ -432,7 +691,9 @@ def main(argv=None):
     print(
         f"10_import_captions: {summary['samples_with_captions']}/{summary['samples']} samples got captions; "
         f"{counts['rows_matched']} rows matched, {counts['rows_unmatched']} unmatched, "
-        f"{counts['rows_without_join_value']} without a {join} ({summary['seconds']:.1f}s)",
+        f"{counts['rows_without_join_value']} without a {join}, {counts['rows_dropped']} dropped; "
+        f"{counts['bad_encoding']} with invalid UTF-8, {counts['control_chars']} with control characters, "
+        f"{counts['duplicate_rows']} duplicates ({summary['seconds']:.1f}s)",
         flush=True,
     )
     return all_stats

@@ -302,3 +302,174 @@ def test_05_trains_on_imported_captions(toy, tmp_path):
         ]
     )
     assert result["step"] == 3 and result["skipped"] == 0
+
+
+# Messy tables: every bad row is counted (or refused with its file and line), every good row still lands.
+
+
+def import_table(root, table, out, *flags):
+    """Imports `table` (key, caption) joined by key; returns the records and _import.json."""
+    im.main(
+        [
+            "--input",
+            str(root / "shards"),
+            "--table",
+            *([str(t) for t in table] if isinstance(table, list) else [str(table)]),
+            "--join",
+            "key",
+            "--captions",
+            "caption",
+            "--out-dir",
+            str(out),
+            *flags,
+        ]
+    )
+    return records(out), json.load(open(out / "_import.json"))
+
+
+def assert_good_rows_landed(got, samples, bad_keys=(), caption="caption of {key}", source="caption"):
+    for _, key, _, _ in samples:
+        if key not in bad_keys:
+            assert got[key]["rewrites"] == {source: [caption.format(key=key)]} and got[key]["status"] == "ok"
+
+
+def test_giant_cell_is_read_whole_and_a_multiline_row_counted(toy, tmp_path):
+    root, samples = toy
+    giant_key, multiline_key = samples[0][1], samples[1][1]
+    table = tmp_path / "long.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "caption"])
+        w.writerow([giant_key, "x" * 200_000])
+        w.writerow([multiline_key, "a caption\nover two lines"])
+        for _, key, _, _ in samples[2:]:
+            w.writerow([key, f"caption of {key}"])
+    got, summary = import_table(root, table, tmp_path / "out")
+    assert got[giant_key]["rewrites"]["caption"] == ["x" * 200_000]
+    assert got[multiline_key]["rewrites"]["caption"] == ["a caption over two lines"]
+    assert_good_rows_landed(got, samples[2:])
+    counts = summary["counts"]
+    assert counts["rows"] == counts["rows_matched"] == len(samples)
+    assert counts["multiline_rows"] == 1 and counts["rows_dropped"] == counts["unreadable_rows"] == 0
+
+
+BAD = b"\xff\xfe broken utf8"
+
+
+def write_bad_bytes_table(path, samples):
+    """(key, caption) for every sample; the first one's caption has bytes that are not UTF-8."""
+    rows = [(key.encode(), f"caption of {key}".encode()) for _, key, _, _ in samples]
+    rows[0] = (rows[0][0], BAD)
+    if path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        keys = [key.decode() for key, _ in rows]
+        captions = pa.array([caption for _, caption in rows], pa.binary()).view(pa.string())  # unchecked
+        pq.write_table(pa.table({"key": keys, "caption": captions}), path)
+        return
+    with open(path, "wb") as f:
+        if path.suffix == ".jsonl":
+            for key, caption in rows:
+                f.write(b'{"key": "' + key + b'", "caption": "' + caption + b'"}\n')
+            return
+        sep = b"\t" if path.suffix == ".tsv" else b","
+        f.write(b"key" + sep + b"caption\n")
+        for key, caption in rows:
+            f.write(key + sep + caption + b"\n")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_invalid_utf8_counted_per_file_dropped_by_default_or_replaced(toy, tmp_path, fmt):
+    root, samples = toy
+    table = tmp_path / f"bad.{fmt}"
+    write_bad_bytes_table(table, samples)
+    bad_key = samples[0][1]
+    got, summary = import_table(root, table, tmp_path / "dropped")
+    assert got[bad_key]["status"] == "no_caption" and got[bad_key]["rewrites"] == {"caption": []}
+    assert_good_rows_landed(got, samples, bad_keys={bad_key})
+    assert summary["counts"]["bad_encoding"] == summary["counts"]["rows_dropped"] == 1
+    assert summary["files"][str(table)]["bad_encoding"] == 1
+    assert summary["counts"]["rows_matched"] == len(samples) - 1
+    got, summary = import_table(root, table, tmp_path / "replaced", "--bad-encoding", "replace")
+    assert got[bad_key]["rewrites"] == {"caption": ["\ufffd\ufffd broken utf8"]}
+    assert_good_rows_landed(got, samples, bad_keys={bad_key})
+    assert summary["counts"]["bad_encoding"] == 1 and summary["counts"]["rows_dropped"] == 0
+
+
+def test_duplicate_rows_counted_first_wins_all_or_refused(toy, tmp_path):
+    root, samples = toy
+    key = samples[3][1]
+    table = tmp_path / "dup.csv"
+    rows = [f"{k},caption of {k}\n" for _, k, _, _ in samples]
+    table.write_text("key,caption\n" + "".join(rows) + f"{key},a second caption of {key}\n" + rows[3])
+    got, summary = import_table(root, table, tmp_path / "first")
+    assert_good_rows_landed(got, samples)  # the first row's caption only
+    assert summary["counts"]["duplicate_rows"] == 2 and summary["counts"]["rows_matched"] == len(samples) + 2
+    got, summary = import_table(root, table, tmp_path / "all", "--duplicates", "all")
+    assert got[key]["rewrites"]["caption"] == [f"caption of {key}", f"a second caption of {key}"]
+    assert_good_rows_landed(got, samples, bad_keys={key})
+    assert summary["counts"]["duplicate_rows"] == 2
+    with pytest.raises(
+        SystemExit,
+        match=rf"dup.csv:{len(samples) + 2}: key '{key}' got its 'caption' caption from .*dup.csv:5 ",
+    ):
+        import_table(root, table, tmp_path / "error", "--duplicates", "error")
+    # several sources for one key, from other columns or files, are not duplicates
+    long_, short = tmp_path / "long.jsonl", tmp_path / "short.jsonl"
+    long_.write_text("".join(json.dumps({"key": k, "long": f"long {k}"}) + "\n" for _, k, _, _ in samples))
+    short.write_text("".join(json.dumps({"key": k, "short": f"short {k}"}) + "\n" for _, k, _, _ in samples))
+    out = tmp_path / "sources"
+    im.main(
+        ["--input", str(root / "shards"), "--table", str(long_), str(short), "--join", "key"]
+        + ["--captions", "long", "short", "--out-dir", str(out)]
+    )
+    got = records(out)
+    assert all(
+        got[k]["rewrites"] == {"long": [f"long {k}"], "short": [f"short {k}"]} for _, k, _, _ in samples
+    )
+    assert json.load(open(out / "_import.json"))["counts"]["duplicate_rows"] == 0
+
+
+def test_laclip_image_row_twice_is_a_duplicate_but_a_shared_caption_is_not(toy, tmp_path):
+    root, samples = toy
+    argv = write_laclip(tmp_path, samples, stems=True)
+    key = samples[0][1]
+    with open(tmp_path / "cc3m_original.csv", "a", newline="") as f:
+        csv.writer(f).writerow([f"elsewhere/{key}.jpg", samples[0][3]])
+    for source in ("chatgpt", "bard"):
+        with open(tmp_path / f"cc3m_{source}.txt", "a") as f:
+            f.write(f"another {source} rewrite\n")
+    out = tmp_path / "stem"
+    im.main(["--input", str(root / "shards"), *argv, "--join", "path-stem", "--out-dir", str(out)])
+    assert records(out)[key]["rewrites"]["chatgpt"] == [f"chatgpt rewrite of {key}"]
+    assert json.load(open(out / "_import.json"))["counts"]["duplicate_rows"] == 1
+    out = tmp_path / "caption"  # by caption: the row is another image with that text, its rewrites count
+    im.main(["--input", str(root / "shards"), *write_laclip(tmp_path, samples), "--out-dir", str(out)])
+    assert json.load(open(out / "_import.json"))["counts"]["duplicate_rows"] == 0
+
+
+def test_nul_and_control_characters_stripped_by_default_or_the_row_dropped(toy, tmp_path):
+    root, samples = toy
+    nul_key, tab_key = samples[0][1], samples[1][1]
+    table = tmp_path / "nul.csv"
+    rows = [f"{nul_key},caption\x00 of\x07 {nul_key}\x00\x00\n", f"{tab_key},caption\tof {tab_key}\n"]
+    rows += [f"{k},caption of {k}\n" for _, k, _, _ in samples[2:]]
+    table.write_text("\ufeffkey,caption\n" + "".join(rows))  # a spreadsheet's byte-order mark, too
+    got, summary = import_table(root, table, tmp_path / "strip")
+    assert_good_rows_landed(got, samples)  # the NUL row as "caption of <key>", the tab a space
+    assert summary["counts"]["control_chars"] == 1 and summary["counts"]["rows_dropped"] == 0
+    got, summary = import_table(root, table, tmp_path / "drop", "--control-chars", "drop")
+    assert got[nul_key]["status"] == "no_caption"
+    assert_good_rows_landed(got, samples, bad_keys={nul_key})
+    assert summary["counts"]["control_chars"] == summary["counts"]["rows_dropped"] == 1
+    assert all(summary["counts"][name] == 0 for name in ("bad_encoding", "duplicate_rows", "unreadable_rows"))
+    jsonl = (
+        tmp_path / "nul.jsonl"
+    )  # JSON forbids raw controls in strings; a table's writer may not have cared
+    lines = [f'{{"key": "{k}", "caption": "caption of {k}"}}\n' for _, k, _, _ in samples]
+    lines[0] = f'{{"key": "{nul_key}", "caption": "caption of\x00 {nul_key}"}}\n'
+    jsonl.write_text("".join(lines))
+    got, summary = import_table(root, jsonl, tmp_path / "jsonl")
+    assert_good_rows_landed(got, samples)
+    assert summary["counts"]["control_chars"] == 1 and summary["counts"]["bad_json"] == 0
