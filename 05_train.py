@@ -1382,7 +1382,13 @@ def build_model(args, device):
         else {}
     )
     clip, transform, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=args.pretrained, device=device, aug_cfg={"scale": (args.crop_scale, 1.0)}, **siglip
+        name,
+        pretrained=args.pretrained,
+        device=device,
+        aug_cfg={"scale": (args.crop_scale, 1.0)},
+        image_mean=args.image_mean,
+        image_std=args.image_std,
+        **siglip,
     )
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
@@ -1572,6 +1578,8 @@ def cache_folders(args, cfg, transforms, weights_sha):
             "vision_cfg": cfg.get("vision_cfg"),
             "pretrained": args.pretrained,
             "image_weights_sha256": weights_sha,
+            "image_mean": args.image_mean,
+            "image_std": args.image_std,
             "transforms": described,
         }
         tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
@@ -1718,6 +1726,21 @@ def parse_args(argv=None):
         help="a state dict for the image tower's trunk (timm: visual.trunk; else visual), loaded after "
         "--pretrained; every trunk weight must be in it (a classifier is ignored), e.g. 00_real_data.py's "
         "effnet-lite0.pt",
+    )
+    p.add_argument(
+        "--image-mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="per-channel mean of the image normalisation (open_clip's default, else the model's own: "
+        "0.5 0.5 0.5 for effnet-lite0.pt); kept in the checkpoint, which 06 reads",
+    )
+    p.add_argument(
+        "--image-std",
+        type=float,
+        nargs=3,
+        default=None,
+        help="per-channel std of the image normalisation (0.5 0.5 0.5 for effnet-lite0.pt)",
     )
     p.add_argument(
         "--lock-image",

@@ -1152,6 +1152,15 @@ def read_checkpoint(ckpt):
         ) from e
 
 
+def image_normalization(args, meta):
+    """(mean, std) of the eval transform: --image-mean/--image-std, else what the checkpoint was trained with
+    (05 --image-mean/--image-std, e.g. a pretrained tower's own [-1, 1] scaling), else None (open_clip's)."""
+    trained = meta.get("args", {}) if isinstance(meta, dict) else {}
+    mean = args.image_mean or trained.get("image_mean")
+    std = args.image_std or trained.get("image_std")
+    return (tuple(mean) if mean else None), (tuple(std) if std else None)
+
+
 def load_model(args):
     """open_clip model, eval transform, tokenizer, and what identifies the
     weights; LLM2CLIP checkpoints get their text tower."""
@@ -1183,10 +1192,18 @@ def load_model(args):
     meta = read_checkpoint(ckpt)
     if args.pretrained == "none":
         print0("WARNING --pretrained none: random weights (a chance-level row)")
+    mean, std = image_normalization(args, meta)
     model, _, transform = open_clip.create_model_and_transforms(
-        args.model, device=args.device, pretrained=None if args.pretrained == "none" else args.pretrained
+        args.model,
+        device=args.device,
+        pretrained=None if args.pretrained == "none" else args.pretrained,
+        image_mean=mean,
+        image_std=std,
     )
     weights = {"model": args.model}
+    if mean or std:
+        weights["image_mean"] = mean
+        weights["image_std"] = std
     if isinstance(meta, dict):
         weights["epoch"] = meta.get("epoch")
         weights["step"] = meta.get("step")
@@ -1404,6 +1421,20 @@ def parse_args(argv=None):
         help="measure (name, task, dataset) rows already in --results again",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (texts: 5x)")
+    p.add_argument(
+        "--image-mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="per-channel mean of the eval transform (default: the checkpoint's 05 --image-mean, else open_clip's)",
+    )
+    p.add_argument(
+        "--image-std",
+        type=float,
+        nargs=3,
+        default=None,
+        help="per-channel std of the eval transform (default: the checkpoint's 05 --image-std, else open_clip's)",
+    )
     p.add_argument(
         "--image-cache",
         default=None,

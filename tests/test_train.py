@@ -1075,7 +1075,7 @@ def test_locked_image_tower_trains_only_its_projection_and_loads_unchanged(data,
     import open_clip
 
     out = tmp_path / "lit"
-    summary = tr.main(locked_args(data, locked, out, "--max-steps", "3"))
+    summary = tr.main(locked_args(data, locked, out, "--max-steps", "3", "--image-mean", "0.5", "0.5", "0.5"))
     source = torch.load(locked / "trunk.pt", weights_only=True)
     state = weights(out / "latest.pt")
     trunk = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
@@ -1090,6 +1090,12 @@ def test_locked_image_tower_trains_only_its_projection_and_loads_unchanged(data,
     assert config["args"]["lock_image"] and config["image_weights_sha256"] == tr.file_sha256(
         locked / "trunk.pt"
     )
+    # the normalisation it trained with travels in the checkpoint: 06 takes it from there
+    ev = stage("06_eval")
+    blank = ev.parse_args(["--pretrained", str(out / "latest.pt")])
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert ev.image_normalization(blank, ckpt) == ((0.5, 0.5, 0.5), None)
+    assert tuple(summary["model"].visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
     # 06 and open_clip load the checkpoint as it is (frozen BatchNorm layers have no num_batches_tracked)
     open_clip.add_model_config(str(out / "tiny-timm.json"))
     model = open_clip.create_model_and_transforms("tiny-timm", pretrained=str(out / "latest.pt"))[0].eval()
