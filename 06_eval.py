@@ -27,6 +27,14 @@ Writes: --results FILE  one JSON line per (name, task, dataset) measured: {"name
             CLIP_benchmark's keys), "ties", "n", "counts" (skipped inputs), "model", "pretrained", "epoch", "step", ...};
             task "cra": metrics {"cra"}, n {"images"}; LLM2CLIP and text-only rows add "text_tower" (the folder used)
         FILE.md  the Markdown table (a row per --name, percentages) of the newest line per (name, task, dataset); printed too
+        --item-results ITEMS  (off by default) per row of FILE, a line {"name", "task", "dataset", "weights" (the row's
+            checkpoint id: pretrained, checkpoint_bytes/mtime; text_tower/mtime), "item_order" (a fingerprint of the items
+            and their order), "items": {metric: [outcome per item]}}, an outcome 0/1 (or the expected hit over a tie) and
+            the metric its mean: zero-shot acc1/acc5 per image; image_retrieval_recall@k per caption query and
+            text_retrieval_recall@k per image query; lp_acc1/lp_acc5 per probe test item (the fixed test half, or
+            --probe-test), by the classifier refit with the chosen lambda; cra per first caption. Mean per-class recalls are no item means: not listed. Items come in the readers' order
+            (sorted folders and files, tar and JSONL order), the same for every model on the same data; a row is done only
+            when its items line is there too. runs/real_table.py --items reads it for paired bootstrap intervals
 
 Toy (CPU): every model into toy/eval/results.jsonl, one row each:
     python 06_eval.py --name alt --pretrained toy/train/alt/latest.pt
@@ -39,6 +47,8 @@ ImageNet-1k zero-shot (AMP on GPU; --templates laclip for LaCLIP's 7):
 COCO 5k / Flickr30k 1k test retrieval (Karpathy splits; images relative to each JSON's folder, or --image-root):
     python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --zeroshot --linear-probe \
         --retrieval coco=/data/coco/dataset_coco.json flickr30k=/data/flickr30k/dataset_flickr30k.json --results results.jsonl
+Per-item outcomes beside the results, for intervals on the differences between models (runs/real_table.py):
+    python 06_eval.py --name "alt (seed 0)" --pretrained toy/train/alt/latest.pt --item-results toy/eval/results.items.jsonl
 Several models: one per SLURM array task (sbatch --array=0-3 --gpus 1), all appending to one --results (appends are locked).
 A flag with no value turns its task off. A row already in --results for the same checkpoint file (path, size, mtime) is
 skipped; a changed checkpoint or --overwrite is measured again, and the newest line per (name, task, dataset) counts.
@@ -380,6 +390,28 @@ def tie_note(hits, names):
     return {name: share for name, share in zip(names, shares, strict=True) if share}
 
 
+def item_outcomes(hits, names):
+    """{name: [outcome per item]} from the columns of `hits` (one per name): 0 or 1, or the expected hit
+    where a tie decided it; their mean is the metric of that name."""
+    items = {}
+    for name, column in zip(names, hits.double().T.tolist(), strict=False):
+        items[name] = [int(v) if v in (0.0, 1.0) else v for v in column]
+    return items
+
+
+def item_order(ids):
+    """A fingerprint of the eval items in the order their outcomes are listed: equal for two models exactly when
+    their item lists can be compared item by item."""
+    return hashlib.sha256(json.dumps(ids, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def item_id(item, root):
+    """An eval image as a stable id: its path relative to the data set, or a tar sample's bytes' sha1."""
+    if isinstance(item, bytes):
+        return hashlib.sha1(item).hexdigest()
+    return os.path.relpath(item, root)
+
+
 def classification_metrics(hits, targets, n_classes, prefix=""):
     """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that
     have images (balanced accuracy)."""
@@ -590,6 +622,8 @@ def linear_probe(
     hits = hits_at(test, w.T, test_y.to(device), classes, (1, 5)).cpu()
     metrics, ties = classification_metrics(hits, test_y, n_classes, "lp_")
     return metrics, {
+        # per test item, the refit classifier of the chosen lambda (not the sweep's fits on the held-out fifth)
+        "items": item_outcomes(hits, [k for k in ("lp_acc1", "lp_acc5") if k in metrics]),
         "lambda": best_lam,
         "val_acc1": best_acc,
         "k_shot": k_shot,
@@ -1008,14 +1042,16 @@ def run_zeroshot(model, transform, tokenizer, path, args, counts):
     emb, kept = encode_images(model, transform, items, args, path, counts)
     labels = labels[kept]
     warn_empty_classes(names, labels, path, counts)
-    metrics, ties = classification_metrics(
-        hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5)), labels, len(names)
-    )
+    hits = hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5))
+    metrics, ties = classification_metrics(hits, labels, len(names))
+    ids = [[item_id(items[i], path), names[c]] for i, c in zip(kept.tolist(), labels.tolist(), strict=True)]
     return metrics, {
         "n": {"images": len(kept), "classes": len(names)},
         "templates": template_name,
         "n_templates": len(templates),
         "ties": ties,
+        "items": item_outcomes(hits, [k for k in ("acc1", "acc5") if k in metrics]),
+        "item_order": item_order(ids),
     }
 
 
@@ -1027,10 +1063,27 @@ def run_retrieval(model, transform, tokenizer, path, args, counts):
     text_image = torch.tensor(
         [i for i, (_, captions) in enumerate(pairs) for _ in captions], dtype=torch.long
     )
-    metrics, ties = retrieval_metrics(
-        image_emb, encode_texts(model, tokenizer, texts, args, "captions"), text_image
-    )
-    return metrics, {"n": {"images": len(pairs), "captions": len(texts)}, "ties": ties}
+    text_emb = encode_texts(model, tokenizer, texts, args, "captions")
+    metrics, ties = retrieval_metrics(image_emb, text_emb, text_image)
+    # per query, as retrieval_metrics counts them: image_retrieval's queries are the captions, text_retrieval's
+    # the images
+    ks = (1, 5, 10)
+    images = torch.arange(len(image_emb))
+    items = {
+        **item_outcomes(
+            hits_at(text_emb, image_emb, text_image, images, ks), [f"image_retrieval_recall@{k}" for k in ks]
+        ),
+        **item_outcomes(
+            hits_at(image_emb, text_emb, images, text_image, ks), [f"text_retrieval_recall@{k}" for k in ks]
+        ),
+    }
+    ids = [[item_id(image, path), captions] for image, captions in pairs]
+    return metrics, {
+        "n": {"images": len(pairs), "captions": len(texts)},
+        "ties": ties,
+        "items": items,
+        "item_order": item_order(ids),
+    }
 
 
 def run_linear_probe(model, transform, tokenizer, path, args, counts):
@@ -1041,17 +1094,21 @@ def run_linear_probe(model, transform, tokenizer, path, args, counts):
         items, labels, test_names, _ = read_classes(args.probe_test, args, counts)
         if test_names != names:
             raise SystemExit(f"{args.probe_test}: its classes differ from those of {path}")
-        test_x, kept = encode_images(model, transform, items, args, args.probe_test, counts)
-        test_y = labels[kept]
-    else:  # one labelled set: a stratified half is the test set
+        test_x, test_kept = encode_images(model, transform, items, args, args.probe_test, counts)
+        test_y = labels[test_kept]
+    else:  # one labelled set: a stratified half is the test set (the same half for every model: --seed)
         train, test = stratified_split(y, 0.5, args.seed)
-        test_x, test_y = x[test], y[test]
+        test_x, test_y, test_kept = x[test], y[test], kept[test]
         x, y = x[train], y[train]
     warn_empty_classes(names, test_y, f"{path} (probe test)", counts)
     metrics, extra = linear_probe(
         x, y, test_x, test_y, len(names), args.probe_k_shot, args.seed, args.device, solver=args.probe_solver
     )
-    return metrics, {**extra, "n": {**extra["n"], "classes": len(names)}}
+    root = args.probe_test or path
+    test_ids = []
+    for i, c in zip(test_kept.tolist(), test_y.tolist(), strict=True):
+        test_ids.append([item_id(items[i], root), names[c]])
+    return metrics, {**extra, "n": {**extra["n"], "classes": len(names)}, "item_order": item_order(test_ids)}
 
 
 def run_cra(model, transform, tokenizer, path, args, counts):
@@ -1067,7 +1124,12 @@ def run_cra(model, transform, tokenizer, path, args, counts):
     ids = torch.arange(len(pairs))
     # first captions (even rows) query the second captions (odd rows); the right answer has the same id
     hits = hits_at(emb[0::2], emb[1::2], ids, ids, (1,))
-    return {"cra": hits[:, 0].mean().item()}, {"n": {"images": len(pairs)}, "ties": tie_note(hits, ["cra"])}
+    return {"cra": hits[:, 0].mean().item()}, {
+        "n": {"images": len(pairs)},
+        "ties": tie_note(hits, ["cra"]),
+        "items": item_outcomes(hits, ["cra"]),
+        "item_order": item_order(pairs),
+    }
 
 
 class TextTowerCLIP(nn.Module):
@@ -1416,6 +1478,12 @@ def parse_args(argv=None):
         help="results JSONL, appended to; the table goes to <results>.md",
     )
     p.add_argument(
+        "--item-results",
+        default=None,
+        help="also append, per row of --results, the per-item outcomes behind its metrics to this JSONL "
+        "(for paired bootstrap intervals: runs/real_table.py --items)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="measure (name, task, dataset) rows already in --results again",
@@ -1509,16 +1577,24 @@ def main(argv=None):
     if args.text_tower:
         ident.update(tower_id(args.text_tower))
     old = {t: have.get((args.name, t[0], t[1])) for t in tasks}
+    # with --item-results a row counts as done only when its items are there too, from the same weights
+    have_items = read_results(args.item_results) if args.item_results else {}
     todo = []
+    missing_items = []
     for t in tasks:
         same_weights = old[t] and all(old[t].get(k) == v for k, v in ident.items())
-        if args.overwrite or not same_weights:
+        items_line = have_items.get((args.name, t[0], t[1]))
+        if args.item_results and same_weights and (not items_line or items_line.get("weights") != ident):
+            missing_items.append(t)
+        if args.overwrite or not same_weights or t in missing_items:
             todo.append(t)
     for t in tasks:
         if t not in todo:
             print0(
                 f"{args.name} {t[0]} {t[1]}: already in {args.results}, skipped (--overwrite measures again)"
             )
+        elif t in missing_items and not args.overwrite:
+            print0(f"{args.name} {t[0]} {t[1]}: no items in {args.item_results} for its row: measuring again")
         elif old[t] and not args.overwrite:
             print0(
                 f"{args.name} {t[0]} {t[1]}: its row was measured on other weights "
@@ -1526,6 +1602,8 @@ def main(argv=None):
                 f"file changed since): measuring again"
             )
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    if args.item_results:
+        os.makedirs(os.path.dirname(os.path.abspath(args.item_results)), exist_ok=True)
     new = []
     if todo:
         model, transform, tokenizer, weights = load_model(args)
@@ -1540,6 +1618,8 @@ def main(argv=None):
         for task, label, path in todo:
             start, counts = time.time(), Counter()
             metrics, extra = run[task](model, transform, tokenizer, path, args, counts)
+            items = extra.pop("items")  # not in the results row: a line of --item-results
+            order = extra.pop("item_order")
             record = {
                 "name": args.name,
                 "task": task,
@@ -1557,6 +1637,19 @@ def main(argv=None):
                 "host": socket.gethostname(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
+            if args.item_results:  # first: a row in --results without its items is measured again
+                append_result(
+                    args.item_results,
+                    {
+                        "name": args.name,
+                        "task": task,
+                        "dataset": label,
+                        "weights": ident,
+                        "item_order": order,
+                        "items": items,
+                        "time": record["time"],
+                    },
+                )
             append_result(args.results, record)
             new.append(record)
             shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())

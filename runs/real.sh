@@ -3,7 +3,9 @@
 # web alt text, the real SmolLM2-135M-Instruct as the rewriting LLM, the real all-MiniLM-L6-v2 as LLM2CLIP's
 # frozen tower. Every method trains the same model (real-clip) on the same images for the same steps and
 # seeds, and is evaluated on held-out clip-art classes, Fashion-MNIST and held-out clip-art titles.
-# Ends with the table (runs/real_table.py -> real/eval/table.md) and a caption browser (real/browse.html).
+# Ends with the tables (runs/real_table.py -> real/eval/table.md, .json: mean ± sd per method, and each method's
+# paired difference to CLIP (AltText) with a 95% bootstrap interval over seeds and eval items, from the per-item
+# outcomes 06 writes to real/eval/results.items.jsonl) and a caption browser (real/browse.html).
 # Measured on 2 cores: 41 min from scratch with the set-up installed (data 1.5 min, 02 with vLLM's CPU backend
 # 6.7 min, each seed ~15 min; the filtered LaCLIP row adds ~2.5 min a seed); a first run adds the installs. Re-running the same command skips what is finished. Settings via the environment:
 #   REAL_SHARDS=3   training shards of 800 images (8 exist)      SEEDS="0 1"   seeds per method
@@ -68,7 +70,8 @@ train_and_eval() {  # name, seed, out folder, extra 05 flags...
     --out-dir "$out" "$@"
   $PY 06_eval.py --name "$name (seed $seed)" --model real-clip --pretrained "$out/latest.pt" \
     --zeroshot clipart="$R/eval/zeroshot" fmnist="$R/eval/fashion_mnist" --retrieval clipart="$R/eval/retrieval" \
-    --linear-probe clipart="$R/eval/zeroshot" --cra --results "$R/eval/results.jsonl"
+    --linear-probe clipart="$R/eval/zeroshot" --cra --results "$R/eval/results.jsonl" \
+    --item-results "$R/eval/results.items.jsonl"
 }
 
 for seed in $SEEDS; do
@@ -90,7 +93,8 @@ for seed in $SEEDS; do
   stamp "seed $seed done"
 done
 
-$PY runs/real_table.py "$R/eval/results.jsonl" --out "$R/eval/table.md"
+$PY runs/real_table.py "$R/eval/results.jsonl" --items "$R/eval/results.items.jsonl" --baseline "CLIP (AltText)" \
+  --out "$R/eval/table.md" --json "$R/eval/table.json"
 $PY 09_browse.py --input "${SHARDS[@]}" --texts "$R/rewrites" --sample 300 --title "real clip art: AltText and SmolLM2 rewrites" \
   --out "$R/browse.html"
 stamp "all done"

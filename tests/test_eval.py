@@ -1,6 +1,7 @@
 """06_eval: metric conventions on hand-built embeddings, the linear probe, toy checkpoints end to end, bad inputs."""
 
 import argparse
+import importlib.util
 import io
 import itertools
 import json
@@ -543,6 +544,11 @@ def reference_metrics(toy, ckpt):
         "mean_per_class_recall": sum(sum(v) / len(v) for v in per_class.values()) / len(per_class),
         "image_retrieval_recall@1": sum(t2i) / len(t2i),
         "text_retrieval_recall@1": sum(i2t) / len(i2t),
+        "items": {  # per item, in the plain order: class folders, files, captions.jsonl
+            "acc1": [float(h) for h, _ in hits],
+            "image_retrieval_recall@1": t2i,
+            "text_retrieval_recall@1": i2t,
+        },
     }
 
 
@@ -620,6 +626,118 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
     )
     assert [row.split(" | ")[0] for row in table[2:]] == ["| alt", "| LaCLIP rewrites"]
     assert table[2].split(" | ")[1] == f"{100 * again[0]['metrics']['acc1']:.1f}"  # the newest row
+
+
+def test_item_results_average_to_the_metrics_in_the_same_order_for_every_model(toy, ckpts, tmp_path):
+    results, items_file = tmp_path / "results.jsonl", tmp_path / "results.items.jsonl"
+    evaluate(toy, ckpts["alt"], results, "--name", "CLIP (AltText) (seed 0)")  # an old run, without items
+    rows = {}
+    for name, ckpt in (("CLIP (AltText) (seed 0)", ckpts["alt"]), ("LaCLIP (seed 0)", ckpts["laclip"])):
+        new = evaluate(
+            toy,
+            ckpt,
+            results,
+            "--name",
+            name,
+            "--item-results",
+            str(items_file),
+            "--zeroshot",
+            f"clipart={toy / 'eval/zeroshot'}",
+            "--retrieval",
+            f"clipart={toy / 'eval/retrieval'}",
+            "--linear-probe",
+            f"clipart={toy / 'eval/zeroshot'}",
+            "--cra",
+            f"clipart={toy / 'eval/retrieval'}",
+        )
+        assert [r["task"] for r in new] == ["zeroshot", "retrieval", "linear_probe", "cra"]
+        rows[name] = new
+    lines = [json.loads(line) for line in open(items_file)]
+    assert len(lines) == 8 and all("items" not in r and "item_order" not in r for r in rows[name])
+    by_key = {(r["name"], r["task"]): r for r in lines}
+    for name, new in rows.items():
+        for row in new:
+            line = by_key[(name, row["task"])]
+            assert (line["dataset"], line["weights"]) == (
+                "clipart",
+                {k: row[k] for k in ("pretrained", "checkpoint_bytes", "checkpoint_mtime")},
+            )
+            expected = {
+                "zeroshot": {"acc1", "acc5"},  # mean per-class recall is no item mean
+                "retrieval": {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)},
+                "linear_probe": {"lp_acc1", "lp_acc5"},
+                "cra": {"cra"},
+            }[row["task"]]
+            assert set(line["items"]) == expected
+            for metric, values in line["items"].items():
+                assert sum(values) / len(values) == pytest.approx(row["metrics"][metric], abs=1e-12), metric
+                assert all(0 <= v <= 1 for v in values)
+            if row["task"] == "zeroshot":
+                n = {"acc1": 16}
+            elif row["task"] == "retrieval":  # caption queries, image queries
+                n = {"image_retrieval_recall@1": 40, "text_retrieval_recall@1": 8}
+            elif row["task"] == "linear_probe":  # the probe's test half
+                n = {"lp_acc1": row["n"]["test"]}
+            else:
+                n = {"cra": row["n"]["images"]}
+            assert {m: len(line["items"][m]) for m in n} == n
+    # the same items in the same order for both models, and that order is the readers' plain one
+    for task in ("zeroshot", "retrieval", "linear_probe", "cra"):
+        assert (
+            by_key[("CLIP (AltText) (seed 0)", task)]["item_order"]
+            == by_key[("LaCLIP (seed 0)", task)]["item_order"]
+        )
+    ref = reference_metrics(toy, ckpts["laclip"])["items"]
+    zs, rt = by_key[("LaCLIP (seed 0)", "zeroshot")], by_key[("LaCLIP (seed 0)", "retrieval")]
+    assert zs["items"]["acc1"] == pytest.approx(ref["acc1"])
+    assert rt["items"]["image_retrieval_recall@1"] == pytest.approx(ref["image_retrieval_recall@1"])
+    assert rt["items"]["text_retrieval_recall@1"] == pytest.approx(ref["text_retrieval_recall@1"])
+    # done rows with their items are skipped; a row without items is measured again
+    again = evaluate(
+        toy,
+        ckpts["laclip"],
+        results,
+        "--name",
+        "LaCLIP (seed 0)",
+        "--item-results",
+        str(items_file),
+        "--zeroshot",
+        f"clipart={toy / 'eval/zeroshot'}",
+        "--retrieval",
+        "--linear-probe",
+    )
+    assert again == []
+    redo = evaluate(
+        toy,
+        ckpts["alt"],
+        results,
+        "--name",
+        "CLIP (AltText) (seed 0)",
+        "--item-results",
+        str(tmp_path / "other.items.jsonl"),
+        "--retrieval",
+        "--linear-probe",
+    )
+    assert [r["task"] for r in redo] == ["zeroshot"]
+    # runs/real_table.py pairs the two by seed and item
+    spec = importlib.util.spec_from_file_location("real_table", os.path.join(REPO, "runs/real_table.py"))
+    real_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_table)
+    diffs = real_table.main([str(results), "--draws", "200"])
+    for metric in (
+        "zeroshot/clipart/acc1",
+        "retrieval/clipart/image_retrieval_recall@1",
+        "linear_probe/clipart/lp_acc1",
+    ):
+        d = diffs["LaCLIP"][metric]
+        task = metric.split("/")[0]
+        want = rows["LaCLIP (seed 0)"][["zeroshot", "retrieval", "linear_probe"].index(task)]["metrics"]
+        base = rows["CLIP (AltText) (seed 0)"][["zeroshot", "retrieval", "linear_probe"].index(task)][
+            "metrics"
+        ]
+        key = metric.split("/")[2]
+        assert d["basis"] == "seeds+items" and d["diff"] == pytest.approx(want[key] - base[key])
+        assert d["lo"] <= d["diff"] <= d["hi"]
 
 
 def test_checkpoint_weights_and_config_lookup(toy, ckpts, tmp_path):
