@@ -1400,15 +1400,33 @@ def parse_args(argv=None):
     return args
 
 
+def data_is_built(out, manifest, data_args, overwrite):
+    """A finished build with these arguments: the manifest says so and every done-marker it implies is there
+    (each shard's stats, each eval set's last-written file). Saves the scan and the stamps' duplicate check."""
+    if overwrite or manifest.get("data_args") != data_args or "data" not in manifest:
+        return False
+    markers = [out / "shards" / f"{i:05d}_stats.json" for i in range(manifest["data"]["train"]["shards"])]
+    markers += [out / "eval" / "zeroshot" / "classnames.txt", out / "eval" / "retrieval" / "captions.jsonl"]
+    markers.append(out / "eval" / "fashion_mnist" / "classnames.txt")
+    if manifest["data"].get("tuxpaint", {}).get("found"):
+        markers.append(out / "eval" / "retrieval_sentences" / "captions.jsonl")
+    return all(path.exists() for path in markers)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if "data" in args.parts:
+    data_args = {k: v for k, v in vars(args).items() if k not in ("parts", "overwrite")}
+    if "data" in args.parts and data_is_built(out, manifest, data_args, args.overwrite):
+        print(
+            f"{out}: data kept: built with the same arguments, every done-marker there (--overwrite rebuilds)"
+        )
+    elif "data" in args.parts:
         manifest["data"] = build_data(args)
-        manifest["data_args"] = {k: v for k, v in vars(args).items() if k not in ("parts", "overwrite")}
+        manifest["data_args"] = data_args
     if "models" in args.parts:
         manifest["models"] = build_models(args)
     write_json(str(manifest_path), manifest)

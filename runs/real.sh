@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# The papers' comparisons on real data, offline, on CPU: ~7,400 public-domain clip-art images with their noisy
-# web alt text, the real SmolLM2-135M-Instruct as the rewriting LLM, the real all-MiniLM-L6-v2 as LLM2CLIP's
-# frozen tower. Every method trains the same model (real-clip) on the same images for the same steps and
-# seeds, and is evaluated on held-out clip-art classes, Fashion-MNIST and held-out clip-art titles.
-# Ends with the tables (runs/real_table.py -> real/eval/table.md, .json: mean ± sd per method, and each method's
-# paired difference to CLIP (AltText) with a 95% bootstrap interval over seeds and eval items, from the per-item
-# outcomes 06 writes to real/eval/results.items.jsonl) and a caption browser (real/browse.html).
-# Measured on 2 cores: 41 min from scratch with the set-up installed (data 1.5 min, 02 with vLLM's CPU backend
-# 6.7 min, each seed ~15 min; the filtered LaCLIP row adds ~2.5 min a seed); a first run adds the installs. Re-running the same command skips what is finished. Settings via the environment:
-#   REAL_SHARDS=3   training shards of 800 images (8 exist)      SEEDS="0 1"   seeds per method
-#   EPOCHS=4        passes over the training images               SKIP_SETUP=1  skip runs/setup*.sh
+# The papers' comparisons on real data, offline, on CPU, in two worlds that share the data and the captions:
+# ~6,400 public-domain clip-art drawings and Tux Paint stamps with their noisy web alt text, the real
+# SmolLM2-135M-Instruct as the rewriting LLM, the real all-MiniLM-L6-v2 as LLM2CLIP's frozen tower.
+#  - Locked-image world (LiT, the table that decides): a real ImageNet EfficientNet-Lite0, frozen, its views of
+#    every training image embedded once (05 --image-cache); each method trains the text side (text tower or
+#    LLM2CLIP's adapter) and the image projection, LIT_SEEDS seeds each. The text side is where LaCLIP, EDA,
+#    LaCLIP-MT, clip-rocket's text parts and LLM2CLIP act.
+#  - From-scratch world: every method trains the same small CLIP (real-clip, 64 px) from scratch, as the
+#    papers do at scale (faithful recipes, too weak an instrument at this size to separate them).
+# Every row is evaluated on held-out clip-art classes, Fashion-MNIST, held-out clip-art titles and held-out
+# Tux Paint stamps against the sentences people wrote for them (the LaCLIP claim in miniature: training sees
+# only noisy alt text). Ends with one table per world (runs/real_table.py -> real/eval/lit_table.md and
+# real/eval/table.md, with .json: mean ± sd per method, and each method's paired difference to CLIP (AltText)
+# with a 95% bootstrap interval over seeds and eval items) and a caption browser (real/browse.html).
+# Measured on 2 cores: see the README (Real data); a first run adds the installs. Re-running the same command
+# skips what is finished. Settings via the environment:
+#   REAL_SHARDS=3   training shards of ~800 images (9 exist)     LIT_SEEDS="0 1 2 3 4"   seeds per LiT method
+#   LIT_EPOCHS=10   LiT passes over the training images          SEEDS="0 1"   seeds per from-scratch method
+#   EPOCHS=4        from-scratch passes                           SKIP_SETUP=1  skip runs/setup*.sh
+#   FAST=1          a short try: LIT_SEEDS="0 1", SEEDS="" (no from-scratch table), LIT_EPOCHS=5
 #   SOURCES=human   meta-pair sources 02 rewrites with, one rewrite each ("human llm": twice the 02 time)
-#   VECLIP=0        1 adds a VeCLIP row whose VeCs come from the tiny *random* LLaVA (no real VLM offline)
+#   VECLIP=0        1 adds a from-scratch VeCLIP row whose VeCs come from the tiny *random* LLaVA (no real VLM)
 #   REAL_ARGS=      extra flags for 00_real_data.py (e.g. "--max-images 300" for a quick try)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +31,14 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
 fi
 PY=${PY:-.venv/bin/python}
 R=${REAL:-real}
-SEEDS=${SEEDS:-"0 1"}
+if [ "${FAST:-0}" = 1 ]; then
+  LIT_SEEDS=${LIT_SEEDS:-"0 1"}
+  SEEDS=${SEEDS-""}
+  LIT_EPOCHS=${LIT_EPOCHS:-5}
+fi
+LIT_SEEDS=${LIT_SEEDS:-"0 1 2 3 4"}
+LIT_EPOCHS=${LIT_EPOCHS:-10}
+SEEDS=${SEEDS-"0 1"}
 EPOCHS=${EPOCHS:-4}
 stamp() { echo "real: $1 at $(( $(date +%s) - T0 )) s"; }
 
@@ -63,14 +79,52 @@ else
   echo "real: VeCLIP left out: no VLM captioner ships offline (a random LLaVA's VeCs are noise); VECLIP=1 runs it anyway"
 fi
 
+# ---- the locked-image world: EfficientNet-Lite0 frozen (its own [-1, 1] input scaling), BatchNorm statistics
+# frozen, 4 views per training image (a centre crop and 3 random crops) and 4 strong views for clip-rocket's
+# branches embedded once into $R/image_cache; 06 keeps the eval images' trunk features in $R/eval/image_cache
+LIT=(--model "$R/models/real-lit.json" --image-weights "$R/models/effnet-lite0.pt" --image-mean 0.5 0.5 0.5
+     --image-std 0.5 0.5 0.5 --lock-image --lock-image-freeze-bn-stats --image-cache "$R/image_cache")
+EVAL_SETS=(--zeroshot clipart="$R/eval/zeroshot" fmnist="$R/eval/fashion_mnist"
+           --retrieval clipart="$R/eval/retrieval")
+if [ -f "$R/eval/retrieval_sentences/captions.jsonl" ]; then
+  EVAL_SETS+=(sentences="$R/eval/retrieval_sentences")
+fi
+lit_train_and_eval() {  # name, seed, out folder, extra 05 flags...
+  local name=$1 seed=$2 out=$3
+  shift 3
+  $PY 05_train.py --input "${SHARDS[@]}" "${LIT[@]}" --epochs "$LIT_EPOCHS" --seed "$seed" --out-dir "$out" "$@"
+  # no linear probe (a bare flag turns a task off): the frozen trunk is the same for every row
+  $PY 06_eval.py --name "$name (seed $seed)" --model real-lit --pretrained "$out/latest.pt" "${EVAL_SETS[@]}" \
+    --linear-probe --cra --image-cache "$R/eval/image_cache" --results "$R/eval/lit.jsonl" \
+    --item-results "$R/eval/lit.items.jsonl"
+}
+
+for seed in $LIT_SEEDS; do
+  T=$R/lit/s$seed
+  lit_train_and_eval "CLIP (AltText)" "$seed" "$T/alt"
+  lit_train_and_eval "LaCLIP (SmolLM2 rewrites)" "$seed" "$T/laclip" --texts "$R/rewrites" --text-mode uniform
+  lit_train_and_eval "LaCLIP, rewrites scoring >= 0.3" "$seed" "$T/laclip_min03" --texts "$R/rewrites" \
+    --text-mode uniform --min-score 0.3
+  lit_train_and_eval "EDA baseline" "$seed" "$T/eda" --texts "$R/rewrites_eda" --text-mode uniform
+  lit_train_and_eval "LaCLIP-MT" "$seed" "$T/laclip_mt" --texts "$R/rewrites" --text-mode multi
+  # clip-rocket's text-side parts: EDA'd and stop-word-dropped view texts with text dropout, label-smoothed
+  # against the (cached) strong views through the MLP heads
+  lit_train_and_eval "clip-rocket (text side)" "$seed" "$T/rocket" --aug-views 2 --stopword-drop 0.8 \
+    --label-smoothing 0.1 --text-dropout 0.2 --head-dim 1024
+  lit_train_and_eval "LLM2CLIP (frozen MiniLM + adapter)" "$seed" "$T/llm2clip" --text-cache "$R/text_emb"
+  stamp "LiT seed $seed done"
+done
+$PY runs/real_table.py "$R/eval/lit.jsonl" --items "$R/eval/lit.items.jsonl" --baseline "CLIP (AltText)" \
+  --out "$R/eval/lit_table.md" --json "$R/eval/lit_table.json"
+
+# ---- the from-scratch world
 train_and_eval() {  # name, seed, out folder, extra 05 flags...
   local name=$1 seed=$2 out=$3
   shift 3
   $PY 05_train.py --input "${SHARDS[@]}" --model "$R/models/real-clip.json" --epochs "$EPOCHS" --seed "$seed" \
     --out-dir "$out" "$@"
   $PY 06_eval.py --name "$name (seed $seed)" --model real-clip --pretrained "$out/latest.pt" \
-    --zeroshot clipart="$R/eval/zeroshot" fmnist="$R/eval/fashion_mnist" --retrieval clipart="$R/eval/retrieval" \
-    --linear-probe clipart="$R/eval/zeroshot" --cra --results "$R/eval/results.jsonl" \
+    "${EVAL_SETS[@]}" --linear-probe clipart="$R/eval/zeroshot" --cra --results "$R/eval/results.jsonl" \
     --item-results "$R/eval/results.items.jsonl"
 }
 
@@ -93,7 +147,7 @@ for seed in $SEEDS; do
   stamp "seed $seed done"
 done
 
-$PY runs/real_table.py "$R/eval/results.jsonl" --items "$R/eval/results.items.jsonl" --baseline "CLIP (AltText)" \
+[ -z "$SEEDS" ] || $PY runs/real_table.py "$R/eval/results.jsonl" --items "$R/eval/results.items.jsonl" --baseline "CLIP (AltText)" \
   --out "$R/eval/table.md" --json "$R/eval/table.json"
 $PY 09_browse.py --input "${SHARDS[@]}" --texts "$R/rewrites" --sample 300 --title "real clip art: AltText and SmolLM2 rewrites" \
   --out "$R/browse.html"

@@ -5,7 +5,9 @@ From 06's results.jsonl rows named "<method> (seed N)" and, for the intervals, 0
 Usage: python runs/real_table.py real/eval/results.jsonl [--items real/eval/results.items.jsonl]
            [--baseline "CLIP (AltText)"] [--draws 2000] [--out real/eval/table.md] [--json real/eval/table.json]
 Columns: zero-shot top-1 on the held-out clip-art classes and on Fashion-MNIST, retrieval R@1/R@5 both ways
-on the held-out clip-art titles, and the linear probe on the clip-art classes; percent. Rows keep the order
+on the held-out clip-art titles, the linear probe on the clip-art classes, and retrieval R@1/R@5 both ways on
+the held-out Tux Paint stamps against the sentences people wrote for them; percent; a column no row has is
+left out. Rows keep the order
 in which their methods first appear in the results file; of a (name, task, dataset) measured twice, the newest
 row counts (as in 06's own table).
 
@@ -46,6 +48,10 @@ COLUMNS = [  # (task, dataset label as 06 writes it, metric, header)
     ("retrieval", "clipart", "image_retrieval_recall@1", "T→I R@1"),
     ("retrieval", "clipart", "image_retrieval_recall@5", "T→I R@5"),
     ("linear_probe", "clipart", "lp_acc1", "linear probe top-1"),
+    ("retrieval", "sentences", "text_retrieval_recall@1", "sentences I→T R@1"),
+    ("retrieval", "sentences", "text_retrieval_recall@5", "sentences I→T R@5"),
+    ("retrieval", "sentences", "image_retrieval_recall@1", "sentences T→I R@1"),
+    ("retrieval", "sentences", "image_retrieval_recall@5", "sentences T→I R@5"),
 ]
 SEEDED = re.compile(r"^(?P<method>.*) \(seed (?P<seed>\d+)\)$")
 MDE_FACTOR = 2.80  # z_0.975 + z_0.80 = 1.960 + 0.842: 80% power, two-sided 5%
@@ -102,15 +108,25 @@ def cell(values):
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def shown_columns(runs):
+    """The columns some method has a value in: a table of one world shows that world's benchmarks only."""
+    shown = []
+    for task, dataset, metric, header in COLUMNS:
+        if any(metric_values(runs, method, task, dataset, metric) for method in runs):
+            shown.append((task, dataset, metric, header))
+    return shown
+
+
 def markdown(runs):
+    columns = shown_columns(runs)
     lines = [
-        "| method | seeds | " + " | ".join(c[3] for c in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
+        "| method | seeds | " + " | ".join(c[3] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for method in runs:
         values = []
         seeds = 0
-        for task, dataset, metric, _ in COLUMNS:
+        for task, dataset, metric, _ in columns:
             per_seed = metric_values(runs, method, task, dataset, metric)
             seeds = max(seeds, len(per_seed))
             values.append(cell(list(per_seed.values())))
@@ -237,20 +253,20 @@ def detectable(diffs):
     return out
 
 
-def diff_markdown(diffs, baseline, draws, items_path, have_items):
+def diff_markdown(diffs, baseline, draws, items_path, have_items, columns=COLUMNS):
     lines = [
         f"Paired difference to {baseline}, points, [95% bootstrap interval] over seeds and eval items "
         f"({draws} draws); ✓ the interval excludes 0:",
         "",
-        "| method | " + " | ".join(c[3] for c in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| method | " + " | ".join(c[3] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for method, cells in diffs.items():
-        values = [diff_cell(cells[f"{t}/{d}/{m}"]) for t, d, m, _ in COLUMNS]
+        values = [diff_cell(cells[f"{t}/{d}/{m}"]) for t, d, m, _ in columns]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
     mde = detectable(diffs)
     row = [
-        "–" if mde[f"{t}/{d}/{m}"] is None else f"{100 * mde[f'{t}/{d}/{m}']:.1f}" for t, d, m, _ in COLUMNS
+        "–" if mde[f"{t}/{d}/{m}"] is None else f"{100 * mde[f'{t}/{d}/{m}']:.1f}" for t, d, m, _ in columns
     ]
     lines.append("| smallest detectable effect (80% power) | " + " | ".join(row) + " |")
     lines.append("")
@@ -307,7 +323,9 @@ def main(argv=None):
     diffs = None
     if args.baseline in runs:
         diffs = differences(runs, args.baseline, args.draws, args.bootstrap_seed)
-        text += "\n" + diff_markdown(diffs, args.baseline, args.draws, items_path, have_items)
+        text += "\n" + diff_markdown(
+            diffs, args.baseline, args.draws, items_path, have_items, shown_columns(runs)
+        )
     else:
         text += f"\nNo paired differences: no method named {args.baseline!r} (--baseline).\n"
     print(text, end="")

@@ -623,3 +623,20 @@ def test_only_stamps_with_a_sentence_of_their_own_are_candidates():
     assert candidates == 2 and sorted(rec["source"] for rec in chosen) == ["a.png", "f.png"]
     chosen, _ = real_data.choose_sentences(stamps, {"e.png"}, 0.5, real_data.random.Random(0))
     assert len(chosen) == 1
+
+
+def test_a_finished_build_is_kept_without_scanning_again(tmp_path, monkeypatch, capsys):
+    """A re-run with the same arguments skips the whole data part (the scan and the stamps' duplicate check
+    take minutes on the real packages); a missing done-marker or other arguments build again."""
+    out = build_with_stamps(tmp_path)
+
+    def no_build(args):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(real_data, "build_data", no_build)
+    capsys.readouterr()
+    build_with_stamps(tmp_path)
+    assert "data kept" in capsys.readouterr().out
+    (out / "eval/retrieval_sentences/captions.jsonl").unlink()
+    with pytest.raises(AssertionError, match="built again"):
+        build_with_stamps(tmp_path)
