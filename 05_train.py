@@ -1656,6 +1656,10 @@ def build_image_cache(shards, folders, trainee, transforms, mean, std, device):
     rank, world, _ = dist_env()
     was_training = trainee.training
     trainee.eval()
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # no DataLoader workers run yet: the tower gets this rank's share of the cores, not what training leaves
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     for kind, (folder, what) in folders.items():
         os.makedirs(folder, exist_ok=True)
         if rank == 0:
@@ -1675,6 +1679,7 @@ def build_image_cache(shards, folders, trainee, transforms, mean, std, device):
             f"05_train: image cache {folder}: {done} shard(s) there, {made} images embedded here "
             f"({bad} unreadable, skipped in training), {time.time() - t0:.1f}s"
         )
+    torch.set_num_threads(threads)
     trainee.train(was_training)
     if world > 1:
         dist.barrier()
