@@ -22,7 +22,7 @@ together wrecks the encoder (CRA on the toy retrieval set 75% -> 4.5%), as it wo
     python 07_cc_finetune.py
 One GPU, an 8B LLM with LoRA:
     python 07_cc_finetune.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 16 --dtype bfloat16 \
-        --texts cc3m/rewrites cc3m/fused --batch-size 128 --steps 4000 --out-dir runs/cc-llama8b
+        --texts cc3m/rewrites cc3m/fused --batch-size 128 --steps 4000 --out-dir out/cc-llama8b
 8 GPUs:  torchrun --nproc-per-node 8 07_cc_finetune.py ...   (negatives gathered over all ranks)
 SLURM:   srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 07_cc_finetune.py ...
 Re-running the same command resumes from latest.pt.

@@ -13,7 +13,7 @@ Writes: <out-dir>/<shard>.jsonl       {"key", "texts": [distinct texts, whitespa
         <out-dir>/<shard>.stats.json  written last: the done-marker; <out-dir>/_config.json
 
 Toy run (CPU):    python 08_embed_texts.py
-One GPU:          python 08_embed_texts.py --model runs/cc-llama8b/model --dtype bfloat16 \
+One GPU:          python 08_embed_texts.py --model out/cc-llama8b/model --dtype bfloat16 \
                       --input cc3m/shards --texts cc3m/rewrites cc3m/fused --out-dir cc3m/text_emb --batch-size 512
 8 GPUs:           torchrun --nproc-per-node 8 08_embed_texts.py ...
 SLURM array:      sbatch --array=0-63 --gpus-per-node 8 --wrap "torchrun --nproc-per-node 8 08_embed_texts.py ..."

@@ -222,13 +222,31 @@ def sidecar_records(folder, shard, keys, counts):
     return out
 
 
-def captions_of(key, sidecars):
-    """[(label, text, status, score)] of every caption the earlier stages wrote for `key`, in stage order."""
+def folder_labels(folders):
+    """{folder: a short name}: its last path part, or as many last parts as tell it from the others
+    ("rewrites", "rewrites_eda"; "a/rewrites", "b/rewrites")."""
+    parts = {f: os.path.normpath(os.path.abspath(f)).split(os.sep) for f in folders}
+    labels = {}
+    for folder, own in parts.items():
+        depth = 1
+        while depth < len(own) and any(
+            other != folder and parts[other][-depth:] == own[-depth:] for other in parts
+        ):
+            depth += 1
+        labels[folder] = "/".join(own[-depth:])
+    return labels
+
+
+def captions_of(key, sidecars, folder_label=None):
+    """[(label, text, status, score)] of every caption the earlier stages wrote for `key`, in stage order.
+    With `folder_label` ({folder: name}, when there are several sidecar folders) a label names its folder
+    ("rewrites/human", "rewrites_eda/human"), unless the folder is named after the caption ("fused")."""
     out = []
-    for kind, _folder, records in sidecars:
+    for kind, folder, records in sidecars:
         record = records.get(key)
         if record is None:
             continue
+        start = len(out)  # this record's captions begin here
         status, scores = str(record.get("status", "")), scores_of(record)
         if kind == "vec":
             out.append(("VeC", record.get("vec"), status, None))
@@ -244,11 +262,19 @@ def captions_of(key, sidecars):
                 if status == "fallback":
                     slot_status = "fallback" if " ".join(str(text).lower().split()) == alt else "ok"
                 out.append((label, text, slot_status, scores.get(label)))
+        if folder_label and kind == "texts":
+            named = folder_label[folder]
+            for i in range(start, len(out)):
+                label, *rest = out[i]
+                if label != os.path.basename(named):
+                    out[i] = (f"{named}/{label}", *rest)
     return out
 
 
 def build_cards(by_shard, sidecar_dirs, vec_dir, side, counts):
     cards = []
+    # one folder needs no name; with several, two with the same sources would give look-alike lines
+    folder_label = folder_labels(sidecar_dirs) if len(sidecar_dirs) > 1 else None
     for shard, keys in by_shard.items():
         sidecars = []
         if vec_dir:
@@ -263,7 +289,7 @@ def build_cards(by_shard, sidecar_dirs, vec_dir, side, counts):
             ext = next(e for e in IMAGE_EXTS if e in members)
             alt = " ".join(decode_text(members.get("txt") or b"", counts).split())
             captions = []
-            for label, text, status, score in captions_of(key, sidecars):
+            for label, text, status, score in captions_of(key, sidecars, folder_label):
                 captions.append({"label": label, "text": text or "", "status": status, "score": score})
             scores = [c["score"] for c in captions if c["score"] is not None]
             cards.append(
@@ -295,11 +321,12 @@ header label { margin-right: 14px; }
 .card .noimg { width: 128px; height: 128px; background: #fdd; flex: none; display: flex; align-items: center;
                justify-content: center; }
 .key { color: #888; font-size: 12px; }
-.alt { font-weight: 600; margin: 2px 0 4px; }
+.alt { font-weight: 600; margin: 2px 0 4px; } .alt b { color: #555; }
 .cap { margin: 2px 0; } .cap b { color: #555; font-weight: 600; }
 .status { font-size: 11px; padding: 0 4px; border-radius: 3px; background: #e8f0e8; }
 .status.bad { background: #f6dcdc; } .score { font-size: 11px; color: #06c; }
 .hidden { display: none; }
+#legend { font-size: 12px; color: #555; margin-top: 4px; } #legend div { margin: 1px 0; }
 </style></head><body>
 <header>
  <b>__TITLE__</b> &nbsp; <span id="count"></span><br>
@@ -309,6 +336,7 @@ header label { margin-right: 14px; }
  <label>text <input id="q" type="search" placeholder="word in any caption"></label>
  <label>sort <select id="sort"><option value="shard">shard order</option><option value="worst">worst-scored first</option>
  <option value="best">best-scored first</option><option value="random">random</option></select></label>
+ <div id="legend"></div>
 </header>
 <div id="grid"></div>
 <script id="data" type="application/json">__DATA__</script>
@@ -317,6 +345,19 @@ header label { margin-right: 14px; }
 const cards = JSON.parse(document.getElementById("data").textContent);
 const grid = document.getElementById("grid");
 const GOOD = new Set(["ok", "truncated", ""]);
+// what each stage's status means; the header lists those on the page, and a status shows its own on hover
+const STATUS_HELP = {
+  ok: "the caption passed every check",
+  fallback: "02 found no rewrite that passed its checks (after --max-retries): the original AltText fills the slot",
+  empty: "nothing to show: an empty AltText (02) or an empty answer from the VLM (03)",
+  missing_text: "02: the sample has no AltText (.txt) to rewrite",
+  missing_image: "03: the sample has no image",
+  truncated: "04: a long AltText was cut to fit the prompt before fusing",
+  fallback_vec: "04: no fusion passed its checks (or there was no AltText): the VeC stands in",
+  fallback_alt: "04: there was no VeC to fuse with: the AltText stands in",
+  failed: "04: neither a fusion, a VeC nor an AltText",
+  no_caption: "10: the imported tables held no caption for this sample",
+};
 
 function element(tag, cls, text) {
   const e = document.createElement(tag);
@@ -338,12 +379,19 @@ function buildCard(card) {
   }
   const body = element("div");
   body.appendChild(element("div", "key", card.shard + " / " + card.key));
-  body.appendChild(element("div", "alt", card.alt || "(no AltText)"));
+  const alt = element("div", "alt");
+  alt.appendChild(element("b", null, "AltText: "));
+  alt.appendChild(document.createTextNode(card.alt || "(none)"));
+  body.appendChild(alt);
   for (const c of card.captions) {
     const line = element("div", "cap");
     line.appendChild(element("b", null, c.label + ": "));
     line.appendChild(document.createTextNode(c.text + " "));
-    if (c.status) line.appendChild(element("span", GOOD.has(c.status) ? "status" : "status bad", c.status));
+    if (c.status) {
+      const status = element("span", GOOD.has(c.status) ? "status" : "status bad", c.status);
+      if (STATUS_HELP[c.status]) status.title = STATUS_HELP[c.status];
+      line.appendChild(status);
+    }
     if (c.score !== null) line.appendChild(element("span", "score", " " + c.score.toFixed(2)));
     body.appendChild(line);
   }
@@ -361,6 +409,14 @@ grid.appendChild(fragment);
 const statuses = new Set();
 for (const card of cards) for (const s of card.statuses) statuses.add(s);
 for (const s of [...statuses].sort()) document.getElementById("status").appendChild(new Option(s, s));
+const legend = document.getElementById("legend");
+for (const s of [...statuses].sort()) {
+  if (s === "ok" || !STATUS_HELP[s]) continue;
+  const line = element("div");
+  line.appendChild(element("span", GOOD.has(s) ? "status" : "status bad", s));
+  line.appendChild(document.createTextNode(" " + STATUS_HELP[s]));
+  legend.appendChild(line);
+}
 
 function number(id) {
   const v = document.getElementById(id).value;

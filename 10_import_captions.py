@@ -5,7 +5,10 @@ DreamLIP's long and short captions, VeCap. This stage joins such a table to the 
 URL (img2dataset writes both into each sample's .json), and writes one sidecar per shard in 02's format, so
 `05_train.py --texts <out-dir>` trains on them unchanged (`--text-mode uniform`: LaCLIP; `mix`: VeCLIP). Every key of
 a shard gets a record (with no caption, status "no_caption": 05 then uses its AltText); table rows that match no sample
-and samples that match no row are counted, never silently dropped. Instead of 02-04, not after them.
+and samples that match no row are counted, never silently dropped. A join that matched no row at all (keys that lost
+their leading zeros in a spreadsheet, the wrong --join) stops before writing anything, exit code 1, with unmatched
+values beside a shard's, unless --allow-empty; unmatched rows beside matched ones get the same lines as a warning.
+Instead of 02-04, not after them.
 
 Reads:  --input   img2dataset tars (<key>.jpg + .txt + .json with "key" and "url"), files, folders or globs
         --table   CSV, TSV, JSONL or parquet (pyarrow, optional) files; --join key|url names the column to join on
@@ -234,6 +237,14 @@ TABLE_COUNTS = (
 )
 
 
+class MissingColumn(Exception):
+    """A table without a column it was asked for; main names the flag that fixes it (missing_column_fix)."""
+
+    def __init__(self, path, column, names):
+        super().__init__(f"{path}: no column {column!r}")
+        self.path, self.column, self.names = path, column, list(names)
+
+
 def csv_rows(path, columns, counts):
     """(line, {column: cell}) per row of a CSV or TSV file; a row csv cannot parse is counted and skipped."""
     csv.field_size_limit(LONGEST_CELL)
@@ -245,7 +256,7 @@ def csv_rows(path, columns, counts):
             raise SystemExit(f"{path}:1: the header is not readable as {path[-3:].upper()} ({e})") from None
         missing = [c for c in columns if c not in names]
         if missing:
-            raise SystemExit(f"{path}: no column {missing[0]!r} (columns: {names})")
+            raise MissingColumn(path, missing[0], names)
         while True:
             line = reader.line_num + 1
             try:
@@ -322,7 +333,7 @@ def parquet_rows(path, columns):
     top = sorted({c.split(".")[0] for c in columns})
     missing = [c for c in top if c not in table.schema_arrow.names]
     if missing:
-        raise SystemExit(f"{path}: no column {missing[0]!r} (columns: {table.schema_arrow.names})")
+        raise MissingColumn(path, missing[0], table.schema_arrow.names)
     n = 0
     for batch in table.iter_batches(columns=top, batch_size=65536):
         cells = {}
@@ -395,10 +406,70 @@ def add_captions(target_captions, captions, repeat):
             target_captions.append(text)
 
 
-def join_tables(paths, join_column, sources, index, rules, per_file, found):
+def missing_column_fix(error, join_column):
+    """What fixes a table without a column it was asked for, flag first."""
+    if error.column != join_column:
+        return "--captions names the table's columns that hold captions"
+    there = [j for j in ("key", "url") if j in error.names and j != join_column]
+    if there:
+        return f"--join {there[0]} joins on the {there[0]} column it has"
+    return (
+        "--join key|url|caption says what to join on, --join-column NAME which column of the table holds it"
+    )
+
+
+def key_without_zeros(value, index, widths):
+    """The shard key a table value would be had it kept its leading zeros (a spreadsheet drops them and may
+    add ".0"): "1234" -> "000001234" where that is a key; None otherwise."""
+    digits = value[:-2] if value.endswith(".0") else value
+    if not digits.isdigit():
+        return None
+    for width in widths:
+        if len(digits) < width and digits.zfill(width) in index:
+            return digits.zfill(width)
+    return None
+
+
+class Misses:
+    """What matched no sample: the first few table values, as examples, and the values that are shard keys
+    without their leading zeros."""
+
+    def __init__(self, index):
+        self.index = index
+        self.widths = sorted({len(v) for v in index if v.isdigit()})
+        self.examples = []  # (file:line, value), the first few
+        self.lost_zeros = 0
+        self.lost_zeros_example = None  # (value, the key it was)
+
+    def add(self, where, value):
+        if len(self.examples) < 2:
+            self.examples.append((where, value))
+        key = key_without_zeros(value, self.index, self.widths)
+        if key is not None:
+            self.lost_zeros += 1
+            self.lost_zeros_example = self.lost_zeros_example or (value, key)
+
+    def explain(self, join, join_column):
+        """Lines that put unmatched table values beside a shard's join value, and name a lost-zeros table."""
+        lines = [f"  {where}: {join_column} {value!r} matches no sample" for where, value in self.examples]
+        sample = next(iter(self.index), None)
+        if sample is not None:
+            lines.append(f"  a sample's {join} in the shards: {sample!r}")
+        if self.lost_zeros:
+            value, key = self.lost_zeros_example
+            lines.append(
+                f"  {self.lost_zeros} unmatched values are shard keys that lost their leading zeros ({value!r} is "
+                f"key {key!r}), as a spreadsheet saves them: export the column as text, or pad it "
+                f"(pandas: df[{join_column!r}].astype(str).str.zfill({len(key)}))"
+            )
+        return lines
+
+
+def join_tables(paths, join_column, sources, index, rules, per_file, found, misses):
     """Adds each row's captions to found[(shard, key)][source]; counts rows matched, unmatched, without a join
-    value, in per_file[path]. A join value that already got captions for a source from an
-    earlier row is a duplicate: rules["duplicates"] keeps the first, keeps all, or stops."""
+    value, in per_file[path], and hands each unmatched value to `misses`. A join value that already got
+    captions for a source from an earlier row is a duplicate: rules["duplicates"] keeps the first, keeps all,
+    or stops."""
     got_from = {}  # (join value, source): "file:line" of the row its captions came from; matched values only
     for path in paths:
         file_counts, first_seen = Counter(), {}
@@ -416,6 +487,7 @@ def join_tables(paths, join_column, sources, index, rules, per_file, found):
             targets = index.get(value)
             if not targets:
                 file_counts["rows_unmatched"] += 1
+                misses.add(where, value)
                 continue
             file_counts["rows_matched"] += 1
             duplicate = False
@@ -455,7 +527,7 @@ def warn_about(path, file_counts, rules):
         print(f"WARNING {path}: {file_counts['rows']} rows, " + ", ".join(told))
 
 
-def join_laclip(csv_path, texts, join, index, rules, per_file, found):
+def join_laclip(csv_path, texts, join, index, rules, per_file, found, misses):
     """LaCLIP's release: CSV rows (image path, caption); the i-th image row's rewrites are line i of each
     source's text file. Rows are joined on the caption (or the path's stem). Several rows with one caption are
     several images with that text (their rewrites all count); a duplicate is one image path (stem) twice."""
@@ -503,6 +575,7 @@ def join_laclip(csv_path, texts, join, index, rules, per_file, found):
             targets = index.get(value)
             if not targets:
                 file_counts["rows_unmatched"] += 1
+                misses.add(where, value)
                 continue
             file_counts["rows_matched"] += 1
             if len(targets) > 1:
@@ -527,6 +600,37 @@ def join_laclip(csv_path, texts, join, index, rules, per_file, found):
     per_file[csv_path] = file_counts
     warn_about(csv_path, file_counts, rules)
     return lines_read
+
+
+def check_the_join(counts, misses, join, join_column, allow_empty):
+    """A join that matched no row stops before anything is written (a finished-looking folder of sidecars
+    without captions is the silent failure), unless --allow-empty; unmatched rows beside matched ones get a
+    warning. Either way with examples of what did not match, and the lost-leading-zeros case named."""
+    if not counts["rows_unmatched"] and counts["rows_matched"]:
+        return
+    lines = misses.explain(join, join_column)
+    if counts["rows"] and counts["rows_without_join_value"] == counts["rows"]:
+        lines.append(
+            f"  no row has a {join_column!r} value: --join key|url|caption says what to join on, "
+            "--join-column NAME which column holds it"
+        )
+    said = (
+        f"{counts['rows']} table rows: {counts['rows_matched']} matched a sample by {join}, "
+        f"{counts['rows_unmatched']} unmatched, {counts['rows_without_join_value']} without a {join_column}, "
+        f"{counts['rows_dropped']} dropped"
+    )
+    if counts["rows_matched"]:
+        print("\n".join([f"WARNING {said}"] + lines), flush=True)
+    elif allow_empty:
+        print(
+            "\n".join([f"WARNING {said}; --allow-empty: writing sidecars without captions"] + lines),
+            flush=True,
+        )
+    else:
+        raise SystemExit(
+            "\n".join([f"10_import_captions: no table row matched a sample ({said})"] + lines)
+            + "\nnothing written; --allow-empty writes the sidecars anyway, every sample without captions"
+        )
 
 
 def sha256_of(path):
@@ -586,6 +690,11 @@ def parse_args(argv=None):
         help="a join value with captions of one source on several rows: the first row's kept, every row's "
         "kept, or stop",
     )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write the sidecars even when no table row matched a sample (by default that stops, non-zero)",
+    )
     p.add_argument("--out-dir", default="toy/imported", help="folder for <shard>.jsonl sidecars (05 --texts)")
     p.add_argument("--overwrite", action="store_true", help="redo shards already imported")
     return p.parse_args(argv)
@@ -627,19 +736,24 @@ def main(argv=None):
         "control_chars": args.control_chars,
         "duplicates": args.duplicates,
     }
-    per_file = {}
+    per_file, misses = {}, Misses(index)
+    join_column = (args.join_column or join) if tables else join
     if tables:
         sources = list(args.captions)
-        join_tables(tables, args.join_column or join, sources, index, rules, per_file, found)
+        try:
+            join_tables(tables, join_column, sources, index, rules, per_file, found, misses)
+        except MissingColumn as e:
+            raise SystemExit(f"{e} (its columns: {e.names}); {missing_column_fix(e, join_column)}") from None
     else:
         sources = [item.partition("=")[0] for item in args.laclip_texts]
         counts["laclip_image_rows"] = join_laclip(
-            args.laclip_csv, args.laclip_texts, join, index, rules, per_file, found
+            args.laclip_csv, args.laclip_texts, join, index, rules, per_file, found, misses
         )
     for name in TABLE_COUNTS:
         counts[name] += 0  # listed even when nothing went wrong
     for file_counts in per_file.values():
         counts.update(file_counts)
+    check_the_join(counts, misses, join, join_column, args.allow_empty)
     all_stats = []
     for shard in todo:
         records, shard_counts = [], Counter()

@@ -99,7 +99,7 @@ def test_page_holds_every_caption_joined_by_key(data, tmp_path):
         if card["key"].endswith("3"):
             assert labels == []  # no record in any sidecar: nothing invented
             continue
-        assert labels == ["VeC", "human", "fused"]
+        assert labels == ["VeC", "rewrites/human", "fused"]  # two --texts folders: each line names its own
         human = card["captions"][1]
         assert human["status"] in ("ok", "fallback") and (human["status"] == "fallback") == human[
             "text"
@@ -117,6 +117,42 @@ def test_page_holds_every_caption_joined_by_key(data, tmp_path):
         else None
     )
     assert {c["key"] for c in other} != {c["key"] for c in cards}
+
+
+def test_same_sources_in_two_folders_are_told_apart_and_the_page_explains_itself(data, tmp_path):
+    """02's rewrites and an EDA run both have a "human" source: each line names its folder. The AltText line
+    has a label, and the page says what "fallback" means."""
+    eda = tmp_path / "rewrites_eda"
+    eda.mkdir()
+    for name in ("00000", "00001"):
+        records = [json.loads(x) for x in open(data / f"rewrites/{name}.jsonl")]
+        for r in records:
+            r["rewrites"] = {"human": [f"eda {r['key']}"]}
+        write_jsonl(str(eda / f"{name}.jsonl"), records)
+    br.main(
+        [
+            "--input",
+            str(data / "shards"),
+            "--texts",
+            str(data / "rewrites"),
+            str(eda),
+            "--out",
+            str(tmp_path / "b.html"),
+            "--sample",
+            "10",
+        ]
+    )
+    cards = [c for c in page_cards(tmp_path / "b.html") if c["captions"]]
+    assert cards and all(
+        [c["label"] for c in card["captions"]] == ["rewrites/human", "rewrites_eda/human"] for card in cards
+    )
+    assert br.folder_labels(["a/x/rewrites", "b/x/rewrites", "c/fused"]) == {
+        "a/x/rewrites": "a/x/rewrites",
+        "b/x/rewrites": "b/x/rewrites",
+        "c/fused": "fused",
+    }
+    page = open(tmp_path / "b.html", encoding="utf-8").read()
+    assert '"AltText: "' in page and 'fallback: "02 found no rewrite that passed its checks' in page
 
 
 def test_a_caption_cannot_break_out_of_the_page(data, tmp_path):
@@ -154,6 +190,8 @@ def test_page_in_a_real_browser(data, tmp_path):
     cards = page_cards(tmp_path / "b.html")
     dom = chromium("--dump-dom", f"file://{tmp_path / 'b.html'}")
     assert dom.count('class="card"') == 40 and "40 of 40 samples" in dom
+    assert dom.count('<div class="alt"><b>AltText: </b>') == 40
+    assert "</span> 02 found no rewrite that passed its checks" in dom  # the legend says what fallback means
     # a linked view: only fallback cards shown, worst-scored first
     dom = chromium(
         "--virtual-time-budget=2000", "--dump-dom", f"file://{tmp_path / 'b.html'}#status=fallback&sort=worst"

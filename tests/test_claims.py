@@ -309,3 +309,46 @@ def test_more_workers_than_shards_warns_once(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("RANK", str(rank))
         rw.main(eda_args(src, tmp_path / "out", "--shard-id", str(shard_id), "--num-shards", "2"))
         assert (warning in capsys.readouterr().out) == (shard_id == rank == 0)
+
+
+def test_ctrl_c_ends_in_one_line_releases_the_claim_and_the_same_command_resumes(tmp_path):
+    """SIGINT mid-shard: exit 130, one line naming what is saved and how to resume, no traceback; the progress
+    file holds whole records and the claim is gone (no --claim-timeout to wait out); the same command then
+    finishes with every key once, the same bytes as an uninterrupted run."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_shards(src)
+    rw.main(eda_args(src, tmp_path / "single"))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WORKER, REPO, *eda_args(src, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    partial = out / "00000.tmp.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 1 + 10):
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGINT)
+    stdout, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("02_rewrite: interrupted; 00000: ") and "re-run the same command to resume" in last
+    saved = int(re.search(r"00000: (\d+) samples saved in (\S+)", last).group(1))
+    assert saved >= 10 and str(partial) in last and not (out / "00000.stats.json").exists()
+    assert (
+        len(rw.read_partial(str(partial), json.loads((out / "_config.json").read_text())["prompt_hash"]))
+        == saved
+    )
+    assert not (
+        out / "00000.claim"
+    ).exists()  # released: a re-run elsewhere need not wait for --claim-timeout
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "02_rewrite.py"), *eda_args(src, out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"00000: resuming, {saved} samples already rewritten" in result.stdout
+    assert outputs(out) == outputs(tmp_path / "single") and leftovers(out) == []

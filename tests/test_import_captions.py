@@ -3,10 +3,12 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
-from conftest import stage
+from conftest import REPO, stage
 
 im = stage("10_import_captions")
 
@@ -473,3 +475,40 @@ def test_nul_and_control_characters_stripped_by_default_or_the_row_dropped(toy, 
     got, summary = import_table(root, jsonl, tmp_path / "jsonl")
     assert_good_rows_landed(got, samples)
     assert summary["counts"]["control_chars"] == 1 and summary["counts"]["bad_json"] == 0
+
+
+def test_a_join_that_matched_nothing_stops_with_an_example_and_names_lost_zeros(toy, tmp_path, capsys):
+    """Keys saved by a spreadsheet lose their leading zeros: "0/24 samples got captions" with exit 0 was the
+    old answer. Now nothing is written, the exit is non-zero, an unmatched value stands beside a shard key, and
+    the lost zeros are named; --allow-empty writes the sidecars anyway. A missing join column names --join."""
+    root, samples = toy
+    table = tmp_path / "from_excel.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "caption"])
+        for _, key, _, _ in samples:
+            w.writerow([str(int(key)), f"a caption of {key}"])
+    argv = ["--input", str(root / "shards"), "--table", str(table), "--captions", "caption"]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        im.main([*argv, "--join", "key", "--out-dir", str(out)])
+    message = str(stop.value.code)
+    first = samples[0][1]
+    assert f"key {str(int(first))!r} matches no sample" in message and f"{first!r}" in message
+    assert "lost their leading zeros" in message and f"zfill({len(first)})" in message
+    assert not list(out.glob("*.stats.json"))  # nothing finished-looking: the fixed table reruns cleanly
+    stats = im.main([*argv, "--join", "key", "--out-dir", str(out), "--allow-empty"])
+    assert sum(s["in"] for s in stats) == len(samples) and not sum(s.get("ok", 0) for s in stats)
+    assert "lost their leading zeros" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no column 'url'.*--join key"):  # url is the default join
+        im.main([*argv, "--out-dir", str(tmp_path / "y")])
+
+
+def test_the_command_line_exits_non_zero_on_an_empty_join(toy, tmp_path):
+    root, samples = toy
+    table = tmp_path / "t.csv"
+    table.write_text("key,caption\n7,a caption\n")
+    cmd = [sys.executable, os.path.join(REPO, "10_import_captions.py"), "--input", str(root / "shards")]
+    cmd += ["--table", str(table), "--join", "key", "--captions", "caption", "--out-dir", str(tmp_path / "o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no table row matched a sample" in result.stderr

@@ -795,3 +795,45 @@ def test_vllm_text_engine_requests_follow_the_documented_api(monkeypatch):
     assert made["params"][0].kw == dict(
         n=1, temperature=0.0, top_p=1.0, max_tokens=20, seed=None, stop=None, repetition_penalty=1.2
     )
+
+
+def test_without_meta_pairs_one_line_says_run_01(tmp_path):
+    shard = tmp_path / "part-0.jsonl"
+    shard.write_text(json.dumps({"key": "a", "text": "a dog on a beach"}) + "\n")
+    argv = [
+        "--input",
+        str(shard),
+        "--meta-pairs",
+        str(tmp_path / "meta_pairs.jsonl"),
+        "--out-dir",
+        str(tmp_path),
+    ]
+    with pytest.raises(SystemExit, match=r"meta_pairs.jsonl: no such file.*01_collect_meta_pairs\.py"):
+        rw.main(argv)
+
+
+def test_default_chunks_save_progress_within_a_toy_sized_shard(tmp_path, monkeypatch, capsys):
+    """A toy shard is 800 samples: with the old default of 2048 a chunk was the whole shard, and a kill after a
+    minute saved nothing. The CPU engines' default now saves every 128 samples; the summary names its file."""
+    assert (
+        rw.parse_args(["--engine", "hf"]).chunk_size == rw.parse_args(["--engine", "eda"]).chunk_size == 128
+    )
+    assert rw.parse_args(["--engine", "vllm"]).chunk_size == 2048
+    assert rw.parse_args(["--engine", "hf", "--chunk-size", "7"]).chunk_size == 7
+    shard = tmp_path / "part-0.jsonl"
+    with open(shard, "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"key": str(i), "text": f"a dog number {i} runs on the beach"}) + "\n")
+    saves = []
+    append = rw.append_partial
+
+    def counted_append(path, tag, records):
+        saves.append(len(records))
+        append(path, tag, records)
+
+    monkeypatch.setattr(rw, "append_partial", counted_append)
+    out = tmp_path / "eda"
+    (stats,) = rw.main(["--engine", "eda", "--input", str(shard), "--out-dir", str(out)])
+    assert saves == [128, 128, 44] and stats["in"] == 300
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("part-0: ") and f"s -> {out / 'part-0.jsonl'}" in summary

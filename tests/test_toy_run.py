@@ -69,3 +69,40 @@ def test_toy_run_sheet_end_to_end(tmp_path):
         assert json.load(open(toy / "text_emb/00000.stats.json"))["in"] == 16
         assert "text_tower" in json.load(open(toy / "train/llm2clip/_config.json"))["args"]
         assert all(name in table for name in ("LLM2CLIP", "MiniLM-CC", "CRA"))
+
+
+def test_slurm_train_wrapper_starts_one_torchrun_per_node_with_the_job_id(tmp_path):
+    """runs/slurm_train.sbatch as sbatch runs it, with scontrol and srun stood in by scripts that
+    print what they were asked: one torchrun per node, rendezvous on the first node with the job's id, every
+    argument handed to 05_train.py as given; the README's multi-node line uses the wrapper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\nprintf "gpu-a\\ngpu-b\\n"\n')
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu-[a-b]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_ON_NODE="4",
+        SLURM_SUBMIT_DIR=REPO,
+    )
+    script = os.path.join(REPO, "runs/slurm_train.sbatch")
+    result = subprocess.run(
+        ["bash", script, "--texts", "a b/c", "--out-dir", "out/x"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("srun --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-id 4242 ")
+    assert "--rdzv-endpoint gpu-a:29500 05_train.py --texts a b/c --out-dir out/x" in line
+    sbatch_lines = re.findall(r"^#SBATCH (--\S+)", open(script).read(), flags=re.MULTILINE)
+    assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8"} <= set(sbatch_lines)
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    at_scale = readme.split("## At scale")[1].split("\n## ")[0]
+    assert "sbatch --nodes 4 runs/slurm_train.sbatch --model ViT-B-16" in at_scale
+    assert not re.search(
+        r"(--out-dir|--pretrained) runs/", at_scale
+    )  # outputs stay out of the scripts' folder
