@@ -30,12 +30,13 @@ Toy run (CPU, after 00 and 02; about 1 min each on 2 cores; AltText only, the lo
   python 05_train.py --texts toy/rewrites --text-mode multi --out-dir toy/train/laclip_mt
   python 05_train.py --text-cache toy/text_emb --out-dir toy/train/llm2clip           # LLM2CLIP, after 07 and 08: loss 4.7 -> 2.9
 One GPU:  python 05_train.py --model ViT-B-16 --input cc3m/shards --texts cc3m/rewrites --text-mode uniform --batch-size 256 \
-            --accum-steps 32 --workers 8 --epochs 35 --out-dir runs/laclip     (LaCLIP's 8,192 a step)
+            --accum-steps 32 --workers 8 --epochs 35 --out-dir out/laclip      (LaCLIP's 8,192 a step)
 clip-rocket, CC3M:  --model configs/rocket-R50-text6.json --aug-views 2 --stopword-drop 0.8 --text-dropout 0.2 --lr 3e-3 \
             --batch-size 128 --epochs 32
 8 GPUs:   torchrun --nproc-per-node 8 05_train.py <the same flags>
-SLURM, 4 nodes x 8 GPUs:  srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d \
-            --rdzv-endpoint "$(scontrol show hostnames | head -1):29500" 05_train.py <the same flags>
+SLURM, 4 nodes x 8 GPUs:  sbatch --nodes 4 runs/slurm_train.sbatch <the same flags>   (one torchrun per node, --rdzv-id
+            $SLURM_JOB_ID); inside an allocation you hold: srun --nodes 4 --ntasks-per-node 1 torchrun --nnodes 4 \
+            --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "$(scontrol show hostnames | head -1):29500" 05_train.py ...
 """
 
 import argparse
@@ -2014,6 +2015,11 @@ def parse_args(argv=None):
     args.text_tower = args.text_tower[3:] if (args.text_tower or "").startswith("hf:") else args.text_tower
     if args.text_mode != "original" and not args.texts:
         p.error(f"--text-mode {args.text_mode} needs --texts (sidecar folders from 02 or 04)")
+    if args.texts and args.text_mode == "original":
+        p.error(
+            "--texts with --text-mode original would train on the AltText alone and never read the captions: "
+            "add --text-mode uniform (LaCLIP), mix (VeCLIP) or multi (LaCLIP-MT)"
+        )
     return args
 
 
@@ -2045,6 +2051,49 @@ def report_uncached(shards, args):
             f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same "
             "--texts "
             f"folders (and --input) as this training?"
+        )
+
+
+def joined_captions(shards, dirs):
+    """(samples with an image, samples that got a synthetic caption, {"folder/source": captions joined}) over
+    `shards`: what --texts brings, per sidecar folder and rewrite source (04's fused captions as "fused")."""
+    samples, joined, per_source = 0, 0, Counter()
+    for shard in shards:
+        keys = {k for k, m in iter_tar(shard, set(), Counter()) if any(e in m for e in IMAGE_EXTS)}
+        samples += len(keys)
+        got = set()
+        for folder in dirs:
+            name = os.path.basename(os.path.normpath(folder))
+            for record in iter_jsonl(os.path.join(folder, shard_name(shard) + ".jsonl"), Counter()):
+                key = str(record.get("key")) if isinstance(record, dict) else None
+                if key not in keys:
+                    continue
+                for source, texts in (record.get("rewrites") or {}).items():
+                    n = sum(isinstance(t, str) and bool(t.strip()) for t in texts or [])
+                    per_source[f"{name}/{source}"] += n
+                    if n:
+                        got.add(key)
+                fused = record.get("fused")
+                if isinstance(fused, str) and fused.strip():
+                    per_source[f"{name}/fused"] += 1
+                    got.add(key)
+        joined += len(got)
+    return samples, joined, per_source
+
+
+def report_joined(shards, args):
+    """Say at the start what --texts joined: a folder of another shard set (or none at all) shows here."""
+    checked = shards[: args.cache_check_shards]
+    samples, joined, per_source = joined_captions(checked, args.texts)
+    sources = ", ".join(f"{name} {n}" for name, n in sorted(per_source.items())) or "none"
+    print0(
+        f"05_train: --texts joined by key in the first {len(checked)} shard(s): {joined} of {samples} samples "
+        f"have a synthetic caption; captions per source: {sources}"
+    )
+    if not joined:
+        print0(
+            "WARNING: no sample got a synthetic caption: do the --texts sidecars belong to these --input shards "
+            "(same shard names and keys)?"
         )
 
 
@@ -2184,6 +2233,8 @@ def main(argv=None):
         args.texts_per_image = count_texts(shards[0], args.texts, args.min_score)
     if args.text_cache and rank == 0:
         report_uncached(shards, args)
+    if args.texts and rank == 0:
+        report_joined(shards, args)
     if args.min_score is not None and args.texts and rank == 0:
         report_low_scores(shards, args)
     synonyms = None

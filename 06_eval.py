@@ -42,15 +42,16 @@ LLM2CLIP checkpoint, and CRA of a contrastively fine-tuned tower (07) against th
     python 06_eval.py --pretrained toy/train/llm2clip/latest.pt
     python 06_eval.py --text-tower toy/cc_minilm/model && python 06_eval.py --text-tower toy/models/minilm
 ImageNet-1k zero-shot (AMP on GPU; --templates laclip for LaCLIP's 7):
-    python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --retrieval --linear-probe \
+    python 06_eval.py --name laclip --model ViT-B-16 --pretrained out/laclip/latest.pt \
         --zeroshot imagenet=/data/imagenet/val --classnames imagenet --templates openai --results results.jsonl
 COCO 5k / Flickr30k 1k test retrieval (Karpathy splits; images relative to each JSON's folder, or --image-root):
-    python 06_eval.py --name laclip --model ViT-B-16 --pretrained runs/laclip/latest.pt --zeroshot --linear-probe \
+    python 06_eval.py --name laclip --model ViT-B-16 --pretrained out/laclip/latest.pt \
         --retrieval coco=/data/coco/dataset_coco.json flickr30k=/data/flickr30k/dataset_flickr30k.json --results results.jsonl
 Per-item outcomes beside the results, for intervals on the differences between models (runs/real_table.py):
     python 06_eval.py --name "alt (seed 0)" --pretrained toy/train/alt/latest.pt --item-results toy/eval/results.items.jsonl
 Several models: one per SLURM array task (sbatch --array=0-3 --gpus 1), all appending to one --results (appends are locked).
-A flag with no value turns its task off. A row already in --results for the same checkpoint file (path, size, mtime) is
+Tasks: the ones named (--zeroshot, --retrieval, --linear-probe, --cra, each with its data sets) run, and only those;
+a command that names none runs all four on the toy sets, less any --no-<task>. A row already in --results for the same checkpoint file (path, size, mtime) is
 skipped; a changed checkpoint or --overwrite is measured again, and the newest line per (name, task, dataset) counts.
 Missing, unreadable or caption-less images and image-less classes are skipped, counted in "counts" and named in a WARNING.
 """
@@ -413,11 +414,11 @@ def item_id(item, root):
 
 
 def classification_metrics(hits, targets, n_classes, prefix=""):
-    """hits: hits_at(ks=(1, 5)). top-1, top-5 (with 5 classes or more), recall averaged over the classes that
+    """hits: hits_at(ks=(1, 5)). top-1, top-5 (with more than 5 classes), recall averaged over the classes that
     have images (balanced accuracy)."""
     top1 = hits[:, 0]
     metrics = {prefix + "acc1": top1.mean().item()}
-    if n_classes >= 5:  # under 5 classes every image is a top-5 hit
+    if n_classes > 5:  # with 5 classes or fewer every image is a top-5 hit
         metrics[prefix + "acc5"] = hits[:, 1].mean().item()
     ties = tie_note(hits[:, : len(metrics)], list(metrics))  # for the top-k metrics kept so far
 
@@ -1045,8 +1046,12 @@ def run_zeroshot(model, transform, tokenizer, path, args, counts):
     hits = hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5))
     metrics, ties = classification_metrics(hits, labels, len(names))
     ids = [[item_id(items[i], path), names[c]] for i, c in zip(kept.tolist(), labels.tolist(), strict=True)]
+    chance = {"acc1": 1 / len(names)}
+    if "acc5" in metrics:
+        chance["acc5"] = 5 / len(names)
     return metrics, {
         "n": {"images": len(kept), "classes": len(names)},
+        "chance": chance,
         "templates": template_name,
         "n_templates": len(templates),
         "ties": ties,
@@ -1080,10 +1085,27 @@ def run_retrieval(model, transform, tokenizer, path, args, counts):
     ids = [[item_id(image, path), captions] for image, captions in pairs]
     return metrics, {
         "n": {"images": len(pairs), "captions": len(texts)},
+        "chance": retrieval_chance(pairs, len(texts), ks),
         "ties": ties,
         "items": items,
         "item_order": item_order(ids),
     }
+
+
+def retrieval_chance(pairs, n_texts, ks):
+    """Recall@k of a random ranking: a caption query finds its image among the images in the top k with
+    probability k/N; an image query finds one of its c captions among T with 1 - C(T - c, k) / C(T, k)."""
+    chance = {}
+    for k in ks:
+        chance[f"image_retrieval_recall@{k}"] = min(1.0, k / len(pairs))
+        total = 0.0
+        for _, captions in pairs:
+            miss = 1.0
+            for i in range(min(k, n_texts)):
+                miss *= max(0, n_texts - len(captions) - i) / (n_texts - i)
+            total += 1 - miss
+        chance[f"text_retrieval_recall@{k}"] = total / len(pairs)
+    return chance
 
 
 def run_linear_probe(model, transform, tokenizer, path, args, counts):
@@ -1223,6 +1245,14 @@ def image_normalization(args, meta):
     return (tuple(mean) if mean else None), (tuple(std) if std else None)
 
 
+def trained_note(args):
+    """', trained as X: ...' where the checkpoint names a model other than --model, else ''."""
+    trained_as = getattr(args, "trained_as", None)
+    if not trained_as or trained_as == args.model:
+        return ""
+    return f"; the checkpoint was trained as {trained_as!r}: pass --model {trained_as}, or leave --model out"
+
+
 def load_model(args):
     """open_clip model, eval transform, tokenizer, and what identifies the
     weights; LLM2CLIP checkpoints get their text tower."""
@@ -1246,22 +1276,30 @@ def load_model(args):
         open_clip.add_model_config(config)
     elif args.model_config:
         raise SystemExit(f"--model-config {config}: no such file")
+    trained = trained_note(args)
     if args.model not in open_clip.list_models() and not args.model.startswith("hf-hub:"):
         raise SystemExit(
             f"--model {args.model}: not an open_clip model, and no {config or '<NAME>.json'} config "
-            f"(05_train.py writes it beside its checkpoints; or pass --model-config)"
+            f"(05_train.py writes it beside its checkpoints; or pass --model-config){trained}"
         )
     meta = read_checkpoint(ckpt)
     if args.pretrained == "none":
         print0("WARNING --pretrained none: random weights (a chance-level row)")
     mean, std = image_normalization(args, meta)
-    model, _, transform = open_clip.create_model_and_transforms(
-        args.model,
-        device=args.device,
-        pretrained=None if args.pretrained == "none" else args.pretrained,
-        image_mean=mean,
-        image_std=std,
-    )
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(
+            args.model,
+            device=args.device,
+            pretrained=None if args.pretrained == "none" else args.pretrained,
+            image_mean=mean,
+            image_std=std,
+        )
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+        if not trained:
+            raise
+        raise SystemExit(
+            f"--model {args.model} does not load {args.pretrained} ({type(e).__name__}){trained}"
+        ) from e
     weights = {"model": args.model}
     if mean or std:
         weights["image_mean"] = mean
@@ -1338,6 +1376,22 @@ def markdown_table(records):
     return "\n".join(lines) + "\n"
 
 
+def row_line(name, record):
+    """One result as a line: each metric with its chance level where known, the templates, counts, time."""
+    chance = record.get("chance", {})
+    shown = []
+    for key, value in record["metrics"].items():
+        note = f" (chance {100 * chance[key]:.1f}%)" if key in chance else ""
+        shown.append(f"{key} {100 * value:.1f}%{note}")
+    line = f"{name} {record['task']} {record['dataset']}: {', '.join(shown)} ({record['n']}"
+    if "templates" in record:
+        line += f"; templates {record['templates']}, {record['n_templates']} a class"
+    line += f"; {record['seconds']:.1f}s)"
+    if record["counts"]:
+        line += f" skipped: {record['counts']}"
+    return line
+
+
 def plot_results(records, path):
     """The results as bar charts beside results.md: one panel per (task, data set), its first metric, a bar
     per model (matplotlib, optional)."""
@@ -1358,13 +1412,24 @@ def plot_results(records, path):
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(names) + 1.6), squeeze=False
     )
+    # one scale for every panel (0 to the largest bar), so 0.5% and 13.5% do not look alike; chance dashed
+    largest = 1.0
+    for name, task, dataset in records:
+        key = TABLE[task][0][0] if task in TABLE else None
+        largest = max(largest, 100 * (records[(name, task, dataset)].get("metrics", {}).get(key) or 0.0))
     for ax, (task, dataset) in zip(axes[0], panels, strict=True):
         key, label = TABLE[task][0]
         values = []
+        chance = None
         for name in names:
-            metric = records.get((name, task, dataset), {}).get("metrics", {}).get(key)
+            record = records.get((name, task, dataset), {})
+            metric = record.get("metrics", {}).get(key)
             values.append(0.0 if metric is None else 100 * metric)
+            chance = record.get("chance", {}).get(key, chance)
         ax.barh(range(len(names)), values, color="tab:blue")
+        ax.set_xlim(0, largest * 1.05)
+        if chance is not None:
+            ax.axvline(100 * chance, color="gray", linestyle="--", linewidth=1)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(names), fontsize=8)
         ax.invert_yaxis()
@@ -1377,12 +1442,35 @@ def plot_results(records, path):
     return path
 
 
+# The tasks and the toy sets they run on when no task is named (a command that names one runs only those named)
+TOY_TASKS = {
+    "zeroshot": ["toy/eval/zeroshot"],
+    "retrieval": ["toy/eval/retrieval"],
+    "linear_probe": ["toy/eval/zeroshot"],
+    "cra": ["toy/eval/retrieval"],
+}
+
+
+def trained_model_name(pretrained):
+    """The open_clip model name a 05_train.py checkpoint was trained as, or None (a tag, another file)."""
+    if not pretrained or not os.path.isfile(pretrained) or not pretrained.endswith(".pt"):
+        return None
+    try:
+        meta = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # load_model says what is wrong with the file
+    return meta.get("model_name") if isinstance(meta, dict) else None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--model", default="toy-clip", help="open_clip model name (a custom one needs its <name>.json)"
+        "--model",
+        default=None,
+        help="open_clip model name (a custom one needs its <name>.json); default: the name a 05 checkpoint "
+        "stores, else toy-clip",
     )
     p.add_argument(
         "--pretrained",
@@ -1417,7 +1505,10 @@ def parse_args(argv=None):
         help="row label (default: the checkpoint's folder, +/epoch_N if not latest.pt; else model/tag)",
     )
     p.add_argument(
-        "--zeroshot", nargs="*", default=["toy/eval/zeroshot"], help="[LABEL=]class folders or wds tars"
+        "--zeroshot",
+        nargs="+",
+        default=None,
+        help="[LABEL=]class folders or wds tars (default when no task is named: toy/eval/zeroshot)",
     )
     p.add_argument(
         "--classnames",
@@ -1431,9 +1522,9 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--retrieval",
-        nargs="*",
-        default=["toy/eval/retrieval"],
-        help="[LABEL=]JSONL, JSON, folder or wds tars",
+        nargs="+",
+        default=None,
+        help="[LABEL=]JSONL, JSON, folder or wds tars (default when no task is named: toy/eval/retrieval)",
     )
     p.add_argument(
         "--image-root",
@@ -1447,16 +1538,24 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--linear-probe",
-        nargs="*",
-        default=["toy/eval/zeroshot"],
-        help="[LABEL=]labelled train set, as for --zeroshot",
+        nargs="+",
+        default=None,
+        help="[LABEL=]labelled train set, as for --zeroshot (default when no task is named: toy/eval/zeroshot)",
     )
     p.add_argument(
         "--cra",
-        nargs="*",
-        default=["toy/eval/retrieval"],
-        help="[LABEL=]caption sets as for --retrieval (images unread)",
+        nargs="+",
+        default=None,
+        help="[LABEL=]caption sets as for --retrieval, images unread (default when no task is named: "
+        "toy/eval/retrieval)",
     )
+    for task in TOY_TASKS:
+        p.add_argument(
+            f"--no-{task.replace('_', '-')}",
+            action="store_true",
+            help=f"skip the {task.replace('_', ' ')} task (for the toy defaults; a named task list runs only "
+            "what it names)",
+        )
     p.add_argument(
         "--probe-test",
         default=None,
@@ -1524,8 +1623,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's splits and k-shot picks")
     args = p.parse_args(argv)
+    named = [task for task in TOY_TASKS if getattr(args, task) is not None]
+    for task, default in TOY_TASKS.items():
+        if getattr(args, f"no_{task}"):
+            setattr(args, task, [])
+        elif getattr(args, task) is None:  # no task named at all: the toy world's sets; else only those named
+            setattr(args, task, [] if named else list(default))
     if not (args.pretrained or args.text_tower):
         p.error("give --pretrained CKPT|TAG, or --text-tower PATH alone for the text-only benchmark (CRA)")
+    args.trained_as = trained_model_name(args.pretrained)
+    args.model = args.model or args.trained_as or "toy-clip"
     args.precision = (
         ("amp" if args.device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
     )
@@ -1652,11 +1759,7 @@ def main(argv=None):
                 )
             append_result(args.results, record)
             new.append(record)
-            shown = ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
-            print0(
-                f"{args.name} {task} {label}: {shown} ({record['n']}, {record['seconds']:.1f}s)"
-                + (f" skipped: {record['counts']}" if record["counts"] else "")
-            )
+            print0(row_line(args.name, record))
     table = markdown_table(read_results(args.results))
     atomic_write(os.path.splitext(args.results)[0] + ".md", table)
     if dist_env()[0] == 0:

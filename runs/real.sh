@@ -93,9 +93,9 @@ lit_train_and_eval() {  # name, seed, out folder, extra 05 flags...
   local name=$1 seed=$2 out=$3
   shift 3
   $PY 05_train.py --input "${SHARDS[@]}" "${LIT[@]}" --epochs "$LIT_EPOCHS" --seed "$seed" --out-dir "$out" "$@"
-  # no linear probe (a bare flag turns a task off): the frozen trunk is the same for every row
+  # no linear probe (06 runs only the tasks named): the frozen trunk is the same for every row
   $PY 06_eval.py --name "$name (seed $seed)" --model real-lit --pretrained "$out/latest.pt" "${EVAL_SETS[@]}" \
-    --linear-probe --cra --image-cache "$R/eval/image_cache" --results "$R/eval/lit.jsonl" \
+    --image-cache "$R/eval/image_cache" --results "$R/eval/lit.jsonl" \
     --item-results "$R/eval/lit.items.jsonl"
 }
 
@@ -124,7 +124,7 @@ train_and_eval() {  # name, seed, out folder, extra 05 flags...
   $PY 05_train.py --input "${SHARDS[@]}" --model "$R/models/real-clip.json" --epochs "$EPOCHS" --seed "$seed" \
     --out-dir "$out" "$@"
   $PY 06_eval.py --name "$name (seed $seed)" --model real-clip --pretrained "$out/latest.pt" \
-    "${EVAL_SETS[@]}" --linear-probe clipart="$R/eval/zeroshot" --cra --results "$R/eval/results.jsonl" \
+    "${EVAL_SETS[@]}" --linear-probe clipart="$R/eval/zeroshot" --results "$R/eval/results.jsonl" \
     --item-results "$R/eval/results.items.jsonl"
 }
 

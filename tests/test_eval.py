@@ -493,7 +493,6 @@ def evaluate(toy, ckpt, results, *extra):
             str(toy / "eval/retrieval"),
             "--linear-probe",
             str(toy / "eval/zeroshot"),
-            "--cra",
             *extra,
         ]
     )
@@ -582,9 +581,9 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
             str(tmp_path / "shot.jsonl"),
             "--workers",
             "0",
-            "--zeroshot",
-            "--cra",
-            "--retrieval",
+            "--no-zeroshot",
+            "--no-cra",
+            "--no-retrieval",
             "--linear-probe",
             str(toy / "eval/zeroshot"),
             "--probe-k-shot",
@@ -604,11 +603,11 @@ def test_end_to_end_agrees_with_plain_reference_and_reruns_skip(toy, ckpts, tmp_
     # already there: skipped
     assert evaluate(toy, ckpts["alt"], results) == [] and results.read_bytes() == before
     os.utime(ckpts["alt"], (zs["checkpoint_mtime"] + 60,) * 2)  # as if training went on: the rows are stale
-    again = evaluate(toy, ckpts["alt"], results, "--retrieval", "--linear-probe")
+    again = evaluate(toy, ckpts["alt"], results, "--no-retrieval", "--no-linear-probe")
     assert [r["task"] for r in again] == ["zeroshot"] and again[0]["checkpoint_mtime"] == zs[
         "checkpoint_mtime"
     ] + 60
-    redo = evaluate(toy, ckpts["alt"], results, "--overwrite", "--zeroshot", "--linear-probe")
+    redo = evaluate(toy, ckpts["alt"], results, "--overwrite", "--no-zeroshot", "--no-linear-probe")
     lines = [json.loads(line) for line in open(results)]
     # history kept
     assert [r["task"] for r in redo] == ["retrieval"] and len(lines) == 5 and lines[-2:] == again + redo
@@ -703,8 +702,8 @@ def test_item_results_average_to_the_metrics_in_the_same_order_for_every_model(t
         str(items_file),
         "--zeroshot",
         f"clipart={toy / 'eval/zeroshot'}",
-        "--retrieval",
-        "--linear-probe",
+        "--no-retrieval",
+        "--no-linear-probe",
     )
     assert again == []
     redo = evaluate(
@@ -715,8 +714,8 @@ def test_item_results_average_to_the_metrics_in_the_same_order_for_every_model(t
         "CLIP (AltText) (seed 0)",
         "--item-results",
         str(tmp_path / "other.items.jsonl"),
-        "--retrieval",
-        "--linear-probe",
+        "--no-retrieval",
+        "--no-linear-probe",
     )
     assert [r["task"] for r in redo] == ["zeroshot"]
     # runs/real_table.py pairs the two by seed and item
@@ -817,12 +816,12 @@ def test_clip_benchmark_wds_layout_reads_the_same(toy, ckpts, tmp_path):
         ],
         {"dataset_type.txt": "retrieval\n"},
     )
-    plain = evaluate(toy, ckpts["alt"], tmp_path / "a.jsonl", "--linear-probe")
+    plain = evaluate(toy, ckpts["alt"], tmp_path / "a.jsonl", "--no-linear-probe")
     wds = evaluate(
         toy,
         ckpts["alt"],
         tmp_path / "b.jsonl",
-        "--linear-probe",
+        "--no-linear-probe",
         "--zeroshot",
         str(tmp_path / "wzs"),
         "--retrieval",
@@ -867,12 +866,12 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
             str(tmp_path / "r.jsonl"),
             "--workers",
             "0",
-            "--cra",
+            "--no-cra",
             "--zeroshot",
             str(data),
             "--retrieval",
             str(rt / "captions.jsonl"),
-            "--linear-probe",
+            "--no-linear-probe",
         ]
     )
     out = capsys.readouterr().out
@@ -891,9 +890,9 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
                 str(ckpts["alt"]),
                 "--results",
                 str(tmp_path / "r.jsonl"),
-                "--zeroshot",
-                "--linear-probe",
-                "--cra",
+                "--no-zeroshot",
+                "--no-linear-probe",
+                "--no-cra",
                 "--retrieval",
                 str(rt / "none.jsonl"),
             ]
@@ -908,9 +907,9 @@ def test_bad_inputs_are_named_and_counted(toy, ckpts, tmp_path, capsys):
                 str(tmp_path / "r2.jsonl"),
                 "--zeroshot",
                 str(data),
-                "--retrieval",
-                "--linear-probe",
-                "--cra",
+                "--no-retrieval",
+                "--no-linear-probe",
+                "--no-cra",
             ]
         )
 
@@ -986,8 +985,8 @@ def test_llm2clip_checkpoint_end_to_end_through_the_adapter(toy, tmp_path):
         toy,
         ckpt,
         tmp_path / "collapsed.jsonl",
-        "--zeroshot",
-        "--linear-probe",
+        "--no-zeroshot",
+        "--no-linear-probe",
         "--cra",
         str(toy / "eval/retrieval"),
     )[::-1]
@@ -1085,9 +1084,9 @@ def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
                 str(ckpt),
                 "--results",
                 str(tmp_path / "r.jsonl"),
-                "--zeroshot",
-                "--retrieval",
-                "--linear-probe",
+                "--no-zeroshot",
+                "--no-retrieval",
+                "--no-linear-probe",
             ]
         )
     rows = ev.main(
@@ -1096,9 +1095,9 @@ def test_missing_or_wrong_text_tower_is_a_clear_error(toy, ckpts, tmp_path):
             str(ckpt),
             "--results",
             str(tmp_path / "r.jsonl"),
-            "--zeroshot",
-            "--retrieval",
-            "--linear-probe",
+            "--no-zeroshot",
+            "--no-retrieval",
+            "--no-linear-probe",
             "--cra",
             str(toy / "eval/retrieval"),
             "--text-tower",
@@ -1182,3 +1181,60 @@ def test_image_cache_gives_the_towers_embeddings_and_is_keyed_by_its_weights(tmp
         next(trunk.parameters()).add_(1.0)
     ev.encode_images(model, transform, items, cache_args(cache), "new trunk", Counter())
     assert len(list(cache.iterdir())) == 2
+
+
+def test_only_the_named_tasks_run_and_a_bare_task_flag_is_refused(toy, ckpts, tmp_path, capsys):
+    """Naming a task runs that task alone (no toy retrieval, probe or CRA tagging along); --no-<task> drops one
+    of the toy defaults; a task flag without a data set is an error, not a silent 'off'."""
+    base = ["--pretrained", str(ckpts["alt"]), "--workers", "0"]
+    rows = ev.main(
+        [*base, "--results", str(tmp_path / "a.jsonl"), "--retrieval", str(toy / "eval/retrieval")]
+    )
+    assert [r["task"] for r in rows] == ["retrieval"]
+    args = ev.parse_args([*base, "--no-linear-probe", "--no-cra"])
+    assert [t[0] for t in ev.tasks_of(args)] == ["zeroshot", "retrieval"]
+    for flag in ("--linear-probe", "--zeroshot", "--cra", "--retrieval"):
+        with pytest.raises(SystemExit):
+            ev.parse_args([*base, flag])
+
+
+def test_model_name_from_the_checkpoint_chance_levels_and_templates(toy, ckpts, tmp_path, capsys):
+    """No --model: the checkpoint's model_name; a different --model is refused naming the trained one. Each row
+    prints its chance level and the templates, and keeps the chance in the results."""
+    args = ev.parse_args(["--pretrained", str(ckpts["alt"])])
+    assert args.model == "toy-clip"
+    with pytest.raises(SystemExit, match="trained as 'toy-clip'"):
+        ev.load_model(ev.parse_args(["--pretrained", str(ckpts["alt"]), "--model", "ViT-B-32"]))
+    rows = ev.main(
+        [
+            "--pretrained",
+            str(ckpts["alt"]),
+            "--workers",
+            "0",
+            "--results",
+            str(tmp_path / "r.jsonl"),
+            "--zeroshot",
+            str(toy / "eval/zeroshot"),
+            "--retrieval",
+            str(toy / "eval/retrieval"),
+        ]
+    )
+    out = capsys.readouterr().out
+    zs, rt = rows
+    classes = zs["n"]["classes"]
+    assert zs["chance"]["acc1"] == pytest.approx(1 / classes) and f"(chance {100 / classes:.1f}%)" in out
+    assert f"templates {zs['templates']}, {zs['n_templates']} a class" in out
+    n = rt["n"]["images"]
+    assert rt["chance"]["image_retrieval_recall@1"] == pytest.approx(1 / n)
+    # an image query with c of T captions: 1 - C(T - c, 1) / C(T, 1) = c / T at k = 1
+    assert rt["chance"]["text_retrieval_recall@1"] == pytest.approx(
+        rt["n"]["captions"] / n / rt["n"]["captions"]
+    )
+
+
+def test_top5_is_left_out_with_five_classes():
+    hits = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    metrics, _ = ev.classification_metrics(hits, torch.tensor([0, 1]), 5)
+    assert "acc5" not in metrics
+    metrics, _ = ev.classification_metrics(hits, torch.tensor([0, 1]), 6)
+    assert metrics["acc5"] == 1.0

@@ -1179,3 +1179,26 @@ def test_frozen_batch_norm_statistics_keep_the_network_and_its_eval_outputs(data
         assert all(torch.equal(v, clip.visual.state_dict()[k]) for k, v in before.items())
         swapped = freeze_batch_norm_2d(copy.deepcopy(reference.trunk))
         assert not torch.allclose(swapped(x), reference.trunk(x), atol=1e-3)
+
+
+def test_texts_without_a_text_mode_is_refused_and_joined_captions_are_reported(data, tmp_path, capsys):
+    """--texts with the default --text-mode original would silently train CLIP on the AltText: refused. With a
+    mode, 05 says at start how many samples got a synthetic caption, per folder and source."""
+    with pytest.raises(SystemExit):
+        tr.parse_args(base(data, tmp_path / "o", "--texts", str(data / "rewrites")))
+    assert "--text-mode uniform" in capsys.readouterr().err
+    shards = sorted(str(p) for p in (data / "shards").glob("*.tar"))
+    samples, joined, per_source = tr.joined_captions(shards, [str(data / "rewrites"), str(data / "fused")])
+    assert samples == 55 and 0 < joined < samples
+    assert per_source["rewrites/a"] == joined - 1 and per_source["rewrites/b"] == 2 * (joined - 1)
+    assert per_source["fused/fused"] == joined
+    # another folder's sidecars (no key in common) join nothing, and 05 warns
+    other = tmp_path / "other"
+    other.mkdir()
+    for shard in shards:
+        name = os.path.basename(shard)[:-4]
+        write_jsonl(str(other / f"{name}.jsonl"), [{"key": "x", "rewrites": {"a": ["unrelated"]}}])
+    capsys.readouterr()
+    tr.main(base(data, tmp_path / "w", "--texts", str(other), "--text-mode", "uniform", "--max-steps", "1"))
+    out = capsys.readouterr().out
+    assert "0 of " in out and "no sample got a synthetic caption" in out
