@@ -271,11 +271,8 @@ def bench_task(task, data, ckpt, config, args):
         "cpu",
         "--precision",
         "fp32",
-        "--zeroshot",
-        *([data] if task == "zeroshot" else []),
-        "--retrieval",
-        *([data] if task == "retrieval" else []),
-        "--linear-probe",
+        "--zeroshot" if task == "zeroshot" else "--retrieval",  # 06 runs only the task it is given
+        data,
     ]
     output = os.path.join(OUT, f"clip_benchmark_{task}.json")
     theirs = [
@@ -449,8 +446,6 @@ def main(argv=None):
                 "--results",
                 os.path.join(OUT, "eval_results.jsonl"),
                 "--overwrite",
-                "--zeroshot",
-                "--retrieval",
                 "--linear-probe",
                 zs,
                 "--workers",
