@@ -118,6 +118,9 @@ for seed in $LIT_SEEDS; do
 done
 $PY runs/real_table.py "$R/eval/lit.jsonl" --items "$R/eval/lit.items.jsonl" --baseline "CLIP (AltText)" \
   --out "$R/eval/lit_table.md" --json "$R/eval/lit_table.json"
+# LaCLIP-MT > LaCLIP, EDA < LaCLIP and "filtering helps" are claims against LaCLIP: the same table paired with it
+$PY runs/real_table.py "$R/eval/lit.jsonl" --items "$R/eval/lit.items.jsonl" --baseline "LaCLIP (SmolLM2 rewrites)" \
+  --out "$R/eval/lit_table_vs_laclip.md" --json "$R/eval/lit_table_vs_laclip.json"
 
 # ---- the from-scratch world
 train_and_eval() {  # name, seed, out folder, extra 05 flags...
