@@ -86,6 +86,76 @@ CHAT_TEMPLATE = (
 )
 
 
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
 # ---- dataset writing (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def tmp_path_for(path):
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
@@ -687,6 +757,7 @@ def main(argv=None):
     write_coco(out / "coco" / "annotations" / "captions_train2017.json", args)
     write_clip_config(out / "models" / "toy-clip.json", args)
     if not args.skip_models:
+        set_torch_threads()
         write_tiny_llms(out / "models", args)
         link_sentence_encoder(out / "models" / "minilm")
     print(f"{out}: done in {time.time() - t0:.1f}s")

@@ -125,6 +125,57 @@ def library_versions():
     return versions
 
 
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
 # ---- end common
 
 
@@ -1613,6 +1664,8 @@ def rescore(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.rescore or args.engine != "eda" or args.score_model:
+        set_torch_threads()
     if args.rescore:
         return rescore(args)
     worker, total = worker_slot(args.shard_id, args.num_shards)

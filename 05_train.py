@@ -137,6 +137,57 @@ def library_versions():
     return versions
 
 
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
 # ---- end common
 
 
@@ -1639,6 +1690,7 @@ def cache_shard(shard, folder, what, trainee, transforms, mean, std, device, bat
     def flush():
         with torch.no_grad():
             x = normalize(torch.stack(pending).to(device), mean, std)
+            x = x.contiguous(memory_format=torch.channels_last)
             out = trainee.image_features(x).float().cpu().numpy().astype(np.float16)
         for i, row in enumerate(rows):
             features.append((row, out[i * what["views"] : (i + 1) * what["views"]]))
@@ -1682,9 +1734,11 @@ def build_image_cache(shards, folders, trainee, transforms, mean, std, device):
     was_training = trainee.training
     trainee.eval()
     threads = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # no DataLoader workers run yet: the tower gets this rank's share of the cores, not what training leaves
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    if device.type == "cpu":
+        set_torch_threads()  # no DataLoader workers run yet: the tower gets this rank's share of the cores
+    # convolutions in channels-last order: EfficientNet-Lite0 embeds 1.8x faster on 2 cores, features equal
+    # to 1e-5 (float16 rows 99.6% identical); the layout goes back before training
+    trainee.to(memory_format=torch.channels_last)
     for kind, (folder, what) in folders.items():
         os.makedirs(folder, exist_ok=True)
         if rank == 0:
@@ -1705,6 +1759,7 @@ def build_image_cache(shards, folders, trainee, transforms, mean, std, device):
             f"({bad} unreadable, skipped in training), {time.time() - t0:.1f}s"
         )
     torch.set_num_threads(threads)
+    trainee.to(memory_format=torch.contiguous_format)
     trainee.train(was_training)
     if world > 1:
         dist.barrier()
@@ -2228,9 +2283,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    if not cuda and "OMP_NUM_THREADS" not in os.environ:
-        # leave the DataLoader workers their cores: spinning OpenMP threads crawl
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - args.workers))
+    if not cuda:
+        # leave the DataLoader workers their cores (OpenMP threads spinning beside them crawl), unless they only
+        # read captions because a locked tower's image features are cached (2 threads: 1.5x faster a LiT step)
+        share = max(1, len(os.sched_getaffinity(0)) // env_int("LOCAL_WORLD_SIZE", 1))
+        set_torch_threads(max(1, share - (0 if args.image_cache else args.workers)))
     os.makedirs(args.out_dir, exist_ok=True)
 
     # ---- data: shards, their sample counts, and the length of the run
@@ -2317,6 +2374,7 @@ def main(argv=None):
             args,
             model_name=name,
             world=world,
+            torch_threads=torch.get_num_threads(),  # may change a run's last bits; set by the load at start
             samples=sum(counts),
             image_weights_sha256=weights_sha,
             image_cache={kind: folder for kind, (folder, _) in (image_cache or {}).items()},

@@ -6,7 +6,10 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 
 import pytest
@@ -22,7 +25,7 @@ SHARED_BLOCK = re.compile(
     r"# ---- (?P<name>[a-z ]+) \(shared code[^\n]*\n(?P<body>.*?)# ---- end (?P=name)\n", re.S
 )
 BLOCK_USERS = {
-    "common": set(STAGES) - {"00_toy_data.py"},
+    "common": set(STAGES),
     "shard reading": set(STAGES) - {"00_toy_data.py", "00_real_data.py"},
     "dataset writing": {"00_toy_data.py", "00_real_data.py"},
     "progress": {
@@ -213,3 +216,39 @@ def test_iter_tar_survives_corrupt_header_and_truncation(tmp_path):
     path.write_bytes(b"")
     counts = Counter()
     assert list(c.iter_tar(str(path), {"txt"}, counts)) == [] and counts["tar_error"] == 1
+
+
+def test_torch_threads_follow_the_idle_cores(monkeypatch, capsys):
+    import torch
+
+    c = stage("02_rewrite")
+    before = torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's word is final
+        torch.set_num_threads(3)
+        assert c.set_torch_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert c.set_torch_threads(1) == 1 and torch.get_num_threads() == 1  # never above the share
+        # every core busy: one thread, and the user is told why
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cpus]
+        try:
+            time.sleep(0.5)
+            idle = c.idle_cpus(cpus)
+            assert idle is not None and 0 <= idle < 0.5
+            assert c.set_torch_threads() == 1 and torch.get_num_threads() == 1
+        finally:
+            for b in busy:
+                b.kill()
+                b.wait()
+        assert ("1 torch thread(s)" in capsys.readouterr().out) == (len(cpus) > 1)
+
+        # no /proc/stat (not Linux, or hidden): the share, as before
+        def no_proc(*args, **kwargs):
+            raise OSError("no /proc here")
+
+        monkeypatch.setattr(c, "open", no_proc, raising=False)
+        assert c.idle_cpus(cpus) is None
+        assert c.set_torch_threads() == max(1, len(cpus) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    finally:
+        torch.set_num_threads(before)
