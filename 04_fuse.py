@@ -59,6 +59,586 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+# instructions first, the sample last: vLLM's prefix cache then computes the instructions once
+FUSION_PROMPT = (
+    "Write one caption for an image from two descriptions of it. The web text comes from the page the "
+    "image was "
+    "found on and may name specific people, places, brands or products; the visual description was written "
+    "by "
+    "someone looking at the image. Keep the specific names, places, brands, products and numbers of the "
+    "web text "
+    "and add the objects, colours, counts and setting of the visual description. State nothing that "
+    "neither of "
+    "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
+    "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}"
+)
+PRICE = re.compile(r"[$€£¥]\s?\d|\d\s?(\$|€|£|usd|eur|gbp)\b", re.I)
+# the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
+STOP = ["\n"]
+REFUSALS = [
+    "I'm sorry",
+    "I am sorry",
+    "I apologize",
+    "As an AI",
+    "as a language model",
+    "I cannot",
+    "I can't",
+    "I am unable",
+    "I'm unable",
+    "I'm not able to",
+]
+
+
+def sample_seed(*parts):
+    """A 63-bit seed derived from (seed, shard, key, attempt): the same draw whatever the split."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def refusal(text, refusals, allowed=""):
+    low, allowed = text.lower().replace("\u2019", "'"), allowed.lower().replace("\u2019", "'")
+    return any(r.lower() in low and r.lower() not in allowed for r in refusals)
+
+
+def template_bos(engine):
+    """The BOS text a chat template writes and the tokenizer adds again
+    when it tokenizes the prompt (Llama 3): cut it."""
+    tok = getattr(engine, "tokenizer", None)
+    bos = getattr(tok, "bos_token", None)
+    return bos if bos and tok("x")["input_ids"][:1] == [tok.bos_token_id] else ""
+
+
+def fusion_prompt(engine, alt, vec, max_words, bos):
+    prompt = engine.chat_prompt(FUSION_PROMPT.format(alt=alt, vec=vec, max_words=max_words))
+    return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
+
+
+def context_budget(engine, max_prompt_tokens, max_new_tokens):
+    """Prompt tokens allowed: --max-prompt-tokens, and room for the answer in the model's context."""
+    if getattr(engine, "kind", None) == "vllm":
+        context = engine.llm.llm_engine.model_config.max_model_len
+    else:
+        config = getattr(getattr(engine, "model", None), "config", None)
+        context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return min(max_prompt_tokens, context - max_new_tokens) if context else max_prompt_tokens
+
+
+def fit_prompt(engine, alt, vec, max_words, budget, bos):
+    """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to
+    the longest prefix that fits (binary search, ending at a word boundary where
+    it has one); prompt None when none fits."""
+
+    def fits(text):
+        return engine.count_tokens(fusion_prompt(engine, text, vec, max_words, bos)) + 1 <= budget
+
+    if fits(alt):
+        return fusion_prompt(engine, alt, vec, max_words, bos), alt, False
+    # binary search for the longest prefix alt[:lo] that fits (lo stays 0 when none does)
+    lo = 0
+    hi = len(alt)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(alt[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = alt[:lo]
+    next_char = alt[lo : lo + 1]
+    if not next_char.isspace() and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]  # the prefix ends mid-word: drop that word
+    cut = cut.strip()
+    if not cut:
+        return None, cut, True
+    return fusion_prompt(engine, cut, vec, max_words, bos), cut, True
+
+
+def parse_fused(completion, alt, vec, refusals, max_words):
+    """(caption, note) or (None, reason): the answer's first line, less a "Caption:" label and quotes.
+    A looping or over-long answer is cut back to its leading whole sentences when they stand alone
+    (note "cut_loop" or "cut_long"); one still looping or over --max-words is rejected."""
+    line = next((x.strip() for x in completion.splitlines() if x.strip()), "")
+    text = re.sub(r"^(\w+ )?caption\s*:\s*", "", line, flags=re.I).strip("\"'`* ").strip()
+    text, note = trim_answer(text, max_words)
+    words = len(text.split())
+    if words == 0:
+        return None, "empty"
+    if text.endswith(":"):  # "Here is the caption:", and generation stopped at its line end
+        return None, "preamble"
+    if refusal(text, refusals, alt):
+        return None, "refusal"
+    if words < 2:
+        return None, "short"
+    if looping(text):
+        return None, "loop"
+    if words > max_words:
+        return None, "long"
+    if norm(text) in {norm(alt), norm(vec)}:
+        return None, "echo"
+    if re.search(r"\b(web text|web page|visual description)\b", text, flags=re.I):  # talks about its inputs
+        return None, "meta"
+    if re.search(r"https?://|www\.|\]\(", text) and not re.search(r"https?://|www\.", alt):
+        return None, "url"  # a made-up link or a markdown image
+    if PRICE.search(text) and not PRICE.search(alt):
+        return None, "price"  # the prompt asks to leave prices out; a small model invents them
+    return text, note
+
+
+def read_samples(path, counts):
+    """(key, AltText or None) in shard order; a repeated key keeps its first text."""
+    seen = set()
+    if path.endswith(".tar"):
+        items = (
+            (k, decode_text(m["txt"], counts) if m.get("txt") is not None else None)
+            for k, m in iter_tar(path, {"txt"}, counts)
+        )
+    else:
+        items = (
+            (str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
+            for r in iter_jsonl(path, counts)
+            if isinstance(r, dict) and "key" in r
+        )
+    for key, text in items:
+        if key in seen:
+            counts["duplicate_key"] += 1
+            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
+            continue
+        seen.add(key)
+        yield key, text
+
+
+def read_vecs(path, counts):
+    vecs = {}
+    for r in iter_jsonl(path, counts):
+        if isinstance(r, dict) and "key" in r:
+            if str(r["key"]) in vecs:
+                counts["duplicate_vec_key"] += 1
+            vecs.setdefault(str(r["key"]), r.get("vec") if isinstance(r.get("vec"), str) else None)
+    return vecs
+
+
+def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
+    """Yields (chunk index, {key: (fused or None, cut?)}) as each chunk of [(key, alt, vec)] is settled.
+
+    A rejected answer is drawn again with a new seed, at most --max-retries times. An answer that was only a
+    preamble line ("Here is the caption:") is continued instead: its retry prompt ends with that line, so the
+    model writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the
+    retries known by then) is queued on a thread before the last answers are checked, so retries travel with
+    later prompts. With transformers each call waits for the last one, chunk by
+    chunk (its batches seed per batch)."""
+    out = {}  # key -> (fused or None, cut?), until its chunk is yielded
+    prompts = {}  # key -> (prompt, AltText as used, vec, cut?) of each key that goes to the model
+    lead = {}  # key -> the preamble line its retries continue from
+    attempt_of = {}  # key -> its attempt, part of its seed
+    chunk_of = {}  # key -> index of its chunk
+    unsettled = {}  # chunk index -> how many of its keys still wait for a final answer
+
+    def first_keys(c):
+        """The keys of chunk c that go to the model; one whose
+        prompt cannot fit is settled here, unanswered."""
+        unsettled[c] = 0
+        keys = []
+        for key, alt, vec in item_lists[c]:
+            chunk_of[key] = c
+            prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
+            counts["truncated"] += cut
+            if prompt is None:
+                counts["prompt_too_long"] += 1
+                out[key] = (None, cut)
+                continue
+            prompts[key] = (prompt, used, vec, cut)
+            attempt_of[key] = 0
+            unsettled[c] += 1
+            keys.append(key)
+        return keys
+
+    def call_inputs(keys):
+        """(prompts, seeds) of one generate call for `keys`."""
+        batch = []
+        seeds = []
+        for key in keys:
+            batch.append(prompts[key][0] + lead.get(key, ""))
+            seeds.append(sample_seed(args.seed, shard, key, attempt_of[key]))
+        return batch, seeds
+
+    def check(keys, completions):
+        """Keeps each accepted answer, and a key's last rejected one as None; returns the keys to retry."""
+        retries = []
+        for key, texts in zip(keys, completions, strict=True):
+            (completion,) = texts  # n = 1
+            _, used, vec, cut = prompts[key]
+            fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
+            if fused is None:
+                counts[f"rejected_{why}"] += 1
+                if why == "preamble" and key not in lead:
+                    lead[key] = completion.strip() + "\n"
+                if attempt_of[key] < args.max_retries:
+                    counts["retries"] += 1
+                    attempt_of[key] += 1
+                    retries.append(key)
+                    continue
+            elif why:  # cut_loop / cut_long: kept, and counted
+                counts[why] += 1
+            out[key] = (fused, cut)
+            unsettled[chunk_of[key]] -= 1
+        return retries
+
+    def settled_chunks():
+        finished = [c for c, left in unsettled.items() if left == 0]
+        for c in finished:
+            del unsettled[c]
+            yield c, settled_chunk(item_lists[c], out, prompts)
+
+    if args.engine == "vllm":
+        retries = []
+        next_chunk = 0
+        in_flight = None  # (keys, future) of the call the engine is working on
+        with ThreadPoolExecutor(1) as pool:
+            while True:
+                keys = retries  # the retries known so far travel with the next chunk
+                if next_chunk < len(item_lists):
+                    keys = keys + first_keys(next_chunk)
+                    next_chunk += 1
+                submitted = None
+                if keys:  # queued before the call in flight is checked: the engine never waits
+                    batch, seeds = call_inputs(keys)
+                    submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
+                retries = []
+                if in_flight is not None:
+                    done_keys, future = in_flight
+                    retries = check(done_keys, future.result())
+                    yield from settled_chunks()
+                in_flight = submitted
+                if in_flight is None and not retries and next_chunk == len(item_lists):
+                    break
+    else:
+        for c in range(len(item_lists)):
+            keys = first_keys(c)
+            while keys:  # a chunk's retries go out alone, before the next chunk
+                batch, seeds = call_inputs(keys)
+                keys = check(keys, engine.generate(batch, seeds, 1, STOP))
+                yield from settled_chunks()
+    for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
+        yield c, settled_chunk(item_lists[c], out, prompts)
+
+
+def settled_chunk(items, out, prompts):
+    """A settled chunk's results, taken out of the running state
+    (memory stays bounded by the chunks in flight)."""
+    made = {}
+    for key, _, _ in items:
+        made[key] = out.pop(key)
+        prompts.pop(key, None)
+    return made
+
+
+def fuse_record(key, alt, vec, made):
+    """The one record of a key; `made` holds the LLM's (fused, cut?) for keys that had both texts."""
+    if key in made:
+        fused, cut = made[key]
+        return {
+            "key": key,
+            "fused": fused or vec,
+            "status": ("truncated" if cut else "ok") if fused else "fallback_vec",
+        }
+    if vec:
+        return {"key": key, "fused": vec, "status": "fallback_vec"}
+    return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
+
+
+def add_scores(records, texts, scorer):
+    """records[i]["scores"]: the fused caption's cosine to its AltText (a fallback that is the AltText itself
+    is not scored: there is nothing to compare)."""
+    pairs, scored = [], []
+    for r in records:
+        alt = texts[r["key"]][0]
+        if alt and r["fused"] and r["fused"] != alt:
+            pairs.append((alt, r["fused"]))
+            scored.append(r)
+    for r, score in zip(scored, scorer.scores(pairs), strict=True):
+        r["scores"] = score
+
+
+def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None):
+    name = shard_name(path)
+    start = time.time()
+    counts = Counter()
+    vec_path = os.path.join(args.vec_dir, name + ".jsonl")
+    with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
+        vec_stats_sha = hashlib.sha256(f.read()).hexdigest()
+    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
+    # progress made against an older 03 run is void
+    done = read_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}")
+    if done:
+        print(f"{name}: resuming, {len(done)} samples already fused")
+    vecs, texts = read_vecs(vec_path, counts), {}
+    for key, text in read_samples(path, counts):  # the join, counted over the whole shard (a resumed run too)
+        alt, vec = one_line(text) if text is not None else None, one_line(vecs.get(key) or "")
+        if not alt:
+            counts["missing_text" if text is None else "empty_text"] += 1
+        if not vec:
+            counts["missing_vec" if key not in vecs else "vec_null"] += (
+                1  # vec_null: 03 failed on the image or got no answer
+            )
+        elif refusal(vec, args.refusals):
+            counts["vec_refusal"] += 1
+            vec = ""
+        texts[key] = (alt, vec)
+    counts["vec_without_sample"] = len(set(vecs) - set(texts))
+    if counts["vec_without_sample"]:
+        print(f"WARNING {name}: {counts['vec_without_sample']} VeC keys are not in {path}")
+    todo = [key for key in texts if key not in done]
+    chunks, item_lists = [], []
+    for begin in range(0, len(todo), args.chunk_size):
+        chunk = todo[begin : begin + args.chunk_size]
+        chunks.append(chunk)
+        item_lists.append([(key, *texts[key]) for key in chunk if all(texts[key])])
+    progress = Progress(len(todo), name, every=args.progress_every)
+    for c, made in fuse_llm(engine, item_lists, args, name, counts, budget, bos):
+        records = [fuse_record(key, *texts[key], made) for key in chunks[c]]
+        if scorer is not None:
+            add_scores(records, texts, scorer)
+        check_claim(claim)  # a worker that took the shard over now appends to this file, not us
+        append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
+        done.update((r["key"], r) for r in records)
+        progress.update(len(records))
+    progress.close()
+    records = [done[k] for k in texts]
+    check_claim(claim)
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    status = Counter(r["status"] for r in records)
+    stats = {
+        "shard": name,
+        "input": os.path.abspath(path),
+        "vec": os.path.abspath(vec_path),
+        "in": len(records),
+        **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
+        "counts": {k: v for k, v in counts.items() if v},
+        "seconds": round(time.time() - start, 2),
+        "engine": args.engine,
+        "model": args.model,
+        "prompt_hash": tag,
+        "vec_stats_sha256": vec_stats_sha,
+    }
+    if scorer is not None:
+        stats["scores"] = score_summary([r["scores"] for r in records if "scores" in r])
+        stats["score_model"] = args.score_model
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    extra = ", ".join(f"{v} {k}" for k, v in sorted(stats["counts"].items()))
+    print(
+        f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
+        f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, "
+        f"{stats['fallback_alt']} alt), "
+        f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""),
+        flush=True,
+    )
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=["toy/shards"],
+        help="tar/JSONL shards with the AltText, folders or globs",
+    )
+    p.add_argument("--vec-dir", default="toy/vec", help="03's output folder (<shard>.jsonl with {key, vec})")
+    p.add_argument("--out-dir", default="toy/fused", help="folder for <shard>.jsonl and <shard>.stats.json")
+    p.add_argument(
+        "--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere"
+    )
+    p.add_argument(
+        "--model",
+        default="toy/models/tiny-llama",
+        help="instruction-tuned causal LM (hub id or local folder)",
+    )
+    p.add_argument(
+        "--max-words", type=int, default=40, help="the fused caption's word limit (asked for, and enforced)"
+    )
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts get their AltText cut")
+    p.add_argument(
+        "--refusals",
+        nargs="*",
+        default=REFUSALS,
+        help="answers containing one of these (case-blind) are refusals; give none to turn the check off",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)"
+    )
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=1,
+        help="new draws for a rejected answer before falling back to the VeC",
+    )
+    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    p.add_argument(
+        "--assign",
+        choices=["claim", "stride"],
+        default="claim",
+        help="claim: each worker takes the next shard that is not done and that nobody holds "
+        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
+        "sorted(shards)[w::W]",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=900,
+        help="seconds without a heartbeat after which another worker takes a claimed shard over",
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    p.add_argument(
+        "--score-model",
+        default=None,
+        help="a sentence encoder (e.g. toy/models/minilm): each fused caption gets its cosine to the AltText "
+        'as "scores", summarised in stats; 05 --min-score filters on it (off by default)',
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_torch_threads()
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if not inputs:
+        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
+    names = Counter(shard_name(p) for p in inputs)
+    if max(names.values()) > 1:
+        raise SystemExit(
+            f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide"
+        )
+    os.makedirs(args.out_dir, exist_ok=True)
+    mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
+    print0(f"04_fuse: {len(inputs)} shards, {line}")
+    warn_idle_workers(len(inputs), worker, total)
+    vec_done = done_shards(args.vec_dir) if os.path.isdir(args.vec_dir) else set()
+    not_ready = {p for p in todo if shard_name(p) not in vec_done}  # never claimed: 03 may be writing them
+    own = set(my_shards(inputs, worker, total))
+    waiting = [p for p in todo if p in not_ready and p in own]  # reported (failing a task) once: by its owner
+    for p in waiting:
+        print(
+            f"WARNING {shard_name(p)}: skipped, 03 has not finished "
+            f"{os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}"
+        )
+    todo = [p for p in todo if p not in not_ready]
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "max_retries": args.max_retries,
+        "stop": STOP,
+        "max_words": args.max_words,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    }
+    provenance = {
+        "engine": args.engine,
+        "model": args.model,
+        "sampling": sampling,
+        "prompt_template": FUSION_PROMPT,
+        "refusals": args.refusals,
+    }
+    if args.score_model:  # a resume must not mix scored and unscored records
+        provenance["score_model"] = args.score_model
+    tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
+    config_path = os.path.join(args.out_dir, "_config.json")
+    if (
+        os.path.exists(config_path)
+        and json.load(open(config_path)).get("prompt_hash") != tag
+        and len(todo) < len(mine)
+    ):
+        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
+    if worker == 0:
+        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
+    stats = []
+    if todo:
+        engine = TextEngine(
+            args.engine,
+            args.model,
+            args.temperature,
+            args.top_p,
+            args.max_new_tokens,
+            args.batch_size,
+            args.tensor_parallel_size,
+            args.dtype,
+            args.max_model_len,
+            args.gpu_memory_utilization,
+            args.enforce_eager,
+            args.trust_remote_code,
+            args.repetition_penalty,
+        )
+        budget, bos = (
+            context_budget(engine, args.max_prompt_tokens, args.max_new_tokens),
+            template_bos(engine),
+        )
+        scorer = CaptionScorer(args.score_model) if args.score_model else None
+        shards = take_shards(
+            inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite, not_ready
+        )
+        for path, claim in shards:
+            try:
+                stats.append(process_shard(path, engine, args, tag, budget, bos, claim, scorer))
+            except ClaimLost as e:
+                print(f"WARNING {e}", flush=True)
+            finally:
+                end_claim(claim)
+    if waiting:
+        raise SystemExit(
+            f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
+            f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, "
+            "then this again"
+        )
+    return stats
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
 
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
@@ -923,583 +1503,6 @@ def score_summary(values, below=(0.2, 0.3, 0.5)):
 
 
 # ---- end caption scores
-
-
-# instructions first, the sample last: vLLM's prefix cache then computes the instructions once
-FUSION_PROMPT = (
-    "Write one caption for an image from two descriptions of it. The web text comes from the page the "
-    "image was "
-    "found on and may name specific people, places, brands or products; the visual description was written "
-    "by "
-    "someone looking at the image. Keep the specific names, places, brands, products and numbers of the "
-    "web text "
-    "and add the objects, colours, counts and setting of the visual description. State nothing that "
-    "neither of "
-    "them says, and leave out file names, prices and shop slogans. Reply with the caption alone, in at most "
-    "{max_words} words.\nWeb text: {alt}\nVisual description: {vec}"
-)
-PRICE = re.compile(r"[$€£¥]\s?\d|\d\s?(\$|€|£|usd|eur|gbp)\b", re.I)
-# the caption is one line: whatever a model adds after it costs decode time and is dropped anyway
-STOP = ["\n"]
-REFUSALS = [
-    "I'm sorry",
-    "I am sorry",
-    "I apologize",
-    "As an AI",
-    "as a language model",
-    "I cannot",
-    "I can't",
-    "I am unable",
-    "I'm unable",
-    "I'm not able to",
-]
-
-
-def sample_seed(*parts):
-    """A 63-bit seed derived from (seed, shard, key, attempt): the same draw whatever the split."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
-
-
-def refusal(text, refusals, allowed=""):
-    low, allowed = text.lower().replace("\u2019", "'"), allowed.lower().replace("\u2019", "'")
-    return any(r.lower() in low and r.lower() not in allowed for r in refusals)
-
-
-def template_bos(engine):
-    """The BOS text a chat template writes and the tokenizer adds again
-    when it tokenizes the prompt (Llama 3): cut it."""
-    tok = getattr(engine, "tokenizer", None)
-    bos = getattr(tok, "bos_token", None)
-    return bos if bos and tok("x")["input_ids"][:1] == [tok.bos_token_id] else ""
-
-
-def fusion_prompt(engine, alt, vec, max_words, bos):
-    prompt = engine.chat_prompt(FUSION_PROMPT.format(alt=alt, vec=vec, max_words=max_words))
-    return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
-
-
-def context_budget(engine, max_prompt_tokens, max_new_tokens):
-    """Prompt tokens allowed: --max-prompt-tokens, and room for the answer in the model's context."""
-    if getattr(engine, "kind", None) == "vllm":
-        context = engine.llm.llm_engine.model_config.max_model_len
-    else:
-        config = getattr(getattr(engine, "model", None), "config", None)
-        context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    return min(max_prompt_tokens, context - max_new_tokens) if context else max_prompt_tokens
-
-
-def fit_prompt(engine, alt, vec, max_words, budget, bos):
-    """(prompt, AltText as used, cut?) within `budget` tokens (+1 for the BOS). Only the AltText is cut, to
-    the longest prefix that fits (binary search, ending at a word boundary where
-    it has one); prompt None when none fits."""
-
-    def fits(text):
-        return engine.count_tokens(fusion_prompt(engine, text, vec, max_words, bos)) + 1 <= budget
-
-    if fits(alt):
-        return fusion_prompt(engine, alt, vec, max_words, bos), alt, False
-    # binary search for the longest prefix alt[:lo] that fits (lo stays 0 when none does)
-    lo = 0
-    hi = len(alt)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(alt[:mid]):
-            lo = mid
-        else:
-            hi = mid - 1
-    cut = alt[:lo]
-    next_char = alt[lo : lo + 1]
-    if not next_char.isspace() and " " in cut:
-        cut = cut.rsplit(" ", 1)[0]  # the prefix ends mid-word: drop that word
-    cut = cut.strip()
-    if not cut:
-        return None, cut, True
-    return fusion_prompt(engine, cut, vec, max_words, bos), cut, True
-
-
-def parse_fused(completion, alt, vec, refusals, max_words):
-    """(caption, note) or (None, reason): the answer's first line, less a "Caption:" label and quotes.
-    A looping or over-long answer is cut back to its leading whole sentences when they stand alone
-    (note "cut_loop" or "cut_long"); one still looping or over --max-words is rejected."""
-    line = next((x.strip() for x in completion.splitlines() if x.strip()), "")
-    text = re.sub(r"^(\w+ )?caption\s*:\s*", "", line, flags=re.I).strip("\"'`* ").strip()
-    text, note = trim_answer(text, max_words)
-    words = len(text.split())
-    if words == 0:
-        return None, "empty"
-    if text.endswith(":"):  # "Here is the caption:", and generation stopped at its line end
-        return None, "preamble"
-    if refusal(text, refusals, alt):
-        return None, "refusal"
-    if words < 2:
-        return None, "short"
-    if looping(text):
-        return None, "loop"
-    if words > max_words:
-        return None, "long"
-    if norm(text) in {norm(alt), norm(vec)}:
-        return None, "echo"
-    if re.search(r"\b(web text|web page|visual description)\b", text, flags=re.I):  # talks about its inputs
-        return None, "meta"
-    if re.search(r"https?://|www\.|\]\(", text) and not re.search(r"https?://|www\.", alt):
-        return None, "url"  # a made-up link or a markdown image
-    if PRICE.search(text) and not PRICE.search(alt):
-        return None, "price"  # the prompt asks to leave prices out; a small model invents them
-    return text, note
-
-
-def read_samples(path, counts):
-    """(key, AltText or None) in shard order; a repeated key keeps its first text."""
-    seen = set()
-    if path.endswith(".tar"):
-        items = (
-            (k, decode_text(m["txt"], counts) if m.get("txt") is not None else None)
-            for k, m in iter_tar(path, {"txt"}, counts)
-        )
-    else:
-        items = (
-            (str(r["key"]), r.get("text") if isinstance(r.get("text"), str) else None)
-            for r in iter_jsonl(path, counts)
-            if isinstance(r, dict) and "key" in r
-        )
-    for key, text in items:
-        if key in seen:
-            counts["duplicate_key"] += 1
-            print(f"WARNING {path}: duplicate key {key}, later copy skipped")
-            continue
-        seen.add(key)
-        yield key, text
-
-
-def read_vecs(path, counts):
-    vecs = {}
-    for r in iter_jsonl(path, counts):
-        if isinstance(r, dict) and "key" in r:
-            if str(r["key"]) in vecs:
-                counts["duplicate_vec_key"] += 1
-            vecs.setdefault(str(r["key"]), r.get("vec") if isinstance(r.get("vec"), str) else None)
-    return vecs
-
-
-def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
-    """Yields (chunk index, {key: (fused or None, cut?)}) as each chunk of [(key, alt, vec)] is settled.
-
-    A rejected answer is drawn again with a new seed, at most --max-retries times. An answer that was only a
-    preamble line ("Here is the caption:") is continued instead: its retry prompt ends with that line, so the
-    model writes the caption it announced. vLLM is kept fed as in 02: the next call (the next chunk plus the
-    retries known by then) is queued on a thread before the last answers are checked, so retries travel with
-    later prompts. With transformers each call waits for the last one, chunk by
-    chunk (its batches seed per batch)."""
-    out = {}  # key -> (fused or None, cut?), until its chunk is yielded
-    prompts = {}  # key -> (prompt, AltText as used, vec, cut?) of each key that goes to the model
-    lead = {}  # key -> the preamble line its retries continue from
-    attempt_of = {}  # key -> its attempt, part of its seed
-    chunk_of = {}  # key -> index of its chunk
-    unsettled = {}  # chunk index -> how many of its keys still wait for a final answer
-
-    def first_keys(c):
-        """The keys of chunk c that go to the model; one whose
-        prompt cannot fit is settled here, unanswered."""
-        unsettled[c] = 0
-        keys = []
-        for key, alt, vec in item_lists[c]:
-            chunk_of[key] = c
-            prompt, used, cut = fit_prompt(engine, alt, vec, args.max_words, budget, bos)
-            counts["truncated"] += cut
-            if prompt is None:
-                counts["prompt_too_long"] += 1
-                out[key] = (None, cut)
-                continue
-            prompts[key] = (prompt, used, vec, cut)
-            attempt_of[key] = 0
-            unsettled[c] += 1
-            keys.append(key)
-        return keys
-
-    def call_inputs(keys):
-        """(prompts, seeds) of one generate call for `keys`."""
-        batch = []
-        seeds = []
-        for key in keys:
-            batch.append(prompts[key][0] + lead.get(key, ""))
-            seeds.append(sample_seed(args.seed, shard, key, attempt_of[key]))
-        return batch, seeds
-
-    def check(keys, completions):
-        """Keeps each accepted answer, and a key's last rejected one as None; returns the keys to retry."""
-        retries = []
-        for key, texts in zip(keys, completions, strict=True):
-            (completion,) = texts  # n = 1
-            _, used, vec, cut = prompts[key]
-            fused, why = parse_fused(completion, used, vec, args.refusals, args.max_words)
-            if fused is None:
-                counts[f"rejected_{why}"] += 1
-                if why == "preamble" and key not in lead:
-                    lead[key] = completion.strip() + "\n"
-                if attempt_of[key] < args.max_retries:
-                    counts["retries"] += 1
-                    attempt_of[key] += 1
-                    retries.append(key)
-                    continue
-            elif why:  # cut_loop / cut_long: kept, and counted
-                counts[why] += 1
-            out[key] = (fused, cut)
-            unsettled[chunk_of[key]] -= 1
-        return retries
-
-    def settled_chunks():
-        finished = [c for c, left in unsettled.items() if left == 0]
-        for c in finished:
-            del unsettled[c]
-            yield c, settled_chunk(item_lists[c], out, prompts)
-
-    if args.engine == "vllm":
-        retries = []
-        next_chunk = 0
-        in_flight = None  # (keys, future) of the call the engine is working on
-        with ThreadPoolExecutor(1) as pool:
-            while True:
-                keys = retries  # the retries known so far travel with the next chunk
-                if next_chunk < len(item_lists):
-                    keys = keys + first_keys(next_chunk)
-                    next_chunk += 1
-                submitted = None
-                if keys:  # queued before the call in flight is checked: the engine never waits
-                    batch, seeds = call_inputs(keys)
-                    submitted = (keys, pool.submit(engine.generate, batch, seeds, 1, STOP))
-                retries = []
-                if in_flight is not None:
-                    done_keys, future = in_flight
-                    retries = check(done_keys, future.result())
-                    yield from settled_chunks()
-                in_flight = submitted
-                if in_flight is None and not retries and next_chunk == len(item_lists):
-                    break
-    else:
-        for c in range(len(item_lists)):
-            keys = first_keys(c)
-            while keys:  # a chunk's retries go out alone, before the next chunk
-                batch, seeds = call_inputs(keys)
-                keys = check(keys, engine.generate(batch, seeds, 1, STOP))
-                yield from settled_chunks()
-    for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
-        yield c, settled_chunk(item_lists[c], out, prompts)
-
-
-def settled_chunk(items, out, prompts):
-    """A settled chunk's results, taken out of the running state
-    (memory stays bounded by the chunks in flight)."""
-    made = {}
-    for key, _, _ in items:
-        made[key] = out.pop(key)
-        prompts.pop(key, None)
-    return made
-
-
-def fuse_record(key, alt, vec, made):
-    """The one record of a key; `made` holds the LLM's (fused, cut?) for keys that had both texts."""
-    if key in made:
-        fused, cut = made[key]
-        return {
-            "key": key,
-            "fused": fused or vec,
-            "status": ("truncated" if cut else "ok") if fused else "fallback_vec",
-        }
-    if vec:
-        return {"key": key, "fused": vec, "status": "fallback_vec"}
-    return {"key": key, "fused": alt or None, "status": "fallback_alt" if alt else "failed"}
-
-
-def add_scores(records, texts, scorer):
-    """records[i]["scores"]: the fused caption's cosine to its AltText (a fallback that is the AltText itself
-    is not scored: there is nothing to compare)."""
-    pairs, scored = [], []
-    for r in records:
-        alt = texts[r["key"]][0]
-        if alt and r["fused"] and r["fused"] != alt:
-            pairs.append((alt, r["fused"]))
-            scored.append(r)
-    for r, score in zip(scored, scorer.scores(pairs), strict=True):
-        r["scores"] = score
-
-
-def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None):
-    name = shard_name(path)
-    start = time.time()
-    counts = Counter()
-    vec_path = os.path.join(args.vec_dir, name + ".jsonl")
-    with open(os.path.join(args.vec_dir, name + ".stats.json"), "rb") as f:
-        vec_stats_sha = hashlib.sha256(f.read()).hexdigest()
-    partial_path = os.path.join(args.out_dir, name + ".tmp.partial")
-    # progress made against an older 03 run is void
-    done = read_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}")
-    if done:
-        print(f"{name}: resuming, {len(done)} samples already fused")
-    vecs, texts = read_vecs(vec_path, counts), {}
-    for key, text in read_samples(path, counts):  # the join, counted over the whole shard (a resumed run too)
-        alt, vec = one_line(text) if text is not None else None, one_line(vecs.get(key) or "")
-        if not alt:
-            counts["missing_text" if text is None else "empty_text"] += 1
-        if not vec:
-            counts["missing_vec" if key not in vecs else "vec_null"] += (
-                1  # vec_null: 03 failed on the image or got no answer
-            )
-        elif refusal(vec, args.refusals):
-            counts["vec_refusal"] += 1
-            vec = ""
-        texts[key] = (alt, vec)
-    counts["vec_without_sample"] = len(set(vecs) - set(texts))
-    if counts["vec_without_sample"]:
-        print(f"WARNING {name}: {counts['vec_without_sample']} VeC keys are not in {path}")
-    todo = [key for key in texts if key not in done]
-    chunks, item_lists = [], []
-    for begin in range(0, len(todo), args.chunk_size):
-        chunk = todo[begin : begin + args.chunk_size]
-        chunks.append(chunk)
-        item_lists.append([(key, *texts[key]) for key in chunk if all(texts[key])])
-    progress = Progress(len(todo), name, every=args.progress_every)
-    for c, made in fuse_llm(engine, item_lists, args, name, counts, budget, bos):
-        records = [fuse_record(key, *texts[key], made) for key in chunks[c]]
-        if scorer is not None:
-            add_scores(records, texts, scorer)
-        check_claim(claim)  # a worker that took the shard over now appends to this file, not us
-        append_partial(partial_path, f"{tag}-{vec_stats_sha[:16]}", records)
-        done.update((r["key"], r) for r in records)
-        progress.update(len(records))
-    progress.close()
-    records = [done[k] for k in texts]
-    check_claim(claim)
-    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-    status = Counter(r["status"] for r in records)
-    stats = {
-        "shard": name,
-        "input": os.path.abspath(path),
-        "vec": os.path.abspath(vec_path),
-        "in": len(records),
-        **{s: status[s] for s in ("ok", "truncated", "fallback_vec", "fallback_alt", "failed")},
-        "counts": {k: v for k, v in counts.items() if v},
-        "seconds": round(time.time() - start, 2),
-        "engine": args.engine,
-        "model": args.model,
-        "prompt_hash": tag,
-        "vec_stats_sha256": vec_stats_sha,
-    }
-    if scorer is not None:
-        stats["scores"] = score_summary([r["scores"] for r in records if "scores" in r])
-        stats["score_model"] = args.score_model
-    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
-    if os.path.exists(partial_path):
-        os.remove(partial_path)
-    extra = ", ".join(f"{v} {k}" for k, v in sorted(stats["counts"].items()))
-    print(
-        f"{name}: {stats['ok'] + stats['truncated']}/{stats['in']} ok ({stats['truncated']} truncated), "
-        f"{stats['fallback_vec'] + stats['fallback_alt']} fallback ({stats['fallback_vec']} vec, "
-        f"{stats['fallback_alt']} alt), "
-        f"{stats['failed']} failed, {stats['seconds']:.1f}s" + (f" ({extra})" if extra else ""),
-        flush=True,
-    )
-    return stats
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        default=["toy/shards"],
-        help="tar/JSONL shards with the AltText, folders or globs",
-    )
-    p.add_argument("--vec-dir", default="toy/vec", help="03's output folder (<shard>.jsonl with {key, vec})")
-    p.add_argument("--out-dir", default="toy/fused", help="folder for <shard>.jsonl and <shard>.stats.json")
-    p.add_argument(
-        "--engine", choices=["vllm", "hf"], default="hf", help="vllm on GPUs, hf (transformers) anywhere"
-    )
-    p.add_argument(
-        "--model",
-        default="toy/models/tiny-llama",
-        help="instruction-tuned causal LM (hub id or local folder)",
-    )
-    p.add_argument(
-        "--max-words", type=int, default=40, help="the fused caption's word limit (asked for, and enforced)"
-    )
-    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts get their AltText cut")
-    p.add_argument(
-        "--refusals",
-        nargs="*",
-        default=REFUSALS,
-        help="answers containing one of these (case-blind) are refusals; give none to turn the check off",
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy; retries need > 0)"
-    )
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="> 1 discourages repeated tokens (1 = off, the papers' setting)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=96, help="generation limit per fused caption")
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=1,
-        help="new draws for a rejected answer before falling back to the VeC",
-    )
-    p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
-    p.add_argument(
-        "--chunk-size", type=int, default=2048, help="samples per generate call; progress is saved after each"
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch (hf engine)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
-    p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float16, float32)")
-    p.add_argument(
-        "--max-model-len", type=int, default=None, help="vLLM context length (default: the model's)"
-    )
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM share of GPU memory")
-    p.add_argument(
-        "--enforce-eager", action="store_true", help="vLLM without CUDA graphs (faster start, CPU backend)"
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the model folder (off for safety)",
-    )
-    p.add_argument(
-        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
-    )
-    p.add_argument(
-        "--num-shards",
-        type=int,
-        default=None,
-        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
-    )
-    p.add_argument(
-        "--assign",
-        choices=["claim", "stride"],
-        default="claim",
-        help="claim: each worker takes the next shard that is not done and that nobody holds "
-        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
-        "sorted(shards)[w::W]",
-    )
-    p.add_argument(
-        "--claim-timeout",
-        type=float,
-        default=900,
-        help="seconds without a heartbeat after which another worker takes a claimed shard over",
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    p.add_argument(
-        "--score-model",
-        default=None,
-        help="a sentence encoder (e.g. toy/models/minilm): each fused caption gets its cosine to the AltText "
-        'as "scores", summarised in stats; 05 --min-score filters on it (off by default)',
-    )
-    p.add_argument(
-        "--progress-every",
-        type=float,
-        default=60.0,
-        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    set_torch_threads()
-    worker, total = worker_slot(args.shard_id, args.num_shards)
-    inputs = list_inputs(args.input, (".tar", ".jsonl"))
-    if not inputs:
-        raise SystemExit(f"no .tar or .jsonl shards in {args.input}")
-    names = Counter(shard_name(p) for p in inputs)
-    if max(names.values()) > 1:
-        raise SystemExit(
-            f"two inputs share the shard name {names.most_common(1)[0][0]!r}: their outputs would collide"
-        )
-    os.makedirs(args.out_dir, exist_ok=True)
-    mine, todo, line = shards_left(inputs, args.out_dir, worker, total, args.assign, args.overwrite)
-    print0(f"04_fuse: {len(inputs)} shards, {line}")
-    warn_idle_workers(len(inputs), worker, total)
-    vec_done = done_shards(args.vec_dir) if os.path.isdir(args.vec_dir) else set()
-    not_ready = {p for p in todo if shard_name(p) not in vec_done}  # never claimed: 03 may be writing them
-    own = set(my_shards(inputs, worker, total))
-    waiting = [p for p in todo if p in not_ready and p in own]  # reported (failing a task) once: by its owner
-    for p in waiting:
-        print(
-            f"WARNING {shard_name(p)}: skipped, 03 has not finished "
-            f"{os.path.join(args.vec_dir, shard_name(p) + '.jsonl')}"
-        )
-    todo = [p for p in todo if p not in not_ready]
-    sampling = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "max_new_tokens": args.max_new_tokens,
-        "max_retries": args.max_retries,
-        "stop": STOP,
-        "max_words": args.max_words,
-        "max_prompt_tokens": args.max_prompt_tokens,
-    }
-    provenance = {
-        "engine": args.engine,
-        "model": args.model,
-        "sampling": sampling,
-        "prompt_template": FUSION_PROMPT,
-        "refusals": args.refusals,
-    }
-    if args.score_model:  # a resume must not mix scored and unscored records
-        provenance["score_model"] = args.score_model
-    tag = hashlib.sha256(json.dumps([provenance, args.seed], sort_keys=True).encode()).hexdigest()[:16]
-    config_path = os.path.join(args.out_dir, "_config.json")
-    if (
-        os.path.exists(config_path)
-        and json.load(open(config_path)).get("prompt_hash") != tag
-        and len(todo) < len(mine)
-    ):
-        print0(f"WARNING {args.out_dir} holds shards made with other settings; --overwrite redoes them")
-    if worker == 0:
-        write_json(config_path, run_config(args, prompt_hash=tag, **provenance))
-    stats = []
-    if todo:
-        engine = TextEngine(
-            args.engine,
-            args.model,
-            args.temperature,
-            args.top_p,
-            args.max_new_tokens,
-            args.batch_size,
-            args.tensor_parallel_size,
-            args.dtype,
-            args.max_model_len,
-            args.gpu_memory_utilization,
-            args.enforce_eager,
-            args.trust_remote_code,
-            args.repetition_penalty,
-        )
-        budget, bos = (
-            context_budget(engine, args.max_prompt_tokens, args.max_new_tokens),
-            template_bos(engine),
-        )
-        scorer = CaptionScorer(args.score_model) if args.score_model else None
-        shards = take_shards(
-            inputs, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite, not_ready
-        )
-        for path, claim in shards:
-            try:
-                stats.append(process_shard(path, engine, args, tag, budget, bos, claim, scorer))
-            except ClaimLost as e:
-                print(f"WARNING {e}", flush=True)
-            finally:
-                end_claim(claim)
-    if waiting:
-        raise SystemExit(
-            f"{len(waiting)} shard(s) skipped because 03 has not finished them in {args.vec_dir}: "
-            f"{', '.join(shard_name(p) for p in waiting[:5])}{' ...' if len(waiting) > 5 else ''}; run 03, "
-            "then this again"
-        )
-    return stats
 
 
 if __name__ == "__main__":

