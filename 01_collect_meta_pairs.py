@@ -8,6 +8,12 @@ Sources (combine any):
          16 read per one drawn, from the first samples of 8 or more shards visited in a --seed order: a large data
          set is not read through)
   file   your own JSONL with {"input", "output"} (and optionally "source")
+  laclip LaCLIP's released pairs, read from a checkout of github.com/LijieFan/LaCLIP that you point to
+         (--laclip-repo): its ChatGPT, Bard and human pairs and its 18 COCO images, as sources laclip-chatgpt,
+         laclip-bard, laclip-human and laclip-coco; `02_rewrite.py --sources laclip-chatgpt` then prompts with
+         the original's own examples. The lists in rewrite/utils.py are parsed as data (Python's ast), never
+         imported or run, and nothing of them is copied into this repository. All of them are kept (no
+         --per-source or --max-words cut), as LaCLIP used them; whitespace is made one line, as for every source.
 Pairs are cleaned to one line, de-duplicated, and dropped when empty, identical, or over --max-words (a COCO
 caption over --max-words is left out of its image's list).
 
@@ -26,6 +32,7 @@ On the toy data: 16 pairs per source (human, coco: 16 images, llm) in toy/meta_p
 """
 
 import argparse
+import ast
 import glob
 import hashlib
 import json
@@ -110,6 +117,84 @@ def coco_pairs(args, drops, read):
         a, b = rng.sample(caps, 2)
         # input/output: one pair, for readers that take pairs as written; 02 draws anew from the whole list
         pairs.append({"input": a, "output": b, "captions": caps})
+    return pairs
+
+
+# the lists of LaCLIP's rewrite/utils.py: our source name -> (inputs list, outputs list); coco is one list of
+# caption lists (an image's captions; 02 draws two of them for every example, as LaCLIP's coco mode does)
+LACLIP_LISTS = {
+    "laclip-chatgpt": ("chatgpt_source_caption_list", "chatgpt_target_caption_list"),
+    "laclip-bard": ("bard_source_caption_list", "bard_target_caption_list"),
+    "laclip-human": ("human_source_caption_list", "human_target_caption_list"),
+}
+LACLIP_COCO = "coco_caption_list"
+
+
+def laclip_lists(path):
+    """{name: value} of the top-level `name = [...]` assignments of LaCLIP's rewrite/utils.py that hold string
+    lists, read with ast.literal_eval: the file is parsed, never imported or executed."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "rewrite", "utils.py")
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"--laclip-repo: no {path}; point it at a checkout of github.com/LijieFan/LaCLIP "
+            "(git clone https://github.com/LijieFan/LaCLIP) or at its rewrite/utils.py"
+        )
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    wanted = {LACLIP_COCO, *(name for pair in LACLIP_LISTS.values() for name in pair)}
+    lists = {}
+    for node in tree.body:
+        if not (
+            isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        ):
+            continue
+        name = node.targets[0].id
+        if name not in wanted:
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError as e:
+            raise SystemExit(f"{path}: {name} is not a plain list of strings ({e})") from None
+        lists[name] = value
+    missing = sorted(wanted - set(lists))
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(missing)}; is this LaCLIP's rewrite/utils.py?")
+    return lists
+
+
+def laclip_pairs(args, drops, read):
+    """LaCLIP's released meta pairs, in the file's order, each record marked to be kept as released."""
+    if not args.laclip_repo:
+        raise SystemExit(
+            "--sources laclip needs --laclip-repo PATH (a checkout of github.com/LijieFan/LaCLIP)"
+        )
+    lists = laclip_lists(args.laclip_repo)
+    pairs = []
+    for source, (inputs_name, outputs_name) in LACLIP_LISTS.items():
+        inputs, outputs = lists[inputs_name], lists[outputs_name]
+        if len(inputs) != len(outputs) or not all(isinstance(s, str) for s in inputs + outputs):
+            raise SystemExit(f"{inputs_name} and {outputs_name} must be string lists of one length")
+        for a, b in zip(inputs, outputs, strict=True):
+            pairs.append({"source": source, "input": a, "output": b, "as_released": True})
+        read[source] = len(inputs)
+    for captions in lists[LACLIP_COCO]:
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise SystemExit(f"{LACLIP_COCO} must be a list of caption lists")
+        caps = list(dict((norm(c), one_line(c)) for c in captions if one_line(c)).values())
+        if len(caps) < 2:
+            drops["coco_image_under_two_captions"] += 1
+            continue
+        pairs.append(
+            {
+                "source": "laclip-coco",
+                "input": caps[0],
+                "output": caps[1],
+                "captions": caps,
+                "as_released": True,
+            }
+        )
+    read["laclip-coco"] = len(lists[LACLIP_COCO])
     return pairs
 
 
@@ -254,12 +339,19 @@ def llm_pairs(args, drops, read):
     return pairs
 
 
-SOURCES = {"human": human_pairs, "coco": coco_pairs, "llm": llm_pairs, "file": file_pairs}
+SOURCES = {
+    "human": human_pairs,
+    "coco": coco_pairs,
+    "llm": llm_pairs,
+    "file": file_pairs,
+    "laclip": laclip_pairs,
+}
 
 
 def clean(raw, per_source, max_words, drops):
     """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per
-    source. A "captions" list (coco, already cleaned by its source) is kept with its pair."""
+    source (a LaCLIP list, marked as released, is kept whole). A "captions" list (coco, already cleaned by its
+    source) is kept with its pair."""
     seen, kept, per = set(), [], Counter()
     for item in raw:
         source = item["source"]
@@ -268,11 +360,11 @@ def clean(raw, per_source, max_words, drops):
             reason = "empty"
         elif norm(a) == norm(b):
             reason = "identical"
-        elif max(len(a.split()), len(b.split())) > max_words:
+        elif max(len(a.split()), len(b.split())) > max_words and not item.get("as_released"):
             reason = "too_long"
         elif (source, norm(a), norm(b)) in seen:
             reason = "duplicate"
-        elif per[source] >= per_source:
+        elif per[source] >= per_source and not item.get("as_released"):
             reason = "over_limit"
         else:
             seen.add((source, norm(a), norm(b)))
@@ -298,6 +390,11 @@ def parse_args(argv=None):
         help="pair sources to collect",
     )
     p.add_argument("--out", default="toy/meta_pairs.jsonl", help="output JSONL")
+    p.add_argument(
+        "--laclip-repo",
+        default=None,
+        help="a checkout of github.com/LijieFan/LaCLIP (or its rewrite/utils.py), for --sources laclip",
+    )
     p.add_argument(
         "--per-source", type=int, default=16, help="pairs (coco: images) kept per source (LaCLIP used 16)"
     )
@@ -353,9 +450,10 @@ def main(argv=None):
         print(f"{source}: {len(got)} candidate pairs")
     pairs = clean(raw, args.per_source, args.max_words, drops)
     counts = Counter(p["source"] for p in pairs)
-    for source in sorted(drops):
+    for source in sorted(set(counts) | {s for s, c in drops.items() if c}):
         dropped = ", ".join(f"{v} {k}" for k, v in sorted(drops[source].items()))
-        print(f"{source}: {counts[source]} pairs kept" + (f" (dropped: {dropped})" if dropped else ""))
+        kept = f"{counts[source]} pairs kept" if source in counts else "pairs counted per list"
+        print(f"{source}: {kept}" + (f" (dropped: {dropped})" if dropped else ""))
     if not pairs:
         raise SystemExit("no meta pairs left after cleaning")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -212,3 +212,83 @@ def test_missing_inputs_give_clear_messages(tmp_path):
 def test_llm_answers_are_checked(answer, expect):
     got, why = mp.parse_llm_answer(answer, "Simple pig mammal animal", mp.LLM_MAX_WORDS)
     assert (got if got is not None else why) == expect
+
+
+# A file of the shape of LaCLIP's rewrite/utils.py, written for this test (the released lists are not shipped):
+# the seven list names, a long pair and more than --per-source entries (kept whole, as released), a COCO image
+# with a repeated caption, and code around them that must never run.
+LACLIP_UTILS = """import os
+os.makedirs({marker!r})
+coco_caption_list = [
+['A dog runs on grass. ', 'A brown dog  running.', 'A dog runs on grass.'],
+['A cat sleeps.', 'A cat is asleep on a sofa.'],
+['Only one caption here.'],
+]
+
+chatgpt_source_caption_list = [{chatgpt_in}]
+chatgpt_target_caption_list = [{chatgpt_out}]
+bard_source_caption_list = ['red chair at the stadium', 'golden fish in a bowl']
+bard_target_caption_list = ['A red chair stands out among white seats.', 'A golden fish swims in a bowl.']
+human_source_caption_list = ['happy corgi time']
+human_target_caption_list = [{human_out}]
+def never_called():
+    raise RuntimeError("imported")
+"""
+
+
+def write_laclip_checkout(root, marker):
+    chatgpt_in = ", ".join(repr(f"alt text number {i}") for i in range(20))
+    chatgpt_out = ", ".join(repr(f"A fluent caption, number {i}.") for i in range(20))
+    (root / "rewrite").mkdir(parents=True)
+    human_out = repr("A delighted corgi stands in the hallway. " + "word " * 70)
+    text = LACLIP_UTILS.format(
+        marker=str(marker), chatgpt_in=chatgpt_in, chatgpt_out=chatgpt_out, human_out=human_out
+    )
+    (root / "rewrite" / "utils.py").write_text(text, encoding="utf-8")
+
+
+def test_laclip_source_reads_the_released_lists_as_data(tmp_path, capsys):
+    marker = tmp_path / "executed"
+    write_laclip_checkout(tmp_path / "LaCLIP", marker)
+    out = tmp_path / "pairs.jsonl"
+    mp.main(["--sources", "laclip", "--laclip-repo", str(tmp_path / "LaCLIP"), "--out", str(out)])
+    assert not marker.exists()  # parsed, never run
+    pairs = read(out)
+    per = {}
+    for p in pairs:
+        per.setdefault(p["source"], []).append(p)
+    # every released pair kept: 20 > --per-source 16, and the 73-word human target > --max-words 60
+    assert {s: len(v) for s, v in per.items()} == {
+        "laclip-chatgpt": 20,
+        "laclip-bard": 2,
+        "laclip-human": 1,
+        "laclip-coco": 2,
+    }
+    assert [p["input"] for p in per["laclip-chatgpt"]] == [f"alt text number {i}" for i in range(20)]
+    assert per["laclip-bard"][1] == {
+        "source": "laclip-bard",
+        "input": "golden fish in a bowl",
+        "output": "A golden fish swims in a bowl.",
+    }
+    dog, cat = per["laclip-coco"]
+    assert dog["captions"] == ["A dog runs on grass.", "A brown dog running."]  # one line, repeats once
+    assert cat["captions"] == ["A cat sleeps.", "A cat is asleep on a sofa."]
+    stats = json.load(open(tmp_path / "pairs.stats.json"))
+    assert stats["dropped"]["laclip"] == {"coco_image_under_two_captions": 1}
+    assert stats["read"]["laclip"]["laclip-coco"] == 3
+    # 02 reads them as the original's sources, each pool whole
+    pools = stage("02_rewrite").load_meta_pairs(str(out), ["laclip-chatgpt", "laclip-coco"])
+    assert len(pools["laclip-chatgpt"]) == 20 and all(len(c) == 2 for _, _, c in pools["laclip-coco"])
+    # without the checkout, or with a file of another shape: one line that says what to do
+    with pytest.raises(SystemExit, match="--laclip-repo"):
+        mp.main(["--sources", "laclip", "--out", str(out)])
+    with pytest.raises(SystemExit, match="git clone"):
+        mp.main(["--sources", "laclip", "--laclip-repo", str(tmp_path), "--out", str(out)])
+    other = tmp_path / "other.py"
+    other.write_text("coco_caption_list = []\n")
+    with pytest.raises(SystemExit, match="bard_source_caption_list"):
+        mp.main(["--sources", "laclip", "--laclip-repo", str(other), "--out", str(out)])
+    broken = LACLIP_UTILS.replace("[{chatgpt_in}]", "[os.getcwd()]")
+    other.write_text(broken.format(marker=str(marker), chatgpt_out="'a'", human_out="'b'"))
+    with pytest.raises(SystemExit, match="not a plain list of strings"):
+        mp.main(["--sources", "laclip", "--laclip-repo", str(other), "--out", str(out)])
