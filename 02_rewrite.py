@@ -140,6 +140,18 @@ def build_prompt(caption, examples, style):
     raise ValueError(f"unknown prompt style {style!r}")
 
 
+def fit_prompt(prompt, tokenizer, max_tokens):
+    """(prompt, was_cut) as LaCLIP's rewrite script fits a prompt to --max_seq_len N: kept when it encodes to at
+    most N - 5 tokens (special tokens included), else its first N - 10 tokens decoded, then " =>". The caption
+    comes last, so its end is what goes; N = 0 keeps every prompt."""
+    if not max_tokens:
+        return prompt, False
+    ids = tokenizer(prompt)["input_ids"]
+    if len(ids) <= max_tokens - 5:
+        return prompt, False
+    return tokenizer.decode(ids[: max_tokens - 10], skip_special_tokens=True) + " =>", True
+
+
 def content_words(text):
     return set(norm(text).split()) - STOP_WORDS
 
@@ -245,6 +257,14 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
     chunk_of = {}  # key -> index of its chunk
     unsettled = {}  # chunk index -> how many of its slots still wait for a final answer
 
+    def fitted_request(slots, attempt):
+        """llm_request's prompt, fitted to --max-prompt-tokens with the engine's own tokenizer."""
+        r = llm_request(slots, attempt, pools, args, shard)
+        r["prompt"], cut = fit_prompt(r["prompt"], engine.tokenizer, args.max_prompt_tokens)
+        if cut:
+            counts["prompt_cut"] += 1
+        return r
+
     def first_requests(c):
         """Chunk c's first attempts: one request per caption and source, for all n slots at once."""
         requests = []
@@ -253,7 +273,7 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
             chunk_of[key] = c
             for s in pools:
                 slots = [(key, caption, s, j) for j in range(args.n)]
-                requests.append(llm_request(slots, 0, pools, args, shard))
+                requests.append(fitted_request(slots, 0))
         unsettled[c] = len(item_lists[c]) * len(pools) * args.n
         return requests
 
@@ -270,7 +290,7 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
                     counts[f"rejected_{why}"] += 1
                     if request["attempt"] < args.max_retries:
                         counts["retries"] += 1
-                        retries.append(llm_request([slot], request["attempt"] + 1, pools, args, shard))
+                        retries.append(fitted_request([slot], request["attempt"] + 1))
                         continue
                 elif why:  # cut_loop / cut_long: kept, and counted
                     counts[why] += 1
@@ -364,11 +384,11 @@ def rewrite_eda(synonyms, items, args, shard, counts):
 
 
 def caption_items(chunk, args, counts):
-    """[(key, caption)] of a chunk's samples that have a caption: one line, cut to --max-caption-words."""
+    """[(key, caption)] of a chunk's samples that have a caption: one line, cut to --max-caption-words if set."""
     items = []
     for key, text in chunk:
         caption = one_line(text or "")
-        if len(caption.split()) > args.max_caption_words:
+        if args.max_caption_words and len(caption.split()) > args.max_caption_words:
             counts["truncated"] += 1
             caption = " ".join(caption.split()[: args.max_caption_words])
         if caption:
@@ -645,10 +665,18 @@ def parse_args(argv=None):
         help="new draws for a rejected rewrite before falling back to the original",
     )
     p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=400,
+        help="LaCLIP's prompt cut (its README's --max_seq_len 400): a prompt over this minus 5 tokens of the "
+        "model's tokenizer keeps its first this minus 10 tokens and ' =>' (the caption's end goes); 0: off",
+    )
+    p.add_argument(
         "--max-caption-words",
         type=int,
-        default=64,
-        help="longer captions are cut to this in the prompt (the record keeps the full text)",
+        default=0,
+        help="the other cut: captions longer than this many words are cut in the prompt before it is built "
+        "(the record keeps the full text); 0: off",
     )
     p.add_argument("--seed", type=int, default=0, help="base of every per-sample seed")
     p.add_argument(
@@ -781,7 +809,15 @@ def main(argv=None):
         provenance["score_model"] = args.score_model
     tag = hashlib.sha256(
         json.dumps(
-            [provenance, args.seed, args.min_words, args.max_words, args.max_caption_words], sort_keys=True
+            [
+                provenance,
+                args.seed,
+                args.min_words,
+                args.max_words,
+                args.max_caption_words,
+                args.max_prompt_tokens,
+            ],
+            sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
     config_path = os.path.join(args.out_dir, "_config.json")

@@ -35,6 +35,16 @@ def tar_keys(shards):
     return keys
 
 
+class WordTokenizer:
+    """A word per token, for the scripted engine's prompt cut (the real tokenizer's cut is tested on its own)."""
+
+    def __call__(self, text):
+        return {"input_ids": text.split(" ")}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(ids)
+
+
 class ScriptedEngine:
     """Stands at the engine boundary and returns fixed completions, to drive the fallback logic."""
 
@@ -43,6 +53,7 @@ class ScriptedEngine:
 
     def __init__(self, *a, **k):
         self.calls = Counter()
+        self.tokenizer = WordTokenizer()
 
     def generate(self, prompts, seeds, n=1, stop=None):
         out = []
@@ -408,6 +419,8 @@ def test_bad_input_counted_good_samples_kept(toy, meta_pairs, tmp_path, monkeypa
             str(tmp_path / "o"),
             "--sources",
             "human",
+            "--max-caption-words",
+            "64",
         ]
     )
     records = {r["key"]: r for r in map(json.loads, open(tmp_path / "o/00000.jsonl"))}
@@ -564,6 +577,7 @@ class SeededEcho:
 
     def __init__(self):
         self.calls = []
+        self.tokenizer = WordTokenizer()
 
     def generate(self, prompts, seeds, n=1, stop=None):
         self.calls.append(len(prompts))
@@ -837,3 +851,39 @@ def test_default_chunks_save_progress_within_a_toy_sized_shard(tmp_path, monkeyp
     assert saves == [128, 128, 44] and stats["in"] == 300
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("part-0: ") and f"s -> {out / 'part-0.jsonl'}" in summary
+
+
+def test_prompt_cut_as_laclip_cuts_it(toy, meta_pairs, tmp_path, monkeypatch):
+    """--max-prompt-tokens N (the default 400 is LaCLIP's --max_seq_len): a prompt of at most N - 5 tokens of the
+    model's own tokenizer is sent as built; a longer one as its first N - 10 tokens and " =>"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(toy / "models/tiny-llama"))
+    examples = [("a red circle", "A red circle on white."), ("blue square", "A blue square.")]
+    short = rw.build_prompt("a small green triangle", examples, "laclip")
+    assert rw.fit_prompt(short, tok, 400) == (short, False)
+    assert rw.fit_prompt(short, tok, 0) == (short, False)
+    n = len(tok(short)["input_ids"])
+    assert rw.fit_prompt(short, tok, n + 5) == (short, False)  # exactly N - 5 tokens: kept
+    cut, was_cut = rw.fit_prompt(short, tok, n + 4)
+    assert was_cut and cut.endswith(" =>") and cut != short
+    assert cut[: -len(" =>")] == tok.decode(tok(short)["input_ids"][: n - 6], skip_special_tokens=True)
+    long_prompt = rw.build_prompt("very long caption " * 300, examples, "laclip")
+    cut, was_cut = rw.fit_prompt(long_prompt, tok, 400)
+    assert was_cut and cut.startswith(rw.LACLIP_INSTRUCTION) and cut.endswith(" =>")
+    assert len(tok(cut)["input_ids"]) <= 400 - 5
+    # in the stage: the long caption's prompt is cut and counted, the record keeps the full text
+    monkeypatch.setattr(rw, "TextEngine", ScriptedEngine)
+    ScriptedEngine.prompts.clear()
+    shards = tmp_path / "in"
+    shards.mkdir()
+    rows = [{"key": "a", "text": "a dog on grass"}, {"key": "b", "text": "word " * 500}]
+    (shards / "00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--input", str(shards), "--meta-pairs", str(meta_pairs), "--sources", "human"]
+    (stats,) = rw.main(args + ["--out-dir", str(tmp_path / "o"), "--max-prompt-tokens", "300"])
+    assert stats["counts"]["prompt_cut"] >= 1 and "truncated" not in stats["counts"]
+    long_prompts = [p for p in ScriptedEngine.prompts if "word word" in p]
+    assert long_prompts and all(len(p.split(" ")) == 290 + 1 and p.endswith(" =>") for p in long_prompts)
+    assert all(len(p.split(" ")) <= 295 for p in ScriptedEngine.prompts if "a dog on grass" in p)
+    records = {r["key"]: r for r in map(json.loads, open(tmp_path / "o/00000.jsonl"))}
+    assert records["b"]["text"].split() == ["word"] * 500
