@@ -673,18 +673,23 @@ class Trainee(nn.Module):
         if text_mask is not None:
             out["text_mask"] = text_mask
         if views is not None:
-            n = views.shape[1]
-            if views.ndim == 3:  # [batch, views, dim]: cached trunk features
-                view_features = views.flatten(0, 1)
-            else:
-                view_features = self.image_features(views.flatten(0, 1))
-            out["views"] = F.normalize(self.image_head(view_features), dim=-1).view(b, n, -1)
-            self.dropping = True
-            try:
-                view_text_features = self.text_features(view_text.flatten(0, 1))
-            finally:
-                self.dropping = False
-            out["view_text"] = F.normalize(self.text_head(view_text_features), dim=-1).view(b, n, -1)
+            # one view at a time through the trunk and the heads, as clip-rocket's CL2L.forward runs them:
+            # BatchNorm (a CNN trunk's, the heads') normalises each view with its own batch statistics
+            image_heads, text_heads = [], []
+            for v in range(views.shape[1]):
+                if views.ndim == 3:  # [batch, views, dim]: cached trunk features
+                    view_features = views[:, v]
+                else:
+                    view_features = self.image_features(views[:, v])
+                image_heads.append(F.normalize(self.image_head(view_features), dim=-1))
+                self.dropping = True
+                try:
+                    view_text_features = self.text_features(view_text[:, v])
+                finally:
+                    self.dropping = False
+                text_heads.append(F.normalize(self.text_head(view_text_features), dim=-1))
+            out["views"] = torch.stack(image_heads, dim=1)
+            out["view_text"] = torch.stack(text_heads, dim=1)
             out["head_scale"] = self.head_logit_scale.exp()
         return out
 

@@ -846,6 +846,43 @@ def test_rocket_heads_read_backbone_features_not_the_global_projection(config):
     assert all(dict(model.named_parameters())[k].grad is not None for k in projections)
 
 
+def test_rocket_views_normalise_with_their_own_batch_statistics():
+    """As clip-rocket's CL2L.forward, each view goes through the trunk and the heads on its own: BatchNorm's
+    running statistics (ResNet trunk, both heads) equal a reference that feeds view 0, then view 1."""
+    import copy
+
+    model = tiny_trainee(RESNET).train()
+    model.dropping = False
+    for block in model.clip.transformer.resblocks:  # no text dropout: it would draw other random numbers
+        block._forward_pre_hooks.clear()
+    reference = copy.deepcopy(model)
+    b, n = 4, 2
+    torch.manual_seed(1)
+    views = torch.randn(b, n, 3, 32, 32) * torch.tensor([1.0, 3.0]).view(
+        1, n, 1, 1, 1
+    )  # views differ in scale
+    view_text = torch.randint(1, 49000, (b, n, 16))
+    batch = {"image": torch.randn(b, 3, 32, 32), "text": torch.randint(1, 49000, (b, 1, 16))}
+    with torch.no_grad():
+        model(**batch, views=views, view_text=view_text)
+        reference.clip.encode_image(batch["image"])  # the global view first, as in the model's forward
+        for v in range(n):
+            reference.image_head(reference.image_features(views[:, v]))
+            reference.text_head(reference.text_features(view_text[:, v]))
+    stats = {k: x for k, x in model.state_dict().items() if "running_" in k}
+    expect = {k: x for k, x in reference.state_dict().items() if "running_" in k}
+    assert any(k.startswith("image_head.") for k in stats) and any(
+        k.startswith("clip.visual.") for k in stats
+    )
+    for k in stats:
+        assert torch.allclose(stats[k], expect[k], atol=1e-6), k
+    # one batch of both views together would have given other statistics
+    with torch.no_grad():
+        joint = tiny_trainee(RESNET).train()
+        joint.image_head(joint.image_features(views.flatten(0, 1)))
+    assert not torch.allclose(joint.image_head[1].running_var, model.image_head[1].running_var)
+
+
 def test_timm_resnet_config_of_the_rocket_recipe_builds_and_reads_its_trunk():
     import open_clip
 
