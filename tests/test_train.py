@@ -1240,3 +1240,62 @@ def test_texts_without_a_text_mode_is_refused_and_joined_captions_are_reported(d
     tr.main(base(data, tmp_path / "w", "--texts", str(other), "--text-mode", "uniform", "--max-steps", "1"))
     out = capsys.readouterr().out
     assert "0 of " in out and "no sample got a synthetic caption" in out
+
+
+def _gather_grads(rank, world, port, out):
+    """One gloo rank: the gradients of its local features under each gather, saved for the parent to compare."""
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)
+    image = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    losses = {
+        "no_grad": ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world),
+        "with_grad": ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
+    }
+    grads = {}
+    for name, loss_fn in losses.items():
+        i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+        tr.contrastive(loss_fn, i, t, torch.tensor(10.0)).backward()
+        grads[name] = (i.grad, t.grad)
+    torch.save(grads, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_no_gather_with_grad_is_clip_rockets_gather(tmp_path):
+    """2 CPU processes (gloo): with --local-loss (the default), --no-gather-with-grad gives the gradients of a
+    hand-made reference in which every gathered column is a constant, this rank's own included: clip-rocket's
+    all_gather_batch. --gather-with-grad (LaCLIP's, the default) differs: gradient flows through the gather."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_grads, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    feats = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        image = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        feats.append((image, text))
+    all_image = torch.cat([f[0] for f in feats])
+    all_text = torch.cat([f[1] for f in feats])
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        image = feats[rank][0].clone().requires_grad_()
+        text = feats[rank][1].clone().requires_grad_()
+        labels = torch.arange(3) + 3 * rank
+        loss = (
+            torch.nn.functional.cross_entropy(10.0 * image @ all_text.T, labels)
+            + torch.nn.functional.cross_entropy(10.0 * text @ all_image.T, labels)
+        ) / 2
+        loss.backward()
+        assert torch.allclose(got["no_grad"][0], image.grad, atol=1e-6)
+        assert torch.allclose(got["no_grad"][1], text.grad, atol=1e-6)
+        # with grad: each rank also gets the other rank's loss terms through the gather (DDP then averages)
+        assert not torch.allclose(got["with_grad"][0], image.grad, atol=1e-4)
