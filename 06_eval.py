@@ -91,7 +91,13 @@ LACLIP_TEMPLATES = [
     "a photo of the small {c}.",
 ]
 TABLE = {
-    "zeroshot": [("acc1", "top-1"), ("acc5", "top-5"), ("mean_per_class_recall", "mean recall")],
+    "zeroshot": [
+        ("acc1", "top-1"),
+        ("acc5", "top-5"),
+        ("mean_per_class_recall", "mean recall"),
+        ("acc1_h", "heads top-1"),  # clip-rocket checkpoints only (columns shown when some row has them)
+        ("acc1_zh", "z+h top-1"),
+    ],
     "retrieval": [
         (f"{d}_retrieval_recall@{k}", f"{arrow} R@{k}")
         for d, arrow in (("text", "I→T"), ("image", "T→I"))
@@ -100,6 +106,9 @@ TABLE = {
     "linear_probe": [("lp_acc1", "LP top-1"), ("lp_mean_per_class_recall", "LP mean recall")],
     "cra": [("cra", "CRA")],
 }
+
+
+HEAD_KEYS = {"acc1_h", "acc1_zh"}
 
 
 def tie_share(m, t, p):
@@ -802,6 +811,17 @@ def run_zeroshot(model, transform, tokenizer, path, args, counts):
     warn_empty_classes(names, labels, path, counts)
     hits = hits_at(emb, classifier, labels, torch.arange(len(names)), (1, 5))
     metrics, ties = classification_metrics(hits, labels, len(names))
+    heads = {}
+    if getattr(model, "rocket_heads", None) is not None:
+        made, why = head_outputs(model, transform, tokenizer, names, templates, items, args, path, counts)
+        if made is None:
+            print0(f"06_eval: {path}: clip-rocket heads not evaluated: {why}")
+        else:
+            head_classifier, head_emb, head_kept = made
+            if not torch.equal(head_kept, kept):
+                raise SystemExit(f"{path}: the heads' pass read other images than the main one")
+            head_metrics, heads = ensemble_scores(emb, classifier, head_emb, head_classifier, labels)
+            metrics.update(head_metrics)
     ids = [[item_id(items[i], path), names[c]] for i, c in zip(kept.tolist(), labels.tolist(), strict=True)]
     chance = {"acc1": 1 / len(names)}
     if "acc5" in metrics:
@@ -812,9 +832,107 @@ def run_zeroshot(model, transform, tokenizer, path, args, counts):
         "templates": template_name,
         "n_templates": len(templates),
         "ties": ties,
+        **heads,
         "items": item_outcomes(hits, [k for k in ("acc1", "acc5") if k in metrics]),
         "item_order": item_order(ids),
     }
+
+
+HEAD_WEIGHTS = [round(0.1 * i, 1) for i in range(1, 10)]  # clip-rocket's w z + (1 - w) h ensembles
+
+
+def rocket_heads(meta):
+    """clip-rocket's two MLP heads (05 --aug-views) rebuilt from a checkpoint's "extra_state_dict", in eval mode;
+    None for a checkpoint without them. The layout is 05's: Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d,
+    ReLU, Linear."""
+    extra = meta.get("extra_state_dict", {}) if isinstance(meta, dict) else {}
+    heads = {}
+    for side in ("image_head", "text_head"):
+        state = {k[len(side) + 1 :]: v for k, v in extra.items() if k.startswith(side + ".")}
+        if "0.weight" not in state or "6.weight" not in state:
+            return None
+        hidden, in_dim = state["0.weight"].shape
+        head = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, state["6.weight"].shape[0]),
+        )
+        head.load_state_dict(state)
+        heads[side] = head.eval()
+    return nn.ModuleDict(heads)
+
+
+class TextFeatures(nn.Module):
+    """An open_clip CLIP's text tower up to its projection (the pooled output the heads read)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def encode_text(self, tokens):
+        kept = self.clip.text_projection
+        self.clip.text_projection = None
+        try:
+            return self.clip.encode_text(tokens)
+        finally:
+            self.clip.text_projection = kept
+
+
+class HeadText(nn.Module):
+    def __init__(self, clip, head):
+        super().__init__()
+        self.features, self.head = TextFeatures(clip), head
+
+    def encode_text(self, tokens):
+        return self.head(self.features.encode_text(tokens))
+
+
+def head_outputs(model, transform, tokenizer, names, templates, items, args, what, counts):
+    """The heads' class embeddings and the images' head embeddings (kept indices too), or None with the reason
+    when this model's towers do not expose their features before the projections."""
+    split = split_image_tower(model)
+    if split is None or not isinstance(getattr(model, "text_projection", None), nn.Parameter):
+        return None, "the heads read features before the projections, which this tower does not expose"
+    trunk, _ = split
+    heads = model.rocket_heads
+    classifier = class_embeddings(HeadText(model, heads["text_head"]), tokenizer, names, templates, args)
+
+    def encode(x):
+        features = trunk(x)
+        if features.ndim == 4:  # a timm trunk without its own pooling, pooled as 05 pools it
+            features = features.flatten(2).mean(-1)
+        return heads["image_head"](features)
+
+    emb, kept = encode_image_batches(encode, transform, items, args, what + " (heads)", counts)
+    return (classifier, emb, kept), None
+
+
+def ensemble_scores(emb, classifier, head_emb, head_classifier, labels, seed=0):
+    """clip-rocket's eval of a model with heads: top-1 of the heads (h) and of w z + (1 - w) h for each w; and
+    one honest number, "acc1_zh": w picked on one half of the images (stratified), scored on the other, both
+    ways, the two halves' hits pooled (the original reports every w on the whole test set)."""
+    z, h = emb @ classifier.T, head_emb @ head_classifier.T
+    correct = {"h": (h.argmax(1) == labels).float()}
+    for w in HEAD_WEIGHTS:
+        correct[w] = ((w * z + (1 - w) * h).argmax(1) == labels).float()
+    rng = torch.Generator().manual_seed(seed)
+    half = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():  # every class split between the halves
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=rng)]
+        half[members[: len(members) // 2]] = True
+    picked, hits = [], torch.zeros(len(labels))
+    for fit in (half, ~half):
+        best = max(HEAD_WEIGHTS, key=lambda w: (correct[w][fit].mean().item(), -abs(w - 0.5)))
+        picked.append(best)
+        hits[~fit] = correct[best][~fit]
+    metrics = {"acc1_h": correct["h"].mean().item(), "acc1_zh": hits.mean().item()}
+    every_w = {str(w): correct[w].mean().item() for w in HEAD_WEIGHTS}
+    return metrics, {"acc1_zh_each_w": every_w, "zh_w_picked": picked}
 
 
 def run_retrieval(model, transform, tokenizer, path, args, counts):
@@ -1068,6 +1186,9 @@ def load_model(args):
     if args.text_tower or (isinstance(meta, dict) and "text_tower" in meta):
         model, tower = attach_text_tower(model, meta, args)
         return model, transform, list, {**weights, **tower}
+    heads = rocket_heads(meta)
+    if heads is not None:  # clip-rocket's heads: zero-shot also reports h and the w z + (1 - w) h ensembles
+        model.rocket_heads = heads.to(args.device)
     return model.eval(), transform, open_clip.get_tokenizer(args.model), weights
 
 
@@ -1116,9 +1237,14 @@ def markdown_table(records):
     """A row per name, a column per (dataset, metric), tasks in
     TABLE's order; percentages, – where not measured."""
     columns = table_columns(records)
+    measured = {key for record in records.values() for key in record.get("metrics", {})}
+    shown = {
+        task: [(k, label) for k, label in TABLE[task] if k not in HEAD_KEYS or k in measured]
+        for task in TABLE
+    }
     header = ["model"]
     for task, dataset in columns:
-        for _, label in TABLE[task]:
+        for _, label in shown[task]:
             header.append(f"{dataset} {label}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     names = dict.fromkeys(n for n, _, _ in records)  # in the order first met
@@ -1126,7 +1252,7 @@ def markdown_table(records):
         cells = [str(name)]
         for task, dataset in columns:
             metrics = records.get((name, task, dataset), {}).get("metrics", {})
-            for key, _ in TABLE[task]:
+            for key, _ in shown[task]:
                 value = metrics.get(key)
                 cells.append("–" if value is None else f"{100 * value:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

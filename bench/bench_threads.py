@@ -8,9 +8,13 @@ Workloads (each a stage command, timed whole, wall clock):
   toydata   00_toy_data.py at a small size (its tiny-LLaMA and tiny-LLaVA steps) into a scratch folder
   lit       05_train.py, one epoch of the real locked-image world's CLIP row (needs real/ with its image cache)
 Arms (environment of the stage process):
-  baseline  torch's own default: one OpenMP thread per core, OpenMP's default (spinning) wait policy
-  1 thread  OMP_NUM_THREADS=1
-  passive   one thread per core, OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)
+  baseline  OMP_NUM_THREADS=<cores>: torch's own default, one OpenMP thread per core (05's image-cache rows:
+            every core, as the stage now gives them)
+  1 thread  OMP_NUM_THREADS=1 (what 05 gave a LiT row before: cores minus its DataLoader workers)
+  rule      no variable: the stages' set_torch_threads, their share of the cores capped at the cores idle
+            over a 0.2 s look at start
+  passive   OMP_NUM_THREADS=<cores> and OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, not spin); measured
+            once, 1.36 to 1.42x slower than baseline on a quiet machine for the tiny models, so not adopted
 Loads: quiet, and "1 busy" (a Python process spinning on one core, started and stopped by this script).
 Arms and loads interleave per repeat; the table shows the median seconds and the ratio to the baseline
 under the same load. A load average above 0.5 at the start is printed as a warning.
@@ -27,10 +31,12 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORES = str(len(os.sched_getaffinity(0)))
 ARMS = {
-    "baseline": {},
+    "baseline": {"OMP_NUM_THREADS": CORES},
     "1 thread": {"OMP_NUM_THREADS": "1"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "rule": {},
+    "passive": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"},
 }
 
 
@@ -86,6 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=["rewrite", "toydata", "lit"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--json", default=None, help="also write the medians here")
     args = p.parse_args()
     load = os.getloadavg()[0]
@@ -101,7 +108,8 @@ def main():
                     time.sleep(1)
                 try:
                     for work, argv in commands.items():
-                        for arm, arm_env in ARMS.items():
+                        for arm in args.arms:
+                            arm_env = ARMS[arm]
                             seconds = run_once(argv, arm_env, scratch)
                             times.setdefault((work, load_name, arm), []).append(seconds)
                 finally:

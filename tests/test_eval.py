@@ -1238,3 +1238,60 @@ def test_top5_is_left_out_with_five_classes():
     assert "acc5" not in metrics
     metrics, _ = ev.classification_metrics(hits, torch.tensor([0, 1]), 6)
     assert metrics["acc5"] == 1.0
+
+
+def test_clip_rocket_heads_and_their_ensembles_are_evaluated(toy, tmp_path):
+    """A 05 checkpoint with clip-rocket's heads: zero-shot also reports the heads' top-1 (h) and clip-rocket's
+    w z + (1 - w) h ensembles (each w in the row, one w picked on held-out halves as acc1_zh); h equals the same
+    computation through 05's own Trainee. A checkpoint without heads gets none of these columns."""
+    import open_clip
+
+    tr = stage("05_train")
+    out = tmp_path / "rocket"
+    common = [
+        "--input",
+        str(toy / "shards"),
+        "--model",
+        str(toy / "models/toy-clip.json"),
+        "--batch-size",
+        "8",
+    ]
+    common += ["--workers", "0", "--max-steps", "3", "--epochs", "1"]
+    tr.main(common + ["--aug-views", "2", "--head-dim", "16", "--out-dir", str(out)])
+    tr.main(common + ["--out-dir", str(tmp_path / "plain")])
+    results = tmp_path / "r.jsonl"
+    zeroshot = ["--zeroshot", str(toy / "eval/zeroshot"), "--workers", "0", "--results", str(results)]
+    (row,) = ev.main(["--name", "rocket", "--pretrained", str(out / "latest.pt"), *zeroshot])
+    (plain,) = ev.main(["--name", "plain", "--pretrained", str(tmp_path / "plain/latest.pt"), *zeroshot])
+    metrics = row["metrics"]
+    assert {"acc1_h", "acc1_zh"} <= set(metrics) and not {"acc1_h", "acc1_zh"} & set(plain["metrics"])
+    each = row["acc1_zh_each_w"]
+    assert sorted(each) == [str(w) for w in ev.HEAD_WEIGHTS] and len(row["zh_w_picked"]) == 2
+    assert all(w in ev.HEAD_WEIGHTS for w in row["zh_w_picked"])
+    table = open(tmp_path / "r.md").read()
+    assert "heads top-1" in table and "z+h top-1" in table
+    plain_line = next(line for line in table.splitlines() if line.startswith("| plain"))
+    assert plain_line.count("–") == 2  # the plain row has no heads
+
+    # the heads' top-1 through 05's Trainee, from the same checkpoint
+    ckpt = torch.load(out / "latest.pt", map_location="cpu", weights_only=True)
+    open_clip.add_model_config(str(out / "toy-clip.json"))
+    clip, _, preprocess = open_clip.create_model_and_transforms("toy-clip")
+    clip.visual.preprocess_cfg = {"size": clip.visual.image_size[0]}
+    trainee = tr.Trainee(clip, json.load(open(out / "toy-clip.json"))["embed_dim"], 2, 16, 0.0)
+    trainee.load_state_dict(
+        {**{"clip." + k: v for k, v in ckpt["state_dict"].items()}, **ckpt["extra_state_dict"]}
+    )
+    trainee.eval()
+    eval_args = ev.parse_args(["--pretrained", str(out / "latest.pt")])
+    items, labels, names, found = ev.read_classes(str(toy / "eval/zeroshot"), eval_args, Counter())
+    templates, _ = ev.pick_templates("auto", found)
+    tokenizer = open_clip.get_tokenizer("toy-clip")
+    with torch.no_grad():
+        prompts = [t.replace("{c}", c) for c in names for t in templates]
+        text = F.normalize(trainee.text_head(trainee.text_features(tokenizer(prompts))), dim=-1)
+        classes = F.normalize(text.view(len(names), len(templates), -1).mean(1), dim=-1)
+        images = torch.stack([preprocess(Image.open(p)) for p in items])
+        image = F.normalize(trainee.image_head(trainee.image_features(images)), dim=-1)
+    expect = ((image @ classes.T).argmax(1) == labels).float().mean().item()
+    assert metrics["acc1_h"] == pytest.approx(expect, abs=1e-6)
