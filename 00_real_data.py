@@ -196,7 +196,7 @@ STAMP_ZEROSHOT_CLASSES = {
 }
 # What a web page puts around a stamp's file name and folders in its alt text (one or two, seeded per stamp).
 WEB_NOISE = ["clipart", "clip art", "png", "transparent png", "free", "cartoon", "stamp", "image", "vector"]
-# Two ink thumbnails (see ink_hash) are one drawing when their mean absolute difference is under this share
+# Two ink thumbnails (see ink_thumbnail) are one drawing when their mean absolute difference is under this share
 # of their mean ink (darkness). Checked by eye on Debian's packages: of the 40 stamps whose nearest clip art
 # is under 0.18, 35 are that drawing (re-exported, recropped, reshaded: the tepee 0.011 ... the castle tower
 # 0.173) and 5 are other round things (a crescent moon, Mercury, two yen coins, a Fuji apple against another
@@ -515,7 +515,7 @@ def scan_tuxpaint(root, seed, counts):
     return records
 
 
-def ink_hash(path):
+def ink_thumbnail(path):
     """(16x16x3 float thumbnail, aspect ratio) of a drawing's ink: on white, cropped to the box of its
     non-white pixels, so one drawing exported at another size or with other margins hashes alike."""
     with warnings.catch_warnings():
@@ -539,14 +539,14 @@ def drop_clipart_twins(stamps, clipart, counts):
     if not stamps or not clipart:
         return stamps, []
     t0 = time.time()
-    hashes = [ink_hash(rec["path"]) for rec in stamps]
+    hashes = [ink_thumbnail(rec["path"]) for rec in stamps]
     thumbs = np.stack([thumb for thumb, _ in hashes])
     aspects = np.log([aspect for _, aspect in hashes])
     inks = (255 - thumbs).mean(axis=(1, 2, 3))
     best = {}  # stamp index -> (distance, clip-art source)
     for rec in clipart:
         try:
-            thumb, aspect = ink_hash(rec["path"])
+            thumb, aspect = ink_thumbnail(rec["path"])
         except BROKEN_IMAGE_ERRORS:
             continue  # counted as unreadable when the shards are written
         mean_ink = np.maximum((inks + (255 - thumb).mean()) / 2, 1.0)  # faint drawings differ faintly
@@ -835,7 +835,7 @@ def write_fashion_mnist(folder, args):
     print(f"{folder}: {len(folders)} classes from {len(labels)} test images, {time.time() - t0:.1f}s")
 
 
-def count_class_folders(folder):
+def images_per_class(folder):
     names = (folder / "classnames.txt").read_text().splitlines()
     folders = sorted(p for p in folder.iterdir() if p.is_dir())
     return {name: len(list(p.iterdir())) for name, p in zip(names, folders, strict=True)}
@@ -927,12 +927,12 @@ def build_data(args):
     write_fashion_mnist(out / "eval" / "fashion_mnist", args)
 
     images, failed, subjects = train_counts(shards_dir, num_shards)
-    zeroshot = count_class_folders(out / "eval" / "zeroshot")
-    fmnist = count_class_folders(out / "eval" / "fashion_mnist")
+    zeroshot = images_per_class(out / "eval" / "zeroshot")
+    fmnist = images_per_class(out / "eval" / "fashion_mnist")
     retrieval = len((out / "eval" / "retrieval" / "captions.jsonl").read_text().splitlines())
     tuxpaint = {"dir": args.tuxpaint_dir, "found": bool(stamp_counts)}
     if stamp_counts:
-        stamps_zeroshot = count_class_folders(out / "eval" / "zeroshot_stamps") if stamp_classes else {}
+        stamps_zeroshot = images_per_class(out / "eval" / "zeroshot_stamps") if stamp_classes else {}
         sentence_lines = (out / "eval" / "retrieval_sentences" / "captions.jsonl").read_text().splitlines()
         tuxpaint.update(
             {

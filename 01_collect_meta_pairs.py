@@ -348,10 +348,9 @@ SOURCES = {
 }
 
 
-def clean(raw, per_source, max_words, drops):
-    """One line each, no empties, no identical sides, no over-long sides, no repeats; at most per_source per
-    source (a LaCLIP list, marked as released, is kept whole). A "captions" list (coco, already cleaned by its
-    source) is kept with its pair."""
+def filter_pairs(raw, per_source, max_words, drops):
+    """The meta pairs 02 may show as examples: one line each, distinct, not echoes, at most max_words a side and
+    per_source a source (LaCLIP's released lists kept whole); each drop counted in drops[source][reason]."""
     seen, kept, per = set(), [], Counter()
     for item in raw:
         source = item["source"]
@@ -448,7 +447,7 @@ def main(argv=None):
         for item in got:
             raw.append({"source": source, **item})  # the file source names its own sources
         print(f"{source}: {len(got)} candidate pairs")
-    pairs = clean(raw, args.per_source, args.max_words, drops)
+    pairs = filter_pairs(raw, args.per_source, args.max_words, drops)
     counts = Counter(p["source"] for p in pairs)
     for source in sorted(set(counts) | {s for s, c in drops.items() if c}):
         dropped = ", ".join(f"{v} {k}" for k, v in sorted(drops[source].items()))

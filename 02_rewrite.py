@@ -277,7 +277,7 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
         unsettled[c] = len(item_lists[c]) * len(pools) * args.n
         return requests
 
-    def check(requests, completions):
+    def settle_rewrites(requests, completions):
         """Keeps each accepted rewrite, and a slot's last rejected one as None; returns the retry requests."""
         retries = []
         for request, texts in zip(requests, completions, strict=True):
@@ -325,7 +325,7 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
                 retries = []
                 if in_flight is not None:
                     done_requests, future = in_flight
-                    retries = check(done_requests, future.result())
+                    retries = settle_rewrites(done_requests, future.result())
                     yield from settled_chunks()
                 in_flight = submitted
                 if in_flight is None and not retries and next_chunk == len(item_lists):
@@ -336,7 +336,7 @@ def rewrite_llm(engine, item_lists, pools, args, shard, counts):
         for c in range(len(item_lists)):
             requests = first_requests(c)
             while requests:  # a chunk's retries go out alone, before the next chunk
-                requests = check(requests, generate_requests(engine, requests))
+                requests = settle_rewrites(requests, generate_requests(engine, requests))
                 yield from settled_chunks()
     for c in list(unsettled):  # chunks with nothing to generate (no usable caption)
         yield c, {}

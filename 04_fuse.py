@@ -94,7 +94,7 @@ def sample_seed(*parts):
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
-def refusal(text, refusals, allowed=""):
+def is_refusal(text, refusals, allowed=""):
     low, allowed = text.lower().replace("\u2019", "'"), allowed.lower().replace("\u2019", "'")
     return any(r.lower() in low and r.lower() not in allowed for r in refusals)
 
@@ -163,7 +163,7 @@ def parse_fused(completion, alt, vec, refusals, max_words):
         return None, "empty"
     if text.endswith(":"):  # "Here is the caption:", and generation stopped at its line end
         return None, "preamble"
-    if refusal(text, refusals, alt):
+    if is_refusal(text, refusals, alt):
         return None, "refusal"
     if words < 2:
         return None, "short"
@@ -259,7 +259,7 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
             seeds.append(sample_seed(args.seed, shard, key, attempt_of[key]))
         return batch, seeds
 
-    def check(keys, completions):
+    def settle_answers(keys, completions):
         """Keeps each accepted answer, and a key's last rejected one as None; returns the keys to retry."""
         retries = []
         for key, texts in zip(keys, completions, strict=True):
@@ -304,7 +304,7 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
                 retries = []
                 if in_flight is not None:
                     done_keys, future = in_flight
-                    retries = check(done_keys, future.result())
+                    retries = settle_answers(done_keys, future.result())
                     yield from settled_chunks()
                 in_flight = submitted
                 if in_flight is None and not retries and next_chunk == len(item_lists):
@@ -314,7 +314,7 @@ def fuse_llm(engine, item_lists, args, shard, counts, budget, bos):
             keys = first_keys(c)
             while keys:  # a chunk's retries go out alone, before the next chunk
                 batch, seeds = call_inputs(keys)
-                keys = check(keys, engine.generate(batch, seeds, 1, STOP))
+                keys = settle_answers(keys, engine.generate(batch, seeds, 1, STOP))
                 yield from settled_chunks()
     for c in list(unsettled):  # chunks whose prompts were all too long: nothing was generated
         yield c, settled_chunk(item_lists[c], out, prompts)
@@ -378,7 +378,7 @@ def process_shard(path, engine, args, tag, budget, bos, claim=None, scorer=None)
             counts["missing_vec" if key not in vecs else "vec_null"] += (
                 1  # vec_null: 03 failed on the image or got no answer
             )
-        elif refusal(vec, args.refusals):
+        elif is_refusal(vec, args.refusals):
             counts["vec_refusal"] += 1
             vec = ""
         texts[key] = (alt, vec)

@@ -213,7 +213,7 @@ def load_texts(shard, dirs, counts, min_score=None):
     return out
 
 
-def load_cache(shard, folder, counts):
+def load_text_cache(shard, folder, counts):
     """08's cache of one shard: key -> {text (whitespace-normalised, as
     read here): row}, and the embeddings, memory-mapped."""
     path = os.path.join(folder, shard_name(shard))
@@ -225,12 +225,12 @@ def load_cache(shard, folder, counts):
     return rows, np.load(path + ".emb.npy", mmap_mode="r")
 
 
-def uncached_share(shards, args, counts):
+def count_uncached_texts(shards, args, counts):
     """(texts the sampler can pick that 08's cache lacks, texts it can
     pick) over `shards`: their samples get skipped."""
     missing, total = 0, 0
     for shard in shards:
-        rows, _ = load_cache(shard, args.text_cache, counts)
+        rows, _ = load_text_cache(shard, args.text_cache, counts)
         synthetic = (
             load_texts(shard, args.texts, counts, args.min_score) if args.text_mode != "original" else {}
         )
@@ -326,7 +326,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         synthetic = load_texts(shard, self.args.texts, counts, self.args.min_score)
         cache = None
         if self.args.text_cache:
-            cache = load_cache(shard, self.args.text_cache, counts)
+            cache = load_text_cache(shard, self.args.text_cache, counts)
         features = None
         want = {*IMAGE_EXTS, "txt"}
         if self.image_cache:
@@ -367,7 +367,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             i += n
             pos = shard_end % self.starts[-1]
 
-    def make(self, item, rnd, counts):
+    def make_sample(self, item, rnd, counts):
         """(key, image, texts, which texts count, views, view texts),
         or None for a sample skipped and counted."""
         if item is None:
@@ -410,7 +410,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return key, image, texts, valid, views, view_texts
 
     def reader_id(self):
-        """g = rank * workers + worker, and the number of readers."""
+        """(this reader's global index, the number of readers): every DataLoader worker of every rank is one
+        reader, and each reader owns its own slice of the epoch's positions (see the class note)."""
         rank, world, _ = dist_env()
         workers = max(1, self.args.workers)
         info = torch.utils.data.get_worker_info()
@@ -449,7 +450,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 x, item = next(inputs)
                 pending[x] = item
             # each sample's own seed: the same augmentations whichever chunk or worker it lands in
-            sample = self.make(pending.pop(idx), random.Random(f"{seed}|{drawn}"), counts)
+            sample = self.make_sample(pending.pop(idx), random.Random(f"{seed}|{drawn}"), counts)
             drawn += 1
             if sample is None:
                 streak += 1
@@ -960,7 +961,7 @@ def learning_rate(step, args, warmup, total):
     return floor + 0.5 * (args.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def count_texts(shard, dirs, min_score=None):
+def max_texts_per_image(shard, dirs, min_score=None):
     """--texts-per-image all: 1 + the most synthetic captions any image of the first shard has (02's sources x
     n, plus 04's fused caption); images with fewer distinct texts fill the rest
     with slots that do not count."""
@@ -1192,7 +1193,7 @@ def cache_folders(args, cfg, transforms, weights_sha):
     return folders
 
 
-def cached_views(img, key, what, transforms):
+def views_to_cache(img, key, what, transforms):
     """The uint8 views of one image that its cache row holds, each drawn from its own fixed seed."""
     main_transform, strong_transform, eval_transform = transforms
     views = []
@@ -1238,7 +1239,7 @@ def cache_shard(shard, folder, what, trainee, transforms, mean, std, device, bat
             # PIL raises many kinds on bad bytes: the sample is marked and skipped in training, never fatal
             bad.append(key)
             continue
-        pending.extend(cached_views(img, key, what, transforms))
+        pending.extend(views_to_cache(img, key, what, transforms))
         rows.append(len(keys) - 1)
         if len(pending) >= batch:
             flush()
@@ -1322,7 +1323,7 @@ def missing_sidecars(args, shards):
 
 def report_uncached(shards, args):
     """Say at the start, not only as a running count, how many pickable texts 08's cache lacks."""
-    missing, total = uncached_share(shards[: args.cache_check_shards], args, Counter())
+    missing, total = count_uncached_texts(shards[: args.cache_check_shards], args, Counter())
     share = missing / max(1, total)
     checked = min(len(shards), args.cache_check_shards)
     print0(
@@ -1840,7 +1841,7 @@ def main(argv=None):
     else:
         warmup = int(args.warmup)
     if args.all_texts:
-        args.texts_per_image = count_texts(shards[0], args.texts, args.min_score)
+        args.texts_per_image = max_texts_per_image(shards[0], args.texts, args.min_score)
     if args.text_cache and rank == 0:
         report_uncached(shards, args)
     if args.texts and rank == 0:

@@ -149,7 +149,7 @@ def hits_at(queries, candidates, query_labels, candidate_labels, ks, max_element
     return torch.cat(blocks)
 
 
-def tie_note(hits, names):
+def tie_shares(hits, names):
     """Share of queries whose hit an exact tie decided, per metric
     (where any did). names: one per column of hits."""
     decided_by_tie = (hits > 0) & (hits < 1)  # a fractional hit is the expected hit over a tie's orders
@@ -186,7 +186,7 @@ def classification_metrics(hits, targets, n_classes, prefix=""):
     metrics = {prefix + "acc1": top1.mean().item()}
     if n_classes > 5:  # with 5 classes or fewer every image is a top-5 hit
         metrics[prefix + "acc5"] = hits[:, 1].mean().item()
-    ties = tie_note(hits[:, : len(metrics)], list(metrics))  # for the top-k metrics kept so far
+    ties = tie_shares(hits[:, : len(metrics)], list(metrics))  # for the top-k metrics kept so far
 
     images = torch.bincount(targets, minlength=n_classes)
     hits_per_class = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, targets, top1)
@@ -206,7 +206,7 @@ def retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 5, 10)):
     i2t_names = [f"text_retrieval_recall@{k}" for k in ks]
     recalls = t2i.mean(0).tolist() + i2t.mean(0).tolist()
     metrics = dict(zip(t2i_names + i2t_names, recalls, strict=True))
-    ties = {**tie_note(t2i, t2i_names), **tie_note(i2t, i2t_names)}
+    ties = {**tie_shares(t2i, t2i_names), **tie_shares(i2t, i2t_names)}
     return metrics, ties
 
 
@@ -1023,7 +1023,7 @@ def run_cra(model, transform, tokenizer, path, args, counts):
     hits = hits_at(emb[0::2], emb[1::2], ids, ids, (1,))
     return {"cra": hits[:, 0].mean().item()}, {
         "n": {"images": len(pairs)},
-        "ties": tie_note(hits, ["cra"]),
+        "ties": tie_shares(hits, ["cra"]),
         "items": item_outcomes(hits, ["cra"]),
         "item_order": item_order(pairs),
     }

@@ -185,7 +185,7 @@ class LoRALinear(torch.nn.Module):
     def forward(self, x):
         return self.base(x) + (x @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
 
-    def merged(self):
+    def merge_into_base(self):
         self.base.weight.data += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scale
         return self.base
 
@@ -242,7 +242,7 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
 
 
 def merge_lora(model):
-    swap_linears(model, lambda n, c: c.merged() if isinstance(c, LoRALinear) else None)
+    swap_linears(model, lambda n, c: c.merge_into_base() if isinstance(c, LoRALinear) else None)
 
 
 def gather_with_grad(x, world):

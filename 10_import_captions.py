@@ -65,7 +65,7 @@ import zlib
 from collections import Counter, defaultdict
 
 
-def clean(text):
+def squash_spaces(text):
     return " ".join(str(text).split())
 
 
@@ -78,7 +78,7 @@ def index_shards(shards, join, counts):
         for key, members in iter_tar(shard, {"txt", "json"}, counts):
             if not any(e in members for e in ("jpg", "jpeg", "png", "webp")):
                 continue
-            alt = clean(decode_text(members.get("txt") or b"", counts))
+            alt = squash_spaces(decode_text(members.get("txt") or b"", counts))
             rows.append((key, alt))
             if join in ("key", "path-stem"):
                 value = key
@@ -292,7 +292,7 @@ def clean_row(row, rules, where, counts, first_seen):
 def caption_list(value):
     """The captions a cell holds: a string, or each string of a list; empty ones dropped."""
     values = value if isinstance(value, list) else [value]
-    return [clean(v) for v in values if isinstance(v, str) and v.strip()]
+    return [squash_spaces(v) for v in values if isinstance(v, str) and v.strip()]
 
 
 def add_captions(target_captions, captions, repeat):
@@ -467,7 +467,7 @@ def join_laclip(csv_path, texts, join, index, rules, per_file, found, misses):
             if cells is None:
                 continue
             stem = os.path.splitext(os.path.basename(cells["image"]))[0]
-            value = stem if join == "path-stem" else clean(cells["caption"])
+            value = stem if join == "path-stem" else squash_spaces(cells["caption"])
             targets = index.get(value)
             if not targets:
                 file_counts["rows_unmatched"] += 1

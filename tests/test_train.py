@@ -955,8 +955,8 @@ def test_text_slots_that_do_not_count_add_no_term():
 
 def test_all_texts_per_image_counts_the_sidecars_and_trains(data, tmp_path, capsys):
     shard = str(data / "shards/00000.tar")
-    assert tr.count_texts(shard, [str(data / "rewrites")]) == 4  # AltText + b, "x", a
-    assert tr.count_texts(shard, [str(data / "rewrites"), str(data / "fused")]) == 5
+    assert tr.max_texts_per_image(shard, [str(data / "rewrites")]) == 4  # AltText + b, "x", a
+    assert tr.max_texts_per_image(shard, [str(data / "rewrites"), str(data / "fused")]) == 5
     summary = tr.main(
         base(
             data,
@@ -986,7 +986,7 @@ def test_uncached_texts_are_reported_at_start(data, minilm, tmp_path, capsys):
     args = tr.parse_args(
         ["--text-cache", str(cache), "--texts", str(data / "rewrites"), "--text-mode", "uniform"]
     )
-    missing, total = tr.uncached_share([shard], args, Counter())
+    missing, total = tr.count_uncached_texts([shard], args, Counter())
     assert 0 < missing < total
     tr.main(
         base(
