@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -106,3 +107,60 @@ def test_slurm_train_wrapper_starts_one_torchrun_per_node_with_the_job_id(tmp_pa
     assert not re.search(
         r"(--out-dir|--pretrained) runs/", at_scale
     )  # outputs stay out of the scripts' folder
+
+
+COMMAND = re.compile(r"(?:\bpython3?|\btorchrun\b[^\n\"]*?)\s+(\d\d_[a-z_]+\.py)([^\n]*)")
+SBATCH = re.compile(r"\bsbatch\b[^\n`]*?runs/slurm_train\.sbatch([^\n]*)")  # the wrapper hands its arguments to 05_train.py
+
+
+def shown_commands(text):
+    """(script, argv) of every `python NN_*.py ...` / `torchrun ... NN_*.py ...` command in a text, continuation
+    lines joined; a trailing comment, a `( ...)` note or `&& ...` is not part of it, `...` stands for flags
+    shown elsewhere, and a command with a <placeholder> is left out."""
+    import shlex
+
+    joined = re.sub(r"\\\n\s*", " ", text)
+    for line in joined.splitlines():
+        found = [(m.group(1), m.group(2)) for m in COMMAND.finditer(line)]
+        found += [("05_train.py", m.group(1)) for m in SBATCH.finditer(line)]
+        for script, rest in found:
+            rest = re.split(r"\s{2,}\(|&&|`", rest)[0]
+            if "<" in rest:
+                continue
+            try:
+                words = shlex.split(rest, comments=True)
+            except ValueError:  # a command quoted inside sbatch --wrap "...": it ends at the quote
+                words = shlex.split(rest.split('"')[0], comments=True)
+            yield script, [w for w in words if w != "..."]
+
+
+def test_every_command_the_readme_and_run_sheets_show_parses():
+    """Each stage's own parser accepts every command README.md and the stages' run sheets show: a flag a stage
+    does not have (or a combination it refuses) fails here, not in a user's job."""
+    import ast
+    import contextlib
+    import importlib
+    import io
+
+    sources = [("README.md", open(os.path.join(REPO, "README.md"), encoding="utf-8").read())]
+    for name in sorted(os.listdir(REPO)):
+        if re.match(r"\d\d_.*\.py$", name):
+            sources.append((name, ast.get_docstring(ast.parse(open(os.path.join(REPO, name)).read()))))
+    checked, refused = 0, []
+    for where, text in sources:
+        for script, argv in shown_commands(text):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    importlib.import_module(script[:-3]).parse_args(argv)
+            except SystemExit:
+                refused.append(f"{where}: {script} {' '.join(argv)}: {err.getvalue().strip()[-200:]}")
+            checked += 1
+    assert not refused, "\n".join(refused)
+    assert checked >= 90
+    # and the check can fail: a flag no stage has
+    bad = list(shown_commands("python 05_train.py --texts a --text-mode uniform --no-such-flag 3  # note"))
+    assert bad == [("05_train.py", ["--texts", "a", "--text-mode", "uniform", "--no-such-flag", "3"])]
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()):
+            importlib.import_module("05_train").parse_args(bad[0][1])
