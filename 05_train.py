@@ -797,16 +797,41 @@ def forward_backward(model, batches, loss_of, scaler, autocast, seeds, full=True
     return total
 
 
-def vision_layer(name, blocks):
-    """LLM2CLIP's (EVA-CLIP's) layer id of a ViT parameter: 0 for the patch and position embeddings and
-    ln_pre, i + 1 for block i, blocks + 1 for what follows the blocks (ln_post,
-    proj). None: not a ViT tower parameter."""
+# where a ViT image tower keeps its blocks, and the names of what comes before them (layer 0): open_clip's own
+# ViT, and timm's (EVA02, ViT: open_clip builds them under visual.trunk)
+VIT_LAYOUTS = {
+    "transformer.resblocks.": ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout"),
+    "trunk.blocks.": (
+        "trunk.patch_embed",
+        "trunk.cls_token",
+        "trunk.pos_embed",
+        "trunk.reg_token",
+        "trunk.norm_pre",
+    ),
+}
+
+
+def vit_blocks(visual):
+    """(number of blocks, their name prefix in VIT_LAYOUTS) of a ViT image tower; (None, None) for another."""
+    for prefix in VIT_LAYOUTS:
+        owner = visual
+        for part in prefix.strip(".").split("."):
+            owner = getattr(owner, part, None)
+        if isinstance(owner, nn.Sequential | nn.ModuleList):
+            return len(owner), prefix
+    return None, None
+
+
+def vision_layer(name, blocks, prefix="transformer.resblocks."):
+    """LLM2CLIP's (EVA-CLIP's `get_num_layer_for_vit`) layer id of a ViT parameter: 0 for the patch and position
+    embeddings (and what normalises them), i + 1 for block i, blocks + 1 for what follows the blocks (final
+    norm, projection). None: not an image tower parameter."""
     if not name.startswith("clip.visual."):
         return None
     rest = name[len("clip.visual.") :]
-    if rest.startswith("transformer.resblocks."):
-        return int(rest.split(".")[2]) + 1
-    if rest.startswith(("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")):
+    if rest.startswith(prefix):
+        return int(rest[len(prefix) :].split(".")[0]) + 1
+    if rest.startswith(VIT_LAYOUTS[prefix]):
         return 0
     return blocks + 1
 
@@ -816,10 +841,16 @@ def param_groups(trainee, args):
     and open_clip's rule); the vision tower at --visual-lr / --visual-wd with layer-wise decay --visual-ld
     (block i of L at visual_ld^(L + 1 - (i + 1)), LLM2CLIP's EVA rule); the
     LLM2CLIP adapter at --adapter-lr / --adapter-wd."""
-    resblocks = getattr(getattr(trainee.clip.visual, "transformer", None), "resblocks", None)
-    blocks = len(resblocks) if resblocks is not None else None
+    blocks, prefix = vit_blocks(trainee.clip.visual)
+    # a timm tower's own exemptions (EVA02, ViT: pos_embed, cls_token, ...), as EVA-CLIP's optimiser reads them
+    trunk = getattr(trainee.clip.visual, "trunk", None)
+    no_decay = trunk.no_weight_decay() if hasattr(trunk, "no_weight_decay") else set()
+    no_decay = {"clip.visual.trunk." + name for name in no_decay}
     if args.visual_ld != 1.0 and blocks is None:
-        raise SystemExit("--visual-ld needs an open_clip ViT image tower (visual.transformer.resblocks)")
+        raise SystemExit(
+            "--visual-ld needs a ViT image tower: open_clip's (visual.transformer.resblocks) or timm's "
+            "(visual.trunk.blocks: EVA02, ViT)"
+        )
     groups = {}
     for n, p in trainee.named_parameters():
         if not p.requires_grad:
@@ -829,11 +860,11 @@ def param_groups(trainee, args):
             lr = args.visual_lr if args.visual_lr is not None else args.lr
             wd = args.visual_wd if args.visual_wd is not None else args.wd
             if blocks is not None and args.visual_ld != 1.0:
-                lr = lr * args.visual_ld ** (blocks + 1 - vision_layer(n, blocks))
+                lr = lr * args.visual_ld ** (blocks + 1 - vision_layer(n, blocks, prefix))
         elif n.startswith("adapter."):
             lr = args.adapter_lr if args.adapter_lr is not None else args.lr
             wd = args.adapter_wd if args.adapter_wd is not None else args.wd
-        if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "logit_scale" in n:
+        if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "logit_scale" in n or n in no_decay:
             wd = 0.0
         groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]

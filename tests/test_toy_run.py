@@ -110,7 +110,9 @@ def test_slurm_train_wrapper_starts_one_torchrun_per_node_with_the_job_id(tmp_pa
 
 
 COMMAND = re.compile(r"(?:\bpython3?|\btorchrun\b[^\n\"]*?)\s+(\d\d_[a-z_]+\.py)([^\n]*)")
-SBATCH = re.compile(r"\bsbatch\b[^\n`]*?runs/slurm_train\.sbatch([^\n]*)")  # the wrapper hands its arguments to 05_train.py
+SBATCH = re.compile(
+    r"\bsbatch\b[^\n`]*?runs/slurm_train\.sbatch([^\n]*)"
+)  # the wrapper hands its arguments to 05_train.py
 
 
 def shown_commands(text):

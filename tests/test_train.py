@@ -1047,6 +1047,63 @@ def test_visual_layer_decay_and_separate_groups_for_vision_and_adapter():
     )
 
 
+EVA_TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 224,
+        "timm_model_name": "eva02_tiny_patch14_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "token",
+        "timm_proj": "linear",
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_visual_layer_decay_on_a_timm_eva_tower(data, tmp_path):
+    """open_clip builds EVA02 towers through timm (visual.trunk.blocks): --visual-ld follows the same rule as on
+    its own ViT (EVA-CLIP's get_num_layer_for_vit), and a step of 05 runs with it on a small random EVA02."""
+    import open_clip
+
+    clip = open_clip.model.CLIP(**EVA_TINY)
+    model = tr.Trainee(clip, 32, 0, 16, 0.0)
+    args = tr.parse_args(["--visual-ld", "0.85", "--visual-lr", "1e-4", "--lr", "1e-5"])
+    lr_of = {id(p): g["lr"] for g in tr.param_groups(model, args) for p in g["params"]}
+    named = dict(model.named_parameters())
+    blocks = len(clip.visual.trunk.blocks)
+    for i in range(blocks):
+        got = lr_of[id(named[f"clip.visual.trunk.blocks.{i}.mlp.fc1.weight"])]
+        assert math.isclose(got, 1e-4 * 0.85 ** (blocks - i)), i
+    for name in ("trunk.cls_token", "trunk.pos_embed", "trunk.patch_embed.proj.weight"):
+        assert math.isclose(lr_of[id(named["clip.visual." + name])], 1e-4 * 0.85 ** (blocks + 1)), name
+    for name in ("trunk.fc_norm.weight", "head.proj.weight"):
+        assert lr_of[id(named["clip.visual." + name])] == 1e-4, name
+    assert lr_of[id(named["clip.transformer.resblocks.0.mlp.c_fc.weight"])] == 1e-5
+    wd_of = {id(p): g["weight_decay"] for g in tr.param_groups(model, args) for p in g["params"]}
+    assert (
+        wd_of[id(named["clip.visual.trunk.pos_embed"])]
+        == wd_of[id(named["clip.visual.trunk.cls_token"])]
+        == 0
+    )
+    assert wd_of[id(named["clip.visual.trunk.blocks.0.mlp.fc1.weight"])] == args.wd > 0
+    config = tmp_path / "eva-tiny.json"
+    config.write_text(json.dumps(EVA_TINY))
+    extra = [
+        "--max-steps",
+        "1",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--model",
+        str(config),
+        "--visual-ld",
+        "0.85",
+    ]
+    summary = tr.main(base(data, tmp_path / "eva", *extra))
+    assert summary["step"] == 1 and math.isfinite(summary["loss"])
+
+
 def test_min_score_leaves_out_low_scored_captions(tmp_path, capsys):
     """02/04 --score-model scores in the sidecars: --min-score drops the captions under it, keeps unscored ones."""
     folder = tmp_path / "scored"
